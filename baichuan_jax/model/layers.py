@@ -1,0 +1,117 @@
+"""Parameter-holding layers: RMSNorm, fused-QKV attention, SwiGLU MLP and the (Norm)Head."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from baichuan_jax.model.attention import AttnContext, xla_attention
+from baichuan_jax.model.positions import alibi_slopes, apply_rope
+
+
+def dtype_of(name: str) -> jnp.dtype:
+  return jnp.dtype(name)
+
+
+def _init(cfg: ml_collections.ConfigDict, axes: tuple):
+  return nn.with_logical_partitioning(nn.initializers.normal(cfg.init_std), axes)
+
+
+def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
+  """RMSNorm in fp32: x / sqrt(mean(x^2) + eps) * scale, returned in x's dtype."""
+  xf = x.astype(jnp.float32)
+  y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+  return (y * scale.astype(jnp.float32)).astype(x.dtype)
+
+
+class RMSNorm(nn.Module):
+  """Root-mean-square norm with a learned scale (no bias, no mean subtraction)."""
+  config: ml_collections.ConfigDict
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    cfg = self.config
+    scale = self.param("weight", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
+                       (x.shape[-1],), dtype_of(cfg.param_dtype))
+    if cfg.attention_impl == "pallas":
+      from kernels_pallas import rms_norm as fused_rms_norm  # pylint: disable=import-outside-toplevel
+      return fused_rms_norm(x, scale, eps=cfg.rms_norm_eps)
+    return rms_norm(x, scale, cfg.rms_norm_eps)
+
+
+def _dense(cfg, features, axes, name, axis=-1):
+  return nn.DenseGeneral(features=features, axis=axis, use_bias=False, name=name,
+                         dtype=dtype_of(cfg.dtype), param_dtype=dtype_of(cfg.param_dtype),
+                         kernel_init=_init(cfg, axes))
+
+
+class Attention(nn.Module):
+  """Multi-head attention with the fused `W_pack` projection, RoPE or ALiBi, and a KV cache."""
+  config: ml_collections.ConfigDict
+
+  @nn.compact
+  def __call__(self, x: jax.Array, ctx: AttnContext,
+               kv: Optional[tuple[jax.Array, jax.Array]] = None):
+    cfg = self.config
+    h, kvh = cfg.num_heads, cfg.num_kv_heads
+    d = cfg.hidden_size // h
+    if kvh == h:
+      # [batch, seq, 3, heads, head_dim]; one matmul as in HF Baichuan's W_pack.
+      qkv = _dense(cfg, (3, h, d), ("embed", None, "heads", "kv"), "W_pack")(x)
+      q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    else:  # GQA/MQA: queries and key/values cannot share one head axis.
+      q = _dense(cfg, (h, d), ("embed", "heads", "kv"), "q_proj")(x)
+      kv_new = _dense(cfg, (2, kvh, d), ("embed", None, "kv_heads", "kv"), "kv_proj")(x)
+      k, v = kv_new[:, :, 0], kv_new[:, :, 1]
+    if cfg.position_embedding == "rope":
+      q = apply_rope(q, ctx.q_pos, cfg.rope_theta)
+      k = apply_rope(k, ctx.q_pos, cfg.rope_theta)
+    slopes = jnp.asarray(alibi_slopes(h)) if cfg.position_embedding == "alibi" else None
+    if kv is not None:  # write this step's keys/values into the cache slots
+      k = jax.lax.dynamic_update_slice_in_dim(kv[0], k.astype(kv[0].dtype), ctx.cache_index, 1)
+      v = jax.lax.dynamic_update_slice_in_dim(kv[1], v.astype(kv[1].dtype), ctx.cache_index, 1)
+    q = nn.with_logical_constraint(q, ("activation_batch", "activation_length", "activation_heads", "kv"))
+    if cfg.attention_impl == "pallas" and kv is None:
+      from kernels_pallas import flash_attention  # pylint: disable=import-outside-toplevel
+      out = flash_attention(q, k, v, causal=True, alibi_slopes=slopes, segment_ids=ctx.q_seg)
+    else:
+      out = xla_attention(q, k.astype(q.dtype), v.astype(q.dtype), ctx, slopes)
+    # [batch, seq, heads, head_dim] -> [batch, seq, hidden]
+    out = _dense(cfg, cfg.hidden_size, ("heads", "kv", "embed"), "o_proj", axis=(-2, -1))(out)
+    return out, (None if kv is None else (k, v))
+
+
+class MLP(nn.Module):
+  """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
+  config: ml_collections.ConfigDict
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    cfg = self.config
+    gate = _dense(cfg, cfg.intermediate_size, ("embed", "mlp"), "gate_proj")(x)
+    up = _dense(cfg, cfg.intermediate_size, ("embed", "mlp"), "up_proj")(x)
+    act = nn.with_logical_constraint(nn.silu(gate) * up,
+                                     ("activation_batch", "activation_length", "activation_mlp"))
+    return _dense(cfg, cfg.hidden_size, ("mlp", "embed"), "down_proj")(act)
+
+
+def head_logits(hidden: jax.Array, kernel: jax.Array, norm_head: bool) -> jax.Array:
+  """Output-layer logits in fp32.
+
+  Args:
+    hidden: [..., hidden] final-norm activations (compute dtype).
+    kernel: [hidden, vocab] head weight (torch lm_head.weight transposed).
+    norm_head: Baichuan 2 NormHead: L2-normalise each vocabulary column over hidden first.
+  Returns:
+    [..., vocab] fp32.
+  """
+  if norm_head:
+    k32 = kernel.astype(jnp.float32)
+    # F.normalize semantics: divide by max(||w||, 1e-12).
+    kernel = k32 / jnp.maximum(jnp.linalg.norm(k32, axis=0, keepdims=True), 1e-12)
+  return jnp.einsum("...e,ev->...v", hidden, kernel.astype(hidden.dtype),
+                    preferred_element_type=jnp.float32)

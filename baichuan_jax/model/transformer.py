@@ -1,0 +1,138 @@
+"""The Baichuan decoder: embedding, a scanned stack of pre-norm blocks, final norm and head."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
+import ml_collections
+
+from baichuan_jax import configs
+from baichuan_jax.model.attention import AttnContext
+from baichuan_jax.model.layers import MLP, Attention, RMSNorm, dtype_of, head_logits
+
+REMAT_POLICIES = {
+    "full": None,  # save nothing: recompute the whole block in the backward pass
+    "save_dots": jax.checkpoint_policies.checkpoint_dots,
+    "save_dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+    "save_attn_out": jax.checkpoint_policies.save_only_these_names("attn_out"),
+}
+
+
+@flax.struct.dataclass
+class KVCache:
+  """Pre-allocated key/value cache for every layer, plus the coordinates of each slot."""
+  k: jax.Array  # [layers, batch, max_len, kv_heads, head_dim]
+  v: jax.Array  # [layers, batch, max_len, kv_heads, head_dim]
+  positions: jax.Array  # [batch, max_len] int32 position of the token in each slot
+  segment_ids: jax.Array  # [batch, max_len] int32; 0 = empty slot or padding
+  index: jax.Array  # scalar int32: the next slot to write
+
+
+def init_cache(cfg: ml_collections.ConfigDict, batch: int, max_len: int,
+               dtype: Optional[str] = None) -> KVCache:
+  """An empty cache for `batch` rows of up to `max_len` tokens (dtype defaults to cfg.dtype)."""
+  d = cfg.hidden_size // cfg.num_heads
+  shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, d)
+  dt = dtype_of(dtype or cfg.dtype)
+  return KVCache(k=jnp.zeros(shape, dt), v=jnp.zeros(shape, dt),
+                 positions=jnp.zeros((batch, max_len), jnp.int32),
+                 segment_ids=jnp.zeros((batch, max_len), jnp.int32),
+                 index=jnp.zeros((), jnp.int32))
+
+
+class DecoderLayer(nn.Module):
+  """Pre-norm block: x + attn(norm(x)), then x + mlp(norm(x))."""
+  config: ml_collections.ConfigDict
+
+  @nn.compact
+  def __call__(self, x: jax.Array, ctx: AttnContext, kv):
+    cfg = self.config
+    attn_out, kv = Attention(cfg, name="self_attn")(RMSNorm(cfg, name="input_layernorm")(x), ctx, kv)
+    x = x + checkpoint_name(attn_out, "attn_out")
+    x = x + MLP(cfg, name="mlp")(RMSNorm(cfg, name="post_attention_layernorm")(x))
+    x = nn.with_logical_constraint(x, ("activation_batch", "activation_length", "activation_embed"))
+    return x, kv
+
+
+class BaichuanLM(nn.Module):
+  """Baichuan / Baichuan 2 causal language model.
+
+  `apply({"params": p}, tokens, positions=None, segment_ids=None)` returns fp32 logits
+  [batch, seq, vocab]. With `cache=KVCache`, returns `(logits, new_cache)`: the tokens are written
+  at `cache.index` and attend to every filled slot of their segment.
+  """
+  config: ml_collections.ConfigDict
+
+  def setup(self):
+    configs.validate(self.config)
+
+  @nn.compact
+  def __call__(self, tokens: jax.Array, positions: Optional[jax.Array] = None,
+               segment_ids: Optional[jax.Array] = None, cache: Optional[KVCache] = None,
+               return_hidden: bool = False):
+    cfg = self.config
+    ctx, cache = _context(tokens, positions, segment_ids, cache)
+    embed = self.param("embed_tokens", nn.with_logical_partitioning(
+        nn.initializers.normal(cfg.init_std), ("vocab", "embed")),
+        (cfg.vocab_size, cfg.hidden_size), dtype_of(cfg.param_dtype))
+    x = jnp.take(embed, tokens, axis=0).astype(dtype_of(cfg.dtype))
+    x = nn.with_logical_constraint(x, ("activation_batch", "activation_length", "activation_embed"))
+
+    layer = DecoderLayer
+    if cfg.remat_policy != "none":
+      layer = nn.remat(layer, policy=REMAT_POLICIES[cfg.remat_policy], prevent_cse=False)
+    stack = nn.scan(layer, variable_axes={"params": 0}, split_rngs={"params": True},
+                    in_axes=(nn.broadcast, 0), length=cfg.num_layers,
+                    metadata_params={nn.PARTITION_NAME: "layers"})
+    kv = None if cache is None else (cache.k, cache.v)
+    x, kv = stack(cfg, name="layers")(x, ctx, kv)
+    x = RMSNorm(cfg, name="norm")(x)
+    head = self.param("lm_head", nn.with_logical_partitioning(
+        nn.initializers.normal(cfg.init_std), ("embed", "vocab")),
+        (cfg.hidden_size, cfg.vocab_size), dtype_of(cfg.param_dtype))
+    out = x if return_hidden else head_logits(x, head, cfg.norm_head)
+    if cache is None:
+      return out
+    n = tokens.shape[1]
+    return out, cache.replace(k=kv[0], v=kv[1], index=cache.index + n)
+
+
+def _context(tokens, positions, segment_ids, cache):
+  """Builds the AttnContext (and the cache with this step's coordinates written in)."""
+  b, s = tokens.shape
+  if segment_ids is None:
+    segment_ids = jnp.ones((b, s), jnp.int32)
+  if positions is None:
+    start = 0 if cache is None else cache.index
+    positions = jnp.broadcast_to(start + jnp.arange(s, dtype=jnp.int32), (b, s))
+  positions = positions.astype(jnp.int32)
+  segment_ids = segment_ids.astype(jnp.int32)
+  if cache is None:
+    idx = jnp.arange(s, dtype=jnp.int32)
+    return AttnContext(positions, segment_ids, idx, positions, segment_ids, idx), None
+  cache = cache.replace(
+      positions=jax.lax.dynamic_update_slice_in_dim(cache.positions, positions, cache.index, 1),
+      segment_ids=jax.lax.dynamic_update_slice_in_dim(cache.segment_ids, segment_ids, cache.index, 1))
+  q_idx = cache.index + jnp.arange(s, dtype=jnp.int32)
+  k_idx = jnp.arange(cache.positions.shape[1], dtype=jnp.int32)
+  ctx = AttnContext(positions, segment_ids, q_idx, cache.positions, cache.segment_ids, k_idx,
+                    cache.index)
+  return ctx, cache
+
+
+def init_params(cfg: ml_collections.ConfigDict, rng: jax.Array, seq_len: int = 8):
+  """Initialised fp32 (param_dtype) parameters as a plain pytree (logical-axis boxes removed)."""
+  tokens = jnp.zeros((1, seq_len), jnp.int32)
+  return nn.meta.unbox(BaichuanLM(cfg).init(rng, tokens)["params"])
+
+
+def param_logical_axes(cfg: ml_collections.ConfigDict):
+  """Pytree of logical axis-name tuples matching `init_params`, computed from abstract shapes."""
+  tokens = jnp.zeros((1, 8), jnp.int32)
+  boxed = jax.eval_shape(lambda: BaichuanLM(cfg).init(jax.random.PRNGKey(0), tokens))["params"]
+  return nn.get_partition_spec(boxed)

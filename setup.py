@@ -1,0 +1,35 @@
+"""Installs baichuan-jax: `pip install -e .` (core) or `pip install -e ".[test]"` (with test tools)."""
+
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+HERE = Path(__file__).parent
+
+
+def _reqs(name):
+  lines = (HERE / name).read_text().splitlines()
+  return [l.strip() for l in lines if l.strip() and not l.startswith("#")]
+
+
+TORCH = [
+    # torch is only a test reference / optional .bin loader. Pin the CPU build that CI machines
+    # carry locally: a looser range pulls several GB of CUDA wheels.
+    "torch==2.13.0",
+    "transformers>=4.40",
+]
+
+setup(
+    name="baichuan-jax",
+    version="0.1.0",
+    description="JAX/Flax reproduction of the Baichuan and Baichuan 2 language models",
+    long_description=(HERE / "README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["baichuan_jax*", "kernels_pallas*", "experiments*"]),
+    install_requires=_reqs("requirements.txt"),
+    extras_require={
+        "torch": TORCH,
+        "test": TORCH + ["pytest>=8", "pytest-xdist>=3.5", "hypothesis>=6.100"],
+    },
+)

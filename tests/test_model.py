@@ -1,0 +1,98 @@
+"""Whole-model behaviour: packing, KV cache, dtypes and losses."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from baichuan_jax import configs, losses
+from baichuan_jax.model import BaichuanLM, init_cache, init_params
+
+
+def _setup(pos, **kw):
+  cfg = configs.get("tiny", dtype="float32", position_embedding=pos, num_layers=2, **kw)
+  model = BaichuanLM(cfg)
+  # jit: eager op-by-op dispatch of a scanned model is slow on CPU.
+  model.apply = jax.jit(model.apply)
+  return cfg, model, init_params(cfg, jax.random.PRNGKey(0))
+
+
+@pytest.mark.parametrize("pos", ["rope", "alibi"])
+def test_packed_equals_separate(pos):
+  cfg, model, params = _setup(pos)
+  rng = np.random.default_rng(0)
+  a = rng.integers(3, cfg.vocab_size, 9)
+  b = rng.integers(3, cfg.vocab_size, 6)
+  row = jnp.asarray(np.concatenate([a, b, [0]])[None])
+  seg = jnp.asarray([[1] * 9 + [2] * 6 + [0]])
+  positions = jnp.asarray([list(range(9)) + list(range(6)) + [0]])
+  packed = model.apply({"params": params}, row, positions=positions, segment_ids=seg)
+  alone_a = model.apply({"params": params}, jnp.asarray(a[None]))
+  alone_b = model.apply({"params": params}, jnp.asarray(b[None]))
+  np.testing.assert_allclose(packed[0, :9], alone_a[0], atol=1e-5)
+  np.testing.assert_allclose(packed[0, 9:15], alone_b[0], atol=1e-5)
+
+
+@pytest.mark.parametrize("pos", ["rope", "alibi"])
+def test_kv_cache_matches_full_forward(pos):
+  cfg, model, params = _setup(pos)
+  toks = jax.random.randint(jax.random.PRNGKey(1), (2, 12), 0, cfg.vocab_size)
+  full = model.apply({"params": params}, toks)
+  cache = init_cache(cfg, 2, 16)
+  l1, cache = model.apply({"params": params}, toks[:, :7], cache=cache)
+  outs = [l1]
+  for t in range(7, 12):
+    lt, cache = model.apply({"params": params}, toks[:, t:t + 1], cache=cache)
+    outs.append(lt)
+  np.testing.assert_allclose(jnp.concatenate(outs, 1), full, atol=1e-5)
+  assert int(cache.index) == 12
+
+
+def test_gqa_runs_and_counts():
+  cfg, model, params = _setup("rope", num_kv_heads=2)
+  n = sum(x.size for x in jax.tree.leaves(params))
+  assert n == configs.param_counts(cfg)["total"]
+  out = model.apply({"params": params}, jnp.zeros((1, 5), jnp.int32))
+  assert out.shape == (1, 5, cfg.vocab_size)
+
+
+def test_bf16_compute_fp32_params_and_logits():
+  cfg = configs.get("tiny", num_layers=1)
+  params = init_params(cfg, jax.random.PRNGKey(0))
+  assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(params))
+  logits = BaichuanLM(cfg).apply({"params": params}, jnp.zeros((1, 4), jnp.int32))
+  assert logits.dtype == jnp.float32
+
+
+def test_norm_head_is_scale_invariant_per_row():
+  cfg, model, params = _setup("rope")
+  toks = jnp.arange(8)[None]
+  base = model.apply({"params": params}, toks)
+  scaled = dict(params, lm_head=params["lm_head"] * jnp.linspace(0.5, 3.0, cfg.vocab_size)[None])
+  np.testing.assert_allclose(model.apply({"params": scaled}, toks), base, atol=1e-5)
+
+
+def test_remat_policies_same_gradients():
+  toks = jax.random.randint(jax.random.PRNGKey(2), (1, 8), 0, 4096)
+  grads = []
+  for policy in ["none", "full", "save_dots"]:
+    cfg, model, params = _setup("alibi", remat_policy=policy)
+    loss = lambda p: losses.lm_loss(model.apply({"params": p}, toks[:, :-1]), toks[:, 1:])["loss"]
+    grads.append(jax.jit(jax.grad(loss))(params))
+  for g in grads[1:]:
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), grads[0], g)
+
+
+def test_losses_hand_worked():
+  # Two positions, vocab 3. log-softmax by hand.
+  logits = jnp.array([[[0.0, 0.0, 0.0], [1.0, 2.0, 3.0]]])
+  targets = jnp.array([[1, 2]])
+  ce0 = np.log(3.0)
+  ce1 = np.log(np.exp(1) + np.exp(2) + np.exp(3)) - 3.0
+  out = losses.lm_loss(logits, targets, z_loss_weight=2e-4)
+  assert float(out["ce"]) == pytest.approx((ce0 + ce1) / 2, rel=1e-6)
+  assert float(out["z_loss"]) == pytest.approx((0.0 + 9.0) / 2)
+  assert float(out["loss"]) == pytest.approx((ce0 + ce1) / 2 + 2e-4 * 4.5, rel=1e-6)
+  masked = losses.lm_loss(logits, targets, mask=jnp.array([[0, 1]]))
+  assert float(masked["ce"]) == pytest.approx(ce1, rel=1e-6)
+  assert float(masked["tokens"]) == 1.0
