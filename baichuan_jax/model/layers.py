@@ -18,7 +18,11 @@ def dtype_of(name: str) -> jnp.dtype:
 
 
 def _init(cfg: ml_collections.ConfigDict, axes: tuple):
-  return nn.with_logical_partitioning(nn.initializers.normal(cfg.init_std), axes)
+  # rules=() keeps the names (for param_logical_axes) but applies no constraint when the kernel
+  # is unboxed: DenseGeneral initialises multi-axis kernels flat, and under an active
+  # logical_axis_rules context the N-d constraint on the 2-d value would fail. Parameter
+  # shardings come from the train step's explicit shardings instead.
+  return nn.with_logical_partitioning(nn.initializers.normal(cfg.init_std), axes, rules=())
 
 
 def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
