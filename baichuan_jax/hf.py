@@ -610,6 +610,9 @@ def load(path: Union[str, Path], position_embedding: str = "auto", dtype=None,
       out_dtype = np.dtype(np.float32)
     cfg.param_dtype = out_dtype.name
     for key, value in (overrides or {}).items():
+      if key == "param_dtype" and value != cfg.param_dtype:
+        raise ValueError(f"overrides: param_dtype={value!r} conflicts with the loaded dtype "
+                         f"{cfg.param_dtype!r}; pass dtype={value!r} instead")
       if key not in cfg:
         raise ValueError(f"overrides: unknown config field {key!r}; allowed: {', '.join(sorted(cfg.keys()))}")
       cfg[key] = value

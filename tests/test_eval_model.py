@@ -100,3 +100,30 @@ def test_every_benchmark_runs_on_the_tiny_model(task, tiny, fns, tok):
   for p in res["predictions"]:
     assert p["prompt_tokens"] <= cfg.max_seq_len
     assert p["prediction"] == "ABCDE"[int(np.argmax(p["letter_scores"]))]
+
+
+def test_cli_end_to_end_on_fixtures(tiny, tok, tmp_path, capsys):
+  pytest.importorskip("baichuan_jax.tokenizer")
+  from baichuan_jax import hf  # pylint: disable=import-outside-toplevel
+  from baichuan_jax.eval.__main__ import main  # pylint: disable=import-outside-toplevel
+  cfg, params = tiny
+  model_dir = tmp_path / "tiny-hf"
+  hf.save(cfg, jax.device_get(params), model_dir)
+  shutil.copy(tok.sp_path, model_dir / "tokenizer.model")
+  out = tmp_path / "out"
+  res = main(["--task", "ceval", "--data-dir", str(FIXTURES / "ceval"), "--hf", str(model_dir),
+              "--dtype", "float32", "--batch-size", "4", "--out", str(out), "--no-progress"])
+  saved = json.loads((out / "ceval_results.json").read_text(encoding="utf-8"))
+  assert saved["total"] == res["total"] == 6 and len(saved["skipped"]) == 2
+  assert set(saved["categories"]) == {"STEM", "Humanities"}
+  assert "| **Average** | 2 | 6 |" in capsys.readouterr().out
+  # The same model through the library gives the same predictions.
+  score_fn, _ = score_fns(cfg, params)
+  lib = evaluate_benchmark(load_benchmark("ceval", FIXTURES / "ceval"), tok, score_fn,
+                           max_len=cfg.max_seq_len, batch_size=4, progress=False)
+  assert [p["prediction"] for p in lib["predictions"]] == [p["prediction"] for p in res["predictions"]]
+
+  res = main(["--task", "ppl", "--data-dir", str(FIXTURES / "ppl"), "--hf", str(model_dir),
+              "--dtype", "float32", "--out", str(out), "--no-progress"])
+  assert res["documents"] == 4 and res["bits_per_byte"] > 0
+  assert (out / "ppl_results.md").is_file()

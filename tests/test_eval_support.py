@@ -25,7 +25,8 @@ class SpmTokenizer:
   """The Tokenizer interface the harness uses, over a SentencePiece model."""
 
   def __init__(self, path):
-    self.sp = spm.SentencePieceProcessor(model_file=str(path))
+    self.sp_path = str(path)
+    self.sp = spm.SentencePieceProcessor(model_file=self.sp_path)
     self.vocab_size = self.sp.get_piece_size()
     self.pad_id, self.bos_id, self.eos_id = 0, 1, 2
 

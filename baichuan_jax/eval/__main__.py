@@ -8,9 +8,13 @@ results JSON, a markdown table and per-question predictions under `--out`.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import platform
 import sys
 from pathlib import Path
+
+import jax
 
 from baichuan_jax.eval import harness, model_fns, perplexity, readers
 
@@ -100,6 +104,8 @@ def main(argv=None) -> dict:
   if args.quantize:
     model_name += f" ({args.quantize})"
   out = Path(args.out)
+  env = {"jax": jax.__version__, "device": jax.devices()[0].device_kind,
+         "devices": jax.device_count(), "python": platform.python_version()}
 
   if args.task == "ppl":
     path = _ppl_path(args.data_dir)
@@ -109,9 +115,9 @@ def main(argv=None) -> dict:
     res = perplexity.evaluate_text(texts, tokenizer.encode, tokenizer.bos_id, nll_fn, max_len,
                                    stride=args.stride, batch_size=args.batch_size,
                                    pad_id=tokenizer.pad_id, progress=not args.no_progress)
-    res.update(path=str(path), model=model_name, limit=args.limit)
+    res.update(path=str(path), model=model_name, limit=args.limit, environment=env)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "ppl_results.json").write_text(__import__("json").dumps(res, indent=2) + "\n")
+    (out / "ppl_results.json").write_text(json.dumps(res, indent=2) + "\n")
     (out / "ppl_results.md").write_text(harness.ppl_markdown(res, model_name))
     print(harness.ppl_markdown(res, model_name))
     return res
@@ -124,6 +130,7 @@ def main(argv=None) -> dict:
                                    batch_size=args.batch_size, padding=args.padding,
                                    add_bos=not args.no_bos, limit=args.limit,
                                    progress=not args.no_progress)
+  res["environment"] = env
   paths = harness.write_reports(res, out, model_name)
   print(harness.markdown(res, model_name))
   print("wrote " + ", ".join(paths.values()))

@@ -12,6 +12,7 @@ import collections
 import json
 import logging
 import math
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -70,6 +71,7 @@ def evaluate_benchmark(bench: Benchmark, tokenizer, score_fn: scoring.ScoreFn, m
                   stats["shots_dropped"], stats["truncated"])
 
   preds = [None] * len(items)
+  t0 = time.perf_counter()
   for lt in letters_by_cue.values():
     idx = [i for i, it in enumerate(items) if it[2] is lt]
     if not idx:
@@ -82,6 +84,7 @@ def evaluate_benchmark(bench: Benchmark, tokenizer, score_fn: scoring.ScoreFn, m
     for j, i in enumerate(idx):
       preds[i] = (int(choice[j]), scores[j, :len(items[i][0].options)])
 
+  seconds = time.perf_counter() - t0
   predictions, records = [], []
   for (q, p, _), (c, sc) in zip(items, preds):
     pred = LETTERS[c]
@@ -97,7 +100,9 @@ def evaluate_benchmark(bench: Benchmark, tokenizer, score_fn: scoring.ScoreFn, m
   results = {"task": bench.task, "split": bench.split,
              "shots": max((len(s.shots) for s in bench.subjects.values()), default=0),
              "max_len": max_len, "padding": padding, "add_bos": add_bos, "limit": limit,
-             "questions": len(items), "unlabeled": sum(q.answer is None for q, _, _ in items)}
+             "questions": len(items), "unlabeled": sum(q.answer is None for q, _, _ in items),
+             "scoring_seconds": round(seconds, 3),
+             "prompt_tokens": sum(len(p.tokens) for _, p, _ in items)}
   results.update(scoring.aggregate(records))
   results["prompting"] = {
       "prompts_with_dropped_shots": sum(s["prompts_with_dropped_shots"] for s in prompting.values()),
