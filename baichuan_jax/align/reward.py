@@ -16,7 +16,6 @@ import jax.numpy as jnp
 import ml_collections
 
 from baichuan_jax.model import BaichuanLM, init_params
-from baichuan_jax.model.layers import dtype_of
 
 Params = dict[str, Any]
 
@@ -41,26 +40,27 @@ def init_reward_params(cfg: ml_collections.ConfigDict, rng: jax.Array,
   return {"backbone": body, "head": {"kernel": kernel, "bias": jnp.zeros((), jnp.float32)}}
 
 
-def _hidden(cfg, params, tokens, mask):
+def _hidden(cfg, params, tokens, mask, positions=None):
   body = dict(params["backbone"])
   if "lm_head" not in body:
-    body["lm_head"] = jnp.zeros((cfg.hidden_size, cfg.vocab_size), dtype_of(cfg.param_dtype))
+    body["lm_head"] = jnp.zeros((cfg.hidden_size, cfg.vocab_size), body["embed_tokens"].dtype)
   # Padding gets segment 0, so real tokens never attend to it.
-  return BaichuanLM(cfg).apply({"params": body}, tokens, segment_ids=mask.astype(jnp.int32),
-                               return_hidden=True)
+  return BaichuanLM(cfg).apply({"params": body}, tokens, positions=positions,
+                               segment_ids=mask.astype(jnp.int32), return_hidden=True)
 
 
 def token_values(cfg: ml_collections.ConfigDict, params: Params, tokens: jax.Array,
-                 mask: jax.Array) -> jax.Array:
+                 mask: jax.Array, positions: Optional[jax.Array] = None) -> jax.Array:
   """Scalar head at every position (the critic's values).
 
   Args:
-    tokens: [batch, seq] int32, right-padded.
+    tokens: [batch, seq] int32 (padding anywhere, marked by mask).
     mask: [batch, seq] 1 on real tokens.
+    positions: [batch, seq] token positions (default 0..seq-1; needed for left padding).
   Returns:
     [batch, seq] fp32.
   """
-  h = _hidden(cfg, params, tokens, mask).astype(jnp.float32)
+  h = _hidden(cfg, params, tokens, mask, positions).astype(jnp.float32)
   # [batch, seq, embed] x [embed] -> [batch, seq]
   return jnp.einsum("bse,e->bs", h, params["head"]["kernel"]) + params["head"]["bias"]
 
