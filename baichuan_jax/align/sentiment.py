@@ -20,14 +20,15 @@ import json
 import logging
 import os
 import random
+import shutil
 from typing import Any, Optional, Sequence
 
-import flax.serialization
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from baichuan_jax import configs, infer, sharding, train
+from baichuan_jax import checkpoint, configs, infer, sharding, train
 from baichuan_jax.align import lora, ppo_trainer, preference, reward, sft_data, trainers
 from baichuan_jax.model import init_params
 
@@ -131,20 +132,25 @@ def chat_records(reviews: Sequence[tuple[str, int]], seed: int) -> list[dict]:
 # Parameters on disk.
 
 
-def save_params(path: str, params: Any) -> None:
-  """Writes a parameter tree as msgpack (host numpy arrays)."""
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  with open(path + ".tmp", "wb") as f:
-    f.write(flax.serialization.msgpack_serialize(jax.device_get(params)))
-  os.replace(path + ".tmp", path)
+def save_params(directory: str, params: Any, step: int) -> None:
+  """Writes a parameter tree as a verified checkpoint (`baichuan_jax.checkpoint`) under `directory`.
+
+  Any earlier checkpoints there are removed first: a stage that is re-run replaces its output.
+  """
+  ckpt = checkpoint.checkpoint_dir(directory)
+  if os.path.isdir(ckpt):
+    shutil.rmtree(ckpt)
+  mgr = checkpoint.CheckpointManager(ckpt, save_every=max(1, step), keep_last=1, async_save=False)
+  mgr.save(step, {"params": params, "step": jnp.asarray(step, jnp.int32)})
+  mgr.close()
 
 
-def load_params(path: str) -> Any:
-  """Reads a tree written by `save_params`."""
-  if not os.path.exists(path):
-    raise FileNotFoundError(f"{path} not found: run the stage that writes it first")
-  with open(path, "rb") as f:
-    return flax.serialization.msgpack_restore(f.read())
+def load_params(directory: str) -> Any:
+  """The newest verified parameters saved under `directory` (a stage's output or a training run)."""
+  try:
+    return checkpoint.load_params(directory)
+  except FileNotFoundError as e:
+    raise FileNotFoundError(f"{e}; run the stage that writes {directory} first") from None
 
 
 def _write_json(path: str, obj: dict) -> None:
@@ -195,7 +201,7 @@ def stage_pretrain(cfg, tok, reviews, workdir) -> dict:
     state, m = step(state, next(batches))
     log.write({"step": i + 1, **{k: float(v) for k, v in m.items()}})
     bar.set_postfix(loss=f"{float(m['loss']):.3f}")
-  save_params(os.path.join(workdir, "policy.msgpack"), state.params)
+  save_params(os.path.join(workdir, "policy"), state.params, c.steps)
   ppo_trainer.plot_metrics(log.rows, ["loss", "ce", "grad_norm", "lr"],
                            os.path.join(workdir, "pretrain.png"), x="step", title="policy pretraining")
   summary = {"rows_packed": int(packed["inputs"].shape[0]), "reviews": len(exs),
@@ -208,7 +214,7 @@ def stage_rm(cfg, tok, reviews, workdir) -> dict:
   """Reward model on (positive, negative) review pairs; held-out pairwise accuracy."""
   c = cfg.rm
   mc = model_config(cfg, tok)
-  backbone = load_params(os.path.join(workdir, "policy.msgpack"))
+  backbone = load_params(os.path.join(workdir, "policy"))
   train_pairs = review_pairs(reviews["train"], c.train_pairs, cfg.seed)
   eval_pairs = review_pairs(reviews["validation"], c.eval_pairs, cfg.seed + 1)
   enc = lambda ps: preference.encode_pairs(ps, tok, c.seq_len, template="plain")  # noqa: E731
@@ -221,7 +227,7 @@ def stage_rm(cfg, tok, reviews, workdir) -> dict:
       mc, backbone, enc(train_pairs), [p.category for p in train_pairs], tc, _mesh(), c.steps,
       eval_pairs=enc(eval_pairs), eval_every=c.eval_every,
       log_path=os.path.join(workdir, "rm_metrics.jsonl"), seed=cfg.seed)
-  save_params(os.path.join(workdir, "reward.msgpack"), params)
+  save_params(os.path.join(workdir, "reward"), params, c.steps)
   ppo_trainer.plot_metrics(rows, ["loss", "accuracy", "margin", "eval_accuracy", "grad_norm"],
                            os.path.join(workdir, "rm.png"), x="step", title="reward model")
   final = {k[5:]: v for k, v in rows[-1].items() if k.startswith("eval_")}
@@ -254,8 +260,8 @@ def stage_ppo(cfg, tok, reviews, workdir) -> dict:
   """PPO from the pretrained policy against the reward model; samples before and after."""
   pc = cfg.ppo
   mc = model_config(cfg, tok)
-  actor = load_params(os.path.join(workdir, "policy.msgpack"))
-  rm = load_params(os.path.join(workdir, "reward.msgpack"))
+  actor = load_params(os.path.join(workdir, "policy"))
+  rm = load_params(os.path.join(workdir, "reward"))
   trainer = ppo_trainer.PPOTrainer(mc, pc, _mesh(), actor, rm, eos_id=tok.eos_id, pad_id=tok.pad_id)
   pool = _prompt_pool(tok, reviews["validation"], pc.prompt_len)
   rng = random.Random(cfg.seed)
@@ -282,7 +288,7 @@ def stage_ppo(cfg, tok, reviews, workdir) -> dict:
   rows = trainer.run(lambda n: [rng.choice(pool) for _ in range(n)],
                      log_path=os.path.join(workdir, "ppo_metrics.jsonl"))
   after = evaluate("after")
-  save_params(os.path.join(workdir, "policy_ppo.msgpack"), trainer.actor.params)
+  save_params(os.path.join(workdir, "policy_ppo"), trainer.actor.params, len(rows))
   ppo_trainer.plot_metrics(rows, ppo_trainer.PLOT_KEYS, os.path.join(workdir, "ppo.png"),
                            title="PPO on review continuations")
   first, last = rows[: max(1, len(rows) // 10)], rows[-max(1, len(rows) // 10):]
@@ -303,7 +309,7 @@ def stage_sft(cfg, tok, reviews, workdir) -> dict:
   """Chat SFT (LoRA by default) from the pretrained policy; label accuracy and end-of-turn stops."""
   c = cfg.sft
   mc = model_config(cfg, tok)
-  base = load_params(os.path.join(workdir, "policy.msgpack"))
+  base = load_params(os.path.join(workdir, "policy"))
   sft_dir = os.path.join(workdir, "sft")
   os.makedirs(sft_dir, exist_ok=True)
   train_path = os.path.join(sft_dir, "chat_train.jsonl")
@@ -319,7 +325,7 @@ def stage_sft(cfg, tok, reviews, workdir) -> dict:
                                    _engine_cfg(c, c.steps), _mesh(), c.steps, lora_cfg=lcfg,
                                    log_path=os.path.join(workdir, "sft_metrics.jsonl"),
                                    seed=cfg.seed)
-  save_params(os.path.join(workdir, "policy_sft.msgpack"), tuned)
+  save_params(os.path.join(workdir, "policy_sft"), tuned, c.steps)
   ppo_trainer.plot_metrics(rows, ["loss", "ce", "grad_norm", "lr"], os.path.join(workdir, "sft.png"),
                            x="step", title="chat SFT" + (" (LoRA)" if lcfg else ""))
   # Held-out evaluation: greedy replies to classification requests, sampled replies to writing
