@@ -133,12 +133,36 @@ def resolve_mesh_shape(mesh_cfg: Mapping[str, Any], num_devices: int) -> dict[st
   return sizes
 
 
+def _host_hybrid_mesh(devices: Sequence[Any], ici: tuple[int, int, int], dcn: int) -> np.ndarray:
+  """[dcn * ici_data, fsdp, model] device array with each host's devices in one ici block.
+
+  A host is a group of consecutive process ranks (one process per node, or one per GPU with
+  the ranks of a node adjacent, as SLURM's block distribution and torchrun-style launchers
+  assign them), so the model and fsdp axes never cross the slow network.
+  """
+  procs = sorted({d.process_index for d in devices})
+  if len(procs) % dcn:
+    raise ValueError(f"mesh.dcn_data={dcn} but the devices form {len(procs)} processes; "
+                     "dcn_data must equal the number of hosts and divide the process count")
+  per_host = len(procs) // dcn
+  blocks = []
+  for h in range(dcn):
+    mine = set(procs[h * per_host:(h + 1) * per_host])
+    host = sorted((d for d in devices if d.process_index in mine),
+                  key=lambda d: (d.process_index, d.id))
+    if len(host) != math.prod(ici):
+      raise ValueError(f"host {h} (processes {sorted(mine)}) has {len(host)} devices but a "
+                       f"slice of the mesh needs data/dcn_data x fsdp x model = {ici}")
+    blocks.append(np.asarray(host, dtype=object).reshape(ici))
+  return np.concatenate(blocks, axis=0)
+
+
 def make_mesh(mesh_cfg: Mapping[str, Any], devices: Optional[Sequence[Any]] = None) -> Mesh:
   """Builds the ('data', 'fsdp', 'model') mesh from config.
 
   With `mesh.dcn_data > 1` the data axis is split into `dcn_data` slices (TPU slices, or hosts on
-  GPU) connected by DCN, and `create_hybrid_device_mesh` places the fsdp and model axes inside a
-  slice on fast links. Otherwise `create_device_mesh` picks a topology-aware order (ICI rings on
+  GPU/CPU: groups of consecutive process ranks) connected by DCN, and the fsdp and model axes
+  stay inside a slice on fast links (`create_hybrid_device_mesh` for TPU multislice). Otherwise `create_device_mesh` picks a topology-aware order (ICI rings on
   TPU, NVLink domains on GPU).
 
   Args:
@@ -157,17 +181,18 @@ def make_mesh(mesh_cfg: Mapping[str, Any], devices: Optional[Sequence[Any]] = No
     if sizes["data"] % dcn:
       raise ValueError(f"mesh.dcn_data={dcn} does not divide mesh.data={sizes['data']}: each "
                        "slice must hold the same number of data-parallel replicas")
-    has_slices = hasattr(devices[0], "slice_index")
-    granules = ({d.slice_index for d in devices} if has_slices
-                else {d.process_index for d in devices})
-    if len(granules) != dcn:
-      kind = "slices" if has_slices else "processes"
-      raise ValueError(f"mesh.dcn_data={dcn} but the devices form {len(granules)} {kind}; "
-                       "dcn_data must equal the number of slices (TPU) or hosts (GPU)")
     ici = (sizes["data"] // dcn, sizes["fsdp"], sizes["model"])
-    arr = mesh_utils.create_hybrid_device_mesh(ici, (dcn, 1, 1), devices,
-                                               process_is_granule=not has_slices,
-                                               allow_split_physical_axes=True)
+    # TPU multislice devices carry distinct slice indices; elsewhere (GPU hosts, CPU processes)
+    # every device reports slice 0 and hosts are groups of processes.
+    if len({getattr(d, "slice_index", 0) for d in devices}) > 1:
+      n_slices = len({d.slice_index for d in devices})
+      if n_slices != dcn:
+        raise ValueError(f"mesh.dcn_data={dcn} but the devices form {n_slices} slices; "
+                         "dcn_data must equal the number of TPU slices")
+      arr = mesh_utils.create_hybrid_device_mesh(ici, (dcn, 1, 1), devices,
+                                                 allow_split_physical_axes=True)
+    else:
+      arr = _host_hybrid_mesh(devices, ici, dcn)
   elif devices[0].platform == "cpu":
     arr = np.asarray(devices, dtype=object).reshape(shape)
   else:
@@ -247,6 +272,73 @@ def param_shardings(model_cfg: ml_collections.ConfigDict, mesh: Mesh, zero_stage
 def batch_sharding(mesh: Mesh) -> NamedSharding:
   """Sharding of a [batch, seq] loader array: batch over the data-parallel axes."""
   return NamedSharding(mesh, PartitionSpec(BATCH_AXES))
+
+
+def host_batch_rows(mesh: Mesh, batch_size: int) -> slice:
+  """Rows of the global [batch_size, ...] batch that this process's devices hold.
+
+  In a multi-host job each process loads only these rows (the loader's per-process shard) and
+  `global_batch` assembles them into one global array without any cross-host copy.
+
+  Args:
+    mesh: the training mesh.
+    batch_size: global batch in sequences.
+  Returns:
+    A contiguous `slice` (the whole batch in a single-process run).
+  Raises:
+    ValueError: if this process's rows are not one contiguous block (a mesh whose data axes
+      interleave processes), which a per-process loader cannot serve.
+  """
+  spec = batch_sharding(mesh)
+  rows = set()
+  for device, index in spec.addressable_devices_indices_map((batch_size,)).items():
+    del device
+    rows.update(range(*index[0].indices(batch_size)))
+  lo, hi = min(rows), max(rows) + 1
+  if len(rows) != hi - lo:
+    raise ValueError(f"process {jax.process_index()} holds non-contiguous batch rows "
+                     f"{sorted(rows)}; order the mesh so each host's devices are adjacent on "
+                     "the data axes")
+  return slice(lo, hi)
+
+
+def _data_shards(mesh: Mesh) -> tuple[int, int]:
+  """(data-parallel shards of the batch in the mesh, how many of them this process holds)."""
+  shape = mesh_shape(mesh)
+  local = {(int(i), int(j)) for i, j, _ in zip(*np.nonzero(np.vectorize(
+      lambda d: d.process_index == jax.process_index())(mesh.devices)))}
+  return shape["data"] * shape["fsdp"], len(local)
+
+
+def global_batch(local: Mapping[str, Any], mesh: Mesh,
+                 batch_size: Optional[int] = None) -> dict[str, jax.Array]:
+  """Assembles each process's rows (`host_batch_rows`) into global data-sharded arrays.
+
+  Args:
+    local: dict of host arrays [rows this process holds, ...].
+    mesh: the training mesh.
+    batch_size: global batch in sequences (default: inferred from the local rows and the
+      share of data-parallel shards this process holds).
+  Returns:
+    dict of `jax.Array` [batch_size, ...] sharded like `batch_sharding(mesh)`.
+  Raises:
+    ValueError: if a local array does not have the number of rows this process owns.
+  """
+  if batch_size is None:
+    total, mine = _data_shards(mesh)
+    batch_size = len(np.asarray(next(iter(local.values())))) * total // mine
+  rows = host_batch_rows(mesh, batch_size)
+  want = rows.stop - rows.start
+  out = {}
+  for key, value in local.items():
+    value = np.asarray(value)
+    if value.shape[0] != want:
+      raise ValueError(f"batch[{key!r}] has {value.shape[0]} rows on process "
+                       f"{jax.process_index()}, expected {want} (rows {rows.start}:{rows.stop} of "
+                       f"the global batch of {batch_size})")
+    out[key] = jax.make_array_from_process_local_data(
+        batch_sharding(mesh), value, (batch_size,) + value.shape[1:])
+  return out
 
 
 def microbatch_sharding(mesh: Mesh) -> NamedSharding:

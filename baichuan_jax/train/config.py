@@ -43,8 +43,9 @@ def default_train_config() -> ml_collections.ConfigDict:
   # ZeRO stage over the data axis: 0 replicate everything, 1 shard optimizer state,
   # 2 also gradients, 3 also parameters (FSDP). The `fsdp` mesh axis always shards all three.
   c.zero_stage = 1
-  # Tokens per chunk of the split output layer + loss; 0 materialises the full
-  # [tokens, vocab] fp32 logits (simple, memory-hungry at vocab 125,696).
+  # Sequence positions per chunk of the split output layer + loss (a chunk covers every row of
+  # the micro-batch); 0 materialises the full [tokens, vocab] fp32 logits (memory-hungry at
+  # vocab 125,696).
   c.loss_chunk_size = 1024
   # Vocabulary chunks per device inside each token chunk (online log-sum-exp); must divide
   # vocab_size / mesh.model.

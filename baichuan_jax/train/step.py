@@ -81,13 +81,22 @@ def lm_loss_fn(model_cfg: ml_collections.ConfigDict, train_cfg: ml_collections.C
 
 class _MeshJit:
   """A jitted function called (and lowered) with the mesh and logical-axis rules in context, so
-  the model's `with_logical_constraint` activations follow `sharding.logical_axis_rules`."""
+  the model's `with_logical_constraint` activations follow `sharding.logical_axis_rules`.
 
-  def __init__(self, fn, mesh: Mesh, rules, **jit_kwargs):
-    self.mesh, self.rules = mesh, rules
+  In a multi-process job, a host (numpy) batch at position `batch_arg` holds only this
+  process's rows (`sharding.host_batch_rows`) and is assembled into the global array first.
+  """
+
+  def __init__(self, fn, mesh: Mesh, rules, batch_arg: Optional[int] = None, **jit_kwargs):
+    self.mesh, self.rules, self.batch_arg = mesh, rules, batch_arg
     self.jitted = jax.jit(fn, **jit_kwargs)
 
   def __call__(self, *args):
+    if self.batch_arg is not None and jax.process_count() > 1:
+      batch = args[self.batch_arg]
+      if not all(isinstance(x, jax.Array) for x in jax.tree.leaves(batch)):
+        args = list(args)
+        args[self.batch_arg] = sharding.global_batch(batch, self.mesh)
     with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
       return self.jitted(*args)
 
@@ -231,9 +240,11 @@ def make_train_step(model_cfg: ml_collections.ConfigDict, train_cfg: ml_collecti
       the state it passed in).
   Returns:
     A callable `step(state, batch)`; `batch` is a dict of [batch_size, ...] arrays (the loader
-    contract), sharded over the data axes. Metrics (fp32 scalars): loss, ce, z_loss (for the LM
-    loss; whatever `loss_fn` reports otherwise), grad_norm, lr, skipped (1. if this update was
-    skipped), tokens, consecutive_bad, total_skipped. `step.lower(state, batch)` lowers it AOT.
+    contract), sharded over the data axes. In a multi-process job a numpy batch holds only this
+    process's rows (`sharding.host_batch_rows`; the loader's per-process shard). Metrics
+    (fp32 scalars): loss, ce, z_loss (for the LM loss; whatever `loss_fn` reports otherwise),
+    grad_norm, lr, skipped (1. if this update was skipped), tokens, consecutive_bad,
+    total_skipped. `step.lower(state, batch)` lowers it AOT.
   Raises:
     ValueError: before compiling, for any config that does not fit the mesh.
   """
@@ -272,7 +283,8 @@ def make_train_step(model_cfg: ml_collections.ConfigDict, train_cfg: ml_collecti
     return new_state, metrics
 
   rules = sharding.logical_axis_rules(train_cfg.zero_stage, "params")
-  return _MeshJit(step, mesh, rules, in_shardings=(st_shard, sharding.batch_sharding(mesh)),
+  return _MeshJit(step, mesh, rules, batch_arg=1,
+                  in_shardings=(st_shard, sharding.batch_sharding(mesh)),
                   out_shardings=(st_shard, rep), donate_argnums=(0,) if donate else ())
 
 
@@ -293,7 +305,7 @@ def make_eval_step(model_cfg: ml_collections.ConfigDict, train_cfg: ml_collectio
     return {k: jnp.asarray(v, jnp.float32) for k, v in metrics.items()}
 
   rules = sharding.logical_axis_rules(train_cfg.zero_stage, "params")
-  return _MeshJit(eval_step, mesh, rules,
+  return _MeshJit(eval_step, mesh, rules, batch_arg=1,
                   in_shardings=(p_shard, sharding.batch_sharding(mesh)),
                   out_shardings=sharding.replicated(mesh))
 
