@@ -1,0 +1,191 @@
+"""Packed loader: packing layout, exact resume, disjoint per-process shards, weights, default_data."""
+
+from __future__ import annotations
+
+import collections
+import json
+
+import grain
+import numpy as np
+import pytest
+
+from baichuan_jax.data import corpus, loader as loader_lib, tokenized
+from baichuan_jax.data.loader import DocumentStream, Loader
+from baichuan_jax.tokenizer import Tokenizer
+from tests.data_fixtures import small_data
+
+SEQ = 64
+
+
+@pytest.fixture(scope="module")
+def data():
+  return small_data()
+
+
+def _reference_docs(paths, split):
+  """Token sequences of a split, encoded straight from the corpus JSONL (not from the dataset)."""
+  tok = Tokenizer(paths.tokenizer_path)
+  texts = [r["text"] for r in corpus.read_jsonl(paths.corpus_dir / f"{split}.jsonl")]
+  return [tuple([1] + ids + [2]) for ids in tok.encode(texts)]
+
+
+def _segments(batches):
+  """Splits packed rows into per-segment (inputs, targets, positions) pieces, checking the layout."""
+  pieces = []
+  for b in batches:
+    for r in range(b["inputs"].shape[0]):
+      seg = b["segment_ids"][r]
+      np.testing.assert_array_equal(b["loss_mask"][r], (seg > 0).astype(np.int32))
+      real = seg[seg > 0]
+      # Segments are 1, 2, ... in order, contiguous, and padding only follows them.
+      assert np.all(np.diff(real) >= 0) and np.all(np.diff(real) <= 1)
+      assert real.size == 0 or real[0] == 1
+      assert np.all(seg[real.size:] == 0) and np.all(b["inputs"][r][real.size:] == 0)
+      for s in np.unique(real):
+        idx = np.flatnonzero(seg == s)
+        np.testing.assert_array_equal(b["positions"][r][idx], np.arange(idx.size))
+        pieces.append((b["inputs"][r][idx], b["targets"][r][idx]))
+  return pieces
+
+
+def _documents(pieces):
+  """Re-joins pieces into whole documents [bos] + tokens + [eos] (a piece ends a doc at eos)."""
+  docs, cur = [], []
+  for inp, tgt in pieces:
+    # Targets are the inputs shifted by one inside the document.
+    np.testing.assert_array_equal(inp[1:], tgt[:-1])
+    if not cur:
+      assert inp[0] == 1, "a document must start with bos"
+    cur.append((inp, tgt))
+    if tgt[-1] == 2:
+      toks = np.concatenate([c[0] for c in cur] + [cur[-1][1][-1:]])
+      # The targets alone rebuild the same document: no target crosses a piece boundary wrongly.
+      np.testing.assert_array_equal(np.concatenate([[1]] + [c[1] for c in cur]), toks)
+      docs.append(tuple(int(t) for t in toks))
+      cur = []
+  assert not cur, "the stream ended inside a document"
+  return docs
+
+
+def test_validation_pass_packs_every_document_once(data):
+  batches = list(Loader(data.dataset_path, "validation", batch_size=3, seq_len=SEQ,
+                        process_index=0, process_count=1))
+  for b in batches:
+    assert set(b) == set(loader_lib.FIELDS)
+    for v in b.values():
+      assert v.dtype == np.int32 and v.shape == (3, SEQ)
+  docs = _documents(_segments(batches))
+  assert collections.Counter(docs) == collections.Counter(_reference_docs(data, "validation"))
+  # Concatenate-then-split leaves padding only at the very end of the pass.
+  total = sum(len(d) - 1 for d in docs)
+  assert sum(int(b["loss_mask"].sum()) for b in batches) == total
+  assert len(batches) == -(-total // (3 * SEQ))
+
+
+def test_hand_packed_rows():
+  # Two documents of 3 and 6 tokens into rows of 5: [bos a b c] -> inputs bos a b c | targets a b c eos.
+  docs = [{"tokens": np.array([10, 11, 12], np.int32)},
+          {"tokens": np.array([20, 21, 22, 23, 24, 25], np.int32)}]
+  ds = grain.MapDataset.source(docs).map(lambda r: loader_lib.to_example(r, 1, 2))
+  rows = list(loader_lib.PackIterDataset(ds.to_iter_dataset(), 5))
+  np.testing.assert_array_equal(rows[0]["inputs"], [1, 10, 11, 12, 1])
+  np.testing.assert_array_equal(rows[0]["targets"], [10, 11, 12, 2, 20])
+  np.testing.assert_array_equal(rows[0]["segment_ids"], [1, 1, 1, 1, 2])
+  np.testing.assert_array_equal(rows[0]["positions"], [0, 1, 2, 3, 0])
+  np.testing.assert_array_equal(rows[1]["inputs"], [20, 21, 22, 23, 24])
+  np.testing.assert_array_equal(rows[1]["targets"], [21, 22, 23, 24, 25])
+  np.testing.assert_array_equal(rows[1]["positions"], [0, 1, 2, 3, 4])
+  np.testing.assert_array_equal(rows[2]["inputs"], [25, 0, 0, 0, 0])
+  np.testing.assert_array_equal(rows[2]["targets"], [2, 0, 0, 0, 0])
+  np.testing.assert_array_equal(rows[2]["loss_mask"], [1, 0, 0, 0, 0])
+  assert len(rows) == 3
+
+
+def _same(a, b):
+  return all(np.array_equal(x[k], y[k]) for x, y in zip(a, b) for k in loader_lib.FIELDS)
+
+
+def test_restored_iterator_yields_the_same_batches_across_epochs(data):
+  kw = dict(batch_size=4, seq_len=SEQ, seed=3, process_index=0, process_count=1)
+  tokens_per_epoch = int(tokenized.read_index(data.dataset_path, "train")["lengths"].sum())
+  batches_per_epoch = tokens_per_epoch // (4 * SEQ)
+  ref = Loader(data.dataset_path, "train", **kw)
+  first = [next(ref) for _ in range(batches_per_epoch - 2)]
+  state = json.loads(json.dumps(ref.get_state()))
+  # Continue uninterrupted past the end of epoch 0 into epoch 1.
+  rest = [next(ref) for _ in range(6)]
+  restored = Loader(data.dataset_path, "train", **kw)
+  restored.set_state(state)
+  assert _same(rest, [next(restored) for _ in range(6)])
+  # A fresh loader with the same seed repeats the run; another seed does not.
+  again = Loader(data.dataset_path, "train", **kw)
+  assert _same(first[:3], [next(again) for _ in range(3)])
+  other = Loader(data.dataset_path, "train", **{**kw, "seed": 4})
+  assert not _same(first[:3], [next(other) for _ in range(3)])
+  assert ref.get_state()["batches"] == len(first) + 6
+
+
+def test_state_from_other_settings_is_rejected(data):
+  a = Loader(data.dataset_path, "train", batch_size=2, seq_len=SEQ, seed=0, process_index=0,
+             process_count=1)
+  next(a)
+  b = Loader(data.dataset_path, "train", batch_size=2, seq_len=SEQ, seed=1, process_index=0,
+             process_count=1)
+  with pytest.raises(ValueError, match="seed: saved 0, now 1"):
+    b.set_state(a.get_state())
+
+
+def test_two_processes_see_disjoint_shards_covering_the_epoch(data):
+  per_process = []
+  for pi in range(2):
+    ld = Loader(data.dataset_path, "train", batch_size=2, seq_len=SEQ, seed=7, process_index=pi,
+                process_count=2, num_epochs=1)
+    per_process.append(_documents(_segments(list(ld))))
+  a, b = (collections.Counter(d) for d in per_process)
+  assert not set(a) & set(b)
+  assert a + b == collections.Counter(_reference_docs(data, "train"))
+  assert abs(sum(a.values()) - sum(b.values())) <= 1
+
+
+def test_epochs_reshuffle_and_shards_partition_each_epoch():
+  n = 101
+  parent = grain.MapDataset.source(list(range(n)))
+  streams = [DocumentStream(parent, None, seed=5, shuffle=True, process_index=i, process_count=3,
+                            num_epochs=None) for i in range(3)]
+  for e in range(3):
+    orders = [s.epoch_order(e) for s in streams]
+    assert sorted(np.concatenate(orders).tolist()) == list(range(n))
+  assert not np.array_equal(streams[0].epoch_order(0), streams[0].epoch_order(1))
+  # Stream index i walks epoch 0 and then epoch 1.
+  s0 = streams[0]
+  n0 = len(s0.epoch_order(0))
+  got = [s0[i] for i in range(n0 + 5)]
+  assert got == s0.epoch_order(0).tolist() + s0.epoch_order(1)[:5].tolist()
+
+
+def test_weights_set_expected_appearances_per_epoch():
+  weights = np.array([0.0, 1.0, 2.5, 0.25])
+  ds = DocumentStream(grain.MapDataset.source(list(range(4))), weights, seed=0, shuffle=True,
+                      process_index=0, process_count=1, num_epochs=None)
+  counts = np.array([np.bincount(ds.epoch_order(e), minlength=4) for e in range(2000)])
+  assert counts[:, 0].max() == 0
+  assert np.all(counts[:, 1] == 1)
+  assert set(counts[:, 2].tolist()) == {2, 3}
+  assert set(counts[:, 3].tolist()) == {0, 1}
+  # Mean appearances match the weights (binomial standard error < 0.011 for 2000 epochs).
+  np.testing.assert_allclose(counts.mean(0), weights, atol=0.05)
+  with pytest.raises(ValueError, match=">= 0"):
+    DocumentStream(grain.MapDataset.source([0, 1]), np.array([1.0, -1.0]), seed=0, shuffle=True,
+                   process_index=0, process_count=1, num_epochs=None)
+
+
+def test_default_data_reuses_complete_builds_and_ignores_partial_ones(data, tmp_path):
+  from baichuan_jax.data import default_data  # pylint: disable=import-outside-toplevel
+  root = data.tokenizer_path.parent.parent
+  # A leftover temporary directory from an interrupted build is not a dataset.
+  (root / "tokenized" / ".bc2048-dead.tmp-1-1").mkdir(parents=True)
+  again = default_data(vocab_size=2048, root=root, progress=False, corpus_dir=data.corpus_dir)
+  assert again.as_dict() == data.as_dict()
+  assert again["dataset_path"] == data.dataset_path
+  with pytest.raises(FileNotFoundError, match="lacks train.jsonl"):
+    default_data(vocab_size=2048, root=root, progress=False, corpus_dir=tmp_path)
