@@ -47,10 +47,21 @@ class RMSNorm(nn.Module):
     return rms_norm(x, scale, cfg.rms_norm_eps)
 
 
+class _Dense(nn.DenseGeneral):
+  """DenseGeneral that also accepts a weight-only quantized kernel (`infer.quant.QuantizedTensor`)."""
+
+  def __call__(self, inputs: jax.Array) -> jax.Array:
+    kernel = self.get_variable("params", "kernel") if self.has_variable("params", "kernel") else None
+    if hasattr(kernel, "contract"):  # dequantized here, at the point of use inside the jit
+      axes = (self.axis,) if isinstance(self.axis, int) else tuple(self.axis)
+      return kernel.contract(inputs, len(axes), self.dtype)
+    return super().__call__(inputs)
+
+
 def _dense(cfg, features, axes, name, axis=-1):
-  return nn.DenseGeneral(features=features, axis=axis, use_bias=False, name=name,
-                         dtype=dtype_of(cfg.dtype), param_dtype=dtype_of(cfg.param_dtype),
-                         kernel_init=_init(cfg, axes))
+  return _Dense(features=features, axis=axis, use_bias=False, name=name,
+                dtype=dtype_of(cfg.dtype), param_dtype=dtype_of(cfg.param_dtype),
+                kernel_init=_init(cfg, axes))
 
 
 class Attention(nn.Module):
