@@ -30,6 +30,8 @@ setup(
     install_requires=_reqs("requirements.txt"),
     extras_require={
         "torch": TORCH,
-        "test": TORCH + ["pytest>=8", "pytest-xdist>=3.5", "hypothesis>=6.100"],
+        "test": TORCH + ["pytest>=8", "pytest-xdist>=3.5", "hypothesis>=6.100",
+                         # tests/test_infer_serve.py talks to the server with the official client.
+                         "openai>=1.40,<3"],
     },
 )

@@ -1,8 +1,6 @@
 """Chat template (hand-built expectations) and the stop at the end of the assistant turn."""
 
 import functools
-import io
-import pydoc_data.topics
 
 import jax
 import numpy as np
@@ -14,24 +12,14 @@ from baichuan_jax.infer import generate
 from baichuan_jax.infer.chat_template import build_chat_prompt, chat_reply, chat_stop_ids
 from baichuan_jax.model import init_params
 from baichuan_jax.tokenizer import Tokenizer
+from infer_helpers import train_sp_model
 
 U, A = 195, 196
 
 
 @pytest.fixture(scope="module")
 def sp_model(tmp_path_factory):
-  """A small BPE model laid out like Baichuan's tokenizer.model: <unk>/<s>/</s> = 0/1/2, control
-  pieces 3..194, then the two turn markers at 195/196, byte fallback."""
-  text = "".join(pydoc_data.topics.topics.values())[:60000].splitlines()
-  controls = [f"<reserved_{i}>" for i in range(3, 195)] + ["<user>", "<assistant>"]
-  buf = io.BytesIO()
-  spm.SentencePieceTrainer.train(
-      sentence_iterator=iter([t for t in text if t.strip()]), model_writer=buf, vocab_size=700,
-      model_type="bpe", byte_fallback=True, control_symbols=controls, unk_id=0, bos_id=1,
-      eos_id=2, pad_id=-1, hard_vocab_limit=False, minloglevel=2)
-  path = tmp_path_factory.mktemp("tok") / "tokenizer.model"
-  path.write_bytes(buf.getvalue())
-  return str(path)
+  return train_sp_model(tmp_path_factory.mktemp("tok") / "tokenizer.model")
 
 
 @pytest.fixture(scope="module", params=["ours", "sentencepiece"])
