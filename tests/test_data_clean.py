@@ -51,7 +51,9 @@ def corpus(tmp_path_factory):
       json.dumps(_rec(9, en, "en", "en_prose", "docs")),
       json.dumps(_rec(10, "def f(x):\n    return x + 1\n", "code", "code", "code")),
   ]
-  (d / "train.jsonl").write_bytes(("\n".join(train) + "\n").encode() + b'{"text": "\xff\xfe"}\n')
+  # line 11: not UTF-8; line 12: a JSON escape that decodes to a lone surrogate.
+  (d / "train.jsonl").write_bytes(("\n".join(train) + "\n").encode() + b'{"text": "\xff\xfe"}\n'
+                                  + b'{"text": "ok \\ud800 ok"}\n')
   (d / "validation.jsonl").write_text(json.dumps(_rec(11, near2)) + "\n", encoding="utf-8")
   return {"dir": d, "a": a, "h": h, "en": en}
 
@@ -99,17 +101,18 @@ def test_report_counts(cleaned):
   assert s["dedup/doc/cluster_size=3"] == {"all": 1}
   assert s["dedup/sentence/cluster_size=3"] == {"all": 1}
   assert s["out/docs"] == {"code": 1, "en_prose": 1, "zh_news": 4}
-  assert report["rejected"]["count"] == 3
+  assert report["rejected"]["count"] == 4
 
 
 def test_bad_lines_reported_with_file_and_line(corpus, cleaned):
   out, _ = cleaned
   rows = _read(out / "rejected.jsonl")
   path = str(corpus["dir"] / "train.jsonl")
-  assert [(r["file"], r["line"]) for r in rows] == [(path, 5), (path, 8), (path, 11)]
+  assert [(r["file"], r["line"]) for r in rows] == [(path, 5), (path, 8), (path, 11), (path, 12)]
   assert rows[0]["reason"].startswith("malformed JSON")
   assert rows[1]["reason"] == "empty text"
   assert rows[2]["reason"] == "not UTF-8: byte 0xff at offset 10"
+  assert rows[3]["reason"].startswith("text holds a lone surrogate")
 
 
 def test_rerun_is_byte_identical(corpus, cleaned, tmp_path):

@@ -43,6 +43,9 @@ def test_split_sentences_round_trips():
   assert "".join(spans) == text
   assert spans[:4] == ["你好。", "再见！\n", "OK. ", "Bye now? "]
   assert "pi is 3.14 e.g.x\n" in spans
+  # List markers open the item they number instead of becoming one-token "sentences".
+  assert F.split_sentences("Steps:\n1. Open it. 2. Read it.") == ["Steps:\n", "1. Open it. ",
+                                                                  "2. Read it."]
 
 
 def test_span_class_counts_match_per_span():

@@ -413,17 +413,16 @@ class _CutSentences(beam.DoFn):
 # 5./6. Weights and output
 
 
-def _weighted_chars(kv, mcfg):
+def _weighted_chars(kv, beta, floor):
   _, rec = kv
-  f = mixture.cluster_factor(rec.get("_cluster", 1), mcfg.cluster_beta, mcfg.min_cluster_weight)
+  f = mixture.cluster_factor(rec.get("_cluster", 1), beta, floor)
   return mixture.group(rec.get("lang", "unknown"), rec.get("category", "unknown")), f * len(rec["text"])
 
 
-def _assign_weight(kv, factors, mcfg_dict):
+def _assign_weight(kv, factors, beta, floor):
   key, rec = kv
-  mcfg = ml_collections.ConfigDict(mcfg_dict)
   w = mixture.document_weight(factors, rec.get("lang", "unknown"), rec.get("category", "unknown"),
-                              rec.get("_cluster", 1), mcfg)
+                              rec.get("_cluster", 1), beta, floor)
   return key, dict(rec, weight=w)
 
 
@@ -531,12 +530,13 @@ def build_pipeline(p: beam.Pipeline, corpus: str, out: str, cfg: ml_collections.
 
   mcfg = cfg.mixture
   factors = (docs
-             | "WeightedChars" >> beam.Map(_weighted_chars, mcfg)
+             | "WeightedChars" >> beam.Map(_weighted_chars, mcfg.cluster_beta,
+                                           mcfg.min_cluster_weight)
              | "SumPerGroup" >> beam.CombinePerKey(sum)
              | "GroupsToDict" >> beam.combiners.ToDict()
              | "Factors" >> beam.Map(lambda wc: mixture.group_factors(mcfg, wc)))
   weighted = docs | "Weights" >> beam.Map(_assign_weight, beam.pvalue.AsSingleton(factors),
-                                          mcfg.to_dict())
+                                          mcfg.cluster_beta, mcfg.min_cluster_weight)
 
   n = cfg.num_shards
   written = (weighted

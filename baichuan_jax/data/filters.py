@@ -277,10 +277,15 @@ def dup_line_ratio(lines: list[str]) -> float:
 _SENT_END = re.compile(r"(?:[。！？!?；]+|…+|\.(?=\s))[”’」』）)\"']*[^\S\n]*\n?|\n")
 
 
+# "1. ", "a) ", "iv. " open a list item; they are not sentences of their own.
+_LIST_MARKER = re.compile(r"\s*(\d{1,3}|[a-zA-Z]|[ivxIVX]{1,4})[.)]\s*")
+
+
 def split_sentences(text: str) -> list[str]:
   """Sentence spans whose concatenation is exactly ``text``.
 
-  Example: ``"你好。再见！\\nOK. Bye"`` -> ``["你好。", "再见！\\n", "OK. ", "Bye"]``.
+  Example: ``"你好。再见！\\nOK. Bye"`` -> ``["你好。", "再见！\\n", "OK. ", "Bye"]``; a list marker
+  such as ``"1. "`` stays with the sentence it opens.
   """
   spans, start = [], 0
   for m in _SENT_END.finditer(text):
@@ -289,7 +294,17 @@ def split_sentences(text: str) -> list[str]:
       start = m.end()
   if start < len(text):
     spans.append(text[start:])
-  return spans
+  merged: list[str] = []
+  carry = ""
+  for span in spans:
+    if "\n" not in span and _LIST_MARKER.fullmatch(span):
+      carry += span
+      continue
+    merged.append(carry + span)
+    carry = ""
+  if carry:
+    merged.append(carry)
+  return merged
 
 
 _BULLET = re.compile(r"^\s*([-*•●·▪◦‣+]|\d+[.)、])\s")

@@ -124,8 +124,14 @@ def group_factors(cfg: ml_collections.ConfigDict, weighted_chars: dict[str, floa
 
 
 def document_weight(factors: dict[str, float], lang: str, category: str, cluster_size: int,
-                    cfg: ml_collections.ConfigDict) -> float:
-  """Mixture factor x cluster factor, rounded to 6 significant digits for stable JSON output."""
-  w = factors[group(lang, category)] * cluster_factor(cluster_size, cfg.cluster_beta,
-                                                      cfg.min_cluster_weight)
+                    beta: float, floor: float) -> float:
+  """Mixture factor x cluster factor, rounded to 6 significant digits for stable JSON output.
+
+  Args:
+    factors: from ``group_factors``.
+    lang, category: the document's fields.
+    cluster_size: size of its near-duplicate cluster (1 if unique).
+    beta, floor: ``cluster_beta`` and ``min_cluster_weight`` of the mixture config.
+  """
+  w = factors[group(lang, category)] * cluster_factor(cluster_size, beta, floor)
   return float(f"{w:.6g}")
