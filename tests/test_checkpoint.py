@@ -1,0 +1,160 @@
+"""Verified checkpoints: checksum formula vs a numpy reference, sharding independence, retention,
+corrupted and truncated checkpoints skipped for the previous good one, `load_params`."""
+
+import os
+import shutil
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+import numpy as np
+import pytest
+
+from baichuan_jax import checkpoint as ckpt
+
+
+def _np_checksum(x: np.ndarray) -> str:
+  """The module docstring's three words, computed independently in numpy (uint64, then mod 2^32)."""
+  u = np.ascontiguousarray(x).view(np.uint32).reshape(-1).astype(np.uint64)
+  i = np.arange(u.size, dtype=np.uint64)
+  m = i & 0xFFFFFFFF
+  m ^= m >> 16
+  m = (m * 0x85EBCA6B) & 0xFFFFFFFF
+  m ^= m >> 13
+  m = (m * 0xC2B2AE35) & 0xFFFFFFFF
+  m ^= m >> 16
+  mod = 2 ** 32
+  words = [int(u.sum() % mod), int(((2 * i + 1) * u % mod).sum() % mod),
+           int(((m | 1) * u % mod).sum() % mod)]
+  return "".join(f"{w:08x}" for w in words)
+
+
+def test_checksum_matches_reference_and_any_sharding():
+  x = np.random.RandomState(0).randn(8, 12).astype(np.float32)
+  want = _np_checksum(x)
+  assert ckpt.tree_checksums({"w": x})["w"] == {"sum": want, "shape": [8, 12], "dtype": "float32"}
+  mesh = Mesh(np.asarray(jax.devices()[:8]).reshape(2, 4), ("a", "b"))
+  sharded = jax.device_put(x, NamedSharding(mesh, PartitionSpec("a", "b")))
+  assert ckpt.tree_checksums({"w": sharded})["w"]["sum"] == want
+  # A single flipped bit anywhere changes the checksum.
+  for pos in (0, 37, 95):
+    y = x.copy().reshape(-1)
+    y.view(np.uint32)[pos] ^= np.uint32(1 << (pos % 32))
+    assert ckpt.tree_checksums({"w": y.reshape(8, 12)})["w"]["sum"] != want
+  # Swapping two elements leaves the plain sum alone but not the position-weighted words.
+  z = x.copy()
+  z[0, 0], z[0, 1] = x[0, 1], x[0, 0]
+  got = ckpt.tree_checksums({"w": z})["w"]["sum"]
+  assert got[:8] == want[:8] and got != want
+
+
+@flax.struct.dataclass
+class State:
+  params: dict
+  opt: dict
+  step: jax.Array
+
+
+def _state(seed: int) -> State:
+  r = np.random.RandomState(seed)
+  return State(params={"w": jnp.asarray(r.randn(256, 128), jnp.float32),
+                       "b": jnp.asarray(r.randn(8), jnp.bfloat16)},
+               opt={"mu": jnp.asarray(r.randn(256, 128), jnp.float32)},
+               step=jnp.asarray(seed, jnp.int32))
+
+
+def _target():
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
+                                                      sharding=x.sharding), _state(0))
+
+
+def _bits_equal(a, b):
+  la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
+  return len(la) == len(lb) and all(
+      np.asarray(x).tobytes() == np.asarray(y).tobytes() for x, y in zip(la, lb))
+
+
+def _largest_file(step_dir: str, item: str) -> str:
+  files = []
+  for root, _, names in os.walk(os.path.join(step_dir, item)):
+    files += [os.path.join(root, n) for n in names]
+  return max(files, key=os.path.getsize)
+
+
+def _flip_middle(path: str) -> None:
+  """Inverts 4 bytes in the middle of a file (inside the array data of the largest file)."""
+  raw = bytearray(open(path, "rb").read())
+  mid = len(raw) // 2
+  raw[mid:mid + 4] = bytes(b ^ 0xFF for b in raw[mid:mid + 4])
+  open(path, "wb").write(bytes(raw))
+
+
+def test_retention_roundtrip_and_data_state(tmp_path):
+  mgr = ckpt.CheckpointManager(str(tmp_path), save_every=1, keep_last=2, keep_every=4)
+  for s in range(1, 8):
+    mgr.save(s, _state(s), data_state={"next": s * 10})
+  mgr.wait()
+  # Last two (6, 7) plus the multiples of keep_every=4 (4).
+  assert mgr.steps() == [4, 6, 7]
+  r = mgr.restore(_target())
+  assert r.step == 7 and r.data_state == {"next": 70} and r.rejected == []
+  assert _bits_equal(r.state, _state(7))
+  assert _bits_equal(mgr.restore(_target(), step=4).state, _state(4))
+  with pytest.raises(ckpt.CheckpointError, match="step 4 is not after"):
+    mgr.save(4, _state(4))
+  mgr.close()
+
+
+def test_flipped_bytes_and_truncation_fall_back(tmp_path):
+  mgr = ckpt.CheckpointManager(str(tmp_path), keep_last=5, async_save=False)
+  for s in (1, 2, 3):
+    mgr.save(s, _state(s), data_state={"next": s})
+  mgr.wait()
+  # Step 3: flip bytes in the middle of the params data (Orbax alone restores wrong values).
+  _flip_middle(_largest_file(os.path.join(str(tmp_path), "3"), "params"))
+  # Step 2: truncate the optimizer-state data file.
+  path2 = _largest_file(os.path.join(str(tmp_path), "2"), "state")
+  with open(path2, "r+b") as f:
+    f.truncate(os.path.getsize(path2) // 2)
+
+  with pytest.raises(ckpt.CheckpointError, match="sum"):
+    mgr.restore(_target(), step=3)
+  r = mgr.restore(_target(), quarantine=True)
+  assert r.step == 1 and _bits_equal(r.state, _state(1))
+  assert [s for s, _ in r.rejected] == [3, 2]
+  assert "params/" in r.rejected[0][1] and "sum" in r.rejected[0][1]
+  # The rejected folders are kept aside, so the run can write those steps again.
+  assert mgr.steps() == [1]
+  assert sorted(n.split("-")[0] for n in os.listdir(tmp_path / "rejected")) == ["2", "3"]
+  mgr.save(2, _state(12))
+  mgr.wait()
+  assert mgr.restore(_target()).step == 2
+  mgr.close()
+
+
+def test_every_checkpoint_bad_raises(tmp_path):
+  mgr = ckpt.CheckpointManager(str(tmp_path), async_save=False)
+  mgr.save(1, _state(1))
+  mgr.wait()
+  _flip_middle(_largest_file(os.path.join(str(tmp_path), "1"), "state"))
+  with pytest.raises(ckpt.CheckpointError, match="every checkpoint"):
+    mgr.restore(_target())
+  mgr.close()
+
+
+def test_load_params_newest_good(tmp_path):
+  workdir = str(tmp_path)
+  mgr = ckpt.CheckpointManager(ckpt.checkpoint_dir(workdir), save_every=1, keep_last=3)
+  mgr.save(1, _state(1))
+  mgr.save(2, _state(2))
+  mgr.close()
+  assert _bits_equal(ckpt.load_params(workdir), _state(2).params)
+  assert _bits_equal(ckpt.load_params(workdir, step=1), _state(1).params)
+  _flip_middle(_largest_file(os.path.join(ckpt.checkpoint_dir(workdir), "2"), "params"))
+  assert _bits_equal(ckpt.load_params(workdir), _state(1).params)
+  with pytest.raises(ckpt.CheckpointError):
+    ckpt.load_params(workdir, step=2)
+  shutil.rmtree(ckpt.checkpoint_dir(workdir))
+  with pytest.raises(FileNotFoundError, match="no checkpoints"):
+    ckpt.load_params(workdir)
