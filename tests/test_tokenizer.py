@@ -132,3 +132,14 @@ def test_train_rejects_bad_options(tmp_path):
   bad.write_text('{"text": "ok"}\n{not json\n')
   with pytest.raises(ValueError, match=r"bad.jsonl:2: malformed JSON"):
     tok_train.train([bad], 4096, tmp_path / "x", verbose=False)
+
+
+def test_compression_definitions(tok):
+  # "中a": 2 characters, 4 UTF-8 bytes. Byte level: 4 tokens -> 2.0 tokens/char, 1.0 bytes/token.
+  r = tok_train.compression(lambda ts: [t.encode("utf-8") for t in ts], ["中a"])
+  assert (r["chars"], r["bytes"], r["tokens"]) == (2, 4, 4)
+  assert (r["tokens_per_char"], r["bytes_per_token"]) == (2.0, 1.0)
+  texts = ["人民日报社论", "    return x + 1\n"]
+  r = tok_train.compression(tok.encode, texts)
+  n = len(tok.encode(texts[0])) + len(tok.encode(texts[1]))
+  assert r["tokens"] == n and r["tokens_per_char"] == n / sum(map(len, texts))

@@ -155,7 +155,12 @@ def read_code(max_chars: int = DEFAULT_CODE_CHARS) -> Iterator[dict]:
     except (UnicodeDecodeError, OSError):
       continue
     # Split at top-level blank-line boundaries so indentation stays intact within a chunk.
-    blocks = re.split(r"\n\n(?=\S)", text)
+    blocks = []
+    for block in re.split(r"\n\n(?=\S)", text):
+      if len(block) <= MAX_DOC_CHARS:
+        blocks.append(block)
+      else:  # one huge class or data table: cut it at line ends
+        blocks.extend(l.rstrip("\n") for l in _split_long(block.splitlines(keepends=True), ""))
     for chunk in _split_long(blocks, "\n\n"):
       if not chunk.strip():
         continue

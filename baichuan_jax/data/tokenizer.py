@@ -3,7 +3,10 @@
 Commands::
 
     python -m baichuan_jax.data.tokenizer train --input train.jsonl --vocab-size 4096 --out tok/bc4k
-    python -m baichuan_jax.data.tokenizer report [--corpus DIR] [--out docs/tokenizer_report.md]
+    python -m baichuan_jax.data.tokenizer report [--corpus DIR] [--out FILE.md] [--extra NAME=MODEL]
+
+Compression rate (SPEC 3 leaves it undefined) is reported two ways, per corpus slice: tokens per
+Unicode character (lower = stronger compression) and UTF-8 bytes per token (higher = stronger).
 
 Baichuan options (SPEC 3): BPE; identity normalisation (the raw text is not rewritten, so full-width
 and half-width forms stay distinct); every digit its own piece; whitespace-only pieces so runs of
@@ -184,6 +187,90 @@ def train(inputs: Iterable[str | os.PathLike], vocab_size: int, out_prefix: str 
   return meta
 
 
+SLICES = (("zh news", "zh_news"), ("zh reviews", "zh_reviews"), ("en prose", "en_prose"),
+          ("code", "code"))
+
+
+def compression(encode, texts: list[str]) -> dict:
+  """Compression of a tokenizer on texts (no bos/eos).
+
+  Args:
+    encode: function list[str] -> list[list[int]] (or any sequences of tokens).
+    texts: documents.
+  Returns:
+    dict with ``chars``, ``bytes`` (UTF-8), ``tokens``, ``tokens_per_char`` (lower is better) and
+    ``bytes_per_token`` (higher is better).
+  """
+  chars = sum(len(t) for t in texts)
+  nbytes = sum(len(t.encode("utf-8")) for t in texts)
+  tokens = sum(len(x) for x in encode(texts))
+  return {"chars": chars, "bytes": nbytes, "tokens": tokens,
+          "tokens_per_char": tokens / max(chars, 1), "bytes_per_token": nbytes / max(tokens, 1)}
+
+
+def report(corpus_dir: str | os.PathLike | None = None, vocab_size: int = 32000,
+           work_dir: str | os.PathLike | None = None, split: str = "validation",
+           extra: dict | None = None, verbose: bool = True) -> str:
+  """Markdown table of compression per corpus slice for ours, LLaMA-style, byte and char level.
+
+  Both trained tokenizers see the same training text (the corpus train split) and the same
+  vocabulary size; they differ only in the options under test. Rates are measured on ``split``
+  (held-out documents by default).
+
+  Args:
+    corpus_dir: a built corpus (default: the cached default corpus, built if missing).
+    vocab_size: vocabulary of both trained tokenizers (LLaMA: 32,000).
+    work_dir: where trained models are kept and reused (default: ``ROOT/tokenizer/report``).
+    split: corpus split to measure on.
+    extra: more rows, ``{name: tokenizer model path}`` (e.g. the 4,096-piece tiny tokenizer).
+  Returns:
+    the markdown table (with a definitions paragraph).
+  """
+  from baichuan_jax import data as data_lib  # pylint: disable=import-outside-toplevel
+  from baichuan_jax.data.corpus import read_jsonl  # pylint: disable=import-outside-toplevel
+  from baichuan_jax.tokenizer import Tokenizer  # pylint: disable=import-outside-toplevel
+  root = data_lib.default_root()
+  corpus_dir = Path(corpus_dir) if corpus_dir else data_lib.ensure_corpus(root, verbose)
+  work_dir = Path(work_dir) if work_dir else root / "tokenizer" / "report"
+  variants = {
+      f"ours (Baichuan options, {vocab_size // 1000}k)": dict(),
+      # The LLaMA-style baseline as the comparison asks: digit runs and whitespace runs may merge;
+      # SentencePiece's default max piece length (16); everything else equal.
+      f"LLaMA-style ({vocab_size // 1000}k)": dict(split_digits=False, whitespace_pieces=False,
+                                                   max_piece_length=16),
+  }
+  encoders = {}
+  for i, (name, kw) in enumerate(variants.items()):
+    prefix = work_dir / f"{'ours' if i == 0 else 'llama'}{vocab_size}"
+    if not Path(f"{prefix}.model").exists():
+      if verbose:
+        print(f"training {name} on {corpus_dir}/train.jsonl ...", file=sys.stderr, flush=True)
+      train([corpus_dir / "train.jsonl"], vocab_size, prefix, verbose=False, **kw)
+    encoders[name] = Tokenizer(f"{prefix}.model").encode
+  for name, path in (extra or {}).items():
+    encoders[name] = Tokenizer(path).encode
+  encoders["byte-level (UTF-8)"] = lambda ts: [t.encode("utf-8") for t in ts]
+  encoders["char-level"] = lambda ts: [list(t) for t in ts]
+
+  docs = list(read_jsonl(corpus_dir / f"{split}.jsonl"))
+  texts = {label: [d["text"] for d in docs if d.get("source") == src] for label, src in SLICES}
+  texts["all"] = [d["text"] for d in docs]
+  rows = {name: {label: compression(enc, ts) for label, ts in texts.items()}
+          for name, enc in encoders.items()}
+  labels = list(texts)
+  head = "| tokenizer | " + " | ".join(labels) + " |"
+  lines = [f"Compression on the `{split}` split of `{corpus_dir}` (tokens/char, lower is better "
+           f"/ UTF-8 bytes/token, higher is better):", "", head,
+           "|" + "---|" * (len(labels) + 1)]
+  for name, r in rows.items():
+    cells = [f"{r[l]['tokens_per_char']:.3f} / {r[l]['bytes_per_token']:.2f}" for l in labels]
+    lines.append(f"| {name} | " + " | ".join(cells) + " |")
+  size = rows["char-level"]
+  lines.append("| *(slice size: chars / UTF-8 bytes)* | "
+               + " | ".join(f"{size[l]['chars']:,} / {size[l]['bytes']:,}" for l in labels) + " |")
+  return "\n".join(lines)
+
+
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(prog="python -m baichuan_jax.data.tokenizer",
                                    description="Train Baichuan-style tokenizers; report compression.")
@@ -206,6 +293,11 @@ def main(argv=None) -> int:
   r.add_argument("--vocab-size", type=int, default=32000,
                  help="vocab for both trained tokenizers (default %(default)s, LLaMA's)")
   r.add_argument("--work-dir", default=None, help="where to keep trained models (default: cache)")
+  r.add_argument("--split", default="validation", choices=("train", "validation"),
+                 help="corpus split to measure on (default: %(default)s, held out)")
+  r.add_argument("--extra", nargs="*", default=[], metavar="NAME=MODEL",
+                 help="more tokenizers to measure, e.g. tiny4k=~/.cache/baichuan_jax/tokenizer/"
+                      "bc4096.model or a released Baichuan tokenizer.model")
   args = parser.parse_args(argv)
   if args.cmd == "train":
     meta = train(args.input, args.vocab_size, args.out, split_digits=not args.no_split_digits,
@@ -215,9 +307,9 @@ def main(argv=None) -> int:
     print(f"wrote {args.out}.model ({meta['vocab_size']} pieces, coverage "
           f"{meta['character_coverage']}, {meta['training_chunks']} training chunks)")
     return 0
-  from baichuan_jax.data import compression  # pylint: disable=import-outside-toplevel
-  table = compression.report(corpus_dir=args.corpus, vocab_size=args.vocab_size,
-                             work_dir=args.work_dir)
+  extra = dict(e.split("=", 1) for e in args.extra)
+  table = report(corpus_dir=args.corpus, vocab_size=args.vocab_size, work_dir=args.work_dir,
+                 split=args.split, extra=extra)
   print(table)
   if args.out:
     Path(args.out).write_text(table + "\n", encoding="utf-8")
