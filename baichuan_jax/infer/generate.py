@@ -285,8 +285,8 @@ def generate(cfg: ml_collections.ConfigDict, params, prompts: Sequence[Sequence[
     stream: called with a `StreamEvent` for every new token of every row, in order.
     mesh: a `jax.sharding.Mesh` for tensor-parallel inference (params are placed on it when they
       are not already sharded).
-    pad_multiple: prompt length and cache size are rounded up to a multiple of this to reuse
-      compilations across calls.
+    pad_multiple: prompt length and new-token buffer are rounded up to a multiple of this to
+      reuse compilations across calls.
     max_len: cache length override (default: padded prompt length + max new tokens).
   Returns:
     B `Completion`s in prompt order.
@@ -323,9 +323,14 @@ def generate(cfg: ml_collections.ConfigDict, params, prompts: Sequence[Sequence[
       raise ValueError(f"prompt {i}: {len(p)} prompt tokens + max_new_tokens={n} exceed the "
                        f"model context max_seq_len={cfg.max_seq_len}")
 
-  n_new = max(1, max(max_new))
+  # The output buffer is rounded up too (rows still stop at their own max_new_tokens), so
+  # requests with nearby lengths share one compilation.
+  n_new = _round_up(max(1, max(max_new)), pad_multiple)
   plen = _round_up(max(len(p) for p in prompts), pad_multiple)
-  cache_len = max_len or _round_up(plen + n_new, pad_multiple)
+  cache_len = max_len or plen + n_new
+  if cache_len < plen + n_new:
+    raise ValueError(f"max_len={max_len} is too small for {plen} padded prompt tokens plus "
+                     f"{n_new} new tokens")
   tokens = np.full((b, plen), cfg.pad_id, np.int32)
   positions = np.zeros((b, plen), np.int32)
   segs = np.zeros((b, plen), np.int32)

@@ -5,14 +5,16 @@ Shared by the `chat`, `generate` and `serve` command lines:
 * `--checkpoint WORKDIR`: weights from `baichuan_jax.checkpoint.load_params(WORKDIR)`. The model
   config is read from the workdir (the first of `model_config.json`, `config.json`, `cfg.json`
   that holds a model config, either at the top level or under a "model" key) or given with
-  `--config` (a preset name or a JSON file). When neither exists it is recovered from the weight
-  shapes (vocab, width, depth, heads from the fused `W_pack`), taking the position scheme and head
-  from the preset of the same shape, or `--position-embedding`.
+  `--config` (a preset name or a JSON file). Otherwise it is recovered from the weight shapes
+  (vocab, width, depth, heads from the fused `W_pack`) on top of the preset that the trainer
+  recorded in `WORKDIR/summary.json` (else the preset of the same shape), with the position scheme
+  from that preset or `--position-embedding`.
 * `--hf DIR`: `baichuan_jax.hf.load(DIR)`; with `--quantize` each tensor is quantized while it is
   read, so the full-precision model is never in memory at once.
 
-The tokenizer is `--tokenizer PATH` if given, else the first `tokenizer.model` / `*.model` found in
-the workdir (or a tokenizer path recorded in its config JSON), else an error that says so.
+The tokenizer is `--tokenizer PATH` if given, else `tokenizer.model` in the workdir, else the
+`tokenizer_path` recorded in its summary.json / config JSON, else any `*.model` there, else an
+error that says so.
 """
 
 from __future__ import annotations
@@ -162,15 +164,30 @@ def _workdir_config(root: Path, config: Optional[str], params, position_embeddin
       if cfg is not None:
         break
     if cfg is None:
-      cfg = config_from_shapes(params, position_embedding)
+      # `baichuan_jax.train.trainer` records the preset and tokenizer in summary.json.
+      summary = _read_json_dict(root / "summary.json") or _read_json_dict(root.parent / "summary.json")
+      recorded = recorded or summary
+      cfg = config_from_shapes(params, position_embedding, preset=summary.get("preset"))
   if position_embedding != "auto":
     cfg.position_embedding = position_embedding
   configs.validate(cfg)
   return cfg, recorded
 
 
-def config_from_shapes(params, position_embedding: str = "auto") -> ml_collections.ConfigDict:
-  """A model config recovered from parameter shapes (the preset of the same shape fills the rest).
+def _read_json_dict(path: Path) -> dict:
+  if not path.is_file():
+    return {}
+  try:
+    data = json.loads(path.read_text(encoding="utf-8"))
+  except (json.JSONDecodeError, UnicodeDecodeError):
+    return {}
+  return data if isinstance(data, dict) else {}
+
+
+def config_from_shapes(params, position_embedding: str = "auto",
+                       preset: Optional[str] = None) -> ml_collections.ConfigDict:
+  """A model config recovered from parameter shapes (`preset`, or the preset of the same shape,
+  fills the rest).
 
   Returns:
     ConfigDict; position_embedding/norm_head come from a preset with the same widths (else RoPE and
@@ -189,12 +206,13 @@ def config_from_shapes(params, position_embedding: str = "auto") -> ml_collectio
   ffn = np.shape(layers["mlp"]["gate_proj"]["kernel"])[-1]
   shape = dict(vocab_size=v, hidden_size=e, num_layers=n_layers, num_heads=heads,
                num_kv_heads=kv_heads, intermediate_size=ffn)
-  base = configs.get("tiny")
-  for name in configs.names():
-    c = configs.get(name)
-    if all(c[k] == val for k, val in shape.items()):
-      base = c
-      break
+  base = configs.get(preset) if preset in configs.names() else configs.get("tiny")
+  if preset not in configs.names():
+    for name in configs.names():
+      c = configs.get(name)
+      if all(c[k] == val for k, val in shape.items()):
+        base = c
+        break
   base.update({k: int(val) for k, val in shape.items()})
   if position_embedding != "auto":
     base.position_embedding = position_embedding
