@@ -189,3 +189,15 @@ def test_default_data_reuses_complete_builds_and_ignores_partial_ones(data, tmp_
   assert again["dataset_path"] == data.dataset_path
   with pytest.raises(FileNotFoundError, match="lacks train.jsonl"):
     default_data(vocab_size=2048, root=root, progress=False, corpus_dir=tmp_path)
+
+
+def test_dataset_stats_and_show_cli(data, capsys):
+  ref = _reference_docs(data, "validation")
+  st = tokenized.stats(data.dataset_path)["validation"]
+  assert st["documents"] == len(ref)
+  assert st["tokens"] == sum(len(d) - 2 for d in ref)  # stored without bos/eos
+  assert st["weight_sum"] == len(ref)
+  assert tokenized.main(["show", str(data.dataset_path), "--tokenizer", str(data.tokenizer_path),
+                         "--split", "validation", "--rows", "2", "--seq-len", "32"]) == 0
+  out = capsys.readouterr().out
+  assert "row 0 segment 1 (" in out and "row 1 segment 1 (" in out

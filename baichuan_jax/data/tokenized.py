@@ -8,11 +8,21 @@ random access, so the loader can shuffle globally and resume at any index withou
     build_tokenized(corpus_dir, tokenizer_path, data_dir) -> path of the prepared dataset
     open_split(dataset_path, split) -> random-access source (len, __getitem__)
     read_index(dataset_path, split) -> {"lengths", "weights"} per document (loader_index-SPLIT.npz)
+
+Command line::
+
+    python -m baichuan_jax.data.tokenized build --corpus DIR --tokenizer MODEL --out DATA_DIR
+    python -m baichuan_jax.data.tokenized show DATASET [--split train] [--batches 1] [--seq-len 64]
+
+``show`` prints per-split document/token statistics and decodes the first packed rows (segment by
+segment) so the packing can be checked by eye.
 """
 
 from __future__ import annotations
 
+import argparse
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -163,3 +173,63 @@ def open_split(dataset_path: str | os.PathLike, split: str = "train"):
   if split not in builder.info.splits:
     raise ValueError(f"split {split!r} not in {dataset_path}; available: {list(builder.info.splits)}")
   return builder.as_data_source(split=split)
+
+
+def stats(dataset_path: str | os.PathLike) -> dict:
+  """Per split: documents, tokens, mean/max document length, summed weight."""
+  out = {}
+  for split in SPLITS:
+    try:
+      ix = read_index(dataset_path, split)
+    except ValueError:
+      continue
+    n = len(ix["lengths"])
+    out[split] = {"documents": n, "tokens": int(ix["lengths"].sum()),
+                  "mean_len": float(ix["lengths"].mean()) if n else 0.0,
+                  "max_len": int(ix["lengths"].max()) if n else 0,
+                  "weight_sum": float(ix["weights"].sum())}
+  return out
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(prog="python -m baichuan_jax.data.tokenized",
+                                   description="Build or inspect the tokenized ArrayRecord dataset.")
+  sub = parser.add_subparsers(dest="cmd", required=True)
+  b = sub.add_parser("build", help="tokenize a built corpus into a TFDS ArrayRecord dataset")
+  b.add_argument("--corpus", required=True, help="corpus dir with train.jsonl/validation.jsonl")
+  b.add_argument("--tokenizer", required=True, help="SentencePiece .model")
+  b.add_argument("--out", required=True, help="TFDS data dir to write")
+  s = sub.add_parser("show", help="statistics and the first packed rows, decoded")
+  s.add_argument("dataset", help="prepared dataset dir (.../tokenized_corpus/1.0.0)")
+  s.add_argument("--tokenizer", default=None, help="model to decode with (default: print ids)")
+  s.add_argument("--split", default="train", choices=SPLITS)
+  s.add_argument("--rows", type=int, default=2, help="packed rows to print")
+  s.add_argument("--seq-len", type=int, default=64)
+  args = parser.parse_args(argv)
+  if args.cmd == "build":
+    path = build_tokenized(args.corpus, args.tokenizer, args.out)
+    print(f"wrote {path}")
+    args.dataset = path
+  for split, st in stats(args.dataset).items():
+    print(f"{split:<11} {st['documents']:>8,} docs {st['tokens']:>12,} tokens  mean {st['mean_len']:.1f}"
+          f"  max {st['max_len']:,}  weight sum {st['weight_sum']:,.1f}")
+  if args.cmd == "show":
+    from baichuan_jax.data.loader import Loader  # pylint: disable=import-outside-toplevel
+    tok = None
+    if args.tokenizer:
+      from baichuan_jax.tokenizer import Tokenizer  # pylint: disable=import-outside-toplevel
+      tok = Tokenizer(args.tokenizer)
+    batch = next(Loader(args.dataset, args.split, batch_size=args.rows, seq_len=args.seq_len,
+                        process_index=0, process_count=1))
+    for r in range(args.rows):
+      seg = batch["segment_ids"][r]
+      for k in [k for k in np.unique(seg) if k > 0]:
+        ids = batch["inputs"][r][seg == k]
+        text = repr(tok.decode(ids.tolist())) if tok else ids.tolist()
+        print(f"row {r} segment {k} ({ids.size} tokens, positions {batch['positions'][r][seg == k][0]}.."
+              f"{batch['positions'][r][seg == k][-1]}): {text}")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
