@@ -88,10 +88,10 @@ def test_reward_model_learns_separable_pairs():
 
   pairs = [pair(i) for i in range(64)]
   enc = preference.encode_pairs(pairs, tok, 12, template="chat")
-  tc = _train_cfg(8, 12, 3e-3, 40)
+  tc = _train_cfg(8, 12, 3e-3, 30)
   tc.warmup_steps = 4
   params, rows = trainers.train_reward_model(
-      CFG, None, enc, [p.category for p in pairs], tc, _mesh(), 40,
+      CFG, None, enc, [p.category for p in pairs], tc, _mesh(), 30,
       eval_pairs={k: v[:16] for k, v in enc.items()}, eval_every=0)
   assert rows[0]["loss"] == pytest.approx(np.log(2), abs=0.05)  # small head init: r ~ 0
   assert rows[-1]["eval_accuracy"] == 1.0 and rows[-1]["eval_pairs"] == 16

@@ -252,8 +252,9 @@ class PPOTrainer:
 
 
 def plot_metrics(rows: Sequence[dict], keys: Sequence[str], path: str, x: str = "iteration",
-                 title: str = "") -> None:
-  """One small panel per metric against `x`, saved as PNG."""
+                 title: str = "", vline: Optional[float] = None) -> None:
+  """One small panel per metric against `x`, saved as PNG (`vline`: a dashed marker, e.g. the end
+  of the critic warm-up)."""
   import matplotlib  # pylint: disable=import-outside-toplevel
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
@@ -264,7 +265,15 @@ def plot_metrics(rows: Sequence[dict], keys: Sequence[str], path: str, x: str = 
   for ax, k in zip(axes.flat, keys):
     pts = [(r[x], r[k]) for r in rows if k in r and np.isfinite(r[k])]
     if pts:
-      ax.plot(*zip(*pts), lw=1.2)
+      xs, ys = (np.asarray(v, np.float64) for v in zip(*pts))
+      ax.plot(xs, ys, lw=0.8, alpha=0.45 if len(ys) > 40 else 1.0)
+      if len(ys) > 40:  # noisy per-iteration values: overlay a moving average
+        w = max(5, len(ys) // 25)
+        smooth = np.convolve(ys, np.ones(w) / w, mode="valid")
+        ax.plot(xs[w - 1:], smooth, lw=1.6, color="C3", label=f"mean of {w}")
+        ax.legend(fontsize=6, loc="best")
+    if vline is not None:
+      ax.axvline(vline, color="grey", ls="--", lw=0.8)
     ax.set_title(k, fontsize=9)
     ax.set_xlabel(x, fontsize=8)
     ax.tick_params(labelsize=7)

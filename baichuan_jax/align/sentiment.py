@@ -20,17 +20,15 @@ import json
 import logging
 import os
 import random
-import shutil
 from typing import Any, Optional, Sequence
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from baichuan_jax import checkpoint, configs, infer, sharding, train
-from baichuan_jax.align import lora, ppo_trainer, preference, reward, sft_data, trainers
-from baichuan_jax.model import init_params
+from baichuan_jax import configs, infer, train
+from baichuan_jax.align import (lora, ppo_trainer, preference, recipes, reward, sft_data,
+                                 trainers)
 
 _LOG = logging.getLogger(__name__)
 
@@ -132,42 +130,9 @@ def chat_records(reviews: Sequence[tuple[str, int]], seed: int) -> list[dict]:
 # Parameters on disk.
 
 
-def save_params(directory: str, params: Any, step: int) -> None:
-  """Writes a parameter tree as a verified checkpoint (`baichuan_jax.checkpoint`) under `directory`.
-
-  Any earlier checkpoints there are removed first: a stage that is re-run replaces its output.
-  """
-  ckpt = checkpoint.checkpoint_dir(directory)
-  if os.path.isdir(ckpt):
-    shutil.rmtree(ckpt)
-  mgr = checkpoint.CheckpointManager(ckpt, save_every=max(1, step), keep_last=1, async_save=False)
-  mgr.save(step, {"params": params, "step": jnp.asarray(step, jnp.int32)})
-  mgr.close()
-
-
-def load_params(directory: str) -> Any:
-  """The newest verified parameters saved under `directory` (a stage's output or a training run)."""
-  try:
-    return checkpoint.load_params(directory)
-  except FileNotFoundError as e:
-    raise FileNotFoundError(f"{e}; run the stage that writes {directory} first") from None
-
-
 def _write_json(path: str, obj: dict) -> None:
   with open(path, "w", encoding="utf-8") as f:
     json.dump(obj, f, ensure_ascii=False, indent=2)
-
-
-def _engine_cfg(c: ml_collections.ConfigDict, steps: int) -> ml_collections.ConfigDict:
-  tc = train.default_train_config()
-  tc.batch_size, tc.seq_len = c.batch_size, c.seq_len
-  tc.peak_lr, tc.warmup_steps, tc.total_steps = c.lr, min(c.warmup_steps, steps), steps
-  tc.zero_stage, tc.loss_chunk_size = 0, 0
-  return tc
-
-
-def _mesh():
-  return sharding.make_mesh(train.default_train_config().mesh, jax.devices()[:1])
 
 
 def model_config(cfg: ml_collections.ConfigDict, tok) -> ml_collections.ConfigDict:
@@ -190,8 +155,8 @@ def stage_pretrain(cfg, tok, reviews, workdir) -> dict:
     arr = np.asarray(ids, np.int32)
     exs.append(sft_data.ChatExample(arr[:-1], arr[1:], np.ones(len(arr) - 1, np.int32)))
   packed = sft_data.pack_examples(exs, c.seq_len)
-  tc = _engine_cfg(c, c.steps)
-  mesh = _mesh()
+  tc = recipes.engine_config(c, c.steps)
+  mesh = recipes.single_device_mesh()
   state = train.create_train_state(mc, tc, mesh, jax.random.PRNGKey(cfg.seed))
   step = train.make_train_step(mc, tc, mesh)
   log = trainers.MetricsLog(os.path.join(workdir, "pretrain_metrics.jsonl"))
@@ -201,7 +166,7 @@ def stage_pretrain(cfg, tok, reviews, workdir) -> dict:
     state, m = step(state, next(batches))
     log.write({"step": i + 1, **{k: float(v) for k, v in m.items()}})
     bar.set_postfix(loss=f"{float(m['loss']):.3f}")
-  save_params(os.path.join(workdir, "policy"), state.params, c.steps)
+  recipes.save_params(os.path.join(workdir, "policy"), state.params, c.steps, mc)
   ppo_trainer.plot_metrics(log.rows, ["loss", "ce", "grad_norm", "lr"],
                            os.path.join(workdir, "pretrain.png"), x="step", title="policy pretraining")
   summary = {"rows_packed": int(packed["inputs"].shape[0]), "reviews": len(exs),
@@ -214,20 +179,21 @@ def stage_rm(cfg, tok, reviews, workdir) -> dict:
   """Reward model on (positive, negative) review pairs; held-out pairwise accuracy."""
   c = cfg.rm
   mc = model_config(cfg, tok)
-  backbone = load_params(os.path.join(workdir, "policy"))
+  backbone = recipes.load_params(os.path.join(workdir, "policy"))
   train_pairs = review_pairs(reviews["train"], c.train_pairs, cfg.seed)
   eval_pairs = review_pairs(reviews["validation"], c.eval_pairs, cfg.seed + 1)
   enc = lambda ps: preference.encode_pairs(ps, tok, c.seq_len, template="plain")  # noqa: E731
-  tc = _engine_cfg(c, c.steps)
+  tc = recipes.engine_config(c, c.steps)
   # The untrained head on the pretrained backbone: the accuracy to beat.
   before = trainers.evaluate_reward_model(
       mc, reward.init_reward_params(mc, jax.random.PRNGKey(cfg.seed), backbone), enc(eval_pairs),
       c.batch_size)
   params, rows = trainers.train_reward_model(
-      mc, backbone, enc(train_pairs), [p.category for p in train_pairs], tc, _mesh(), c.steps,
+      mc, backbone, enc(train_pairs), [p.category for p in train_pairs], tc,
+      recipes.single_device_mesh(), c.steps,
       eval_pairs=enc(eval_pairs), eval_every=c.eval_every,
       log_path=os.path.join(workdir, "rm_metrics.jsonl"), seed=cfg.seed)
-  save_params(os.path.join(workdir, "reward"), params, c.steps)
+  recipes.save_params(os.path.join(workdir, "reward"), params, c.steps, mc)
   ppo_trainer.plot_metrics(rows, ["loss", "accuracy", "margin", "eval_accuracy", "grad_norm"],
                            os.path.join(workdir, "rm.png"), x="step", title="reward model")
   final = {k[5:]: v for k, v in rows[-1].items() if k.startswith("eval_")}
@@ -260,12 +226,15 @@ def stage_ppo(cfg, tok, reviews, workdir) -> dict:
   """PPO from the pretrained policy against the reward model; samples before and after."""
   pc = cfg.ppo
   mc = model_config(cfg, tok)
-  actor = load_params(os.path.join(workdir, "policy"))
-  rm = load_params(os.path.join(workdir, "reward"))
-  trainer = ppo_trainer.PPOTrainer(mc, pc, _mesh(), actor, rm, eos_id=tok.eos_id, pad_id=tok.pad_id)
-  pool = _prompt_pool(tok, reviews["validation"], pc.prompt_len)
+  actor = recipes.load_params(os.path.join(workdir, "policy"))
+  rm = recipes.load_params(os.path.join(workdir, "reward"))
+  trainer = ppo_trainer.PPOTrainer(mc, pc, recipes.single_device_mesh(), actor, rm,
+                                   eos_id=tok.eos_id, pad_id=tok.pad_id)
+  # Training openings come from the train split; before/after samples from held-out reviews.
+  pool = _prompt_pool(tok, reviews["train"], pc.prompt_len)
   rng = random.Random(cfg.seed)
-  eval_prompts = rng.sample(pool, min(len(pool), cfg.ppo_eval_prompts))
+  held_out = _prompt_pool(tok, reviews["validation"], pc.prompt_len)
+  eval_prompts = rng.sample(held_out, min(len(held_out), cfg.ppo_eval_prompts))
 
   def evaluate(tag):
     texts, scores = [], []
@@ -277,7 +246,7 @@ def stage_ppo(cfg, tok, reviews, workdir) -> dict:
       n = min(pc.rollout_batch, len(eval_prompts) - i)
       for j in range(n):
         resp = [int(x) for x, k in zip(r[j], rm_[j]) if k and x != tok.eos_id]
-        texts.append((tok.decode(list(t[j][m[j] > 0])[1:]), tok.decode(resp)))
+        texts.append((tok.decode([int(x) for x in t[j][m[j] > 0]][1:]), tok.decode(resp)))
       scores += list(s[:n])
     return {"tag": tag, "mean_score": float(np.mean(scores)),
             "snownlp_positive": _sentiment_of([p + r for p, r in texts]),
@@ -288,9 +257,10 @@ def stage_ppo(cfg, tok, reviews, workdir) -> dict:
   rows = trainer.run(lambda n: [rng.choice(pool) for _ in range(n)],
                      log_path=os.path.join(workdir, "ppo_metrics.jsonl"))
   after = evaluate("after")
-  save_params(os.path.join(workdir, "policy_ppo"), trainer.actor.params, len(rows))
+  recipes.save_params(os.path.join(workdir, "policy_ppo"), trainer.actor.params, len(rows), mc)
   ppo_trainer.plot_metrics(rows, ppo_trainer.PLOT_KEYS, os.path.join(workdir, "ppo.png"),
-                           title="PPO on review continuations")
+                           title="PPO on review continuations (dashed: end of critic warm-up)",
+                           vline=pc.critic_warmup - 0.5)
   first, last = rows[: max(1, len(rows) // 10)], rows[-max(1, len(rows) // 10):]
   summary = {"before": before, "after": after, "iterations": len(rows),
              "score_first_10pct": float(np.mean([r["score"] for r in first])),
@@ -309,7 +279,7 @@ def stage_sft(cfg, tok, reviews, workdir) -> dict:
   """Chat SFT (LoRA by default) from the pretrained policy; label accuracy and end-of-turn stops."""
   c = cfg.sft
   mc = model_config(cfg, tok)
-  base = load_params(os.path.join(workdir, "policy"))
+  base = recipes.load_params(os.path.join(workdir, "policy"))
   sft_dir = os.path.join(workdir, "sft")
   os.makedirs(sft_dir, exist_ok=True)
   train_path = os.path.join(sft_dir, "chat_train.jsonl")
@@ -322,10 +292,11 @@ def stage_sft(cfg, tok, reviews, workdir) -> dict:
   lcfg = lora.LoRAConfig(rank=c.lora.rank, alpha=c.lora.alpha, dropout=c.lora.dropout,
                          targets=tuple(c.lora.targets)) if c.use_lora else None
   tuned, rows = trainers.train_sft(mc, base, sft_data.batches(packed, c.batch_size, cfg.seed),
-                                   _engine_cfg(c, c.steps), _mesh(), c.steps, lora_cfg=lcfg,
+                                   recipes.engine_config(c, c.steps),
+                                   recipes.single_device_mesh(), c.steps, lora_cfg=lcfg,
                                    log_path=os.path.join(workdir, "sft_metrics.jsonl"),
                                    seed=cfg.seed)
-  save_params(os.path.join(workdir, "policy_sft"), tuned, c.steps)
+  recipes.save_params(os.path.join(workdir, "policy_sft"), tuned, c.steps, mc)
   ppo_trainer.plot_metrics(rows, ["loss", "ce", "grad_norm", "lr"], os.path.join(workdir, "sft.png"),
                            x="step", title="chat SFT" + (" (LoRA)" if lcfg else ""))
   # Held-out evaluation: greedy replies to classification requests, sampled replies to writing
