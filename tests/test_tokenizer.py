@@ -117,6 +117,9 @@ def test_options_matter_on_a_tiny_training_run(tmp_path):
     has_multi_digit = any(len(p) > 1 and any(c.isdigit() for c in p) for p in pieces)
     assert has_multi_digit == (name == "llama")
     assert t.decode(t.encode(line)) == line
+  # Training is deterministic (hosts that each build their cache agree on every id).
+  tok_train.train([f], 700, tmp_path / "again", verbose=False)
+  assert (tmp_path / "again.model").read_bytes() == (tmp_path / "baichuan.model").read_bytes()
   # The 52-letter run merges into one piece only when pieces may exceed 32 characters.
   assert lengths["baichuan"] <= 32 < lengths["llama"]
 
