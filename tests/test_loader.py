@@ -201,3 +201,45 @@ def test_dataset_stats_and_show_cli(data, capsys):
                          "--split", "validation", "--rows", "2", "--seq-len", "32"]) == 0
   out = capsys.readouterr().out
   assert "row 0 segment 1 (" in out and "row 1 segment 1 (" in out
+
+
+def test_multiprocess_validation_yields_num_batches_on_every_process(data):
+  full = list(Loader(data.dataset_path, "validation", batch_size=2, seq_len=SEQ, process_index=0,
+                     process_count=2))
+  n = len(full) + 3
+  for pi in range(2):
+    got = list(Loader(data.dataset_path, "validation", batch_size=2, seq_len=SEQ, process_index=pi,
+                      process_count=2, num_batches=n))
+    assert len(got) == n
+    if pi == 0:
+      assert _same(got[:len(full)], full)
+      assert all(int(b["loss_mask"].sum()) == 0 for b in got[len(full):])
+
+
+def test_cleaned_corpus_weights_are_carried_and_sampled(data, tmp_path):
+  weights = [0.0, 1.0, 2.0, 3.0]
+  texts = [f"文档{i}号：" + "内容" * (i + 3) for i in range(len(weights))]
+  cdir = tmp_path / "cleaned"
+  cdir.mkdir()
+  with open(cdir / "train.jsonl", "w", encoding="utf-8") as f:
+    for i, (t, w) in enumerate(zip(texts, weights)):
+      f.write(json.dumps({"id": f"zh_news-{i}", "text": t, "source": "zh_news", "weight": w},
+                         ensure_ascii=False) + "\n")
+  (cdir / "validation.jsonl").write_text(
+      json.dumps({"id": "zh_news-v", "text": "验证", "source": "zh_news"}) + "\n", encoding="utf-8")
+  path = tokenized.build_tokenized(cdir, data.tokenizer_path, tmp_path / "tfds", progress=False)
+  src = tokenized.open_split(path, "train")
+  stored = {src[i]["id"].decode(): float(src[i]["weight"]) for i in range(len(src))}
+  assert stored == {f"zh_news-{i}": w for i, w in enumerate(weights)}
+  assert tokenized.read_index(path, "validation")["weights"].tolist() == [1.0]
+  # One epoch with integer weights: document i appears exactly weight_i times.
+  tok = Tokenizer(data.tokenizer_path)
+  ref = {tuple([1] + tok.encode(t) + [2]): w for t, w in zip(texts, weights)}
+  docs = _documents(_segments(list(Loader(path, "train", batch_size=2, seq_len=16, seed=0,
+                                          process_index=0, process_count=1, num_epochs=1))))
+  assert collections.Counter(docs) == {d: int(w) for d, w in ref.items() if w}
+
+  with open(cdir / "train.jsonl", "a", encoding="utf-8") as f:
+    f.write(json.dumps({"id": "zh_news-bad", "text": "坏", "source": "zh_news", "weight": -1}) + "\n")
+  with pytest.raises(ValueError, match="'zh_news-bad': weight=-1 is invalid"):
+    tokenized.build_tokenized(cdir, data.tokenizer_path, tmp_path / "tfds2", progress=False)

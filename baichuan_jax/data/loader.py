@@ -34,8 +34,9 @@ restoring it into a loader built differently raises.
 Multi-host: ``process_index``/``process_count`` (default ``jax.process_index()/process_count()``)
 select a strided shard of each epoch's shuffled order, so processes with the same seed read disjoint
 documents that together cover the epoch. In the finite validation pass the shards differ by at most
-one document; batches are padded (all-padding rows) to the full batch size, and ``num_batches``
-caps the pass so every process can run the same number of steps.
+one document; batches are padded (all-padding rows) to the full batch size. With
+``process_count > 1`` and ``num_batches`` set, every process yields exactly ``num_batches``
+batches (all-padding ones after its shard ends), so collective evaluation steps stay in lockstep.
 """
 
 from __future__ import annotations
@@ -237,7 +238,8 @@ class Loader:
     process_index, process_count: this process's shard (default: from ``jax``).
     num_epochs: None = infinite (train default); validation defaults to 1.
     shuffle, use_weights: default True for train, False for validation.
-    num_batches: stop after this many batches (None = until the data ends).
+    num_batches: stop after this many batches (None = until the data ends). With more than one
+      process, exactly this many (empty batches follow the end of the shard).
     bos_id, eos_id, pad_id: special ids (Baichuan: 1, 2, 0).
     read_threads, prefetch: Grain reader threads and documents read ahead (0 threads = inline).
   Yields:
@@ -306,11 +308,14 @@ class Loader:
         rows.append(next(self._rows))
       except StopIteration:
         break
-    if not rows:
+    if not rows and not (self.num_batches is not None and self.process_count > 1):
       raise StopIteration
-    batch = {k: np.stack([r[k] for r in rows]) for k in FIELDS}
-    if len(rows) < self.batch_size:  # last batch of a finite pass: pad with empty rows
-      pad = self.batch_size - len(rows)
+    # Multi-process with num_batches: a process whose shard ran out keeps yielding empty batches
+    # (loss_mask all 0) so every process runs the same number of collective steps.
+    pad = self.batch_size - len(rows)
+    batch = {k: np.stack([r[k] for r in rows]) if rows else np.zeros((0, self.seq_len), np.int32)
+             for k in FIELDS}
+    if pad:  # last batch of a finite pass: pad with empty rows
       for k in FIELDS:
         fill = self.pad_id if k in ("inputs", "targets") else 0
         batch[k] = np.concatenate([batch[k], np.full((pad, self.seq_len), fill, np.int32)])
