@@ -35,20 +35,31 @@ import argparse
 import collections
 import hashlib
 import json
+import logging
 import os
 import posixpath
 import re
 import sys
 import time
 
-import apache_beam as beam
 import ml_collections
 import numpy as np
-from apache_beam.io import fileio
-from apache_beam.io.filesystems import FileSystems
-from apache_beam.options.pipeline_options import PipelineOptions
 
-from baichuan_jax.data import filters, minhash, mixture
+
+class _DropGcpNotice(logging.Filter):
+  # Beam logs this on import when the optional GCP extras are absent; it is noise for local runs.
+  def filter(self, record):
+    return "apitools not found" not in record.getMessage()
+
+
+logging.getLogger().addFilter(_DropGcpNotice())
+
+import apache_beam as beam  # pylint: disable=wrong-import-position
+from apache_beam.io import fileio  # pylint: disable=wrong-import-position
+from apache_beam.io.filesystems import FileSystems  # pylint: disable=wrong-import-position
+from apache_beam.options.pipeline_options import PipelineOptions  # pylint: disable=wrong-import-position
+
+from baichuan_jax.data import filters, minhash, mixture  # pylint: disable=wrong-import-position
 
 SPLITS = ("train", "validation")
 REPORT = "clean_report.json"
