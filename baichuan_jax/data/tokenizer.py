@@ -210,7 +210,7 @@ def compression(encode, texts: list[str]) -> dict:
 
 def report(corpus_dir: str | os.PathLike | None = None, vocab_size: int = 32000,
            work_dir: str | os.PathLike | None = None, split: str = "validation",
-           extra: dict | None = None, verbose: bool = True) -> str:
+           extra: dict | None = None, ablate: bool = False, verbose: bool = True) -> str:
   """Markdown table of compression per corpus slice for ours, LLaMA-style, byte and char level.
 
   Both trained tokenizers see the same training text (the corpus train split) and the same
@@ -223,6 +223,7 @@ def report(corpus_dir: str | os.PathLike | None = None, vocab_size: int = 32000,
     work_dir: where trained models are kept and reused (default: ``ROOT/tokenizer/report``).
     split: corpus split to measure on.
     extra: more rows, ``{name: tokenizer model path}`` (e.g. the 4,096-piece tiny tokenizer).
+    ablate: also train ours with one option at a time switched to the LLaMA-style setting.
   Returns:
     the markdown table (with a definitions paragraph).
   """
@@ -232,16 +233,23 @@ def report(corpus_dir: str | os.PathLike | None = None, vocab_size: int = 32000,
   root = data_lib.default_root()
   corpus_dir = Path(corpus_dir) if corpus_dir else data_lib.ensure_corpus(root, verbose)
   work_dir = Path(work_dir) if work_dir else root / "tokenizer" / "report"
+  k = f"{vocab_size // 1000}k"
   variants = {
-      f"ours (Baichuan options, {vocab_size // 1000}k)": dict(),
+      f"ours (Baichuan options, {k})": ("ours", dict()),
       # The LLaMA-style baseline as the comparison asks: digit runs and whitespace runs may merge;
       # SentencePiece's default max piece length (16); everything else equal.
-      f"LLaMA-style ({vocab_size // 1000}k)": dict(split_digits=False, whitespace_pieces=False,
-                                                   max_piece_length=16),
+      f"LLaMA-style ({k})": ("llama", dict(split_digits=False, whitespace_pieces=False,
+                                           max_piece_length=16)),
   }
+  if ablate:
+    variants.update({
+        f"ours, digits not split ({k})": ("ours-nodigits", dict(split_digits=False)),
+        f"ours, no whitespace pieces ({k})": ("ours-nows", dict(whitespace_pieces=False)),
+        f"ours, max piece 16 ({k})": ("ours-max16", dict(max_piece_length=16)),
+    })
   encoders = {}
-  for i, (name, kw) in enumerate(variants.items()):
-    prefix = work_dir / f"{'ours' if i == 0 else 'llama'}{vocab_size}"
+  for name, (stem, kw) in variants.items():
+    prefix = work_dir / f"{stem}{vocab_size}"
     if not Path(f"{prefix}.model").exists():
       if verbose:
         print(f"training {name} on {corpus_dir}/train.jsonl ...", file=sys.stderr, flush=True)
@@ -293,6 +301,8 @@ def main(argv=None) -> int:
   r.add_argument("--vocab-size", type=int, default=32000,
                  help="vocab for both trained tokenizers (default %(default)s, LLaMA's)")
   r.add_argument("--work-dir", default=None, help="where to keep trained models (default: cache)")
+  r.add_argument("--ablate", action="store_true",
+                 help="also train ours with each option switched off alone (3 more trainings)")
   r.add_argument("--split", default="validation", choices=("train", "validation"),
                  help="corpus split to measure on (default: %(default)s, held out)")
   r.add_argument("--extra", nargs="*", default=[], metavar="NAME=MODEL",
@@ -309,7 +319,7 @@ def main(argv=None) -> int:
     return 0
   extra = dict(e.split("=", 1) for e in args.extra)
   table = report(corpus_dir=args.corpus, vocab_size=args.vocab_size, work_dir=args.work_dir,
-                 split=args.split, extra=extra)
+                 split=args.split, extra=extra, ablate=args.ablate)
   print(table)
   if args.out:
     Path(args.out).write_text(table + "\n", encoding="utf-8")
