@@ -32,6 +32,7 @@ import argparse
 import dataclasses
 import json
 import queue
+import random
 import sys
 import threading
 import time
@@ -152,7 +153,9 @@ class Server:
         "top_k": _number(body, "top_k", d["top_k"], 0, self.cfg.vocab_size, integer=True),
         "repetition_penalty": _number(body, "repetition_penalty", d["repetition_penalty"], 0, 10,
                                       lo_open=True),
-        "seed": _number(body, "seed", 0, 0, 2**31 - 1, integer=True),
+        # Without a seed every request samples differently, as with OpenAI's API.
+        "seed": (_number(body, "seed", 0, -2**63, 2**63 - 1, integer=True) % 2**31
+                 if body.get("seed") is not None else random.getrandbits(31)),
     }
 
   def _max_new(self, body, n_prompt: int, name: str, default: Optional[int],
