@@ -1,7 +1,10 @@
 """Alignment: SFT with assistant-only loss masks, LoRA, a pairwise reward model and PPO (RLHF).
 
-Pure pieces live in `sft_data`, `preference`, `lora`, `reward` and `ppo`; the trainers reuse the
-pretraining step and add only their loss, data and hooks.
+Pure pieces live in `sft_data`, `preference`, `lora`, `reward` and `ppo`; `rollout` samples with the
+KV-cache generator of `baichuan_jax.infer`. The trainers (`engine`, `trainers`, `ppo_trainer`) reuse
+the pretraining step of `baichuan_jax.train` and add only their loss, data and hooks; `recipes` runs
+chat SFT from a config and `sentiment` is the end-to-end RLHF experiment on real reviews. Import
+those modules directly (they pull in the training engine). See docs/alignment.md.
 """
 
 from baichuan_jax.align import lora, ppo, preference, records, reward, sft_data
