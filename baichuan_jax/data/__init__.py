@@ -28,9 +28,17 @@ import time
 from pathlib import Path
 
 from baichuan_jax.data import corpus as corpus_lib
-from baichuan_jax.data.loader import Loader, make_loader
 
 __all__ = ["DataPaths", "Loader", "default_data", "default_root", "make_loader"]
+
+
+def __getattr__(name):
+  # The loader pulls in Grain (seconds to import); the corpus, tokenizer and cleaning CLIs that
+  # live in this package should not pay for it.
+  if name in ("Loader", "make_loader"):
+    from baichuan_jax.data import loader  # pylint: disable=import-outside-toplevel
+    return getattr(loader, name)
+  raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 ENV_VAR = "BAICHUAN_JAX_DATA"
 
