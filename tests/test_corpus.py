@@ -79,3 +79,21 @@ def test_cli_prints_counts(tmp_path, capsys):
   total = sum(1 for s in ("train", "validation") for _ in corpus.read_jsonl(tmp_path / "c" / f"{s}.jsonl"))
   assert total == 60
   assert f"{'total':<12}" in out
+
+
+def test_default_data_rebuilds_a_corpus_from_an_older_builder(tmp_path):
+  from baichuan_jax import data  # pylint: disable=import-outside-toplevel
+  kw = dict(limit=5, code_chars=2000)
+  path = data.ensure_corpus(tmp_path, progress=False, **kw)
+  manifest = json.loads((path / "manifest.json").read_text())
+  assert manifest["format_version"] == corpus.FORMAT_VERSION
+  first = (path / "train.jsonl").read_bytes()
+  # Reused as is while current ...
+  (path / "marker").write_text("x")
+  assert data.ensure_corpus(tmp_path, progress=False, **kw) == path and (path / "marker").exists()
+  # ... rebuilt (atomically, same content) when written by an older format.
+  manifest["format_version"] = corpus.FORMAT_VERSION - 1
+  (path / "manifest.json").write_text(json.dumps(manifest))
+  assert data.ensure_corpus(tmp_path, progress=False, **kw) == path
+  assert not (path / "marker").exists() and (path / "train.jsonl").read_bytes() == first
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus"]

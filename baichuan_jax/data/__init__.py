@@ -6,7 +6,8 @@
 
 ``default_data`` builds, once, each missing piece:
 
-    ROOT/corpus/{train,validation}.jsonl, manifest.json        corpus.build
+    ROOT/corpus/{train,validation}.jsonl, manifest.json        corpus.build (rebuilt when its
+                                                               format_version is older)
     ROOT/tokenizer/bc{V}.model (+ .vocab, .json)               tokenizer.train on the train split
     ROOT/tokenized/bc{V}-{hash}/tokenized_corpus/1.0.0         tokenized.build_tokenized
 
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import os
 import shutil
 import sys
@@ -97,15 +99,31 @@ def _file_hash(paths, n: int = 12) -> str:
   return h.hexdigest()[:n]
 
 
+def _corpus_version(path: Path) -> int | None:
+  try:
+    return int(json.loads((path / "manifest.json").read_text()).get("format_version", 1))
+  except (OSError, ValueError):
+    return None
+
+
 def ensure_corpus(root: Path, progress: bool = True, **build_kwargs) -> Path:
-  """``ROOT/corpus`` (built if missing)."""
+  """``ROOT/corpus``, built if missing or written by an older corpus builder."""
   final = root / "corpus"
-  if (final / "manifest.json").exists():
+  version = _corpus_version(final)
+  if version == corpus_lib.FORMAT_VERSION:
     return final
-  _log(progress, f"building corpus -> {final}")
+  why = "missing" if version is None else f"format {version}, now {corpus_lib.FORMAT_VERSION}"
+  _log(progress, f"building corpus -> {final} ({why})")
   tmp = _tmp_sibling(final)
   try:
     corpus_lib.build(tmp, progress=progress, **build_kwargs)
+    if final.exists():  # stale: move it aside first (readers of the tokenized data are unaffected)
+      old = final.with_name(f".{final.name}.old-{os.getpid()}-{time.time_ns()}")
+      try:
+        os.rename(final, old)
+        shutil.rmtree(old, ignore_errors=True)
+      except OSError:
+        pass  # another process replaced it already
     _publish(tmp, final)
   finally:
     shutil.rmtree(tmp, ignore_errors=True)

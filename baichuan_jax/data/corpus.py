@@ -44,6 +44,8 @@ SOURCE_META = {
 }
 # The stdlib holds ~12 MB of Python; 3 MB keeps code near a fifth of the corpus by characters.
 DEFAULT_CODE_CHARS = 3_000_000
+# Bumped whenever the builder's output changes, so cached corpora from older code are rebuilt.
+FORMAT_VERSION = 2
 # Articles and source files are split so no document is far longer than a few training rows.
 MAX_DOC_CHARS = 6000
 
@@ -243,7 +245,8 @@ def build(out: str | os.PathLike, sources=SOURCES, limit: int | None = None,
   for split, p in tmp.items():
     os.replace(p, out / f"{split}.jsonl")  # only a finished build gets the final names
   manifest = {"sources": counts, "validation_fraction": validation_fraction, "limit": limit,
-              "code_chars": code_chars, "python": sys.version.split()[0]}
+              "code_chars": code_chars, "python": sys.version.split()[0],
+              "format_version": FORMAT_VERSION}
   (out / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
   return manifest
 
