@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 
-def train_tiny(steps: int, layers: int, seed: int):
+def train_tiny(steps: int, layers: int, seed: int, batch: int, seq_len: int):
   """Trains `tiny` on the default corpus; returns (model cfg, params, dataset path, tokenizer)."""
   from tqdm import tqdm  # pylint: disable=import-outside-toplevel
   from baichuan_jax import configs, sharding, train  # pylint: disable=import-outside-toplevel
@@ -34,7 +34,7 @@ def train_tiny(steps: int, layers: int, seed: int):
   cfg = configs.get("tiny", num_layers=layers)
   tcfg = train.default_train_config()
   tcfg.total_steps, tcfg.warmup_steps, tcfg.peak_lr = steps, max(1, steps // 10), 3e-3
-  tcfg.batch_size, tcfg.seq_len, tcfg.seed = 8, cfg.max_seq_len, seed
+  tcfg.batch_size, tcfg.seq_len, tcfg.seed = batch, seq_len, seed
   tcfg.mesh.data = -1
   mesh = sharding.make_mesh(tcfg.mesh)
   state = train.create_train_state(cfg, tcfg, mesh)
@@ -75,6 +75,8 @@ def main(argv=None) -> int:
   p.add_argument("--dataset", default=None, help="tokenized dataset (default: the default data)")
   p.add_argument("--steps", type=int, default=300)
   p.add_argument("--layers", type=int, default=4)
+  p.add_argument("--batch", type=int, default=8, help="training rows per step")
+  p.add_argument("--seq-len", type=int, default=256, help="training and evaluation row length")
   p.add_argument("--eval-batches", type=int, default=16)
   p.add_argument("--group-size", type=int, default=64)
   p.add_argument("--seed", type=int, default=0)
@@ -90,10 +92,13 @@ def main(argv=None) -> int:
     dataset = args.dataset or str(default_data(vocab_size=cfg.vocab_size).dataset_path)
     source = f"checkpoint {args.checkpoint}"
   else:
-    cfg, params, dataset, _ = train_tiny(args.steps, args.layers, args.seed)
-    source = f"tiny ({args.layers} layers) trained {args.steps} steps here"
+    cfg, params, dataset, _ = train_tiny(args.steps, args.layers, args.seed, args.batch,
+                                         args.seq_len)
+    source = (f"tiny ({args.layers} layers) trained {args.steps} steps of {args.batch}x"
+              f"{args.seq_len} tokens here")
   train_s = time.time() - t0
-  batches = list(make_loader(dataset, "validation", batch_size=8, seq_len=cfg.max_seq_len,
+  batches = list(make_loader(dataset, "validation", batch_size=8,
+                             seq_len=min(args.seq_len, cfg.max_seq_len),
                              num_batches=args.eval_batches))
   variants = {
       "fp32": ("float32", lambda q: q),
