@@ -4,6 +4,8 @@ import collections
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from baichuan_jax.data import filters as F
 
@@ -46,6 +48,14 @@ def test_split_sentences_round_trips():
   # List markers open the item they number instead of becoming one-token "sentences".
   assert F.split_sentences("Steps:\n1. Open it. 2. Read it.") == ["Steps:\n", "1. Open it. ",
                                                                   "2. Read it."]
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(alphabet=st.sampled_from(list("ab 1.。！?\n）”…中") + ["\u3000", "😀"]), max_size=60))
+def test_split_sentences_concatenate_back(text):
+  spans = F.split_sentences(text)
+  assert "".join(spans) == text
+  assert all(spans)
 
 
 def test_span_class_counts_match_per_span():

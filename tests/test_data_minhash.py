@@ -2,6 +2,8 @@
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from baichuan_jax.data import minhash as mh
 
@@ -135,3 +137,13 @@ def test_planted_near_duplicates_are_found():
 def test_empty_documents_never_match():
   res = mh.deduplicate(["!!!", "???", "real words here and there"], ngram=2, threshold=0.5)
   assert res["keep"].all()
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.lists(st.text(alphabet=st.sampled_from(list("ab c,中文 ！Ａ１") + ["😀", "\n"]),
+                        max_size=30), max_size=6))
+def test_batching_does_not_change_hashes(texts):
+  h, counts = mh.batch_shingle_hashes(texts, 3)
+  singles = [mh.shingle_hashes(t, 3) for t in texts]
+  np.testing.assert_array_equal(counts, [x.size for x in singles])
+  np.testing.assert_array_equal(h, np.concatenate(singles) if singles else np.zeros(0, np.uint64))
