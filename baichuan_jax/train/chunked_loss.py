@@ -7,7 +7,9 @@ and the head into vocabulary chunks. A `lax.scan` over sequence chunks, with an 
 vocabulary chunks, keeps online log-sum-exp / max / target-logit statistics, so at most one
 [batch, seq_chunk, vocab_chunk] fp32 block is alive. A `custom_vjp` saves only the per-token
 log-sum-exp, max logit and tie count and recomputes each block in the backward pass, producing
-d(hidden) and d(kernel) chunk by chunk.
+d(hidden) and d(kernel) chunk by chunk. NormHead is applied block by block from the fp32 master
+kernel (only the [vocab] column norms are materialised) and d(kernel) accumulates in place in one
+fp32 buffer, so at vocab 125,696 no normalised, cast or transposed copy of the 2 GB head exists.
 
 Under tensor parallelism the head is split over `vocab_shards` devices in contiguous blocks; the
 kernel is viewed as [hidden, vocab_shards, vocab_chunks, chunk] so the scanned axis is never the
@@ -26,15 +28,27 @@ from baichuan_jax import losses
 from baichuan_jax.model import head_logits
 
 
-def normalized_head(kernel: jax.Array, norm_head: bool, dtype) -> jax.Array:
-  """The head as it multiplies hidden states: NormHead column L2-normalisation in fp32, then cast.
+def column_scale(kernel: jax.Array, norm_head: bool) -> jax.Array:
+  """[vocab] fp32 divisor of each head column: NormHead's max(||column||, 1e-12), else 1.
 
-  Matches `baichuan_jax.model.head_logits` exactly (F.normalize: divide by max(norm, 1e-12)).
+  `kernel / column_scale(kernel, True)` matches `baichuan_jax.model.head_logits` exactly
+  (F.normalize semantics); only this vector is materialised, never a normalised kernel copy.
   """
-  if norm_head:
-    k32 = kernel.astype(jnp.float32)
-    kernel = k32 / jnp.maximum(jnp.linalg.norm(k32, axis=0, keepdims=True), 1e-12)
-  return kernel.astype(dtype)
+  if not norm_head:
+    return jnp.ones((kernel.shape[1],), jnp.float32)
+  return jnp.maximum(jnp.linalg.norm(kernel.astype(jnp.float32), axis=0), 1e-12)
+
+
+def _block_weight(k, scale, j, dtype):
+  """Head block j as it multiplies hidden states: [embed, shards, vchunk] in the compute dtype.
+
+  k: [embed, shards, vocab_chunks, vchunk] fp32 master kernel (a free reshape of [embed, vocab]);
+  scale: [shards, vocab_chunks, vchunk]. Slicing the unsharded chunk axis keeps every device on
+  its own vocabulary block under tensor parallelism.
+  """
+  k_j = jax.lax.dynamic_index_in_dim(k, j, axis=2, keepdims=False)
+  s_j = jax.lax.dynamic_index_in_dim(scale, j, axis=1, keepdims=False)
+  return (k_j.astype(jnp.float32) / s_j).astype(dtype)
 
 
 def _block_logits(h, w):
@@ -48,18 +62,19 @@ def _vocab_ids(j, shards, vchunk, local_vocab):
   return s + j * vchunk + jnp.arange(vchunk, dtype=jnp.int32)[None, :]
 
 
-def _forward_stats(h, w, targets, local_vocab):
+def _forward_stats(h, k, scale, targets, local_vocab):
   """Per-token log-sum-exp, max logit, number of max ties and target logit.
 
   Args:
     h: [seq_chunks, batch, chunk, embed] hidden states (compute dtype).
-    w: [vocab_chunks, embed, shards, vchunk] head blocks (compute dtype).
+    k: [embed, shards, vocab_chunks, vchunk] head kernel (fp32 master).
+    scale: [shards, vocab_chunks, vchunk] column divisors (`column_scale`).
     targets: [seq_chunks, batch, chunk] int32.
     local_vocab: vocabulary ids per shard.
   Returns:
     lse, zmax, ties, target_logit: each [seq_chunks, batch, chunk] fp32.
   """
-  n_v, _, shards, vchunk = w.shape
+  _, shards, n_v, vchunk = k.shape
 
   def seq_chunk(_, xs):
     h_i, t_i = xs
@@ -68,7 +83,7 @@ def _forward_stats(h, w, targets, local_vocab):
 
     def vocab_chunk(carry, j):
       m, s, cnt, tgt = carry
-      logits = _block_logits(h_i, w[j])
+      logits = _block_logits(h_i, _block_weight(k, scale, j, h_i.dtype))
       m_j = jnp.max(logits, axis=(-2, -1))
       s_j = jnp.sum(jnp.exp(logits - m_j[..., None, None]), axis=(-2, -1))
       c_j = jnp.sum((logits == m_j[..., None, None]).astype(jnp.float32), axis=(-2, -1))
@@ -88,51 +103,61 @@ def _forward_stats(h, w, targets, local_vocab):
   return lse, zmax, ties, tgt
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _split_loss_sums(h, w, targets, mask, local_vocab):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _split_loss_sums(h, k, scale, targets, mask, local_vocab):
   """(sum mask * (lse - target_logit), sum mask * zmax^2) over all tokens; see `_forward_stats`."""
-  lse, zmax, _, tgt = _forward_stats(h, w, targets, local_vocab)
+  lse, zmax, _, tgt = _forward_stats(h, k, scale, targets, local_vocab)
   return jnp.sum(mask * (lse - tgt)), jnp.sum(mask * zmax * zmax)
 
 
-def _split_loss_fwd(h, w, targets, mask, local_vocab):
-  lse, zmax, ties, tgt = _forward_stats(h, w, targets, local_vocab)
+def _split_loss_fwd(h, k, scale, targets, mask, local_vocab):
+  lse, zmax, ties, tgt = _forward_stats(h, k, scale, targets, local_vocab)
   out = (jnp.sum(mask * (lse - tgt)), jnp.sum(mask * zmax * zmax))
-  return out, (h, w, targets, mask, lse, zmax, ties)
+  return out, (h, k, scale, targets, mask, lse, zmax, ties)
 
 
 def _split_loss_bwd(local_vocab, res, cts):
-  h, w, targets, mask, lse, zmax, ties = res
+  h, k, scale, targets, mask, lse, zmax, ties = res
   g_ce, g_z = cts
-  n_v, _, shards, vchunk = w.shape
+  _, shards, n_v, vchunk = k.shape
 
-  def seq_chunk(dw_acc, xs):
+  def seq_chunk(dk_acc, xs):
     h_i, t_i, m_i, lse_i, z_i, ties_i = xs
     ce_scale = (g_ce * m_i)[..., None, None]
     # d(sum m z^2)/dz = 2 m z, shared equally between tied maxima (as jnp.max's gradient does).
     z_scale = (g_z * 2.0 * m_i * z_i / ties_i)[..., None, None]
 
-    def vocab_chunk(dh, j):
-      logits = _block_logits(h_i, w[j])
+    def vocab_chunk(carry, j):
+      dh, dk_acc = carry
+      w_j = _block_weight(k, scale, j, h_i.dtype)
+      logits = _block_logits(h_i, w_j)
       hit = _vocab_ids(j, shards, vchunk, local_vocab) == t_i[..., None, None]
       probs = jnp.exp(logits - lse_i[..., None, None])
       # d(lse - target)/dlogits = softmax - onehot(target); d(max)/dlogits = onehot(argmax).
       dlogits = ce_scale * (probs - hit) + z_scale * (logits == z_i[..., None, None])
-      dl = dlogits.astype(w.dtype)
+      dl = dlogits.astype(h_i.dtype)
       # [batch, chunk, shards, vchunk] x [embed, shards, vchunk] -> [batch, chunk, embed]
-      dh = dh + jnp.einsum("bcsv,esv->bce", dl, w[j], preferred_element_type=jnp.float32)
+      dh = dh + jnp.einsum("bcsv,esv->bce", dl, w_j, preferred_element_type=jnp.float32)
       # [batch, chunk, embed] x [batch, chunk, shards, vchunk] -> [embed, shards, vchunk]
-      dw_j = jnp.einsum("bce,bcsv->esv", h_i, dl.astype(h_i.dtype),
-                        preferred_element_type=jnp.float32)
-      return dh, dw_j
+      dw_j = jnp.einsum("bce,bcsv->esv", h_i, dl, preferred_element_type=jnp.float32)
+      # w = k / s  =>  dk = dw / s. Accumulate dk in place into block j of the one fp32
+      # gradient buffer, which is also the returned d(kernel).
+      s_j = jax.lax.dynamic_index_in_dim(scale, j, axis=1, keepdims=False)
+      old = jax.lax.dynamic_index_in_dim(dk_acc, j, axis=2, keepdims=True)
+      dk_acc = jax.lax.dynamic_update_index_in_dim(dk_acc, old + (dw_j / s_j)[:, :, None], j,
+                                                   axis=2)
+      return (dh, dk_acc), None
 
-    dh, dw = jax.lax.scan(vocab_chunk, jnp.zeros(h_i.shape, jnp.float32),
-                          jnp.arange(n_v, dtype=jnp.int32))
-    return dw_acc + dw, dh.astype(h.dtype)
+    (dh, dk_acc), _ = jax.lax.scan(vocab_chunk, (jnp.zeros(h_i.shape, jnp.float32), dk_acc),
+                                   jnp.arange(n_v, dtype=jnp.int32))
+    return dk_acc, dh.astype(h.dtype)
 
-  dw0 = jnp.zeros(w.shape, jnp.float32)
-  dw, dh = jax.lax.scan(seq_chunk, dw0, (h, targets, mask, lse, zmax, ties))
-  return dh, dw.astype(w.dtype), None, None
+  # dk in fp32 (never rounded to the compute dtype).
+  dk, dh = jax.lax.scan(seq_chunk, jnp.zeros(k.shape, jnp.float32),
+                        (h, targets, mask, lse, zmax, ties))
+  # ds = -sum_e(dw * k) / s^2 = -sum_e(dk * k) / s  (per vocabulary column).
+  dscale = -jnp.sum(dk * k.astype(jnp.float32), axis=0) / scale
+  return dh, dk.astype(k.dtype), dscale, None, None
 
 
 _split_loss_sums.defvjp(_split_loss_fwd, _split_loss_bwd)
@@ -183,11 +208,12 @@ def chunked_lm_loss(hidden: jax.Array, kernel: jax.Array, targets: jax.Array,
 
   local_vocab = vocab // vocab_shards
   vchunk = local_vocab // vocab_chunks
-  w = normalized_head(kernel, norm_head, hidden.dtype)
-  # [embed, vocab] -> [vocab_chunks, embed, shards, vchunk]; id = shard*local + chunk*vchunk + k.
-  w = jnp.transpose(w.reshape(e, vocab_shards, vocab_chunks, vchunk), (2, 0, 1, 3))
-  ce_sum, z_sum = _split_loss_sums(to_chunks(hidden), w, to_chunks(targets), to_chunks(mask),
-                                   local_vocab)
+  # Free reshapes: id = shard * local_vocab + chunk * vchunk + k.
+  view = (vocab_shards, vocab_chunks, vchunk)
+  k = kernel.reshape(e, *view)
+  scale = column_scale(kernel, norm_head).reshape(view)
+  ce_sum, z_sum = _split_loss_sums(to_chunks(hidden), k, scale, to_chunks(targets),
+                                   to_chunks(mask), local_vocab)
   n = jnp.sum(mask)
   denom = jnp.maximum(n, 1.0)
   ce, z = ce_sum / denom, z_sum / denom
