@@ -3,12 +3,14 @@
 #
 # Usage:
 #   experiments/launch/tpu_vm.sh TPU_NAME ZONE PRESET WORKDIR [--setup] [-- EXTRA TRAIN FLAGS...]
-# Example (v5p-128: 16 hosts x 4 chips; Baichuan2-7B, tensor parallel 4 inside a host,
-# ZeRO data parallel over the rest; a gs:// workdir every host can write):
-#   experiments/launch/tpu_vm.sh my-v5p europe-west4-b baichuan2-7b gs://bucket/b2-7b -- \
-#       --config.train.mesh.model=4 --config.train.zero_stage=3
+# The preset's `v5p` layout (experiments/configs/pretrain.py) is used: FSDP over the slice's
+# ICI (13B adds tensor parallelism 2). WORKDIR must be storage every host can write, e.g. a
+# bucket mounted with gcsfuse at the same path on each worker. Example (v5p-128, 16 hosts):
+#   experiments/launch/tpu_vm.sh my-v5p europe-west4-b baichuan2-7b /mnt/gcs/b2-7b --setup
 # Multislice (e.g. 2 x v5p-128 over DCN): create the slices with queued resources (JAX reads
-# MEGASCALE_* from them) and pass --config.train.mesh.dcn_data=2.
+# MEGASCALE_* from them); data parallelism spans the slices:
+#   experiments/launch/tpu_vm.sh my-v5p-ms europe-west4-b baichuan2-13b /mnt/gcs/b2-13b -- \
+#       --config.train.mesh.data=2 --config.train.mesh.dcn_data=2
 #
 # Environment:
 #   REPO_URL   git URL to clone on the workers with --setup (default: this checkout's origin)
@@ -22,7 +24,7 @@
 # overlap flags of `sharding.XLA_FLAG_PRESETS["tpu"]`.
 set -euo pipefail
 
-usage() { sed -n '2,22p' "$0"; exit "${1:-0}"; }
+usage() { sed -n '2,24p' "$0"; exit "${1:-0}"; }
 [[ "${1:-}" == "-h" || "${1:-}" == "--help" ]] && usage 0
 [[ $# -lt 4 ]] && { echo "error: need TPU_NAME ZONE PRESET WORKDIR" >&2; usage 2; }
 TPU_NAME=$1; ZONE=$2; PRESET=$3; WORKDIR=$4; shift 4
@@ -46,8 +48,8 @@ fi
 
 # 1) every host joins the job and all chips take part in one all-reduce (fails fast on a
 #    broken slice); 2) the training job itself, same command on every host.
-"${GCLOUD[@]}" --command "set -e; cd $REPO_DIR; export BAICHUAN_CLUSTER=tpu; \
+"${GCLOUD[@]}" --command "set -eo pipefail; cd $REPO_DIR; export BAICHUAN_CLUSTER=tpu; \
 eval \"\$(python3 -m baichuan_jax.distributed flags tpu)\"; \
 python3 -m baichuan_jax.distributed check && \
-python3 -m experiments.train --config experiments/configs/pretrain.py:$PRESET \
+python3 -m experiments.train --config experiments/configs/pretrain.py:$PRESET,v5p \
 --workdir $WORKDIR $EXTRA 2>&1 | tee -a /tmp/baichuan_train.log"
