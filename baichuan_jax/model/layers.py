@@ -92,7 +92,8 @@ class Attention(nn.Module):
     q = nn.with_logical_constraint(q, ("activation_batch", "activation_length", "activation_heads", "kv"))
     if cfg.attention_impl == "pallas" and kv is None:
       from kernels_pallas import flash_attention  # pylint: disable=import-outside-toplevel
-      out = flash_attention(q, k, v, causal=True, alibi_slopes=slopes, segment_ids=ctx.q_seg)
+      out = flash_attention(q, k, v, causal=True, alibi_slopes=slopes, segment_ids=ctx.q_seg,
+                            positions=ctx.q_pos)
     else:
       out = xla_attention(q, k.astype(q.dtype), v.astype(q.dtype), ctx, slopes)
     # [batch, seq, heads, head_dim] -> [batch, seq, hidden]

@@ -1,0 +1,158 @@
+"""Model FLOPs utilisation of a ~1B Baichuan-shaped bf16 training step on one GPU.
+
+The model is Baichuan-7B-shaped (SwiGLU, RoPE, vocab 64,000, untied head) scaled to hidden 2048,
+16 heads of 128, 18 layers and the 8/3 FFN rule (5504): 1.17B parameters. Each run builds the real
+training step (`baichuan_jax.train.make_train_step`: AdamW, fp32 master weights, bf16 compute,
+split output-layer loss, grad clipping, NaN skip) on a one-device mesh and times it on random
+tokens at sequence length 4096.
+
+MFU = (model FLOPs per token x tokens per second) / peak, with `configs.flops_per_token` (6N for
+the matmul weights plus 12 * layers * heads * head_dim * seq for attention, no causal halving: the
+PaLM/MaxText convention) and two peaks: the datasheet's dense bf16 rate (989 TFLOP/s for H100 SXM)
+and the rate of a large bf16 matmul measured in the same process. Recomputed FLOPs (remat) are not
+counted, so remat lowers MFU.
+
+Usage:
+  python benchmarks/gpu_train_mfu.py --runs pallas:none:4,xla:full:4 --out docs/results/mfu.json
+  (a run is attention_impl:remat_policy:batch_size)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from baichuan_jax import configs, sharding, train  # noqa: E402
+
+DATASHEET_PEAK = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
+
+
+def model_config(impl: str, remat: str, seq: int, layers: int, hidden: int, heads: int):
+  return configs.get("baichuan-7b", hidden_size=hidden, num_heads=heads, num_kv_heads=heads,
+                     num_layers=layers, intermediate_size=configs.ffn_width(hidden),
+                     max_seq_len=seq, dtype="bfloat16", param_dtype="float32",
+                     attention_impl=impl, remat_policy=remat)
+
+
+def matmul_peak(n: int = 8192, iters: int = 20) -> float:
+  """Measured bf16 matmul rate (FLOP/s) on random data."""
+  a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.bfloat16)
+  b = jax.random.normal(jax.random.PRNGKey(1), (n, n), jnp.bfloat16)
+  f = jax.jit(lambda a, b: a @ b)
+  f(a, b).block_until_ready()
+  t0 = time.perf_counter()
+  for _ in range(iters):
+    out = f(a, b)
+  out.block_until_ready()
+  return 2 * n ** 3 * iters / (time.perf_counter() - t0)
+
+
+def run_one(impl, remat, batch, seq, steps, warmup, layers, hidden, heads, peaks):
+  cfg = model_config(impl, remat, seq, layers, hidden, heads)
+  tcfg = train.default_train_config()
+  tcfg.batch_size, tcfg.seq_len = batch, seq
+  tcfg.mesh.data, tcfg.mesh.model = 1, 1
+  tcfg.warmup_steps = 10
+  mesh = sharding.make_mesh(tcfg.mesh, jax.devices()[:1])
+  row = dict(attention_impl=impl, remat_policy=remat, batch=batch, seq=seq,
+             params=configs.param_counts(cfg)["total"])
+  t0 = time.perf_counter()
+  state = train.create_train_state(cfg, tcfg, mesh)
+  step = train.make_train_step(cfg, tcfg, mesh)
+  rng = np.random.default_rng(0)
+  tokens = rng.integers(3, cfg.vocab_size, size=(batch, seq + 1)).astype(np.int32)
+  data = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
+          "positions": np.tile(np.arange(seq, dtype=np.int32), (batch, 1)),
+          "segment_ids": np.ones((batch, seq), np.int32),
+          "loss_mask": np.ones((batch, seq), np.int32)}
+  try:
+    state, m = step(state, data)  # compiles
+    jax.block_until_ready(m)
+    row["compile_s"] = time.perf_counter() - t0
+    for _ in range(warmup):
+      state, m = step(state, data)
+    jax.block_until_ready(m)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+      state, m = step(state, data)
+    jax.block_until_ready(m)
+    sec = (time.perf_counter() - t0) / steps
+  except Exception as e:  # pylint: disable=broad-except
+    row["error"] = str(e).split("\n")[0][:300]
+    return row
+  flops = configs.flops_per_token(cfg, seq)
+  tok_s = batch * seq / sec
+  row.update(step_s=sec, tokens_per_s=tok_s, loss=float(m["loss"]),
+             model_tflops=flops["total"] * tok_s / 1e12,
+             flops_per_token=flops)
+  for name, peak in peaks.items():
+    row[f"mfu_{name}"] = flops["total"] * tok_s / peak
+  stats = jax.devices()[0].memory_stats() or {}
+  row["peak_gib"] = stats.get("peak_bytes_in_use", 0) / 2 ** 30
+  del state
+  return row
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+  p.add_argument("--runs", default="pallas:none:4,xla:full:4,pallas:full:4",
+                 help="comma-separated attention_impl:remat_policy:batch_size")
+  p.add_argument("--seq", type=int, default=4096)
+  p.add_argument("--layers", type=int, default=18)
+  p.add_argument("--hidden", type=int, default=2048)
+  p.add_argument("--heads", type=int, default=16)
+  p.add_argument("--steps", type=int, default=10, help="timed steps per run")
+  p.add_argument("--warmup", type=int, default=2)
+  p.add_argument("--matmul-size", type=int, default=8192, help="n of the n x n x n peak probe")
+  p.add_argument("--out", default=None, help="write the results as JSON here")
+  args = p.parse_args(argv)
+  runs = []
+  for spec in args.runs.split(","):
+    parts = spec.split(":")
+    if len(parts) != 3 or parts[0] not in ("xla", "pallas") or not parts[2].isdigit():
+      p.error(f"--runs entry {spec!r} is invalid: expected impl:remat:batch, "
+              "e.g. pallas:none:4 (impl xla or pallas)")
+    runs.append((parts[0], parts[1], int(parts[2])))
+  dev = jax.devices()[0]
+  peaks = {"measured_matmul": matmul_peak(args.matmul_size)}
+  for key, value in DATASHEET_PEAK.items():
+    if key in dev.device_kind:
+      peaks["datasheet"] = value
+      break
+  env = dict(device=dev.device_kind, jax=jax.__version__,
+             peaks_tflops={k: v / 1e12 for k, v in peaks.items()}, argv=sys.argv)
+  print(json.dumps(env), flush=True)
+  rows = []
+  for impl, remat, batch in runs:
+    row = run_one(impl, remat, batch, args.seq, args.steps, args.warmup, args.layers,
+                  args.hidden, args.heads, peaks)
+    rows.append(row)
+    print(json.dumps(row), flush=True)
+    if args.out:
+      Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+      Path(args.out).write_text(json.dumps(dict(env=env, rows=rows), indent=1))
+  print("| attention | remat | batch x seq | step s | tokens/s | model TFLOP/s | MFU (datasheet) "
+        "| MFU (measured matmul) | peak GiB |")
+  print("|---|---|---|---|---|---|---|---|---|")
+  for r in rows:
+    if "error" in r:
+      print(f"| {r['attention_impl']} | {r['remat_policy']} | {r['batch']}x{r['seq']} | "
+            f"failed: {r['error'][:80]} |")
+      continue
+    print(f"| {r['attention_impl']} | {r['remat_policy']} | {r['batch']}x{r['seq']} | "
+          f"{r['step_s']:.3f} | {r['tokens_per_s']:.0f} | {r['model_tflops']:.0f} | "
+          f"{r.get('mfu_datasheet', float('nan')):.1%} | {r['mfu_measured_matmul']:.1%} | "
+          f"{r['peak_gib']:.1f} |")
+
+
+if __name__ == "__main__":
+  main()

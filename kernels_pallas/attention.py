@@ -1,0 +1,276 @@
+"""Public flash attention: input checks, padding, backend choice and the custom VJP.
+
+`flash_attention` pads the sequence to a block multiple (and, for Triton, head_dim to a power of
+two), runs the forward kernel, and saves (q, k, v, out, lse) for the backward pass, which runs the
+dQ kernel and the dK/dV kernel. The padding is masked inside the kernels and sliced off here, so
+any sequence length works.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+from jax.experimental.pallas import tpu as pltpu
+
+from kernels_pallas import flash_gpu, flash_tpu
+from kernels_pallas._common import AttnStatic
+from kernels_pallas.reference import attention_reference
+
+BACKENDS = ("auto", "gpu", "tpu", "interpret", "tpu_interpret", "xla")
+CPU_BACKEND_ENV = "KERNELS_PALLAS_CPU_BACKEND"
+
+# (block_q, block_k) per kernel kind. GPU: tuned on an H100 at seq 4096, head_dim 128, bf16
+# (benchmarks/attention.py --tune; docs/kernels.md): 128 x 128 forward tiles; 64 x 64 in the
+# backward, which keeps dQ or dK/dV accumulators in registers and fits shared memory (128-row
+# backward tiles with 3 stages exceed the 227 KB limit). TPU: 128-multiple tiles so every block
+# fills the 128-lane vector unit and the MXU.
+DEFAULT_BLOCKS = {
+    "gpu": {"fwd": (128, 128), "bwd": (64, 64)},
+    "tpu": {"fwd": (256, 512), "bwd": (256, 256)},
+}
+# Triton launch settings per phase (GPU only), from the same sweep: forward 8 warps and 3 pipeline
+# stages (4 warps for head_dim <= 64, where a row block needs fewer registers); backward 4 warps,
+# 2 stages. None = that default.
+DEFAULT_LAUNCH = {"fwd": {"num_warps": None, "num_stages": 3},
+                  "bwd": {"num_warps": 4, "num_stages": 2}}
+
+
+def resolve_backend(backend: str) -> str:
+  """Maps "auto" to the kernels of the default JAX platform.
+
+  On CPU, "auto" runs the GPU-style kernels in Pallas interpret mode (so `attention_impl="pallas"`
+  really exercises the kernels); set KERNELS_PALLAS_CPU_BACKEND=xla (or tpu_interpret) to change it.
+  """
+  if backend not in BACKENDS:
+    raise ValueError(f"backend={backend!r} is invalid: must be one of {BACKENDS}")
+  if backend != "auto":
+    return backend
+  platform = jax.default_backend()
+  if platform in ("gpu", "cuda", "rocm"):
+    return "gpu"
+  if platform == "tpu":
+    return "tpu"
+  choice = os.environ.get(CPU_BACKEND_ENV, "interpret")
+  if choice not in BACKENDS[1:] or choice in ("gpu", "tpu"):
+    raise ValueError(f"{CPU_BACKEND_ENV}={choice!r} is invalid: must be interpret, "
+                     "tpu_interpret or xla on a CPU-only machine")
+  return choice
+
+
+def _round_up(x: int, m: int) -> int:
+  return -(-x // m) * m
+
+
+def _check_block(name: str, value: int, kind: str, seq_pad: int) -> None:
+  if kind == "gpu":
+    if value < 16 or value & (value - 1):
+      raise ValueError(f"{name}={value} is invalid for the GPU kernels: must be a power of two "
+                       ">= 16 (Triton tiles)")
+  elif value % 8 or (value % 128 and value != seq_pad):
+    raise ValueError(f"{name}={value} is invalid for the TPU kernels: must be a multiple of 128 "
+                     "(or of 8 when it covers the whole padded sequence)")
+
+
+def _blocks(kind: str, seq_len: int, block_q: Optional[int], block_k: Optional[int],
+            phase_blocks: Optional[dict] = None):
+  """Forward/backward (block_q, block_k) and the padded sequence length they all divide.
+
+  Blocks are capped at the (rounded-up) sequence length and then shrunk to divide the padded
+  length, so padding never exceeds one largest block.
+  """
+  for name, value in (("block_q", block_q), ("block_k", block_k)):
+    if value is not None:
+      _check_block(name, value, kind, -1)
+  chosen = {}
+  for phase in ("fwd", "bwd"):
+    dq, dk = (phase_blocks or {}).get(phase, DEFAULT_BLOCKS[kind][phase])
+    chosen[phase] = [block_q or dq, block_k or dk]
+  if kind == "gpu":
+    cap = max(16, 1 << (seq_len - 1).bit_length())  # next power of two
+  else:
+    cap = _round_up(seq_len, 8) if seq_len <= 128 else _round_up(seq_len, 128)
+  for phase in chosen:  # short sequences: one block covers everything
+    chosen[phase] = [min(b, cap) for b in chosen[phase]]
+  seq_pad = _round_up(seq_len, max(max(p) for p in chosen.values()))
+  for phase in chosen:  # e.g. TPU seq 300: pad to 384 and use 128-row tiles, not 768 for lcm
+    chosen[phase] = [math.gcd(b, seq_pad) for b in chosen[phase]]
+  for phase, (bq, bk) in chosen.items():
+    _check_block("block_q", bq, kind, seq_pad)
+    _check_block("block_k", bk, kind, seq_pad)
+  return tuple(chosen["fwd"]), tuple(chosen["bwd"]), seq_pad
+
+
+def _validate(q, k, v, alibi_slopes, segment_ids, positions):
+  if q.ndim != 4:
+    raise ValueError(f"q.shape={q.shape} is invalid: must be [batch, seq, heads, head_dim]")
+  b, s, h, d = q.shape
+  if k.shape != v.shape or k.ndim != 4 or k.shape[0] != b or k.shape[1] != s or k.shape[3] != d:
+    raise ValueError(f"k.shape={k.shape}, v.shape={v.shape} are invalid: both must be "
+                     f"[batch={b}, seq={s}, kv_heads, head_dim={d}] to match q.shape={q.shape}")
+  if h % k.shape[2]:
+    raise ValueError(f"kv_heads={k.shape[2]} is invalid: must divide heads={h}")
+  if not (q.dtype == k.dtype == v.dtype):
+    raise ValueError(f"dtypes q={q.dtype}, k={k.dtype}, v={v.dtype} are invalid: must be equal")
+  if alibi_slopes is not None and alibi_slopes.shape != (h,):
+    raise ValueError(f"alibi_slopes.shape={alibi_slopes.shape} is invalid: must be [heads={h}]")
+  for name, arr in (("segment_ids", segment_ids), ("positions", positions)):
+    if arr is not None and arr.shape != (b, s):
+      raise ValueError(f"{name}.shape={arr.shape} is invalid: must be [batch={b}, seq={s}]")
+    if arr is not None and not jnp.issubdtype(arr.dtype, jnp.integer):
+      raise ValueError(f"{name}.dtype={arr.dtype} is invalid: must be an integer type")
+
+
+def _check_tuning(tuning: Optional[dict]):
+  """Validates `tuning` -> (per-phase blocks or None, per-phase launch settings)."""
+  tuning = dict(tuning or {})
+  unknown = set(tuning) - {"blocks", "launch"}
+  if unknown:
+    raise ValueError(f"tuning keys {sorted(unknown)} are invalid: allowed are 'blocks', 'launch'")
+  blocks = tuning.get("blocks")
+  launch = {ph: dict(DEFAULT_LAUNCH[ph]) for ph in ("fwd", "bwd")}
+  for name, table in (("blocks", blocks or {}), ("launch", tuning.get("launch") or {})):
+    for phase, value in table.items():
+      if phase not in ("fwd", "bwd"):
+        raise ValueError(f"tuning[{name!r}] key {phase!r} is invalid: must be 'fwd' or 'bwd'")
+      if name == "blocks" and (len(tuple(value)) != 2):
+        raise ValueError(f"tuning['blocks'][{phase!r}]={value!r} is invalid: must be "
+                         "(block_q, block_k)")
+      if name == "launch":
+        bad = set(value) - {"num_warps", "num_stages"}
+        if bad:
+          raise ValueError(f"tuning['launch'][{phase!r}] keys {sorted(bad)} are invalid: "
+                           "allowed are num_warps, num_stages")
+        launch[phase].update(value)
+  if blocks:
+    blocks = {ph: tuple(int(x) for x in v) for ph, v in blocks.items()}
+  return blocks, launch
+
+
+def _kernel_kind(backend: str) -> tuple[str, bool]:
+  return {"gpu": ("gpu", False), "interpret": ("gpu", True),
+          "tpu": ("tpu", False), "tpu_interpret": ("tpu", True)}[backend]
+
+
+def _tpu_context(st: AttnStatic):
+  return pltpu.force_tpu_interpret_mode() if st.interpret else _null_context()
+
+
+class _null_context:  # pylint: disable=invalid-name
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    return False
+
+
+def _fwd_impl(kind, st, q, k, v, slopes, seg, pos):
+  """Runs the forward kernel on padded [batch, seq, heads, head_dim] inputs -> (out, lse)."""
+  if kind == "gpu":
+    out, lse = flash_gpu.forward(q, k, v, slopes, seg, pos, st)
+    return out, lse  # lse: [batch, heads, seq]
+  t = lambda x: jnp.swapaxes(x, 1, 2)  # [b, s, h, d] <-> [b, h, s, d]
+  with _tpu_context(st):
+    out, lse = flash_tpu.forward(t(q), t(k), t(v), slopes, seg, pos, st)
+  return t(out), lse[..., 0]
+
+
+def _bwd_impl(kind, st, q, k, v, out, lse, do, slopes, seg, pos):
+  # delta_i = rowsum(dO_i * O_i): the softmax-Jacobian term, one fp32 per query row.
+  delta = jnp.einsum("bshd,bshd->bhs", do.astype(jnp.float32), out.astype(jnp.float32))
+  if kind == "gpu":
+    dq = flash_gpu.backward_dq(q, k, v, do, lse, delta, slopes, seg, pos, st)
+    dk, dv = flash_gpu.backward_dkdv(q, k, v, do, lse, delta, slopes, seg, pos, st)
+    return dq, dk, dv
+  t = lambda x: jnp.swapaxes(x, 1, 2)
+  args = (t(q), t(k), t(v), t(do), lse[..., None], delta[..., None], slopes, seg, pos, st)
+  with _tpu_context(st):
+    dq = flash_tpu.backward_dq(*args)
+    dk, dv = flash_tpu.backward_dkdv(*args)
+  return t(dq), t(dk), t(dv)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _flash(kind, st_fwd, st_bwd, q, k, v, slopes, seg, pos):
+  return _fwd_impl(kind, st_fwd, q, k, v, slopes, seg, pos)[0]
+
+
+def _flash_fwd(kind, st_fwd, st_bwd, q, k, v, slopes, seg, pos):
+  out, lse = _fwd_impl(kind, st_fwd, q, k, v, slopes, seg, pos)
+  return out, (q, k, v, out, lse, slopes, seg, pos)
+
+
+def _flash_bwd(kind, st_fwd, st_bwd, res, do):
+  del st_fwd
+  q, k, v, out, lse, slopes, seg, pos = res
+  dq, dk, dv = _bwd_impl(kind, st_bwd, q, k, v, out, lse, do, slopes, seg, pos)
+  # ALiBi slopes, segment ids and positions are constants: no cotangent.
+  return dq, dk, dv, None, None, None
+
+
+_flash.defvjp(_flash_fwd, _flash_bwd)
+
+
+def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = True,
+                    alibi_slopes: Optional[jax.Array] = None,
+                    segment_ids: Optional[jax.Array] = None,
+                    positions: Optional[jax.Array] = None,
+                    sm_scale: Optional[float] = None, backend: str = "auto",
+                    block_q: Optional[int] = None, block_k: Optional[int] = None,
+                    tuning: Optional[dict] = None) -> jax.Array:
+  """Memory-efficient softmax attention with in-kernel ALiBi, packed segments and GQA.
+
+  Args:
+    q: [batch, seq, heads, head_dim] (fp32 or bf16).
+    k, v: [batch, seq, kv_heads, head_dim], same dtype; kv_heads divides heads and query head h
+      reads kv head h // (heads // kv_heads).
+    causal: query i attends to keys j <= i (fully masked blocks are skipped).
+    alibi_slopes: [heads] fp32 or None; adds -slope_h * (pos_i - pos_j) to the scores, computed in
+      the kernel (no [seq, seq] bias in memory). Gets no gradient.
+    segment_ids: [batch, seq] int or None; queries only see keys with the same id (packing).
+    positions: [batch, seq] int or None; positions for the ALiBi distance (default 0..seq-1).
+    sm_scale: score scale, default head_dim ** -0.5.
+    backend: "auto" (the platform's kernels; on CPU see `resolve_backend`), "gpu" (Triton),
+      "tpu" (Mosaic), "interpret" (GPU kernels in Pallas interpret mode), "tpu_interpret" (TPU
+      kernels in interpret mode) or "xla" (the plain jnp reference).
+    block_q, block_k: tile sizes for every kernel (defaults per backend in DEFAULT_BLOCKS).
+    tuning: per-phase settings, e.g. {"blocks": {"fwd": (128, 64), "bwd": (64, 64)},
+      "launch": {"fwd": {"num_warps": 8, "num_stages": 3}}}; "launch" applies to the GPU kernels
+      ("bwd" covers the dQ and dK/dV kernels). block_q/block_k, when given, win over "blocks".
+  Returns:
+    [batch, seq, heads, head_dim] in q's dtype.
+  """
+  _validate(q, k, v, alibi_slopes, segment_ids, positions)
+  b, s, h, d = q.shape
+  scale = float(d ** -0.5 if sm_scale is None else sm_scale)
+  backend = resolve_backend(backend)
+  if backend == "xla":
+    return attention_reference(q, k, v, causal=causal, alibi_slopes=alibi_slopes,
+                               segment_ids=segment_ids, positions=positions, sm_scale=scale)
+  kind, interpret = _kernel_kind(backend)
+  phase_blocks, launch = _check_tuning(tuning)
+  fwd_blocks, bwd_blocks, seq_pad = _blocks(kind, s, block_q, block_k, phase_blocks)
+  has_alibi = alibi_slopes is not None
+  statics = [AttnStatic(causal=causal, sm_scale=scale, seq_len=s, seq_pad=seq_pad,
+                        groups=h // k.shape[2], block_q=bq, block_k=bk, has_alibi=has_alibi,
+                        has_segments=segment_ids is not None,
+                        has_positions=has_alibi and positions is not None, interpret=interpret,
+                        **launch[phase])
+             for phase, (bq, bk) in (("fwd", fwd_blocks), ("bwd", bwd_blocks))]
+  d_pad = max(16, 1 << (d - 1).bit_length()) if kind == "gpu" else d
+  pad = lambda x: jnp.pad(x, ((0, 0), (0, seq_pad - s), (0, 0), (0, d_pad - d)))
+  seg = None if segment_ids is None else jnp.pad(segment_ids.astype(jnp.int32),
+                                                 ((0, 0), (0, seq_pad - s)))
+  pos = None if not statics[0].has_positions else jnp.pad(positions.astype(jnp.int32),
+                                                          ((0, 0), (0, seq_pad - s)))
+  slopes = None
+  if has_alibi:
+    slopes = alibi_slopes.astype(jnp.float32)
+    if kind == "gpu":  # Triton values need power-of-two sizes
+      slopes = jnp.pad(slopes, (0, max(2, 1 << (h - 1).bit_length()) - h))
+  out = _flash(kind, statics[0], statics[1], pad(q), pad(k), pad(v), slopes, seg, pos)
+  return out[:, :s, :, :d]

@@ -1,0 +1,260 @@
+"""Flash attention kernels for GPUs, written for Pallas' Triton lowering (A100 / H100).
+
+Layout is the model's own [batch, seq, heads, head_dim]: Triton addresses memory through strides, so
+no transposes are needed. Each program owns one block of rows and walks the other sequence axis with
+a `fori_loop`, keeping the running max / sum / accumulator in registers (FlashAttention-2):
+
+- forward, grid (batch, heads, q_blocks): online softmax over key blocks; writes the output and the
+  logsumexp `lse` [batch, heads, seq] (fp32) for the backward pass. Under causal masking the loop
+  stops at the diagonal, and blocks wholly below it skip the mask compare.
+- dq, grid (batch, heads, q_blocks): recomputes P = exp(S - lse) per key block; dS = P * (dP - delta)
+  with delta = rowsum(dO * O); dQ = scale * dS K.
+- dk/dv, grid (batch, kv_heads, k_blocks): loops over the query heads of its group and the query
+  blocks at or after the diagonal, so GQA/MQA gradients are summed in-kernel (no [.., heads, ..]
+  temporary for dK/dV).
+
+ALiBi is computed from the per-head slope and the query/key positions inside the kernel; segment
+ids and positions are [batch, seq] vectors. Inputs arrive padded (seq to a block multiple, head_dim
+to a power of two, slopes to a power of two) by `kernels_pallas.attention`; Triton needs
+power-of-two value shapes. The same kernels run on CPU with `interpret=True`.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from kernels_pallas._common import AttnStatic, dot_nn, dot_nt, dot_tn, scores_bias_mask
+
+
+def _compiler_params(head_dim: int, st: AttnStatic):
+  # Fallback when no setting is given: 4 warps for head_dim 64, 8 for 128 (more registers per row
+  # block), two pipeline stages. `attention.DEFAULT_LAUNCH` and the `tuning` argument set them
+  # per phase (benchmarks/attention.py --tune sweeps them).
+  warps = st.num_warps or (4 if head_dim <= 64 else 8)
+  return plgpu.CompilerParams(num_warps=warps, num_stages=st.num_stages or 2)
+
+
+def _slope(slopes_ref, head):
+  """This head's ALiBi slope; a masked sum keeps every value a power-of-two shape for Triton."""
+  slopes = slopes_ref[...]
+  return jnp.sum(jnp.where(jnp.arange(slopes.shape[0]) == head, slopes, 0.0))
+
+
+def _split_refs(refs, st: AttnStatic, n_main: int):
+  """Splits the flat ref list into main refs, (slopes, segments, positions) and outputs."""
+  main, rest = list(refs[:n_main]), list(refs[n_main:])
+  slopes = rest.pop(0) if st.has_alibi else None
+  seg = rest.pop(0) if st.has_segments else None
+  pos = rest.pop(0) if st.has_positions else None
+  return main, slopes, seg, pos, rest
+
+
+def _vec(ref, start, size):
+  return None if ref is None else ref[pl.ds(start, size)]
+
+
+def _fwd_kernel(*refs, st: AttnStatic):
+  (q_ref, k_ref, v_ref), slopes_ref, seg_ref, pos_ref, (o_ref, lse_ref) = _split_refs(refs, st, 3)
+  h, i = pl.program_id(1), pl.program_id(2)
+  bq, bk = st.block_q, st.block_k
+  q_start = i * bq
+  q = q_ref[...]  # [block_q, head_dim]
+  q_idx = (q_start + jnp.arange(bq))[:, None]
+  q_seg = None if seg_ref is None else _vec(seg_ref, q_start, bq)[:, None]
+  q_pos = None if pos_ref is None else _vec(pos_ref, q_start, bq)[:, None]
+  slope = _slope(slopes_ref, h) if st.has_alibi else None
+
+  def body(j, carry, causal_mask):
+    acc, m, l = carry
+    k_start = j * bk
+    k = k_ref[pl.ds(k_start, bk), :]  # [block_k, head_dim]
+    v = v_ref[pl.ds(k_start, bk), :]
+    s = dot_nt(q, k) * st.sm_scale  # [block_q, block_k]
+    k_seg = None if seg_ref is None else _vec(seg_ref, k_start, bk)[None, :]
+    k_pos = None if pos_ref is None else _vec(pos_ref, k_start, bk)[None, :]
+    s = scores_bias_mask(s, q_idx, (k_start + jnp.arange(bk))[None, :], st, slope=slope,
+                         q_seg=q_seg, k_seg=k_seg, q_pos=q_pos, k_pos=k_pos,
+                         causal_mask=causal_mask)
+    m_new = jnp.maximum(m, jnp.max(s, axis=1))
+    alpha = jnp.exp(m - m_new)
+    p = jnp.exp(s - m_new[:, None])
+    l = alpha * l + jnp.sum(p, axis=1)
+    acc = alpha[:, None] * acc + dot_nn(p.astype(v.dtype), v)
+    return acc, m_new, l
+
+  carry = (jnp.zeros((bq, q.shape[-1]), jnp.float32),
+           jnp.full((bq,), -jnp.inf, jnp.float32), jnp.zeros((bq,), jnp.float32))
+  num_k = st.seq_pad // bk
+  if st.causal:
+    # Key blocks [0, n_full) lie wholly at or below the diagonal; [n_full, n_end) straddle it.
+    n_full = jax.lax.div(q_start + 1, bk)
+    n_end = jax.lax.div(q_start + bq + bk - 1, bk)
+    carry = jax.lax.fori_loop(0, n_full, functools.partial(body, causal_mask=False), carry)
+    carry = jax.lax.fori_loop(n_full, n_end, functools.partial(body, causal_mask=True), carry)
+  else:
+    carry = jax.lax.fori_loop(0, num_k, functools.partial(body, causal_mask=True), carry)
+  acc, m, l = carry
+  o_ref[...] = (acc / l[:, None]).astype(o_ref.dtype)
+  lse_ref[...] = m + jnp.log(l)
+
+
+def _common_inputs(slopes, seg, pos, st: AttnStatic):
+  """Extra inputs and their BlockSpecs (whole [seq] rows; the kernels slice them)."""
+  args, specs = [], []
+  if st.has_alibi:
+    args.append(slopes)
+    specs.append(pl.BlockSpec((slopes.shape[0],), lambda b, h, i: (0,)))
+  for arr, flag in ((seg, st.has_segments), (pos, st.has_positions)):
+    if flag:
+      args.append(arr)
+      specs.append(pl.BlockSpec((None, st.seq_pad), lambda b, h, i: (b, 0)))
+  return args, specs
+
+
+def forward(q, k, v, slopes, seg, pos, st: AttnStatic):
+  """Forward kernel.
+
+  Args:
+    q: [batch, seq_pad, heads, head_dim]; k, v: [batch, seq_pad, kv_heads, head_dim].
+    slopes: [heads_pow2] fp32 or None; seg, pos: [batch, seq_pad] int32 or None.
+    st: static settings.
+  Returns:
+    (out [batch, seq_pad, heads, head_dim] in q's dtype, lse [batch, heads, seq_pad] fp32).
+  """
+  b, sp, h, d = q.shape
+  g, bq = st.groups, st.block_q
+  extra, extra_specs = _common_inputs(slopes, seg, pos, st)
+  q_spec = pl.BlockSpec((None, bq, None, d), lambda bi, hi, i: (bi, i, hi, 0))
+  kv_spec = pl.BlockSpec((None, sp, None, d), lambda bi, hi, i: (bi, 0, hi // g, 0))
+  return pl.pallas_call(
+      functools.partial(_fwd_kernel, st=st),
+      grid=(b, h, sp // bq),
+      in_specs=[q_spec, kv_spec, kv_spec] + extra_specs,
+      out_specs=[q_spec, pl.BlockSpec((None, None, bq), lambda bi, hi, i: (bi, hi, i))],
+      out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
+                 jax.ShapeDtypeStruct((b, h, sp), jnp.float32)],
+      compiler_params=_compiler_params(d, st),
+      interpret=st.interpret,
+      name="baichuan_flash_fwd",
+  )(q, k, v, *extra)
+
+
+def _dq_kernel(*refs, st: AttnStatic):
+  (q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref), slopes_ref, seg_ref, pos_ref, (dq_ref,) = (
+      _split_refs(refs, st, 6))
+  h, i = pl.program_id(1), pl.program_id(2)
+  bq, bk = st.block_q, st.block_k
+  q_start = i * bq
+  q, do = q_ref[...], do_ref[...]  # [block_q, head_dim]
+  lse, delta = lse_ref[...][:, None], delta_ref[...][:, None]  # [block_q, 1]
+  q_idx = (q_start + jnp.arange(bq))[:, None]
+  q_seg = None if seg_ref is None else _vec(seg_ref, q_start, bq)[:, None]
+  q_pos = None if pos_ref is None else _vec(pos_ref, q_start, bq)[:, None]
+  slope = _slope(slopes_ref, h) if st.has_alibi else None
+
+  def body(j, dq):
+    k_start = j * bk
+    k = k_ref[pl.ds(k_start, bk), :]
+    v = v_ref[pl.ds(k_start, bk), :]
+    s = dot_nt(q, k) * st.sm_scale
+    k_seg = None if seg_ref is None else _vec(seg_ref, k_start, bk)[None, :]
+    k_pos = None if pos_ref is None else _vec(pos_ref, k_start, bk)[None, :]
+    s = scores_bias_mask(s, q_idx, (k_start + jnp.arange(bk))[None, :], st, slope=slope,
+                         q_seg=q_seg, k_seg=k_seg, q_pos=q_pos, k_pos=k_pos)
+    p = jnp.exp(s - lse)  # [block_q, block_k]
+    ds = p * (dot_nt(do, v) - delta)
+    return dq + dot_nn(ds.astype(k.dtype), k)
+
+  n_end = jax.lax.div(q_start + bq + bk - 1, bk) if st.causal else st.seq_pad // bk
+  dq = jax.lax.fori_loop(0, n_end, body, jnp.zeros(q.shape, jnp.float32))
+  dq_ref[...] = (dq * st.sm_scale).astype(dq_ref.dtype)
+
+
+def backward_dq(q, k, v, do, lse, delta, slopes, seg, pos, st: AttnStatic):
+  """dQ kernel. lse, delta: [batch, heads, seq_pad] fp32. Returns dq like q."""
+  b, sp, h, d = q.shape
+  g, bq = st.groups, st.block_q
+  extra, extra_specs = _common_inputs(slopes, seg, pos, st)
+  q_spec = pl.BlockSpec((None, bq, None, d), lambda bi, hi, i: (bi, i, hi, 0))
+  kv_spec = pl.BlockSpec((None, sp, None, d), lambda bi, hi, i: (bi, 0, hi // g, 0))
+  row_spec = pl.BlockSpec((None, None, bq), lambda bi, hi, i: (bi, hi, i))
+  return pl.pallas_call(
+      functools.partial(_dq_kernel, st=st),
+      grid=(b, h, sp // bq),
+      in_specs=[q_spec, kv_spec, kv_spec, q_spec, row_spec, row_spec] + extra_specs,
+      out_specs=q_spec,
+      out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+      compiler_params=_compiler_params(d, st),
+      interpret=st.interpret,
+      name="baichuan_flash_dq",
+  )(q, k, v, do, lse, delta, *extra)
+
+
+def _dkdv_kernel(*refs, st: AttnStatic):
+  (q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref), slopes_ref, seg_ref, pos_ref, (dk_ref, dv_ref) = (
+      _split_refs(refs, st, 6))
+  hk, j = pl.program_id(1), pl.program_id(2)
+  bq, bk = st.block_q, st.block_k
+  k_start = j * bk
+  k, v = k_ref[...], v_ref[...]  # [block_k, head_dim]
+  k_idx = (k_start + jnp.arange(bk))[None, :]
+  k_seg = None if seg_ref is None else _vec(seg_ref, k_start, bk)[None, :]
+  k_pos = None if pos_ref is None else _vec(pos_ref, k_start, bk)[None, :]
+  # Under causal masking, query blocks before this key block's diagonal see none of its keys.
+  first_q = jax.lax.div(k_start, bq) if st.causal else 0
+
+  def head_body(g, carry):
+    slope = _slope(slopes_ref, hk * st.groups + g) if st.has_alibi else None
+
+    def q_body(i, carry):
+      dk, dv = carry
+      q_start = i * bq
+      q = q_ref[pl.ds(q_start, bq), g, :]  # [block_q, head_dim]
+      do = do_ref[pl.ds(q_start, bq), g, :]
+      lse = lse_ref[g, pl.ds(q_start, bq)][:, None]
+      delta = delta_ref[g, pl.ds(q_start, bq)][:, None]
+      s = dot_nt(q, k) * st.sm_scale  # [block_q, block_k]
+      q_seg = None if seg_ref is None else _vec(seg_ref, q_start, bq)[:, None]
+      q_pos = None if pos_ref is None else _vec(pos_ref, q_start, bq)[:, None]
+      s = scores_bias_mask(s, (q_start + jnp.arange(bq))[:, None], k_idx, st, slope=slope,
+                           q_seg=q_seg, k_seg=k_seg, q_pos=q_pos, k_pos=k_pos)
+      p = jnp.exp(s - lse)
+      dv = dv + dot_tn(p.astype(do.dtype), do)
+      ds = p * (dot_nt(do, v) - delta)
+      dk = dk + dot_tn(ds.astype(q.dtype), q)
+      return dk, dv
+
+    return jax.lax.fori_loop(first_q, st.seq_pad // bq, q_body, carry)
+
+  zeros = jnp.zeros(k.shape, jnp.float32)
+  dk, dv = jax.lax.fori_loop(0, st.groups, head_body, (zeros, zeros))
+  dk_ref[...] = (dk * st.sm_scale).astype(dk_ref.dtype)
+  dv_ref[...] = dv.astype(dv_ref.dtype)
+
+
+def backward_dkdv(q, k, v, do, lse, delta, slopes, seg, pos, st: AttnStatic):
+  """dK/dV kernel (sums over the query heads of each kv head). Returns (dk, dv) like k, v."""
+  b, sp, h, d = q.shape
+  hkv, g, bk = k.shape[2], st.groups, st.block_k
+  extra, extra_specs = _common_inputs(slopes, seg, pos, st)
+  # Query-side tensors viewed per kv head: [batch, seq, kv_heads, groups, head_dim].
+  q5, do5 = q.reshape(b, sp, hkv, g, d), do.reshape(b, sp, hkv, g, d)
+  lse4, delta4 = lse.reshape(b, hkv, g, sp), delta.reshape(b, hkv, g, sp)
+  q_spec = pl.BlockSpec((None, sp, None, g, d), lambda bi, hk, j: (bi, 0, hk, 0, 0))
+  row_spec = pl.BlockSpec((None, None, g, sp), lambda bi, hk, j: (bi, hk, 0, 0))
+  kv_spec = pl.BlockSpec((None, bk, None, d), lambda bi, hk, j: (bi, j, hk, 0))
+  return pl.pallas_call(
+      functools.partial(_dkdv_kernel, st=st),
+      grid=(b, hkv, sp // bk),
+      in_specs=[q_spec, kv_spec, kv_spec, q_spec, row_spec, row_spec] + extra_specs,
+      out_specs=[kv_spec, kv_spec],
+      out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
+      compiler_params=_compiler_params(d, st),
+      interpret=st.interpret,
+      name="baichuan_flash_dkdv",
+  )(q5, k, v, do5, lse4, delta4, *extra)

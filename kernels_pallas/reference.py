@@ -1,0 +1,70 @@
+"""Plain `jnp` references for the Pallas kernels: attention (with ALiBi, segments, GQA) and RMSNorm.
+
+These materialise the full [batch, heads, q_len, k_len] score matrix, so they are only for tests,
+for short sequences and as the `backend="xla"` fallback. Softmax and norms run in fp32.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+
+
+def attention_reference(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = True,
+                        alibi_slopes: Optional[jax.Array] = None,
+                        segment_ids: Optional[jax.Array] = None,
+                        positions: Optional[jax.Array] = None,
+                        sm_scale: Optional[float] = None) -> jax.Array:
+  """Softmax attention computed the obvious way.
+
+  Args:
+    q: [batch, seq, heads, head_dim].
+    k, v: [batch, seq, kv_heads, head_dim]; kv_heads divides heads (query head h reads kv head
+      h // (heads // kv_heads)).
+    causal: query i sees keys j <= i.
+    alibi_slopes: [heads] fp32; adds -slope_h * (pos_i - pos_j) to the scores.
+    segment_ids: [batch, seq] int; a query sees only keys with the same id.
+    positions: [batch, seq] int positions for the ALiBi distance (default 0..seq-1).
+    sm_scale: score scale (default head_dim ** -0.5).
+  Returns:
+    [batch, seq, heads, head_dim] in q's dtype.
+  """
+  b, s, h, d = q.shape
+  kvh = k.shape[2]
+  g = h // kvh
+  scale = d ** -0.5 if sm_scale is None else sm_scale
+  qg = q.reshape(b, s, kvh, g, d)
+  # [batch, kv_heads, groups, q_len, k_len]
+  scores = jnp.einsum("bqhgd,bkhd->bhgqk", qg, k, preferred_element_type=jnp.float32) * scale
+  if alibi_slopes is not None:
+    pos = jnp.broadcast_to(jnp.arange(s), (b, s)) if positions is None else positions
+    dist = (pos[:, :, None] - pos[:, None, :]).astype(jnp.float32)  # [b, q, k]
+    slopes = alibi_slopes.astype(jnp.float32).reshape(kvh, g)
+    scores = scores - slopes[None, :, :, None, None] * dist[:, None, None]
+  mask = jnp.ones((b, s, s), bool)
+  if causal:
+    mask = mask & jnp.tril(jnp.ones((s, s), bool))[None]
+  if segment_ids is not None:
+    mask = mask & (segment_ids[:, :, None] == segment_ids[:, None, :])
+  scores = jnp.where(mask[:, None, None], scores, -jnp.inf)
+  probs = jax.nn.softmax(scores, axis=-1)
+  # [batch, q_len, kv_heads, groups, head_dim]
+  out = jnp.einsum("bhgqk,bkhd->bqhgd", probs, v.astype(jnp.float32))
+  return out.reshape(b, s, h, d).astype(q.dtype)
+
+
+def rms_norm_reference(x: jax.Array, scale: jax.Array, eps: float = 1e-6) -> jax.Array:
+  """RMSNorm in fp32: x / sqrt(mean(x^2) + eps) * scale.
+
+  Args:
+    x: [..., hidden].
+    scale: [hidden].
+    eps: added to the mean square.
+  Returns:
+    Same shape and dtype as x.
+  """
+  xf = x.astype(jnp.float32)
+  y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+  return (y * scale.astype(jnp.float32)).astype(x.dtype)
