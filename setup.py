@@ -31,6 +31,8 @@ setup(
     extras_require={
         "torch": TORCH,
         "test": TORCH + ["pytest>=8", "pytest-xdist>=3.5", "hypothesis>=6.100",
+                         # tests/test_notebook.py runs the Colab tour headless.
+                         "nbclient>=0.10,<1", "nbformat>=5.9,<6", "ipykernel>=6.29,<8",
                          # tests/test_infer_serve.py talks to the server with the official client.
                          "openai>=1.40,<3"],
     },
