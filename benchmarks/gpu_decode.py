@@ -35,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from baichuan_jax import configs  # noqa: E402
 from baichuan_jax.infer.generate import generate  # noqa: E402
 from baichuan_jax.model import BaichuanLM, init_cache, init_params  # noqa: E402
+from baichuan_jax.model.transformer import DecoderLayer, _context  # noqa: E402
 
 DATASHEET_BW = {"H100": 3.35e12, "H200": 4.8e12, "A100": 2.0e12}
 
@@ -123,6 +124,29 @@ def step_breakdown(cfg, params, cache_len, iters=20):
     h, cache = with_cache(params, cache)
   jax.block_until_ready(cache)
   out["forward_with_cache_ms"] = (time.perf_counter() - t0) / iters * 1e3
+
+  # The same layers applied one by one to per-layer weight arrays (sliced once, outside the jit)
+  # instead of through the model's layer scan over stacked [layers, ...] weights: the difference
+  # is what the scan costs per token. (Stops at the final hidden state before the norm.)
+  per_layer = [jax.tree.map(lambda a, i=i: a[i], params["layers"]) for i in range(cfg.num_layers)]
+  per_layer = jax.block_until_ready(jax.tree.map(jnp.copy, per_layer))
+  layer = DecoderLayer(cfg)
+
+  @jax.jit
+  def unrolled(embed, per_layer):
+    ctx, _ = _context(tok, pos, seg, None)
+    x = jnp.take(embed, tok, axis=0).astype(cfg.dtype)
+    for p in per_layer:
+      x, _ = layer.apply({"params": p}, x, ctx, None)
+    return x[:, -1]
+
+  jax.block_until_ready(unrolled(params["embed_tokens"], per_layer))
+  t0 = time.perf_counter()
+  for _ in range(iters):
+    h = unrolled(params["embed_tokens"], per_layer)
+  jax.block_until_ready(h)
+  out["layers_unrolled_no_head_ms"] = (time.perf_counter() - t0) / iters * 1e3
+  del per_layer
   return out
 
 
