@@ -133,6 +133,7 @@ def summarize(cfg, results: dict[str, dict]) -> dict:
         "params_total": runs[0]["params_total"],
         "params_non_embedding": runs[0]["params_non_embedding"],
         "tokens": runs[0]["evals"][-1]["tokens"],
+        "num_windows": runs[0]["extrapolation"]["num_windows"],
         "window_mean": {f: [_get(e["mean"], f) for e in ex] for f in factors},
         "buckets": {f: np.mean([_get(e["buckets"], f) for e in ex], 0).tolist()
                     for f in factors},
@@ -185,13 +186,15 @@ def markdown(cfg, summary: dict, complete: bool, env: dict) -> str:
                                              for p in summary["paired"]]),
               "", f"Mean paired difference {keys[2]}: {diffs.mean():+.4f}"
               + (f" (std {diffs.std(ddof=1):.4f})" if diffs.size > 1 else ""), ""]
+  fmax = max(factors)
   lines += [f"## Length extrapolation (trained at L = {L})", "",
-            "Validation loss over whole windows of f x L tokens (mean over seeds; windows are cut "
-            "from single validation documents, the same windows at every f):", "",
+            "Validation loss over whole windows of f x L tokens (mean over seeds). The "
+            f"{s0['num_windows']} windows of {fmax * L + 1} tokens are cut from single validation "
+            "documents and truncated for smaller f, so positions are true in-document positions "
+            "and the first L positions are identical at every f:", "",
             report.table(["scheme"] + [f"{f}x ({f * L})" for f in factors],
                          [[k] + [f"{np.mean(v['window_mean'][f]):.4f}" for f in factors]
                           for k, v in summary["schemes"].items()]), ""]
-  fmax = max(factors)
   nb = len(next(iter(summary["schemes"].values()))["buckets"][fmax])
   bl = cfg.extrapolation.bucket_len or L
   lines += [f"Loss per position bucket of {bl} at {fmax}x (positions [k*{bl}, (k+1)*{bl})):", "",

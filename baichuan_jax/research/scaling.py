@@ -128,10 +128,10 @@ def analyze(cfg, specs: dict, results: dict) -> dict:
                 "compute": [e["flops"] for e in r["evals"]],
                 "loss": [e["val_loss"] for e in r["evals"]]} for n, r in results.items()}
   if len(curves) >= 2:
-    lo = min(min(c["compute"]) for c in curves.values())
-    hi = max(max(c["compute"]) for c in curves.values())
-    budgets = np.geomspace(lo, hi, cfg.optimal_budgets)
-    out["optimal"] = scaling_law.compute_optimal_sizes(curves, budgets)
+    # One budget per size: read the envelope where each run ends (annealed), holding smaller
+    # runs at their final loss.
+    budgets = sorted(c["compute"][-1] for c in curves.values())
+    out["optimal"] = scaling_law.compute_optimal_sizes(curves, budgets, hold_final=True)
     opt = [r for r in out["optimal"] if r["candidates"] >= 2]
     if len({r["budget"] for r in opt}) >= 2:
       pl = scaling_law.fit_power_law([r["budget"] for r in opt], [r["n_opt"] for r in opt])
@@ -181,9 +181,11 @@ def markdown(cfg, specs, results, analysis, complete: bool, env: dict) -> str:
   if analysis["optimal"]:
     lines += ["## Compute-optimal size per budget", "",
               "Lower envelope of the validation curves (each run's loss vs FLOPs spent so far; "
-              "Chinchilla approach 1), refined by a parabola in log N through the best size and "
-              "its neighbours. Intermediate points of a run are read before its cosine has "
-              "finished, which favours the runs whose schedules end near the budget.", "",
+              "Chinchilla approach 1), read at each run's final compute, where that run is fully "
+              "annealed; smaller runs count at their final loss (held flat: more training could "
+              "only lower it) and larger runs at their mid-schedule loss, which handicaps them "
+              "(their learning rate has not decayed yet). The best size is refined by a parabola "
+              "in log N through it and its neighbours.", "",
               report.table(["budget C", "best measured run", "N of best run", "loss",
                             "N_opt (refined)", "runs compared"],
                            [[f"{o['budget']:.3g}", o["best_run"], f"{o['best_params']:,.0f}",

@@ -130,24 +130,32 @@ def fit_power_law(x: Sequence[float], y: Sequence[float]) -> PowerLaw:
 
 
 def loss_at_compute(curve_compute: Sequence[float], curve_loss: Sequence[float],
-                    budget: float) -> float | None:
+                    budget: float, hold_final: bool = False) -> float | None:
   """A training curve's loss at `budget` FLOPs, linear in log-compute between evaluations.
 
-  Returns None when the budget lies outside the evaluated range (no extrapolation).
+  Returns None when the budget lies before the first evaluation, or after the last one unless
+  `hold_final` (then the final loss: more training of that model could only lower it, so this is
+  a conservative value for the model at the larger budget).
   """
   c, l = _check_points(curve_compute, curve_loss)
   order = np.argsort(c)
   c, l = c[order], l[order]
+  if budget > c[-1] and hold_final:
+    return float(l[-1])
   if budget < c[0] or budget > c[-1]:
     return None
   return float(np.interp(np.log(budget), np.log(c), l))
 
 
-def compute_optimal_sizes(curves: Mapping[str, dict], budgets: Sequence[float]) -> list[dict]:
+def compute_optimal_sizes(curves: Mapping[str, dict], budgets: Sequence[float],
+                          hold_final: bool = False) -> list[dict]:
   """Loss-optimal model size at each compute budget, from the lower envelope of training curves.
 
-  Each run's validation loss is read at every budget its curve covers; the run with the lowest
-  loss is the optimum among the measured sizes. When that run has a measured neighbour on each side
+  Each run's validation loss is read at every budget its curve covers (with `hold_final`, also
+  past its end, at its final loss: a run whose schedule ended early then still competes, at a
+  value it could only improve on); the run with the lowest loss is the optimum among the
+  measured sizes. With one budget per size, evaluate at the runs' final computes: there one run
+  is fully annealed, smaller runs are held at their final loss and larger ones are mid-schedule. When that run has a measured neighbour on each side
   (in size), a parabola in log N through the three points refines the optimum between ladder rungs
   (the IsoFLOP-profile minimum of Chinchilla's approach 2, on three points).
 
@@ -162,7 +170,7 @@ def compute_optimal_sizes(curves: Mapping[str, dict], budgets: Sequence[float]) 
   for budget in budgets:
     rows = []
     for name, cv in curves.items():
-      v = loss_at_compute(cv["compute"], cv["loss"], float(budget))
+      v = loss_at_compute(cv["compute"], cv["loss"], float(budget), hold_final)
       if v is not None:
         rows.append((float(cv["params"]), v, name))
     if len(rows) < 2:

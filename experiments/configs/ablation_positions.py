@@ -5,10 +5,12 @@ FLOPs per token), same schedule, and for each seed the same initialisation seed 
 training-data order. Reported: validation curves, final loss with the spread over seeds, validation
 loss per position bucket at 1x/2x/4x/8x the training length, train and decode throughput.
 
+    # CPU default: ~20 min on 2 idle cores (40 min measured here on shared ones).
     python experiments/ablation.py --config=experiments/configs/ablation_positions.py \
-        --workdir=/tmp/ablation                       # CPU default, ~15 min on 2 cores
+        --workdir=/tmp/ablation --docs_dir=docs/results
+    # The accelerator size is one override:
     python experiments/ablation.py --config=experiments/configs/ablation_positions.py:gpu \
-        --workdir=/tmp/ablation_gpu                   # the accelerator size: one override
+        --workdir=/tmp/ablation_gpu
 
 Any key can be overridden on the command line, e.g. `--config.seeds=0,1,2`.
 """
