@@ -20,7 +20,6 @@ import shutil
 from pathlib import Path
 
 import ml_collections
-import numpy as np
 
 from baichuan_jax import configs
 from baichuan_jax import train as engine
