@@ -2,8 +2,8 @@
 
 Builds Baichuan2-7B's shape (32 layers, hidden 4096, vocab 125,696) with random bf16 weights
 (parameters and compute in bf16) twice, once with RoPE and once with ALiBi (the only difference),
-and generates with `baichuan_jax.infer.generate` (jitted prefill, then one `lax.while_loop` over
-single-token steps on the pre-allocated cache), greedy, batch 1, no stop token.
+and generates with `baichuan_jax.infer.generate` (jitted prefill, then a host loop over a jitted
+single-token step on the pre-allocated cache), greedy, batch 1, no stop token.
 
 Decode tokens/s is (N_long - N_short) / (t_long - t_short) over two generations of N_long and
 N_short new tokens (both compiled first), which cancels the prefill and host overheads.
@@ -125,9 +125,44 @@ def step_breakdown(cfg, params, cache_len, iters=20):
   jax.block_until_ready(cache)
   out["forward_with_cache_ms"] = (time.perf_counter() - t0) / iters * 1e3
 
-  # The same layers applied one by one to per-layer weight arrays (sliced once, outside the jit)
-  # instead of through the model's layer scan over stacked [layers, ...] weights: the difference
-  # is what the scan costs per token. (Stops at the final hidden state before the norm.)
+  # What `generate` runs per step: the same stacked weights through an unrolled layer loop.
+  unrolled_model = BaichuanLM(cfg, unroll_layers=True)
+
+  @functools.partial(jax.jit, donate_argnums=(1,))
+  def unrolled_with_cache(params, cache):
+    hidden, cache = unrolled_model.apply({"params": params}, tok, positions=pos, segment_ids=seg,
+                                         cache=cache, return_hidden=True)
+    return hidden[:, -1], cache
+
+  h, cache = unrolled_with_cache(params, cache)
+  jax.block_until_ready(cache)
+  t0 = time.perf_counter()
+  for _ in range(iters):
+    h, cache = unrolled_with_cache(params, cache)
+  jax.block_until_ready(cache)
+  out["forward_unroll_layers_with_cache_ms"] = (time.perf_counter() - t0) / iters * 1e3
+
+  # The same unrolled step inside a device loop (`fori_loop` of `iters` steps, one call): XLA
+  # then copies the static weight slices on every iteration. This is why `generate` drives the
+  # steps from the host.
+  @functools.partial(jax.jit, donate_argnums=(1,))
+  def fori(params, cache):
+    def body(_, carry):
+      acc, cache = carry
+      hidden, cache = unrolled_model.apply({"params": params}, tok, positions=pos,
+                                           segment_ids=seg, cache=cache, return_hidden=True)
+      return acc + hidden[:, -1, :1].astype(jnp.float32), cache
+    return jax.lax.fori_loop(0, iters, body, (jnp.zeros((1, 1), jnp.float32), cache))
+
+  jax.block_until_ready(fori(params, init_cache(cfg, 1, cache_len)))
+  cache = jax.block_until_ready(init_cache(cfg, 1, cache_len))
+  t0 = time.perf_counter()
+  jax.block_until_ready(fori(params, cache))
+  out["unroll_layers_in_fori_loop_ms_per_step"] = (time.perf_counter() - t0) / iters * 1e3
+
+  # The same layers applied one by one to per-layer weight arrays (sliced once, outside the jit,
+  # so nothing is sliced per step): the floor for the layer loop. (Stops at the final hidden
+  # state before the norm.)
   per_layer = [jax.tree.map(lambda a, i=i: a[i], params["layers"]) for i in range(cfg.num_layers)]
   per_layer = jax.block_until_ready(jax.tree.map(jnp.copy, per_layer))
   layer = DecoderLayer(cfg)

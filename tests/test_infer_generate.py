@@ -51,10 +51,32 @@ def test_greedy_matches_full_recompute_batched(model):
   cfg, params = model
   rng = np.random.default_rng(0)
   prompts = [rng.integers(3, 4000, n).tolist() for n in (5, 17, 1)]
-  outs = generate(cfg, params, prompts, max_new_tokens=N_NEW, stop_token_ids=[])
-  for p, out in zip(prompts, outs):
-    assert out.finish_reason == "length"
-    assert out.tokens == _reference_greedy(cfg, params, p, N_NEW)
+  for loop in ("device", "host"):
+    outs = generate(cfg, params, prompts, max_new_tokens=N_NEW, stop_token_ids=[],
+                    decode_loop=loop)
+    for p, out in zip(prompts, outs):
+      assert out.finish_reason == "length"
+      assert out.tokens == _reference_greedy(cfg, params, p, N_NEW)
+
+
+def test_host_loop_matches_device_loop(model):
+  # The host loop (unrolled layers, a jitted step per token, done checked every 8 steps) and
+  # the device while_loop agree on tokens and finish reasons, also when rows end early and the
+  # host loop runs steps past the end of every row.
+  cfg, params = model
+  prompts = [[5, 6, 7, 8], [9, 10], [11]]
+  free = generate(cfg, params, prompts, max_new_tokens=N_NEW, stop_token_ids=[],
+                  decode_loop="device")
+  cases = [dict(max_new_tokens=N_NEW, stop_token_ids=[free[0].tokens[1]]),
+           dict(max_new_tokens=[1, 5, N_NEW], stop_token_ids=[]),
+           dict(max_new_tokens=N_NEW, stop_token_ids=[], temperature=1.0, top_k=20, seed=[3, 4, 5],
+                repetition_penalty=1.3)]
+  for kw in cases:
+    host = generate(cfg, params, prompts, decode_loop="host", **kw)
+    device = generate(cfg, params, prompts, decode_loop="device", **kw)
+    assert [(o.tokens, o.finish_reason) for o in host] == \
+        [(o.tokens, o.finish_reason) for o in device], kw
+  assert host[0].tokens != free[0].tokens  # the sampled case differs from greedy
 
 
 def test_stop_token_ends_row_and_is_excluded(model):
@@ -157,6 +179,8 @@ def test_bad_settings_raise_clear_errors():
     generate(cfg, params, [[5] * 250], max_new_tokens=10)
   with pytest.raises(ValueError, match="decode"):
     generate(cfg, params, [[5]], stop_strings=["x"])
+  with pytest.raises(ValueError, match=r"decode_loop='gpu'.*allowed \('host', 'device'\)"):
+    generate(cfg, params, [[5]], decode_loop="gpu")
 
 
 def test_tensor_parallel_generation_matches_single_device():
@@ -172,5 +196,7 @@ def test_tensor_parallel_generation_matches_single_device():
   sharded_params = shard_params(cfg, params, mesh)
   wq = sharded_params["layers"]["self_attn"]["W_pack"]["kernel"]
   assert wq.sharding.shard_shape(wq.shape)[3] == cfg.num_heads // 4  # heads split 4 ways
-  multi = generate(cfg, sharded_params, prompts, max_new_tokens=N_NEW, stop_token_ids=[], mesh=mesh)
-  assert [o.tokens for o in multi] == [o.tokens for o in single]
+  for loop in ("device", "host"):
+    multi = generate(cfg, sharded_params, prompts, max_new_tokens=N_NEW, stop_token_ids=[],
+                     mesh=mesh, decode_loop=loop)
+    assert [o.tokens for o in multi] == [o.tokens for o in single], loop

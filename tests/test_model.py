@@ -2,6 +2,7 @@
 
 import jax
 import jax.numpy as jnp
+import flax.linen as nn
 import numpy as np
 import pytest
 
@@ -46,6 +47,28 @@ def test_kv_cache_matches_full_forward(pos):
     outs.append(lt)
   np.testing.assert_allclose(jnp.concatenate(outs, 1), full, atol=1e-5)
   assert int(cache.index) == 12
+
+
+@pytest.mark.parametrize("pos", ["rope", "alibi"])
+def test_unrolled_layers_match_scan(pos):
+  # The decode path applies the stacked layer weights in an unrolled loop: same tree, same
+  # logits and the same cache contents as the scan, prompt and single-token steps alike.
+  cfg, model, params = _setup(pos)
+  unrolled = BaichuanLM(cfg, unroll_layers=True)
+  toks = jax.random.randint(jax.random.PRNGKey(2), (2, 9), 0, cfg.vocab_size)
+  np.testing.assert_allclose(unrolled.apply({"params": params}, toks),
+                             model.apply({"params": params}, toks), atol=1e-5)
+  c_scan, c_unroll = init_cache(cfg, 2, 12), init_cache(cfg, 2, 12)
+  for sl in (slice(0, 6), slice(6, 7), slice(7, 8)):
+    ls, c_scan = model.apply({"params": params}, toks[:, sl], cache=c_scan)
+    lu, c_unroll = unrolled.apply({"params": params}, toks[:, sl], cache=c_unroll)
+    np.testing.assert_allclose(lu, ls, atol=1e-5)
+  np.testing.assert_allclose(c_unroll.k, c_scan.k, atol=1e-6)
+  np.testing.assert_allclose(c_unroll.v, c_scan.v, atol=1e-6)
+  assert int(c_unroll.index) == int(c_scan.index) == 8
+  # Initialising the unrolled module still creates the stacked tree.
+  init = nn.meta.unbox(unrolled.init(jax.random.PRNGKey(0), toks)["params"])
+  assert jax.tree.map(jnp.shape, init) == jax.tree.map(jnp.shape, params)
 
 
 def test_gqa_runs_and_counts():

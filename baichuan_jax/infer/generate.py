@@ -9,17 +9,19 @@ Layout of one call (`generate`):
 2. A jitted prefill runs the prompt through `BaichuanLM` with `cache=init_cache(cfg, B, P + N)`,
    takes the final-norm hidden state of the last slot only (the [B, P, vocab] logits are never
    built) and picks the first new token.
-3. A jitted decode runs a `lax.while_loop` over single-token steps: feed the previous token at
-   its position, pick the next one (`sampling.next_token`), stop a row on a stop token or its
-   `max_new_tokens`, and leave the loop when every row is done. All shapes are static: the cache,
-   the [B, N] output buffer and the [B, vocab] "token seen" mask for the repetition penalty are
-   allocated once; one compilation serves every token and every prompt of the same (B, P, N).
+3. Decoding runs single-token steps: feed the previous token at its position, pick the next one
+   (`sampling.next_token`), stop a row on a stop token or its `max_new_tokens`, until every row is
+   done. On GPUs and TPUs the loop is on the host, one jitted step per token dispatched
+   asynchronously, with the layers unrolled over static slices of the stacked weights (done rows
+   are checked every `DONE_CHECK_EVERY` steps); on the CPU it is one `lax.while_loop` over
+   scanned layers (`Generator` says why). All shapes are static: the cache, the [B, N] output
+   buffer and the [B, vocab] "token seen" mask for the repetition penalty are allocated once;
+   one compilation serves every token and every prompt of the same (B, P, N).
 
-Streaming and stop strings run on the host. The decode function takes a step limit as a traced
-argument, so the host can run it a few tokens at a time (one token when streaming) without
-recompiling: after each chunk it hands the new tokens and their text to the callback, looks for
-stop strings in the decoded text, and marks finished rows done in the device state. Without a
-callback or stop strings the whole generation is one device call.
+Streaming and stop strings run on the host: the decode runs a few tokens at a time (one token
+when streaming; the device loop takes the step limit as a traced argument, so this does not
+recompile); after each chunk the host hands the new tokens and their text to the callback,
+looks for stop strings in the decoded text, and marks finished rows done in the device state.
 
 Sharding: with `mesh=...` the parameters are placed with the logical-axis rules of
 `baichuan_jax.sharding` (heads, kv_heads, mlp and vocab over the `model` axis: Megatron tensor
@@ -94,8 +96,13 @@ class RowParams:
   seeds: jax.Array
 
 
-def _forward_last(cfg, params, tokens, positions, segment_ids, cache):
-  """Runs the model on `tokens` and returns fp32 logits of the last slot and the new cache."""
+def _forward_last(cfg, params, tokens, positions, segment_ids, cache, unroll=False):
+  """Runs the model on `tokens` and returns fp32 logits of the last slot and the new cache.
+
+  `unroll=True` (the decode step) runs the layers as an unrolled loop over static slices of the
+  stacked weights rather than the layer scan, which copies each layer's weights before using them
+  (see `BaichuanLM.unroll_layers`).
+  """
   dtype = jnp.dtype(cfg.dtype)
   p = dict(params)
   p["embed_tokens"] = quant.embedding_table(params["embed_tokens"], dtype)
@@ -104,13 +111,10 @@ def _forward_last(cfg, params, tokens, positions, segment_ids, cache):
     # The head is applied below, outside the model (to the last slot only); the model only
     # declares it. The unused placeholder is removed by XLA's dead-code elimination.
     p["lm_head"] = jnp.zeros((cfg.hidden_size, cfg.vocab_size), dtype)
-  hidden, cache = _apply_hidden(cfg, p, tokens, positions, segment_ids, cache)
+  hidden, cache = BaichuanLM(cfg, unroll_layers=unroll).apply(
+      {"params": p}, tokens, positions=positions, segment_ids=segment_ids, cache=cache,
+      return_hidden=True)
   return quant.head_matmul(hidden[:, -1], head, cfg.norm_head), cache
-
-
-def _apply_hidden(cfg, params, tokens, positions, segment_ids, cache):
-  return BaichuanLM(cfg).apply({"params": params}, tokens, positions=positions,
-                               segment_ids=segment_ids, cache=cache, return_hidden=True)
 
 
 def _pick(cfg, logits, state_present, step, rows: RowParams, do_sample):
@@ -152,8 +156,19 @@ def _prefill(cfg, do_sample, params, tokens, positions, segment_ids, rows: RowPa
   return _advance(cfg, state, tok, rows)
 
 
+def _step(cfg, do_sample, params, state: DecodeState, rows: RowParams) -> DecodeState:
+  """One decode step for every row: feed the last token, pick and record the next one."""
+  seg = jnp.ones_like(state.last)[:, None]
+  logits, cache = _forward_last(cfg, params, state.last[:, None], state.pos[:, None], seg,
+                                state.cache, unroll=True)
+  state = state.replace(cache=cache)
+  tok = _pick(cfg, logits, state.present, state.step, rows, do_sample)
+  return _advance(cfg, state, tok, rows)
+
+
 def _decode(cfg, do_sample, params, state: DecodeState, rows: RowParams, limit):
-  """Decodes until every row is done, the buffer is full, or `limit` tokens exist."""
+  """The device loop: single-token steps (scanned layers) in one `lax.while_loop` until every
+  row is done, the buffer is full, or `limit` tokens exist."""
   max_new = state.out.shape[1]
 
   def cond(s):
@@ -169,17 +184,47 @@ def _decode(cfg, do_sample, params, state: DecodeState, rows: RowParams, limit):
   return jax.lax.while_loop(cond, body, state)
 
 
-class Generator:
-  """Compiled prefill/decode functions for one model config (and optional mesh), reused across calls."""
+DECODE_LOOPS = ("host", "device")
 
-  def __init__(self, cfg: ml_collections.ConfigDict, mesh=None, rules=None):
+
+def default_decode_loop() -> str:
+  """"device" on the CPU backend, "host" on GPUs and TPUs (see `Generator`)."""
+  return "device" if jax.default_backend() == "cpu" else "host"
+
+
+# The host loop asks the device whether every row is done once per this many steps (a sync
+# each step would stall the asynchronous dispatch); steps after that are no-ops on the result.
+DONE_CHECK_EVERY = 8
+
+
+class Generator:
+  """Compiled prefill/decode functions for one model config (and optional mesh), reused across calls.
+
+  Two decode loops give the same tokens:
+
+  * "host": one jitted single-token step per token, dispatched from Python, with the layers
+    unrolled over static slices of the stacked weights. On a GPU this reads each weight once per
+    token; XLA copies the slices whenever the step sits inside a device loop, which made the
+    "device" loop 2x slower for 7B on an H100 (docs/gpu.md). The default on GPUs and TPUs.
+  * "device": the whole decode in one `lax.while_loop` (scanned layers). Without per-token
+    dispatch it is faster on the CPU (tiny preset: 344 vs 273 tokens/s at batch 1, 1089 vs 432 at
+    batch 16; docs/inference.md). The default on the CPU.
+  """
+
+  def __init__(self, cfg: ml_collections.ConfigDict, mesh=None, rules=None,
+               decode_loop: Optional[str] = None):
     self.cfg = cfg
     self.mesh = mesh
     self.rules = rules
+    self.decode_loop = decode_loop or default_decode_loop()
+    if self.decode_loop not in DECODE_LOOPS:
+      raise ValueError(f"decode_loop={decode_loop!r} is invalid: allowed {DECODE_LOOPS}")
     self._prefill = jax.jit(functools.partial(_prefill, cfg), static_argnums=(0, 6, 7))
     # The decode state (KV cache included) is updated in place where the backend supports
     # donation (the CPU backend ignores it with a warning, so it is not requested there).
     donate = () if jax.default_backend() == "cpu" else (2,)
+    self._step = jax.jit(functools.partial(_step, cfg), static_argnums=(0,),
+                         donate_argnums=donate)
     self._decode = jax.jit(functools.partial(_decode, cfg), static_argnums=(0,),
                            donate_argnums=donate)
 
@@ -200,8 +245,22 @@ class Generator:
       return state
 
   def decode(self, params, state, rows, limit, do_sample):
+    """Runs single-token steps until `limit` tokens exist, the buffer is full or all rows are done.
+
+    With the host loop, steps after every row is done (at most `DONE_CHECK_EVERY - 1`) record
+    nothing: each row's tokens end at its `lengths`.
+    """
+    if self.decode_loop == "device":
+      with self._ctx():
+        return self._decode(do_sample, params, state, rows, jnp.asarray(limit, jnp.int32))
+    step, stop = int(state.step), min(int(limit), state.out.shape[1])
     with self._ctx():
-      return self._decode(do_sample, params, state, rows, jnp.asarray(limit, jnp.int32))
+      while step < stop:
+        state = self._step(do_sample, params, state, rows)
+        step += 1
+        if step % DONE_CHECK_EVERY == 0 and step < stop and bool(jnp.all(state.done)):
+          break
+    return state
 
 
 def _cache_sharding(mesh, rules):
@@ -217,15 +276,16 @@ def _cache_sharding(mesh, rules):
 _GENERATORS: dict = {}
 
 
-def get_generator(cfg, mesh=None) -> Generator:
-  """A cached `Generator` for (cfg, mesh) so repeated calls reuse compiled functions."""
-  key = (cfg.to_json(), id(mesh))
+def get_generator(cfg, mesh=None, decode_loop: Optional[str] = None) -> Generator:
+  """A cached `Generator` for (cfg, mesh, decode loop) so repeated calls reuse compiled functions."""
+  decode_loop = decode_loop or default_decode_loop()
+  key = (cfg.to_json(), id(mesh), decode_loop)
   if key not in _GENERATORS:
     rules = None
     if mesh is not None:
       from baichuan_jax import sharding  # pylint: disable=import-outside-toplevel
       rules = sharding.logical_axis_rules(0, "params")
-    _GENERATORS[key] = Generator(cfg, mesh, rules)
+    _GENERATORS[key] = Generator(cfg, mesh, rules, decode_loop)
   return _GENERATORS[key]
 
 
@@ -266,7 +326,8 @@ def generate(cfg: ml_collections.ConfigDict, params, prompts: Sequence[Sequence[
              decode: Optional[Callable[[list], str]] = None,
              seed: Union[int, Sequence[int]] = 0,
              stream: Optional[Callable[[StreamEvent], None]] = None,
-             mesh=None, pad_multiple: int = 16, max_len: Optional[int] = None) -> list[Completion]:
+             mesh=None, pad_multiple: int = 16, max_len: Optional[int] = None,
+             decode_loop: Optional[str] = None) -> list[Completion]:
   """Generates continuations of a batch of token prompts.
 
   Args:
@@ -288,6 +349,8 @@ def generate(cfg: ml_collections.ConfigDict, params, prompts: Sequence[Sequence[
     pad_multiple: prompt length and new-token buffer are rounded up to a multiple of this to
       reuse compilations across calls.
     max_len: cache length override (default: padded prompt length + max new tokens).
+    decode_loop: "host" (a jitted step per token, layers unrolled) or "device" (one
+      `lax.while_loop`); default "device" on the CPU and "host" elsewhere (see `Generator`).
   Returns:
     B `Completion`s in prompt order.
   Raises:
@@ -348,7 +411,9 @@ def generate(cfg: ml_collections.ConfigDict, params, prompts: Sequence[Sequence[
                    max_new=jnp.asarray(max_new, jnp.int32), stop_ids=jnp.asarray(stop_arr),
                    seeds=jnp.asarray(seeds, jnp.uint32))
   do_sample = any(t > 0 for t in temps)
-  gen = get_generator(cfg, mesh)
+  if decode_loop is not None and decode_loop not in DECODE_LOOPS:
+    raise ValueError(f"decode_loop={decode_loop!r} is invalid: allowed {DECODE_LOOPS}")
+  gen = get_generator(cfg, mesh, decode_loop)
   if mesh is not None and not _is_sharded(params):
     params = shard_params(cfg, params, mesh)
 
