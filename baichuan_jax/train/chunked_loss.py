@@ -7,8 +7,8 @@ and the head into vocabulary chunks. A `lax.scan` over sequence chunks, with an 
 vocabulary chunks, keeps online log-sum-exp / max / target-logit statistics, so at most one
 [batch, seq_chunk, vocab_chunk] fp32 block is alive. A `custom_vjp` saves only the per-token
 log-sum-exp, max logit and tie count and recomputes each block in the backward pass, producing
-d(hidden) and d(kernel) chunk by chunk. NormHead is applied block by block from the fp32 master
-kernel (only the [vocab] column norms are materialised) and d(kernel) accumulates in place in one
+d(hidden) and d(kernel) chunk by chunk. NormHead divides each block's fp32 logits by the
+column norms of the fp32 master kernel (only the [vocab] norms are materialised) and d(kernel) accumulates in place in one
 fp32 buffer, so at vocab 125,696 no normalised, cast or transposed copy of the 2 GB head exists.
 
 Under tensor parallelism the head is split over `vocab_shards` devices in contiguous blocks; the
@@ -26,34 +26,38 @@ import jax.numpy as jnp
 
 from baichuan_jax import losses
 from baichuan_jax.model import head_logits
+from baichuan_jax.model.layers import head_column_norms
 
 
 def column_scale(kernel: jax.Array, norm_head: bool) -> jax.Array:
   """[vocab] fp32 divisor of each head column: NormHead's max(||column||, 1e-12), else 1.
 
-  `kernel / column_scale(kernel, True)` matches `baichuan_jax.model.head_logits` exactly
-  (F.normalize semantics); only this vector is materialised, never a normalised kernel copy.
+  The same divisors as `baichuan_jax.model.head_logits` (F.normalize semantics); only this vector
+  is materialised, never a normalised kernel copy.
   """
   if not norm_head:
     return jnp.ones((kernel.shape[1],), jnp.float32)
-  return jnp.maximum(jnp.linalg.norm(kernel.astype(jnp.float32), axis=0), 1e-12)
+  return head_column_norms(kernel)
 
 
 def _block_weight(k, scale, j, dtype):
-  """Head block j as it multiplies hidden states: [embed, shards, vchunk] in the compute dtype.
+  """Head block j and its NormHead divisors: ([embed, shards, vchunk] in the compute dtype,
+  [shards, vchunk] fp32).
 
   k: [embed, shards, vocab_chunks, vchunk] fp32 master kernel (a free reshape of [embed, vocab]);
   scale: [shards, vocab_chunks, vchunk]. Slicing the unsharded chunk axis keeps every device on
-  its own vocabulary block under tensor parallelism.
+  its own vocabulary block under tensor parallelism. As in `head_logits`, the divisors apply to
+  the block's fp32 logits, not to the weights.
   """
   k_j = jax.lax.dynamic_index_in_dim(k, j, axis=2, keepdims=False)
   s_j = jax.lax.dynamic_index_in_dim(scale, j, axis=1, keepdims=False)
-  return (k_j.astype(jnp.float32) / s_j).astype(dtype)
+  return k_j.astype(dtype), s_j
 
 
-def _block_logits(h, w):
-  # [batch, chunk, embed] x [embed, shards, vchunk] -> [batch, chunk, shards, vchunk], fp32 accum.
-  return jnp.einsum("bce,esv->bcsv", h, w, preferred_element_type=jnp.float32)
+def _block_logits(h, w, s):
+  # [batch, chunk, embed] x [embed, shards, vchunk] -> [batch, chunk, shards, vchunk], fp32 accum,
+  # divided by the [shards, vchunk] column divisors.
+  return jnp.einsum("bce,esv->bcsv", h, w, preferred_element_type=jnp.float32) / s
 
 
 def _vocab_ids(j, shards, vchunk, local_vocab):
@@ -83,7 +87,7 @@ def _forward_stats(h, k, scale, targets, local_vocab):
 
     def vocab_chunk(carry, j):
       m, s, cnt, tgt = carry
-      logits = _block_logits(h_i, _block_weight(k, scale, j, h_i.dtype))
+      logits = _block_logits(h_i, *_block_weight(k, scale, j, h_i.dtype))
       m_j = jnp.max(logits, axis=(-2, -1))
       s_j = jnp.sum(jnp.exp(logits - m_j[..., None, None]), axis=(-2, -1))
       c_j = jnp.sum((logits == m_j[..., None, None]).astype(jnp.float32), axis=(-2, -1))
@@ -129,23 +133,22 @@ def _split_loss_bwd(local_vocab, res, cts):
 
     def vocab_chunk(carry, j):
       dh, dk_acc = carry
-      w_j = _block_weight(k, scale, j, h_i.dtype)
-      logits = _block_logits(h_i, w_j)
+      w_j, s_j = _block_weight(k, scale, j, h_i.dtype)
+      logits = _block_logits(h_i, w_j, s_j)
       hit = _vocab_ids(j, shards, vchunk, local_vocab) == t_i[..., None, None]
       probs = jnp.exp(logits - lse_i[..., None, None])
       # d(lse - target)/dlogits = softmax - onehot(target); d(max)/dlogits = onehot(argmax).
       dlogits = ce_scale * (probs - hit) + z_scale * (logits == z_i[..., None, None])
-      dl = dlogits.astype(h_i.dtype)
+      # logits = (h . k) / s  =>  d(h . k) = dlogits / s.
+      dl = (dlogits / s_j).astype(h_i.dtype)
       # [batch, chunk, shards, vchunk] x [embed, shards, vchunk] -> [batch, chunk, embed]
       dh = dh + jnp.einsum("bcsv,esv->bce", dl, w_j, preferred_element_type=jnp.float32)
       # [batch, chunk, embed] x [batch, chunk, shards, vchunk] -> [embed, shards, vchunk]
-      dw_j = jnp.einsum("bce,bcsv->esv", h_i, dl, preferred_element_type=jnp.float32)
-      # w = k / s  =>  dk = dw / s. Accumulate dk in place into block j of the one fp32
-      # gradient buffer, which is also the returned d(kernel).
-      s_j = jax.lax.dynamic_index_in_dim(scale, j, axis=1, keepdims=False)
+      dk_j = jnp.einsum("bce,bcsv->esv", h_i, dl, preferred_element_type=jnp.float32)
+      # Accumulate dk in place into block j of the one fp32 gradient buffer, which is also the
+      # returned d(kernel).
       old = jax.lax.dynamic_index_in_dim(dk_acc, j, axis=2, keepdims=True)
-      dk_acc = jax.lax.dynamic_update_index_in_dim(dk_acc, old + (dw_j / s_j)[:, :, None], j,
-                                                   axis=2)
+      dk_acc = jax.lax.dynamic_update_index_in_dim(dk_acc, old + dk_j[:, :, None], j, axis=2)
       return (dh, dk_acc), None
 
     (dh, dk_acc), _ = jax.lax.scan(vocab_chunk, (jnp.zeros(h_i.shape, jnp.float32), dk_acc),
