@@ -99,19 +99,7 @@ class TreeTrainer:
       bound = lambda p, b, r: loss_fn(p, b, r, frozen)  # noqa: E731
       grads, metrics = train_step._grads_and_metrics(  # pylint: disable=protected-access
           bound, state.params, batch, step_rng, train_cfg.microbatches, grad_shard, mesh)
-      grad_norm = optax.global_norm(grads)
-      ok = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
-      updates, new_opt = opt.update(grads, state.opt_state, state.params)
-      new_params = optax.apply_updates(state.params, updates)
-      keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)  # noqa: E731
-      bad = (~ok).astype(jnp.int32)
-      new_state = TrainState(step=state.step + 1, params=keep(new_params, state.params),
-                             opt_state=keep(new_opt, state.opt_state), rng=rng,
-                             skipped=state.skipped + bad,
-                             consecutive_bad=jnp.where(ok, 0, state.consecutive_bad + 1))
-      metrics = dict(metrics, grad_norm=grad_norm, lr=schedule(state.step - state.skipped),
-                     skipped=bad.astype(jnp.float32))
-      return new_state, {k: jnp.asarray(v, jnp.float32) for k, v in metrics.items()}
+      return train_step.guarded_update(state, grads, metrics, rng, opt, schedule)
 
     def evaluate(params, frozen, batch):
       _, metrics = loss_fn(params, batch, jax.random.PRNGKey(0), frozen)

@@ -225,6 +225,32 @@ def _grads_and_metrics(loss_fn, params, batch, rng, microbatches, grad_shard, me
   return grads, _finish(wsum, m_sum)
 
 
+def guarded_update(state: TrainState, grads: Any, metrics: dict, rng: jax.Array,
+                   opt: optax.GradientTransformation, schedule: Callable) -> tuple[TrainState, dict]:
+  """Applies one optimizer update unless the loss or the gradient norm is non-finite.
+
+  A skipped step leaves every bit of params and moments as it was (select, not multiply) and
+  counts in `skipped` / `consecutive_bad`. Returns the new state and the fp32 metrics: the
+  loss's own plus grad_norm, lr, skipped, consecutive_bad and total_skipped.
+  """
+  grad_norm = optax.global_norm(grads)
+  ok = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
+  updates, new_opt = opt.update(grads, state.opt_state, state.params)
+  new_params = optax.apply_updates(state.params, updates)
+  keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)  # noqa: E731
+  bad = (~ok).astype(jnp.int32)
+  new_state = TrainState(
+      step=state.step + 1, params=keep(new_params, state.params),
+      opt_state=keep(new_opt, state.opt_state), rng=rng, skipped=state.skipped + bad,
+      consecutive_bad=jnp.where(ok, 0, state.consecutive_bad + 1))
+  # The optimizer has applied (step - skipped) updates: that is the schedule's position.
+  lr = schedule(state.step - state.skipped)
+  metrics = dict(metrics, grad_norm=grad_norm, lr=lr, skipped=bad.astype(jnp.float32),
+                 consecutive_bad=new_state.consecutive_bad.astype(jnp.float32),
+                 total_skipped=new_state.skipped.astype(jnp.float32))
+  return new_state, {k: jnp.asarray(v, jnp.float32) for k, v in metrics.items()}
+
+
 def make_train_step(model_cfg: ml_collections.ConfigDict, train_cfg: ml_collections.ConfigDict,
                     mesh: Mesh, loss_fn: Optional[LossFn] = None, donate: bool = True):
   """Builds `step(state, batch) -> (state, metrics)`: one jit with explicit shardings.
@@ -263,24 +289,7 @@ def make_train_step(model_cfg: ml_collections.ConfigDict, train_cfg: ml_collecti
     rng, step_rng = jax.random.split(state.rng)
     grads, metrics = _grads_and_metrics(loss_fn, state.params, batch, step_rng, microbatches,
                                         grad_shard, mesh)
-    grad_norm = optax.global_norm(grads)
-    ok = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
-    updates, new_opt = opt.update(grads, state.opt_state, state.params)
-    new_params = optax.apply_updates(state.params, updates)
-    # Select, not multiply: a skipped step leaves every bit of params and moments as it was.
-    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)  # noqa: E731
-    bad = (~ok).astype(jnp.int32)
-    new_state = TrainState(
-        step=state.step + 1, params=keep(new_params, state.params),
-        opt_state=keep(new_opt, state.opt_state), rng=rng, skipped=state.skipped + bad,
-        consecutive_bad=jnp.where(ok, 0, state.consecutive_bad + 1))
-    # The optimizer has applied (step - skipped) updates: that is the schedule's position.
-    lr = schedule(state.step - state.skipped)
-    metrics = dict(metrics, grad_norm=grad_norm, lr=lr, skipped=bad.astype(jnp.float32),
-                   consecutive_bad=new_state.consecutive_bad.astype(jnp.float32),
-                   total_skipped=new_state.skipped.astype(jnp.float32))
-    metrics = {k: jnp.asarray(v, jnp.float32) for k, v in metrics.items()}
-    return new_state, metrics
+    return guarded_update(state, grads, metrics, rng, opt, schedule)
 
   rules = sharding.logical_axis_rules(train_cfg.zero_stage, "params")
   return _MeshJit(step, mesh, rules, batch_arg=1,
