@@ -14,22 +14,13 @@ import logging
 import os
 from typing import Any, Callable, Iterator, Optional
 
+from baichuan_jax.records import BadRecord
+
 _LOG = logging.getLogger(__name__)
 
 
 class RecordError(ValueError):
   """A record that cannot be used; the message names the field and what is allowed."""
-
-
-@dataclasses.dataclass(frozen=True)
-class BadRecord:
-  """One skipped line: where it is and why it was rejected."""
-  path: str
-  line: int  # 1-based line number in `path`
-  reason: str
-
-  def __str__(self) -> str:
-    return f"{self.path}:{self.line}: {self.reason}"
 
 
 @dataclasses.dataclass

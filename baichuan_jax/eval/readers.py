@@ -29,6 +29,8 @@ import re
 from pathlib import Path
 from typing import Iterator, Optional
 
+from baichuan_jax.records import BadRecord
+
 log = logging.getLogger(__name__)
 
 LETTERS = "ABCDEFGH"
@@ -48,15 +50,7 @@ class Question:
   passage: Optional[str] = None  # AGIEval reading passage
 
 
-@dataclasses.dataclass(frozen=True)
-class Skipped:
-  """A row left out, with where it is and why."""
-  path: str
-  line: int
-  reason: str
-
-  def __str__(self) -> str:
-    return f"{self.path}:{self.line}: {self.reason}"
+Skipped = BadRecord  # a row left out, with where it is and why
 
 
 @dataclasses.dataclass

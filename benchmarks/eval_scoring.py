@@ -1,6 +1,6 @@
 """Measures option-letter scoring: the output head at the last position vs full-sequence logits.
 
-`python -m baichuan_jax.eval.benchmark [--preset tiny] [--vocab 125696] [--batch 4] [--seq 256]`
+    python benchmarks/eval_scoring.py [--preset tiny] [--vocab 125696] [--batch 4] [--seq 256]
 
 Our `score_fn` applies the output head only at each row's last real token; the alternative a
 user would reach for (as generic harnesses do) computes `[batch, seq, vocab]` logits and gathers
