@@ -236,9 +236,7 @@ class CheckpointManager:
         enable_async_checkpointing=async_save,
         # Leftovers of a killed save are garbage: remove them at start-up.
         cleanup_tmp_directories=True)
-    handlers = {"params": ocp.StandardCheckpointHandler(), "state": ocp.StandardCheckpointHandler(),
-                "data": ocp.JsonCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
-    self._mgr = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
+    self._mgr = ocp.CheckpointManager(self.directory, options=options, item_handlers=_handlers())
 
   # -- queries ----------------------------------------------------------------------------------
 
@@ -382,6 +380,12 @@ class CheckpointManager:
 # For users: the weights of a run.
 
 
+def _handlers() -> dict:
+  """Orbax handlers for the items every checkpoint holds (see `CheckpointManager.save`)."""
+  return {"params": ocp.StandardCheckpointHandler(), "state": ocp.StandardCheckpointHandler(),
+          "data": ocp.JsonCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
+
+
 def load_params(workdir: str, step: Optional[int] = None, shardings: Any = None,
                 verify: bool = True) -> Any:
   """Loads the parameters of a training run (for evaluation, generation, `hf.save`).
@@ -406,9 +410,9 @@ def load_params(workdir: str, step: Optional[int] = None, shardings: Any = None,
   if not os.path.isdir(directory):
     raise FileNotFoundError(f"no checkpoints in {workdir!r}: expected a folder {directory}")
   mgr = ocp.CheckpointManager(
-      directory, options=ocp.CheckpointManagerOptions(read_only=True, create=False),
-      item_handlers={"params": ocp.StandardCheckpointHandler(),
-                     "meta": ocp.JsonCheckpointHandler()})
+      directory, options=ocp.CheckpointManagerOptions(read_only=True, create=False,
+                                              save_interval_steps=0),
+      item_handlers=_handlers())  # every saved item registered, or orbax warns per restore
   steps = sorted(mgr.all_steps())
   if not steps:
     raise FileNotFoundError(f"no committed checkpoints in {directory}")
