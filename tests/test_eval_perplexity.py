@@ -64,3 +64,15 @@ def test_nll_from_logits_matches_jax_log_softmax():
 def test_stride_must_fit_the_window():
   with pytest.raises(ValueError, match="stride=9 is invalid"):
     windows([1, 2, 3], max_len=8, stride=9)
+
+
+def test_ppl_defaults_to_the_validation_split_the_main_job_uses(tmp_path, monkeypatch):
+  from baichuan_jax import data as data_lib  # pylint: disable=import-outside-toplevel
+  from baichuan_jax.eval.__main__ import _ppl_path  # pylint: disable=import-outside-toplevel
+  (tmp_path / "train.jsonl").write_text("{}\n")
+  (tmp_path / "validation.jsonl").write_text("{}\n")
+  calls = []
+  monkeypatch.setattr(data_lib, "default_corpus", lambda: calls.append(1) or tmp_path)
+  assert _ppl_path(None) == tmp_path / "validation.jsonl"
+  assert calls == [1]
+  assert _ppl_path(str(tmp_path / "train.jsonl")) == tmp_path / "train.jsonl"

@@ -243,3 +243,38 @@ def test_cleaned_corpus_weights_are_carried_and_sampled(data, tmp_path):
     f.write(json.dumps({"id": "zh_news-bad", "text": "坏", "source": "zh_news", "weight": -1}) + "\n")
   with pytest.raises(ValueError, match="'zh_news-bad': weight=-1 is invalid"):
     tokenized.build_tokenized(cdir, data.tokenizer_path, tmp_path / "tfds2", progress=False)
+
+
+def test_default_corpus_is_cleaned_once_and_rebuilt_when_the_raw_corpus_changes(data, tmp_path):
+  import json  # pylint: disable=import-outside-toplevel,reimported
+  import shutil  # pylint: disable=import-outside-toplevel
+  from baichuan_jax.data import CLEAN_STAMP, ensure_clean  # pylint: disable=import-outside-toplevel
+  raw = tmp_path / "corpus"
+  shutil.copytree(data.corpus_dir, raw)
+  clean = ensure_clean(raw, tmp_path, progress=False)
+  assert clean == tmp_path / "corpus_clean"
+  report = json.loads((clean / "clean_report.json").read_text())
+  for split in ("train", "validation"):
+    n_raw = sum(1 for _ in open(raw / f"{split}.jsonl", encoding="utf-8"))
+    out = [json.loads(l) for l in open(clean / f"{split}.jsonl", encoding="utf-8")]
+    assert 0 < len(out) <= n_raw
+    assert sum(report["stats"][f"out/docs/{split}"].values()) == len(out)
+    assert all(r["weight"] > 0 and r["cluster_size"] >= 1 for r in out)
+  assert sum(report["stats"]["in/docs"].values()) == sum(
+      1 for s in ("train", "validation") for _ in open(raw / f"{s}.jsonl", encoding="utf-8"))
+  # A second call finds the stamp and does not rebuild.
+  stamp = (clean / CLEAN_STAMP).stat().st_mtime_ns
+  assert ensure_clean(raw, tmp_path, progress=False) == clean
+  assert (clean / CLEAN_STAMP).stat().st_mtime_ns == stamp
+  # A changed raw corpus is cleaned again: one more document goes in.
+  n_in = sum(report["stats"]["in/docs"].values())
+  key = json.loads((clean / CLEAN_STAMP).read_text())["key"]
+  doc = {"id": "added-1", "text": "One more document, so that the raw corpus hash changes.",
+         "lang": "en", "source": "en_prose", "category": "prose"}
+  with open(raw / "train.jsonl", "a", encoding="utf-8") as f:
+    f.write(json.dumps(doc) + "\n")
+  ensure_clean(raw, tmp_path, progress=False)
+  report = json.loads((clean / "clean_report.json").read_text())
+  assert sum(report["stats"]["in/docs"].values()) == n_in + 1
+  assert json.loads((clean / CLEAN_STAMP).read_text())["key"] != key
+  assert not [p for p in tmp_path.iterdir() if p.name.startswith(".corpus_clean")]

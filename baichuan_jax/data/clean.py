@@ -1,7 +1,7 @@
 """Corpus cleaning as an Apache Beam pipeline: quality rules, MinHash-LSH dedup, sampling weights.
 
     python -m baichuan_jax.data.clean --corpus DIR --out DIR [--config.dedup.threshold=0.7 ...]
-                                      [--runner DirectRunner | DataflowRunner | FlinkRunner ...]
+                                      [--runner DataflowRunner | FlinkRunner | SparkRunner ...]
 
 Reads ``DIR/train*.jsonl`` and ``DIR/validation*.jsonl`` (a built corpus), and writes the same
 layout under ``--out`` (``train.jsonl``, ``validation.jsonl``; ``train-00000-of-00008.jsonl`` ... with
@@ -63,6 +63,8 @@ from baichuan_jax.data import filters, minhash, mixture  # pylint: disable=wrong
 
 SPLITS = ("train", "validation")
 REPORT = "clean_report.json"
+# The runner when none is given: local, in process, nothing fetched at run time.
+DEFAULT_RUNNER = "FnApiRunner"
 REJECTED = "rejected.jsonl"
 # JSON "\ud800" escapes decode to lone surrogates, which cannot be written back as UTF-8.
 _SURROGATE = re.compile("[\ud800-\udfff]")
@@ -609,7 +611,8 @@ def run(corpus: str, out: str, cfg: ml_collections.ConfigDict | None = None,
     corpus: directory with ``<split>*.jsonl``.
     out: output directory (created).
     cfg: cleaning config (default: ``default_config()``).
-    beam_args: pipeline options, e.g. ``["--runner=DirectRunner", "--direct_num_workers=2"]``.
+    beam_args: pipeline options, e.g. ``["--runner=DataflowRunner", "--project=..."]``; without
+      ``--runner``, the local in-process ``FnApiRunner`` (``DEFAULT_RUNNER``).
   Returns:
     the report dict (also in ``out/clean_report.json``).
   """
@@ -620,7 +623,12 @@ def run(corpus: str, out: str, cfg: ml_collections.ConfigDict | None = None,
   if "://" not in out:
     os.makedirs(out, exist_ok=True)
   _clear_outputs(out, cfg.splits)
-  options = PipelineOptions(beam_args or [])
+  beam_args = list(beam_args or [])
+  if not any(a == "--runner" or a.startswith("--runner=") for a in beam_args):
+    # Beam's DirectRunner first tries the Prism runner, which downloads a binary from GitHub at
+    # run time; the in-process FnApiRunner is what it falls back to for this batch pipeline.
+    beam_args.append(f"--runner={DEFAULT_RUNNER}")
+  options = PipelineOptions(beam_args)
   with beam.Pipeline(options=options) as p:
     res = build_pipeline(p, corpus, out, cfg)
     # Small results come back to the launcher through a side channel written by the pipeline.

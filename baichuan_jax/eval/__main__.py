@@ -78,7 +78,7 @@ def _ppl_path(data_dir):
     except ImportError as e:
       raise RuntimeError("--task ppl without --data-dir needs baichuan_jax.data (the corpus "
                          "builder), which is not available; pass --data-dir FILE.jsonl") from e
-    data_dir = data_lib.default_data()["corpus"]
+    data_dir = data_lib.default_corpus()  # what the main job trains on (cleaned)
   path = Path(data_dir).expanduser()
   if path.is_dir():
     found = sorted(path.glob("validation*.jsonl")) + sorted(path.glob("*/validation*.jsonl"))

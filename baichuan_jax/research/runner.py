@@ -174,7 +174,7 @@ def resolve_data(data_cfg: ml_collections.ConfigDict) -> tuple[str, str]:
                               "give the tokenizer the dataset was built with")
     return str(data_cfg.dataset_path), str(data_cfg.tokenizer_path)
   from baichuan_jax.data import default_data  # pylint: disable=import-outside-toplevel
-  d = default_data(vocab_size=data_cfg.vocab_size)
+  d = default_data(vocab_size=data_cfg.vocab_size, clean=data_cfg.get("clean", True))
   return str(d.dataset_path), str(d.tokenizer_path)
 
 

@@ -178,7 +178,7 @@ def default_data_source(cfg: ml_collections.ConfigDict, progress: bool = True) -
   """Builds (once) the corpus, tokenizer and tokenized dataset for `cfg.data`."""
   from baichuan_jax.data import default_data  # pylint: disable=import-outside-toplevel
   paths = default_data(vocab_size=cfg.data.vocab_size, root=cfg.data.root,
-                       corpus_dir=cfg.data.corpus_dir,
+                       corpus_dir=cfg.data.corpus_dir, clean=cfg.data.get("clean", True),
                        progress=progress and jax.process_index() == 0)
   return DefaultData(dataset_path=str(paths.dataset_path), tokenizer_path=str(paths.tokenizer_path),
                      batch_size=cfg.train.batch_size, seq_len=cfg.train.seq_len,

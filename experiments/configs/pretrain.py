@@ -65,7 +65,11 @@ def _common(model: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   # Cache root for the corpus, tokenizer and tokenized dataset (None: $BAICHUAN_JAX_DATA or
   # ~/.cache/baichuan_jax); built on first use.
   c.data.root = config_dict.placeholder(str)
-  # A built corpus folder to train on instead of ROOT/corpus (e.g. the cleaned corpus).
+  # Train on ROOT/corpus_clean: the embedded corpus through baichuan_jax.data.clean (quality rules,
+  # MinHash-LSH dedup, sampling weights; built once, about a minute). False: the raw ROOT/corpus.
+  c.data.clean = True
+  # A built corpus folder to train on as it is, instead of the default (e.g. one you cleaned
+  # with your own settings); `clean` is then ignored.
   c.data.corpus_dir = config_dict.placeholder(str)
   # Tokenizer vocabulary; must not exceed model.vocab_size.
   c.data.vocab_size = model.vocab_size
