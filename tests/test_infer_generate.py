@@ -59,6 +59,21 @@ def test_greedy_matches_full_recompute_batched(model):
       assert out.tokens == _reference_greedy(cfg, params, p, N_NEW)
 
 
+def test_device_loop_without_split_weights_matches_reference(model, monkeypatch):
+  # Above SPLIT_LAYERS_MAX_BYTES the device loop slices the stacked weights inside the loop
+  # instead of copying them per layer first: same tokens.
+  import importlib  # pylint: disable=import-outside-toplevel
+  gen_mod = importlib.import_module("baichuan_jax.infer.generate")
+  monkeypatch.setattr(gen_mod, "SPLIT_LAYERS_MAX_BYTES", 0)
+  monkeypatch.setattr(gen_mod, "_GENERATORS", {})  # fresh compilations that see the new limit
+  cfg, params = model
+  prompts = [[5, 6, 7, 8], [9, 10]]
+  outs = generate(cfg, params, prompts, max_new_tokens=N_NEW, stop_token_ids=[],
+                  decode_loop="device")
+  for p, out in zip(prompts, outs):
+    assert out.tokens == _reference_greedy(cfg, params, p, N_NEW)
+
+
 def test_host_loop_matches_device_loop(model):
   # The host loop (unrolled layers, a jitted step per token, done checked every 8 steps) and
   # the device while_loop agree on tokens and finish reasons, also when rows end early and the

@@ -8,6 +8,7 @@ import pytest
 
 from baichuan_jax import configs, losses
 from baichuan_jax.model import BaichuanLM, init_cache, init_params
+from baichuan_jax.model.transformer import split_layers
 
 
 def _setup(pos, **kw):
@@ -58,13 +59,22 @@ def test_unrolled_layers_match_scan(pos):
   toks = jax.random.randint(jax.random.PRNGKey(2), (2, 9), 0, cfg.vocab_size)
   np.testing.assert_allclose(unrolled.apply({"params": params}, toks),
                              model.apply({"params": params}, toks), atol=1e-5)
+  # Per-layer weight copies (what the device decode loop passes) give the same logits.
+  split = split_layers(params)
+  assert sorted(split["layers"]) == [f"layer_{i}" for i in range(cfg.num_layers)]
+  np.testing.assert_array_equal(split["layers"]["layer_1"]["mlp"]["up_proj"]["kernel"],
+                                params["layers"]["mlp"]["up_proj"]["kernel"][1])
+  np.testing.assert_allclose(unrolled.apply({"params": split}, toks),
+                             model.apply({"params": params}, toks), atol=1e-5)
   c_scan, c_unroll = init_cache(cfg, 2, 12), init_cache(cfg, 2, 12)
   for sl in (slice(0, 6), slice(6, 7), slice(7, 8)):
     ls, c_scan = model.apply({"params": params}, toks[:, sl], cache=c_scan)
     lu, c_unroll = unrolled.apply({"params": params}, toks[:, sl], cache=c_unroll)
     np.testing.assert_allclose(lu, ls, atol=1e-5)
-  np.testing.assert_allclose(c_unroll.k, c_scan.k, atol=1e-6)
-  np.testing.assert_allclose(c_unroll.v, c_scan.v, atol=1e-6)
+  assert len(c_scan.k) == len(c_unroll.k) == cfg.num_layers
+  assert c_scan.k[0].shape == (2, cfg.num_kv_heads, 12, cfg.hidden_size // cfg.num_heads)
+  np.testing.assert_allclose(np.stack(c_unroll.k), np.stack(c_scan.k), atol=1e-6)
+  np.testing.assert_allclose(np.stack(c_unroll.v), np.stack(c_scan.v), atol=1e-6)
   assert int(c_unroll.index) == int(c_scan.index) == 8
   # Initialising the unrolled module still creates the stacked tree.
   init = nn.meta.unbox(unrolled.init(jax.random.PRNGKey(0), toks)["params"])

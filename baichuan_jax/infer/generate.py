@@ -13,8 +13,10 @@ Layout of one call (`generate`):
    (`sampling.next_token`), stop a row on a stop token or its `max_new_tokens`, until every row is
    done. On GPUs and TPUs the loop is on the host, one jitted step per token dispatched
    asynchronously, with the layers unrolled over static slices of the stacked weights (done rows
-   are checked every `DONE_CHECK_EVERY` steps); on the CPU it is one `lax.while_loop` over
-   scanned layers (`Generator` says why). All shapes are static: the cache, the [B, N] output
+   are checked every `DONE_CHECK_EVERY` steps); on the CPU it is one `lax.while_loop` over the
+   unrolled layers with per-layer weight copies made before the loop (`Generator` says why).
+   The KV cache holds one `[batch, kv_heads, max_len, head_dim]` array per layer, written one
+   slot per step in place. All shapes are static: the cache, the [B, N] output
    buffer and the [B, vocab] "token seen" mask for the repetition penalty are allocated once;
    one compilation serves every token and every prompt of the same (B, P, N).
 
@@ -46,6 +48,7 @@ import numpy as np
 from baichuan_jax.infer import quant
 from baichuan_jax.infer.sampling import next_token
 from baichuan_jax.model import BaichuanLM, KVCache, init_cache
+from baichuan_jax.model.transformer import split_layers
 
 # finish_reason codes in the device state.
 RUNNING, STOPPED, LENGTH = 0, 1, 2
@@ -170,13 +173,17 @@ def _decode(cfg, do_sample, params, state: DecodeState, rows: RowParams, limit):
   """The device loop: single-token steps (scanned layers) in one `lax.while_loop` until every
   row is done, the buffer is full, or `limit` tokens exist."""
   max_new = state.out.shape[1]
+  layer_bytes = sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(params["layers"]))
+  if layer_bytes <= SPLIT_LAYERS_MAX_BYTES:
+    params = split_layers(params)  # per-layer weight copies made once, not on every token
 
   def cond(s):
     return (s.step < jnp.minimum(limit, max_new)) & ~jnp.all(s.done)
 
   def body(s):
     seg = jnp.ones_like(s.last)[:, None]
-    logits, cache = _forward_last(cfg, params, s.last[:, None], s.pos[:, None], seg, s.cache)
+    logits, cache = _forward_last(cfg, params, s.last[:, None], s.pos[:, None], seg, s.cache,
+                                  unroll=True)
     s = s.replace(cache=cache)
     tok = _pick(cfg, logits, s.present, s.step, rows, do_sample)
     return _advance(cfg, s, tok, rows)
@@ -185,6 +192,11 @@ def _decode(cfg, do_sample, params, state: DecodeState, rows: RowParams, limit):
 
 
 DECODE_LOOPS = ("host", "device")
+
+# The device loop copies the stacked layer weights into per-layer arrays once before decoding
+# when they take at most this many bytes (the copy lives for the call); larger models slice the
+# stacked weights inside the loop, paying a copy per token instead of the memory.
+SPLIT_LAYERS_MAX_BYTES = 2 << 30
 
 
 def default_decode_loop() -> str:
@@ -206,9 +218,10 @@ class Generator:
     unrolled over static slices of the stacked weights. On a GPU this reads each weight once per
     token; XLA copies the slices whenever the step sits inside a device loop, which made the
     "device" loop 2x slower for 7B on an H100 (docs/gpu.md). The default on GPUs and TPUs.
-  * "device": the whole decode in one `lax.while_loop` (scanned layers). Without per-token
-    dispatch it is faster on the CPU (tiny preset: 344 vs 273 tokens/s at batch 1, 1089 vs 432 at
-    batch 16; docs/inference.md). The default on the CPU.
+  * "device": the whole decode in one `lax.while_loop`, the layers unrolled over per-layer weight
+    copies made once before the loop (`split_layers`, up to `SPLIT_LAYERS_MAX_BYTES`). Without
+    per-token dispatch it is faster on the CPU (tiny preset: 856 vs 357 tokens/s at batch 1,
+    3,142 vs 1,488 at batch 16; docs/inference.md). The default on the CPU.
   """
 
   def __init__(self, cfg: ml_collections.ConfigDict, mesh=None, rules=None,
@@ -240,8 +253,8 @@ class Generator:
       state = self._prefill(do_sample, params, tokens, positions, segment_ids, rows, max_new,
                             cache_len)
       if self.mesh is not None:
-        state = state.replace(cache=jax.device_put(state.cache, _cache_sharding(self.mesh,
-                                                                                self.rules)))
+        state = state.replace(cache=jax.device_put(
+            state.cache, _cache_sharding(self.cfg, self.mesh, self.rules)))
       return state
 
   def decode(self, params, state, rows, limit, do_sample):
@@ -263,10 +276,10 @@ class Generator:
     return state
 
 
-def _cache_sharding(mesh, rules):
+def _cache_sharding(cfg, mesh, rules):
   from baichuan_jax import sharding  # pylint: disable=import-outside-toplevel
-  kv = jax.sharding.PartitionSpec("layers", "activation_batch", "activation_length",
-                                  "activation_kv_heads", "kv")
+  kv = (jax.sharding.PartitionSpec("activation_batch", "activation_kv_heads",
+                                   "activation_length", "kv"),) * cfg.num_layers
   coord = jax.sharding.PartitionSpec("activation_batch", "activation_length")
   logical = KVCache(k=kv, v=kv, positions=coord, segment_ids=coord,
                     index=jax.sharding.PartitionSpec())

@@ -34,23 +34,28 @@ def attention_mask(ctx: AttnContext) -> jax.Array:
 
 
 def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, ctx: AttnContext,
-                  alibi_slopes: Optional[jax.Array] = None) -> jax.Array:
+                  alibi_slopes: Optional[jax.Array] = None, kv_layout: str = "bshd") -> jax.Array:
   """Plain softmax attention with GQA, masks from `ctx` and optional ALiBi; softmax in fp32.
 
   Args:
     q: [batch, q_len, heads, head_dim].
-    k, v: [batch, k_len, kv_heads, head_dim].
+    k, v: [batch, k_len, kv_heads, head_dim] ("bshd"), or [batch, kv_heads, k_len, head_dim]
+      ("bhsd", the KV cache's layout, read without a transpose).
     ctx: coordinates of queries and keys.
     alibi_slopes: [heads] or None.
+    kv_layout: "bshd" or "bhsd".
   Returns:
     [batch, q_len, heads, head_dim] in q's dtype.
   """
+  if kv_layout not in ("bshd", "bhsd"):
+    raise ValueError(f"kv_layout={kv_layout!r} is invalid: allowed 'bshd', 'bhsd'")
+  kv_spec = "bkhd" if kv_layout == "bshd" else "bhkd"
   b, sq, h, d = q.shape
-  kvh = k.shape[2]
+  kvh = k.shape[2] if kv_layout == "bshd" else k.shape[1]
   g = h // kvh
   qg = q.reshape(b, sq, kvh, g, d)
   # [batch, kv_heads, groups, q_len, k_len]
-  scores = jnp.einsum("bqhgd,bkhd->bhgqk", qg, k, preferred_element_type=jnp.float32)
+  scores = jnp.einsum(f"bqhgd,{kv_spec}->bhgqk", qg, k, preferred_element_type=jnp.float32)
   scores = scores * (d ** -0.5)
   if alibi_slopes is not None:
     bias = alibi_bias(alibi_slopes, ctx.q_pos, ctx.k_pos)  # [b, h, q, k]
@@ -59,5 +64,5 @@ def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, ctx: AttnContext,
   scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
   probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
   # [batch, q_len, kv_heads, groups, head_dim]
-  out = jnp.einsum("bhgqk,bkhd->bqhgd", probs, v)
+  out = jnp.einsum(f"bhgqk,{kv_spec}->bqhgd", probs, v)
   return out.reshape(b, sq, h, d)

@@ -86,16 +86,19 @@ class Attention(nn.Module):
       q = apply_rope(q, ctx.q_pos, cfg.rope_theta)
       k = apply_rope(k, ctx.q_pos, cfg.rope_theta)
     slopes = jnp.asarray(alibi_slopes(h)) if cfg.position_embedding == "alibi" else None
-    if kv is not None:  # write this step's keys/values into the cache slots
-      k = jax.lax.dynamic_update_slice_in_dim(kv[0], k.astype(kv[0].dtype), ctx.cache_index, 1)
-      v = jax.lax.dynamic_update_slice_in_dim(kv[1], v.astype(kv[1].dtype), ctx.cache_index, 1)
+    if kv is not None:  # write this step's keys/values into the [batch, kv_heads, max_len, d] slots
+      k = jax.lax.dynamic_update_slice_in_dim(kv[0], k.swapaxes(1, 2).astype(kv[0].dtype),
+                                              ctx.cache_index, 2)
+      v = jax.lax.dynamic_update_slice_in_dim(kv[1], v.swapaxes(1, 2).astype(kv[1].dtype),
+                                              ctx.cache_index, 2)
     q = nn.with_logical_constraint(q, ("activation_batch", "activation_length", "activation_heads", "kv"))
     if cfg.attention_impl == "pallas" and kv is None:
       from kernels_pallas import flash_attention  # pylint: disable=import-outside-toplevel
       out = flash_attention(q, k, v, causal=True, alibi_slopes=slopes, segment_ids=ctx.q_seg,
                             positions=ctx.q_pos)
     else:
-      out = xla_attention(q, k.astype(q.dtype), v.astype(q.dtype), ctx, slopes)
+      out = xla_attention(q, k.astype(q.dtype), v.astype(q.dtype), ctx, slopes,
+                          kv_layout="bshd" if kv is None else "bhsd")
     # [batch, seq, heads, head_dim] -> [batch, seq, hidden]
     out = _dense(cfg, cfg.hidden_size, ("heads", "kv", "embed"), "o_proj", axis=(-2, -1))(out)
     return out, (None if kv is None else (k, v))

@@ -26,8 +26,11 @@ REMAT_POLICIES = {
 @flax.struct.dataclass
 class KVCache:
   """Pre-allocated key/value cache for every layer, plus the coordinates of each slot."""
-  k: jax.Array  # [layers, batch, max_len, kv_heads, head_dim]
-  v: jax.Array  # [layers, batch, max_len, kv_heads, head_dim]
+  # One array per layer, each [batch, kv_heads, max_len, head_dim]: a decode step writes one slot
+  # of each in place and attention reads it as it lies (a stacked [layers, ...] array would be
+  # sliced and re-stacked, and a [batch, max_len, kv_heads, ...] layout transposed, every step).
+  k: tuple  # of num_layers jax.Array
+  v: tuple  # of num_layers jax.Array
   positions: jax.Array  # [batch, max_len] int32 position of the token in each slot
   segment_ids: jax.Array  # [batch, max_len] int32; 0 = empty slot or padding
   index: jax.Array  # scalar int32: the next slot to write
@@ -37,9 +40,10 @@ def init_cache(cfg: ml_collections.ConfigDict, batch: int, max_len: int,
                dtype: Optional[str] = None) -> KVCache:
   """An empty cache for `batch` rows of up to `max_len` tokens (dtype defaults to cfg.dtype)."""
   d = cfg.hidden_size // cfg.num_heads
-  shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, d)
+  shape = (batch, cfg.num_kv_heads, max_len, d)
   dt = dtype_of(dtype or cfg.dtype)
-  return KVCache(k=jnp.zeros(shape, dt), v=jnp.zeros(shape, dt),
+  return KVCache(k=tuple(jnp.zeros(shape, dt) for _ in range(cfg.num_layers)),
+                 v=tuple(jnp.zeros(shape, dt) for _ in range(cfg.num_layers)),
                  positions=jnp.zeros((batch, max_len), jnp.int32),
                  segment_ids=jnp.zeros((batch, max_len), jnp.int32),
                  index=jnp.zeros((), jnp.int32))
@@ -100,7 +104,11 @@ class BaichuanLM(nn.Module):
       stack = nn.scan(layer, variable_axes={"params": 0}, split_rngs={"params": True},
                       in_axes=(nn.broadcast, 0), length=cfg.num_layers,
                       metadata_params={nn.PARTITION_NAME: "layers"})
-      x, kv = stack(cfg, name="layers")(x, ctx, kv)
+      # The scan takes the cache stacked over layers (a copy; prefill and training only).
+      stacked = None if kv is None else (jnp.stack(kv[0]), jnp.stack(kv[1]))
+      x, stacked = stack(cfg, name="layers")(x, ctx, stacked)
+      if kv is not None:
+        kv = tuple(tuple(a[i] for i in range(cfg.num_layers)) for a in stacked)
     x = RMSNorm(cfg, name="norm")(x)
     head = self.param("lm_head", nn.with_logical_partitioning(
         nn.initializers.normal(cfg.init_std), ("embed", "vocab")),
@@ -116,19 +124,46 @@ def _unrolled_layers(cfg, stacked, x, ctx, kv):
   """The decoder stack as a Python loop over static slices of the stacked layer parameters.
 
   `stacked` is the `layers` subtree ([layers, ...] leaves; quantized weights slice the same way),
-  `kv` the stacked (k, v) cache or None. Each layer's cache slice is written back in place.
+  `kv` the (k, v) cache, tuples of per-layer arrays, or None.
   """
   if stacked is None:
     raise ValueError("unroll_layers=True needs the model's `layers` parameters")
+  per_layer = _is_split(stacked)
   layer = DecoderLayer(cfg, parent=None)  # unbound: applied to explicit per-layer parameters
-  ks, vs = (None, None) if kv is None else kv
+  ks, vs = ([], []) if kv is None else (list(kv[0]), list(kv[1]))
   for i in range(cfg.num_layers):
-    params_i = jax.tree.map(lambda a, i=i: a[i], stacked)
+    params_i = (stacked[f"{SPLIT_PREFIX}{i}"] if per_layer
+                else jax.tree.map(lambda a, i=i: a[i], stacked))
     kv_i = None if kv is None else (ks[i], vs[i])
     x, kv_i = layer.apply({"params": params_i}, x, ctx, kv_i)
     if kv is not None:
-      ks, vs = ks.at[i].set(kv_i[0]), vs.at[i].set(kv_i[1])
-  return x, (None if kv is None else (ks, vs))
+      ks[i], vs[i] = kv_i
+  return x, (None if kv is None else (tuple(ks), tuple(vs)))
+
+
+SPLIT_PREFIX = "layer_"
+
+
+def _is_split(layers) -> bool:
+  return isinstance(layers, dict) and f"{SPLIT_PREFIX}0" in layers
+
+
+def split_layers(params: dict) -> dict:
+  """`params` with the stacked `layers` subtree replaced by per-layer copies
+  (`{"layer_0": ..., "layer_1": ...}`), which only `BaichuanLM(cfg, unroll_layers=True)` reads.
+
+  For a decode loop that runs on the device: slicing layer i out of the stacked weights inside the
+  loop copies it on every token on the CPU (XLA does not fuse the slice into the matmul), so the
+  copies are made once, before the loop. Costs one extra copy of the layer weights while it lives.
+  """
+  if _is_split(params["layers"]):
+    return params
+  stacked = params["layers"]
+  n = jax.tree.leaves(stacked)[0].shape[0]
+  out = dict(params)
+  out["layers"] = {f"{SPLIT_PREFIX}{i}": jax.tree.map(lambda a, i=i: a[i], stacked)
+                   for i in range(n)}
+  return out
 
 
 def _context(tokens, positions, segment_ids, cache):
