@@ -132,8 +132,8 @@ CLEAN_STAMP = "source.json"
 
 def _clean_key(raw: Path) -> str:
   """Hash of the raw corpus files and the cleaning config: a change in either rebuilds."""
-  from baichuan_jax.data import clean as clean_lib  # pylint: disable=import-outside-toplevel
-  cfg = clean_lib.default_config().to_json(sort_keys=True)
+  from baichuan_jax.data import clean_config  # pylint: disable=import-outside-toplevel
+  cfg = clean_config.default_config().to_json(sort_keys=True)
   return (_file_hash([raw / "train.jsonl", raw / "validation.jsonl"]) + "-"
           + hashlib.sha1(cfg.encode("utf-8")).hexdigest()[:12])
 
@@ -141,8 +141,9 @@ def _clean_key(raw: Path) -> str:
 def ensure_clean(raw: Path, root: Path, progress: bool = True) -> Path:
   """``ROOT/corpus_clean``: ``raw`` through the cleaning pipeline (``baichuan_jax.data.clean``:
   quality rules, document and sentence MinHash-LSH dedup, sampling weights) with its default
-  config, on Beam's DirectRunner. Rebuilt when the raw corpus or the default config changes
-  (``source.json`` records both). About a minute on 2 CPU cores.
+  config, on Beam's in-process FnApiRunner. Rebuilt when the raw corpus or the default config
+  changes (``source.json`` records both). About a minute on 2 CPU cores; Beam is imported only
+  when a build is needed.
   """
   final = root / "corpus_clean"
   key = _clean_key(raw)

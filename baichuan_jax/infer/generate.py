@@ -170,7 +170,7 @@ def _step(cfg, do_sample, params, state: DecodeState, rows: RowParams) -> Decode
 
 
 def _decode(cfg, do_sample, params, state: DecodeState, rows: RowParams, limit):
-  """The device loop: single-token steps (scanned layers) in one `lax.while_loop` until every
+  """The device loop: single-token steps (unrolled layers) in one `lax.while_loop` until every
   row is done, the buffer is full, or `limit` tokens exist."""
   max_new = state.out.shape[1]
   layer_bytes = sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(params["layers"]))
