@@ -6,7 +6,7 @@
 `make_train_step` is built around the language model's own parameter tree. The alignment trainers
 train other trees too: LoRA adapters beside frozen base weights, a backbone plus a
 scalar head (reward model, critic). This module reuses the engine's pieces as they are: the
-micro-batch gradient accumulation (`_grads_and_metrics`), the AdamW + clip optimizer and schedule,
+micro-batch gradient accumulation (`grads_and_metrics`), the AdamW + clip optimizer and schedule,
 `TrainState`, non-finite-step skipping and the mesh/logical-axis-rule context. What it adds is the
 shardings of an arbitrary tree (from its logical axis names) and a second, frozen argument: frozen
 weights (LoRA base, the reference policy) are passed in, never captured as compile-time constants.
@@ -97,7 +97,7 @@ class TreeTrainer:
     def step(state: TrainState, frozen: Any, batch: dict):
       rng, step_rng = jax.random.split(state.rng)
       bound = lambda p, b, r: loss_fn(p, b, r, frozen)  # noqa: E731
-      grads, metrics = train_step._grads_and_metrics(  # pylint: disable=protected-access
+      grads, metrics = train_step.grads_and_metrics(
           bound, state.params, batch, step_rng, train_cfg.microbatches, grad_shard, mesh)
       return train_step.guarded_update(state, grads, metrics, rng, opt, schedule)
 
@@ -105,7 +105,7 @@ class TreeTrainer:
       _, metrics = loss_fn(params, batch, jax.random.PRNGKey(0), frozen)
       return {k: jnp.asarray(v, jnp.float32) for k, v in metrics.items()}
 
-    mj = train_step._MeshJit  # pylint: disable=protected-access
+    mj = train_step.MeshJit
     self.state = mj(init, mesh, rules, out_shardings=st_shard)(params)
     self._step = mj(step, mesh, rules, in_shardings=(st_shard, None, sharding.batch_sharding(mesh)),
                     out_shardings=(st_shard, rep), donate_argnums=(0,))

@@ -79,7 +79,7 @@ def lm_loss_fn(model_cfg: ml_collections.ConfigDict, train_cfg: ml_collections.C
 # Shardings and initialisation.
 
 
-class _MeshJit:
+class MeshJit:
   """A jitted function called (and lowered) with the mesh and logical-axis rules in context, so
   the model's `with_logical_constraint` activations follow `sharding.logical_axis_rules`.
 
@@ -160,7 +160,7 @@ def create_train_state(model_cfg: ml_collections.ConfigDict, train_cfg: ml_colle
   # The out_shardings make XLA generate each shard on its own device (partitionable threefry),
   # so the full model never exists in one place.
   rules = sharding.logical_axis_rules(train_cfg.zero_stage, "params")
-  return _MeshJit(init, mesh, rules, out_shardings=shard)(rng)
+  return MeshJit(init, mesh, rules, out_shardings=shard)(rng)
 
 
 def validate(model_cfg: ml_collections.ConfigDict, train_cfg: ml_collections.ConfigDict,
@@ -193,7 +193,7 @@ def _finish(wsum: jax.Array, sums: dict) -> dict:
   return {k: (v if k in SUM_METRICS else v / denom) for k, v in sums.items()}
 
 
-def _grads_and_metrics(loss_fn, params, batch, rng, microbatches, grad_shard, mesh):
+def grads_and_metrics(loss_fn, params, batch, rng, microbatches, grad_shard, mesh):
   """Weighted-mean gradient and metrics over micro-batches (scan; fp32 accumulators)."""
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
   constrain = lambda g: jax.lax.with_sharding_constraint(g, grad_shard)  # noqa: E731
@@ -287,14 +287,14 @@ def make_train_step(model_cfg: ml_collections.ConfigDict, train_cfg: ml_collecti
 
   def step(state: TrainState, batch: dict):
     rng, step_rng = jax.random.split(state.rng)
-    grads, metrics = _grads_and_metrics(loss_fn, state.params, batch, step_rng, microbatches,
-                                        grad_shard, mesh)
+    grads, metrics = grads_and_metrics(loss_fn, state.params, batch, step_rng, microbatches,
+                                       grad_shard, mesh)
     return guarded_update(state, grads, metrics, rng, opt, schedule)
 
   rules = sharding.logical_axis_rules(train_cfg.zero_stage, "params")
-  return _MeshJit(step, mesh, rules, batch_arg=1,
-                  in_shardings=(st_shard, sharding.batch_sharding(mesh)),
-                  out_shardings=(st_shard, rep), donate_argnums=(0,) if donate else ())
+  return MeshJit(step, mesh, rules, batch_arg=1,
+                 in_shardings=(st_shard, sharding.batch_sharding(mesh)),
+                 out_shardings=(st_shard, rep), donate_argnums=(0,) if donate else ())
 
 
 def make_eval_step(model_cfg: ml_collections.ConfigDict, train_cfg: ml_collections.ConfigDict,
@@ -314,9 +314,9 @@ def make_eval_step(model_cfg: ml_collections.ConfigDict, train_cfg: ml_collectio
     return {k: jnp.asarray(v, jnp.float32) for k, v in metrics.items()}
 
   rules = sharding.logical_axis_rules(train_cfg.zero_stage, "params")
-  return _MeshJit(eval_step, mesh, rules, batch_arg=1,
-                  in_shardings=(p_shard, sharding.batch_sharding(mesh)),
-                  out_shardings=sharding.replicated(mesh))
+  return MeshJit(eval_step, mesh, rules, batch_arg=1,
+                 in_shardings=(p_shard, sharding.batch_sharding(mesh)),
+                 out_shardings=sharding.replicated(mesh))
 
 
 # ----------------------------------------------------------------------------------------------
