@@ -105,7 +105,10 @@ def get(name: str, **overrides: Any) -> ml_collections.ConfigDict:
   for key, value in overrides.items():
     if key not in cfg:
       raise ValueError(f"unknown config field {key!r}; allowed: {', '.join(sorted(cfg.keys()))}")
-    cfg[key] = value
+    try:
+      cfg[key] = value
+    except TypeError:  # ml_collections keeps each field's type: hidden_size="256" lands here
+      _fail(key, value, f"must be of type {type(cfg[key]).__name__}")
   validate(cfg)
   return cfg
 
@@ -119,6 +122,14 @@ def _fail(field: str, value: Any, allowed: str) -> None:
   raise ValueError(f"config.{field}={value!r} is invalid: {allowed}")
 
 
+def _number(cfg: ml_collections.ConfigDict, field: str) -> float:
+  """`cfg[field]` as a finite real number (inf, NaN, strings and bools are rejected by name)."""
+  v = cfg[field]
+  if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+    _fail(field, v, "must be a finite number")
+  return v
+
+
 def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """Checks every model field; raises ValueError naming the field, value and what is allowed."""
   for field in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads",
@@ -126,6 +137,15 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     v = cfg[field]
     if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
       _fail(field, v, "must be a positive integer")
+  for field in ("pad_id", "bos_id", "eos_id", "user_token_id", "assistant_token_id"):
+    v = cfg[field]
+    if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+      _fail(field, v, "must be an integer >= 0")
+  for field in ("pad_id", "bos_id", "eos_id"):
+    if cfg[field] >= cfg.vocab_size:
+      _fail(field, cfg[field], f"must be < vocab_size={cfg.vocab_size}")
+  for field in ("rope_theta", "rms_norm_eps", "z_loss_weight", "init_std"):
+    _number(cfg, field)
   if cfg.hidden_size % cfg.num_heads:
     _fail("num_heads", cfg.num_heads, f"must divide hidden_size={cfg.hidden_size}")
   if cfg.num_heads % cfg.num_kv_heads:

@@ -7,6 +7,7 @@ and raises a ValueError naming the field, its value and what is allowed.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import ml_collections
@@ -86,6 +87,16 @@ def validate_train_config(cfg: ml_collections.ConfigDict) -> ml_collections.Conf
     v = cfg[field]
     if isinstance(v, bool) or not isinstance(v, int) or v < 0:
       _fail(field, v, "must be an integer >= 0")
+  # inf / NaN pass every `>` test below (`not nan > 0` aside), and an lr of inf turns the first
+  # update into 0 * inf = NaN: every number must be finite first.
+  for field in ("peak_lr", "min_lr_ratio", "eps", "weight_decay", "grad_clip"):
+    v = cfg[field]
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+      _fail(field, v, "must be a finite number")
+  if isinstance(cfg.betas, (str, bytes)) or not all(
+      isinstance(b, (int, float)) and not isinstance(b, bool) and math.isfinite(b)
+      for b in tuple(cfg.betas)):
+    _fail("betas", cfg.betas, "must be two finite numbers in [0, 1)")
   if not isinstance(cfg.loss_vocab_chunks, int) or cfg.loss_vocab_chunks < 1:
     _fail("loss_vocab_chunks", cfg.loss_vocab_chunks, "must be an integer >= 1")
   if cfg.batch_size % cfg.microbatches:

@@ -225,18 +225,32 @@ def grads_and_metrics(loss_fn, params, batch, rng, microbatches, grad_shard, mes
   return grads, _finish(wsum, m_sum)
 
 
+def all_finite(tree: Any) -> jax.Array:
+  """bool []: every floating-point element of `tree` is finite (integer leaves are ignored)."""
+  leaves = [x for x in jax.tree.leaves(tree)
+            if hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.inexact)]
+  ok = jnp.asarray(True)
+  for x in leaves:
+    ok = ok & jnp.all(jnp.isfinite(x))
+  return ok
+
+
 def guarded_update(state: TrainState, grads: Any, metrics: dict, rng: jax.Array,
                    opt: optax.GradientTransformation, schedule: Callable) -> tuple[TrainState, dict]:
-  """Applies one optimizer update unless the loss or the gradient norm is non-finite.
+  """Applies one optimizer update unless the loss, the gradient norm or the update is non-finite.
 
+  A finite loss and gradient can still give a non-finite update (an lr of inf, an overflowing
+  moment, params already at the edge of the float range), so the new parameters and optimizer
+  moments are checked too: one `isfinite` reduction over each, a read of the state per step.
   A skipped step leaves every bit of params and moments as it was (select, not multiply) and
   counts in `skipped` / `consecutive_bad`. Returns the new state and the fp32 metrics: the
   loss's own plus grad_norm, lr, skipped, consecutive_bad and total_skipped.
   """
   grad_norm = optax.global_norm(grads)
-  ok = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
   updates, new_opt = opt.update(grads, state.opt_state, state.params)
   new_params = optax.apply_updates(state.params, updates)
+  ok = (jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm) & all_finite(new_params)
+        & all_finite(new_opt))
   keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)  # noqa: E731
   bad = (~ok).astype(jnp.int32)
   new_state = TrainState(
