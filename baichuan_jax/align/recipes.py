@@ -46,16 +46,17 @@ MODEL_CONFIG_FILE = "model_config.json"
 
 
 def save_params(directory: str, params: Any, step: int,
-                model_cfg: Optional[ml_collections.ConfigDict] = None) -> None:
+                model_cfg: Optional[ml_collections.ConfigDict] = None,
+                tokenizer_path: Optional[str] = None) -> None:
   """Writes a parameter tree as a verified checkpoint (`baichuan_jax.checkpoint`) under `directory`,
-  and the model config beside it (`model_config.json`) when given, so later runs can load it.
+  and the model config (`model_config.json`) and tokenizer beside it when given, so the folder
+  loads on its own (`baichuan_jax.infer.loading`).
 
   Earlier checkpoints there are removed first: a stage that is re-run replaces its output.
   """
   if model_cfg is not None:
-    os.makedirs(directory, exist_ok=True)
-    with open(os.path.join(directory, MODEL_CONFIG_FILE), "w", encoding="utf-8") as f:
-      f.write(model_cfg.to_json(indent=2))
+    from baichuan_jax.infer import loading  # pylint: disable=import-outside-toplevel
+    loading.describe_workdir(directory, model_cfg, tokenizer_path)
   ckpt = checkpoint.checkpoint_dir(directory)
   if os.path.isdir(ckpt):
     shutil.rmtree(ckpt)
@@ -74,25 +75,24 @@ def load_params(directory: str) -> Any:
 
 
 def load_start(cfg: ml_collections.ConfigDict, vocab_size: int) -> tuple[ml_collections.ConfigDict, Any]:
-  """(model config, parameters) to fine-tune from `cfg.init` (checkpoint workdir or HF folder)."""
+  """(model config, parameters) to fine-tune from `cfg.init`: a training work directory, a
+  checkpoint step or a Hugging Face folder, read by the project's one loader
+  (`baichuan_jax.infer.loading`) with the config those weights record. A work directory that
+  records none uses the preset `cfg.model` (vocab_size: the tokenizer's); `cfg.model_overrides`
+  apply on top of either."""
+  from baichuan_jax.infer import loading  # pylint: disable=import-outside-toplevel
   if not cfg.init:
     raise ValueError("config field init is empty: give a training work directory (checkpoints) or "
                      "a Hugging Face Baichuan folder (config.json + weights)")
-  if os.path.exists(os.path.join(cfg.init, "config.json")):
-    from baichuan_jax import hf  # pylint: disable=import-outside-toplevel
-    model_cfg, params = hf.load(cfg.init)
-    return model_cfg, params
-  saved = os.path.join(cfg.init, MODEL_CONFIG_FILE)
-  if os.path.exists(saved):  # written by save_params: the exact config of those weights
-    with open(saved, encoding="utf-8") as f:
-      model_cfg = ml_collections.ConfigDict(json.load(f))
-    model_cfg.update(dict(cfg.model_overrides))
-    configs.validate(model_cfg)
-  else:
-    overrides = dict(cfg.model_overrides)
-    overrides.setdefault("vocab_size", vocab_size)
-    model_cfg = configs.get(cfg.model, **overrides)
-  return model_cfg, load_params(cfg.init)
+  overrides = dict(cfg.model_overrides)
+  fallback = configs.get(cfg.model, **dict({"vocab_size": vocab_size}, **overrides))
+  try:
+    model = loading.load_model(path=cfg.init, default_config=fallback, overrides=overrides,
+                               with_tokenizer=False, device_put=False)
+  except FileNotFoundError as e:
+    raise FileNotFoundError(f"{e}; run the stage or training job that writes {cfg.init} first") \
+        from None
+  return model.cfg, model.params
 
 
 def _eval_loss(model_cfg, tc, params, packed: dict, batch_size: int) -> dict:
@@ -140,7 +140,7 @@ def run_sft(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
                                    tc, single_device_mesh(), cfg.steps, lora_cfg=lcfg,
                                    log_path=os.path.join(workdir, "sft_metrics.jsonl"),
                                    seed=cfg.seed)
-  save_params(os.path.join(workdir, "sft"), tuned, cfg.steps, model_cfg)
+  save_params(os.path.join(workdir, "sft"), tuned, cfg.steps, model_cfg, cfg.tokenizer)
   ppo_trainer.plot_metrics(rows, ["loss", "ce", "grad_norm", "lr"], os.path.join(workdir, "sft.png"),
                            x="step", title="chat SFT" + (" (LoRA)" if lcfg else ""))
   summary = {"records_read": report.read, "malformed_skipped": report.skipped,

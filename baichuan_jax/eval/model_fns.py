@@ -9,17 +9,14 @@
 from __future__ import annotations
 
 import importlib
-import json
 import logging
 import os
-from pathlib import Path
 from typing import Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from baichuan_jax import configs
 from baichuan_jax.model import BaichuanLM, head_logits
 
 log = logging.getLogger(__name__)
@@ -73,78 +70,50 @@ def quantize_transform(kind: Optional[str]):
   return quant.tensor_transform(kind)
 
 
-def _read_workdir_config(workdir: Path):
-  """A config stored beside a training checkpoint (config.json / config.yaml style), or None."""
-  for name in ("config.json", "model_config.json"):
-    p = workdir / name
-    if p.is_file():
-      raw = json.loads(p.read_text())
-      raw = raw.get("model", raw)
-      name = raw.pop("preset", None) or raw.pop("name", None) or "tiny"
-      known = set(configs.get(name).keys())
-      return configs.get(name, **{k: v for k, v in raw.items() if k in known})
-  return None
-
-
 def load_model(hf: Optional[str] = None, checkpoint: Optional[str] = None,
                config: Optional[str] = None, step: Optional[int] = None,
                quantize: Optional[str] = None, dtype: Optional[str] = None,
                position_embedding: str = "auto"):
-  """Loads (cfg, params) from a Hugging Face Baichuan folder or a training checkpoint.
+  """Loads (cfg, params) from a Hugging Face Baichuan folder or a training checkpoint, with the
+  project's one loader (`baichuan_jax.infer.loading`).
 
   Args:
     hf: folder with config.json and *.safetensors / pytorch_model*.bin.
-    checkpoint: training workdir (`baichuan_jax.checkpoint.load_params`).
-    config: preset name for a checkpoint whose workdir stores no config (e.g. "tiny").
+    checkpoint: training workdir, its checkpoints/ folder or one step folder; its recorded
+      model config is used (old workdirs without one: recovered from the weight shapes, with a
+      warning saying what was assumed).
+    config: preset name or JSON file overriding the recorded config.
     step: checkpoint step (default: latest).
     quantize: None, "int8" or "int4" weight-only quantization.
     dtype: compute dtype override (e.g. "float32" on CPU).
-    position_embedding: "auto", "rope" or "alibi" for HF imports.
+    position_embedding: "auto", "rope" or "alibi".
   Returns:
     (cfg, params).
   """
   if (hf is None) == (checkpoint is None):
     raise ValueError("give exactly one of hf=... or checkpoint=...")
-  transform = quantize_transform(quantize)  # raises a clear error when quantization is missing
-  if hf is not None:
-    hf_lib = _optional("baichuan_jax.hf", "--hf loading")
-    cfg, params = hf_lib.load(hf, position_embedding=position_embedding,
-                              tensor_transform=transform,
-                              overrides={"dtype": dtype} if dtype else None)
-    return cfg, params
-  ckpt = _optional("baichuan_jax.checkpoint", "--checkpoint loading")
-  workdir = Path(os.path.expanduser(checkpoint))
-  cfg = configs.get(config) if config else _read_workdir_config(workdir)
-  if cfg is None:
-    raise ValueError(f"{workdir} stores no model config: pass --config PRESET (one of "
-                     f"{', '.join(configs.names())})")
-  if dtype:
-    cfg = _with(cfg, dtype=dtype)
-  if transform is not None:
-    raise RuntimeError("--quantize is applied while importing HF weights; export the checkpoint "
-                       "with baichuan_jax.hf.save and evaluate it with --hf")
-  return cfg, ckpt.load_params(str(workdir), step=step)
-
-
-def _with(cfg, **overrides):
-  cfg = cfg.copy_and_resolve_references()
-  with cfg.unlocked():
-    for k, v in overrides.items():
-      cfg[k] = v
-  configs.validate(cfg)
-  return cfg
+  quantize_transform(quantize)  # raises a clear error when quantization is missing
+  loading = _optional("baichuan_jax.infer.loading", "model loading")
+  model = loading.load_model(checkpoint=os.path.expanduser(checkpoint) if checkpoint else None,
+                             hf_dir=hf, step=step, config=config, quantize=quantize,
+                             dtype=dtype, position_embedding=position_embedding,
+                             with_tokenizer=False, device_put=False)
+  return model.cfg, model.params
 
 
 def load_tokenizer(path: Optional[str] = None, hf: Optional[str] = None,
                    checkpoint: Optional[str] = None):
-  """The project tokenizer from `path`, else the `tokenizer.model` beside the model."""
-  tok_lib = _optional("baichuan_jax.tokenizer", "the tokenizer")
-  if path is None:
-    for folder in (hf, checkpoint):
-      if folder and (Path(folder) / "tokenizer.model").is_file():
-        path = str(Path(folder) / "tokenizer.model")
-        break
-  if path is None:
-    raise ValueError("no tokenizer: pass --tokenizer PATH (a SentencePiece tokenizer.model); none "
-                     "was found beside the model")
-  return tok_lib.Tokenizer(path)
+  """The project tokenizer from `path`, else the one recorded with the model (the workdir's
+  `tokenizer.model`, the HF folder's, or the tokenizer_path an older workdir recorded)."""
+  _optional("baichuan_jax.tokenizer", "the tokenizer")
+  loading = _optional("baichuan_jax.infer.loading", "model loading")
+  if path is not None:
+    return loading.find_tokenizer(".", path)
+  folder = hf or checkpoint
+  if folder is None:
+    raise ValueError("no tokenizer: pass --tokenizer PATH (a SentencePiece tokenizer.model)")
+  src = loading.resolve_source(os.path.expanduser(folder), "hf" if hf else "checkpoint")
+  try:
+    return loading.find_tokenizer(src.root)
+  except FileNotFoundError as e:
+    raise ValueError(f"no tokenizer: {e}") from None

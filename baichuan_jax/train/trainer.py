@@ -327,6 +327,10 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool = True,
   os.makedirs(workdir, exist_ok=True)
   if data is None:
     data = default_data_source(cfg, progress)
+  if lead:  # a self-describing workdir: the model config and the tokenizer beside the checkpoints
+    from baichuan_jax.infer import loading  # pylint: disable=import-outside-toplevel
+    loading.describe_workdir(workdir, model_cfg, data.tokenizer_path)
+  save_meta = {"preset": cfg.preset, "model_config": model_cfg.to_dict()}
 
   train_it = data.train(pi, pc)
   mgr = ckpt_lib.CheckpointManager(ckpt_lib.checkpoint_dir(workdir),
@@ -429,7 +433,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool = True,
 
         stop = sigterm.agreed()
         if mgr.should_save(step) or step == total or stop:
-          mgr.save(step, state, data_state, extra_meta={"preset": cfg.preset})
+          mgr.save(step, state, data_state, extra_meta=save_meta)
           saved_step = step
         if stop:
           log.warning("SIGTERM: saved checkpoint %d; stopping", step)
@@ -438,7 +442,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool = True,
         if step < total:
           batch, data_state = next_batch, next_data_state
       if saved_step != step and step > 0:
-        mgr.save(step, state, data_state, extra_meta={"preset": cfg.preset})
+        mgr.save(step, state, data_state, extra_meta=save_meta)
       mgr.wait()
   finally:
     if bar is not None:
