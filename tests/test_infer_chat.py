@@ -9,7 +9,8 @@ import sentencepiece as spm
 
 from baichuan_jax import configs
 from baichuan_jax.infer import generate
-from baichuan_jax.infer.chat_template import build_chat_prompt, chat_reply, chat_stop_ids
+from baichuan_jax.infer.chat_template import (build_chat_prompt, chat_reply, chat_stop_ids,
+                                               for_config, template_for)
 from baichuan_jax.model import init_params
 from baichuan_jax.tokenizer import Tokenizer
 from infer_helpers import train_sp_model
@@ -57,8 +58,11 @@ def test_left_truncation_keeps_whole_recent_rounds(tok):
   full = ids1 + ids2
   # Room for everything.
   assert build_chat_prompt(r1 + r2, enc, max_length=len(full) + 10, max_new_tokens=10) == full
-  # One token short: the old round is dropped whole, not cut in the middle.
-  assert build_chat_prompt(r1 + r2, enc, max_length=len(full) + 9, max_new_tokens=10) == ids2
+  # One token short: the history (without the trailing marker) still fits, so upstream keeps the
+  # old round and the final left cut takes its first token.
+  assert build_chat_prompt(r1 + r2, enc, max_length=len(full) + 9, max_new_tokens=10) == full[1:]
+  # Two tokens short: the old round is dropped whole, not cut in the middle.
+  assert build_chat_prompt(r1 + r2, enc, max_length=len(full) + 8, max_new_tokens=10) == ids2
   # The newest round alone too long: cut from the left to max_length - max_new_tokens.
   assert build_chat_prompt(r2, enc, max_length=13, max_new_tokens=10) == ids2[-3:]
 
@@ -113,3 +117,66 @@ def test_reply_stops_at_the_end_of_the_assistant_turn(sp_model):
   assert out.tokens == [w1, w2, w3] and out.finish_reason == "stop"
   assert out.text == t.decode([w1, w2, w3])
   assert chat_stop_ids() == [2, U, A]
+
+
+# ----------------------------------------------------------------------------------------------
+# Both templates at every budget, on a toy encoder (one id per character) with hand-worked ids.
+
+enc_chars = lambda text: [ord(c) for c in text]  # "a" -> 97
+CONV = [{"role": "system", "content": "ab"}, {"role": "user", "content": "c"},
+        {"role": "assistant", "content": "de"}, {"role": "user", "content": "f"}]
+# system [97, 98]; round 1 [U, 99, A, 100, 101]; round 2 [U, 102]; trailing A.
+B2_BY_BUDGET = {
+    1: [A], 2: [102, A], 3: [U, 102, A], 4: [98, U, 102, A], 5: [97, 98, U, 102, A],
+    6: [97, 98, U, 102, A], 7: [97, 98, U, 102, A], 8: [97, 98, U, 102, A],
+    # History exactly fills budget - len(system): the round stays, the system's first token goes.
+    9: [98, U, 99, A, 100, 101, U, 102, A],
+    10: [97, 98, U, 99, A, 100, 101, U, 102, A], 11: [97, 98, U, 99, A, 100, 101, U, 102, A],
+}
+
+
+@pytest.mark.parametrize("budget", sorted(B2_BY_BUDGET))
+def test_baichuan2_template_at_every_budget(budget):
+  got = build_chat_prompt(CONV, enc_chars, max_length=budget + 5, max_new_tokens=5)
+  assert got == B2_BY_BUDGET[budget]
+
+
+# No system role: [U, 99, A, 100, 101, 2] then [U, 102], then A always appended.
+B13_BY_BUDGET = {1: [102, A], 2: [U, 102, A], 3: [U, 102, A], 7: [U, 102, A],
+                 8: [U, 99, A, 100, 101, 2, U, 102, A], 9: [U, 99, A, 100, 101, 2, U, 102, A]}
+
+
+@pytest.mark.parametrize("budget", sorted(B13_BY_BUDGET))
+def test_baichuan13b_chat_template_at_every_budget(budget):
+  msgs = CONV[1:]
+  # budget = max(L // 2, L - max_new_tokens): L = 2 * budget with max_new_tokens >= budget ...
+  got = build_chat_prompt(msgs, enc_chars, max_length=2 * budget, max_new_tokens=2 * budget - 1,
+                          template="baichuan-13b-chat")
+  assert got == B13_BY_BUDGET[budget]
+  # ... or L - max_new_tokens when that is larger.
+  got = build_chat_prompt(msgs, enc_chars, max_length=budget + 1, max_new_tokens=1,
+                          template="baichuan-13b-chat")
+  assert got == B13_BY_BUDGET[budget]
+
+
+def test_baichuan13b_chat_template_rules():
+  t = dict(template="baichuan-13b-chat")
+  # Ends on an assistant turn: its </s> is kept and 196 is still appended.
+  assert build_chat_prompt(CONV[1:3], enc_chars, **t) == [U, 99, A, 100, 101, 2, A]
+  # An assistant turn older than every user turn is dropped.
+  assert build_chat_prompt([{"role": "assistant", "content": "x"}, CONV[3]], enc_chars, **t) == [
+      U, 102, A]
+  # L // 2 wins over L - max_new_tokens: L = 10, max_new_tokens = 9 keeps 5 tokens of history.
+  assert build_chat_prompt(CONV[1:], enc_chars, max_length=10, max_new_tokens=9, **t) == [U, 102, A]
+  with pytest.raises(ValueError, match=r"messages\[0\]: the Baichuan-13B-Chat template has no system"):
+    build_chat_prompt(CONV, enc_chars, **t)
+  with pytest.raises(ValueError, match="template='chatml' is invalid"):
+    build_chat_prompt(CONV, enc_chars, template="chatml")
+
+
+def test_template_is_chosen_from_the_config():
+  for preset, want in (("baichuan-7b", "baichuan2"), ("baichuan-13b", "baichuan-13b-chat"),
+                       ("baichuan2-7b", "baichuan2"), ("baichuan2-13b", "baichuan2")):
+    cfg = configs.get(preset)
+    assert template_for(cfg) == want and for_config(cfg) == {
+        "user_id": U, "assistant_id": A, "eos_id": 2, "template": want}

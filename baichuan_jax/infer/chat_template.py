@@ -1,20 +1,35 @@
-"""The Baichuan chat template: turn markers as token ids, left truncation, and turn-ending stops.
+"""The Baichuan chat templates: turn markers as token ids, left truncation, turn-ending stops.
 
-Baichuan chat models see a conversation as one token sequence (SPEC 2):
+Baichuan chat models see a conversation as one token sequence, with every user turn prefixed by
+the user token (195) and every assistant turn by the assistant token (196); a prompt gets a
+trailing 196 so the model writes the assistant's answer next. The markers are inserted as ids,
+never as text, and `baichuan_jax.tokenizer.Tokenizer` never encodes text to them (even with the
+released Baichuan 2 tokenizer, where they are user-defined pieces), so user text cannot forge a
+turn. Two templates, as the released code builds them:
 
-    [system tokens] 195 <user text> 196 <assistant text> 195 <user text> 196
+* **Baichuan 2** (`build_chat_input` of the Baichuan 2 chat models), `template="baichuan2"`:
 
-Every user turn is prefixed with the user token (195), every assistant turn with the assistant
-token (196), and a prompt that ends on a user turn gets a trailing 196 so the model writes the
-assistant's answer next. The markers are inserted as ids, never as text, so a user typing
-"<user>" cannot forge a turn (the tokenizer encodes that string as ordinary pieces).
+      [system tokens] 195 <user> 196 <assistant> 195 <user> 196
 
-Truncation follows the released `build_chat_input`: the budget is `max_length - max_new_tokens`;
-the system prompt is kept, whole rounds (a user turn and the replies after it) are taken from the
-newest backwards while they fit, and the result is finally cut from the left to the budget (which
-only bites when the newest round alone is too long). One difference: the trailing assistant marker
-counts against the budget when rounds are chosen, so an older round is dropped whole instead of
-losing its first token to the final cut.
+  The budget is `max_length - max_new_tokens`. The system prompt is kept; whole rounds (a user
+  turn and the replies after it) are taken newest first while the history fits
+  `budget - len(system)` (the newest round always), the trailing 196 is appended only when the
+  last message is not an assistant's, and the result is cut from the left to the budget. The
+  trailing 196 is not counted when rounds are chosen: when the history exactly fills its share,
+  the round is kept and the cut takes the first token of the system prompt (or of the history).
+
+* **Baichuan-13B-Chat** (`_build_chat_input` of that model), `template="baichuan-13b-chat"`:
+
+      195 <user> 196 <assistant> 2 195 <user> 196
+
+  Each assistant turn is followed by `</s>` (2); there is no system role (a system message is an
+  error); rounds are taken newest first within `max(max_length // 2, max_length -
+  max_new_tokens)` tokens (an assistant turn older than every user turn is dropped), the result is
+  cut from the left to that budget and 196 is always appended.
+
+`template_for(cfg)` picks the template from the model config: Baichuan 1 ALiBi models with a plain
+head (Baichuan-13B) get the Baichuan-13B-Chat template, everything else (Baichuan 2, and
+Baichuan-7B, which has no released chat model) the Baichuan 2 one.
 
 A chat model ends its turn with `</s>` (2). A base model, or a chat model that misses the end of
 its turn, goes on to write the next "user:" turn itself (the failure users saw with
@@ -31,7 +46,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 ROLES = ("system", "user", "assistant")
 
-# Baichuan 2 chat generation config (SPEC 7); Baichuan-13B-Chat uses repetition_penalty 1.1.
+# The published Baichuan 2 chat generation_config.json; Baichuan-13B-Chat's has repetition_penalty 1.1.
 DEFAULT_SAMPLING = {"temperature": 0.3, "top_k": 5, "top_p": 0.85, "repetition_penalty": 1.05,
                     "max_new_tokens": 2048}
 
@@ -75,34 +90,45 @@ def _rounds(messages: list[dict]) -> tuple[str, list[list[dict]]]:
   return system, rounds
 
 
+TEMPLATES = ("baichuan2", "baichuan-13b-chat")
+
+
 def build_chat_prompt(messages: Sequence[Mapping[str, str]], encode: Callable[[str], list],
                       *, user_id: int = 195, assistant_id: int = 196, max_length: int = 4096,
-                      max_new_tokens: int = 2048) -> list[int]:
-  """Token ids of a conversation in the Baichuan chat format.
+                      max_new_tokens: int = 2048, template: str = "baichuan2",
+                      eos_id: int = 2) -> list[int]:
+  """Token ids of a conversation in a Baichuan chat format (see the module doc for the rules).
 
   Args:
     messages: [{"role": "system" | "user" | "assistant", "content": str}, ...]; a system message
-      may only come first.
+      may only come first (and not at all for "baichuan-13b-chat").
     encode: text -> token ids without BOS/EOS (e.g. `Tokenizer.encode`).
     user_id, assistant_id: the turn-marker ids (195 / 196 in Baichuan).
     max_length: the model context (`cfg.max_seq_len`).
-    max_new_tokens: room kept for the reply; the prompt gets at most max_length - max_new_tokens.
+    max_new_tokens: room kept for the reply.
+    template: "baichuan2" or "baichuan-13b-chat".
+    eos_id: the id that ends each assistant turn in "baichuan-13b-chat" (2).
   Returns:
-    list[int] of at most max_length - max_new_tokens ids, ending in `assistant_id` when the last
-    message is a user turn.
+    list[int]: "baichuan2": at most max_length - max_new_tokens ids, ending in `assistant_id`
+    when the last message is not an assistant turn; "baichuan-13b-chat": at most
+    max(max_length // 2, max_length - max_new_tokens) + 1 ids, always ending in `assistant_id`.
   Raises:
-    ValueError: malformed messages, or max_new_tokens leaving no room for a prompt.
+    ValueError: malformed messages, an unknown template, a system message for
+      "baichuan-13b-chat", or max_new_tokens leaving no room for a prompt.
   """
   messages = validate_messages(messages)
+  if template == "baichuan-13b-chat":
+    return _baichuan13b_prompt(messages, encode, user_id, assistant_id, eos_id, max_length,
+                               max_new_tokens)
+  if template != "baichuan2":
+    raise ValueError(f"template={template!r} is invalid: allowed {', '.join(TEMPLATES)}")
   budget = max_length - max_new_tokens
   if budget < 1:
     raise ValueError(f"max_new_tokens={max_new_tokens} leaves no room for the prompt in a "
                      f"context of {max_length} tokens")
   system, rounds = _rounds(messages)
   system_ids = list(encode(system)) if system else []
-  ends_on_user = messages[-1]["role"] != "assistant"
-  # The trailing assistant marker is counted too, so whole rounds are kept only if they fit with it.
-  history_budget = budget - len(system_ids) - int(ends_on_user)
+  history_budget = budget - len(system_ids)
   history: list[int] = []
   for rnd in reversed(rounds):
     ids: list[int] = []
@@ -116,9 +142,43 @@ def build_chat_prompt(messages: Sequence[Mapping[str, str]], encode: Callable[[s
     if len(history) >= history_budget:
       break
   prompt = system_ids + history
-  if ends_on_user:
+  if messages[-1]["role"] != "assistant":
     prompt.append(assistant_id)
   return prompt[-budget:]
+
+
+def _baichuan13b_prompt(messages: list[dict], encode, user_id: int, assistant_id: int,
+                        eos_id: int, max_length: int, max_new_tokens: int) -> list[int]:
+  """Baichuan-13B-Chat's layout and truncation (module doc)."""
+  for i, m in enumerate(messages):
+    if m["role"] == "system":
+      raise ValueError(f"messages[{i}]: the Baichuan-13B-Chat template has no system role "
+                       "(allowed roles: user, assistant)")
+  budget = max(max_length // 2, max_length - max_new_tokens)
+  if budget < 1:
+    raise ValueError(f"max_length={max_length} leaves no room for the prompt")
+  total: list[int] = []
+  pending: list[int] = []  # the round being built, newest message first
+  for m in reversed(messages):
+    ids = list(encode(m["content"]))
+    if m["role"] == "assistant":
+      pending = [assistant_id] + ids + [eos_id] + pending
+      continue
+    pending = [user_id] + ids + pending
+    if total and len(total) + len(pending) > budget:
+      break
+    total = pending + total
+    if len(total) >= budget:
+      break
+    pending = []
+  return total[-budget:] + [assistant_id]
+
+
+def template_for(cfg) -> str:
+  """The chat template of a model config (module doc): Baichuan-13B's for ALiBi plain-head models."""
+  if cfg.position_embedding == "alibi" and not cfg.norm_head:
+    return "baichuan-13b-chat"
+  return "baichuan2"
 
 
 def chat_stop_ids(eos_id: int = 2, user_id: int = 195, assistant_id: int = 196) -> list[int]:
@@ -127,8 +187,9 @@ def chat_stop_ids(eos_id: int = 2, user_id: int = 195, assistant_id: int = 196) 
 
 
 def for_config(cfg) -> dict:
-  """The template's special ids for a model config ({user_id, assistant_id})."""
-  return {"user_id": int(cfg.user_token_id), "assistant_id": int(cfg.assistant_token_id)}
+  """`build_chat_prompt` keywords for a model config: {user_id, assistant_id, eos_id, template}."""
+  return {"user_id": int(cfg.user_token_id), "assistant_id": int(cfg.assistant_token_id),
+          "eos_id": int(cfg.eos_id), "template": template_for(cfg)}
 
 
 def chat_reply(cfg, params, tokenizer, messages: Sequence[Mapping[str, str]], *,
@@ -150,6 +211,8 @@ def chat_reply(cfg, params, tokenizer, messages: Sequence[Mapping[str, str]], *,
   max_new_tokens = min(int(max_new_tokens), cfg.max_seq_len - 1)
   prompt = build_chat_prompt(messages, tokenizer.encode, max_length=cfg.max_seq_len,
                              max_new_tokens=max_new_tokens, **for_config(cfg))
+  # Baichuan-13B-Chat keeps at least half the context for history: the reply gets what is left.
+  max_new_tokens = max(1, min(max_new_tokens, cfg.max_seq_len - len(prompt)))
   stops = chat_stop_ids(cfg.eos_id, cfg.user_token_id, cfg.assistant_token_id)
   return generate(cfg, params, [prompt], max_new_tokens=max_new_tokens, stop_token_ids=stops,
                   decode=tokenizer.decode, stream=stream, **sampling)[0]
