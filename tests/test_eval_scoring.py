@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from baichuan_jax.eval import (aggregate, evaluate_benchmark, from_sequence_logits, letter_scores,
-                               load_benchmark, pad_batch, pick, write_reports)
+                               load_benchmark, pad_batch, pick, prompt_text, write_reports)
 from test_eval_support import FIXTURES, make_tokenizer
 
 V = 64
@@ -153,7 +153,12 @@ def test_harness_drops_shots_to_fit_and_says_so(tok, caplog):
   assert pr["shots_dropped"] > 0
   assert max(p["prompt_tokens"] for p in res["predictions"]) <= 120
   assert all(p["shots"] < 5 for p in res["predictions"])
-  assert "dropped shots from the front to fit 120 tokens" in caplog.text
+  assert "dropped shots to fit 120 tokens (first_k rule" in caplog.text
+  # MMLU keeps the first k shots: each prompt is exactly the text with the first `shots` dev rows.
+  qs = [q for s in bench.subjects.values() for q in s.questions]
+  for q, p in zip(qs, res["predictions"]):
+    shots = bench.subjects[q.subject].shots[:p["shots"]]
+    assert p["prompt_tokens"] == len(tok.encode(prompt_text(q, shots, "baichuan")))
 
 
 def test_ceval_test_split_writes_a_submission(tok, tmp_path):

@@ -2,13 +2,13 @@
 
 Scores 5-shot multiple choice (C-Eval, CMMLU, MMLU, GAOKAO, AGIEval) by the next-token scores of
 the option letters, or perplexity / bits per byte (`--task ppl`) on a JSONL text file, and writes
-results JSON, a markdown table and per-question predictions under `--out`.
+results JSON, a markdown table and per-question predictions under `--out`. `--inspect` reads and
+validates the benchmark files without a model.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import platform
 import sys
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import jax
 
-from baichuan_jax.eval import harness, model_fns, perplexity, readers
+from baichuan_jax.eval import harness, model_fns, perplexity, prompts, readers
 
 log = logging.getLogger("baichuan_jax.eval")
 
@@ -24,6 +24,7 @@ EPILOG = """examples:
   python -m baichuan_jax.eval --task ceval --data-dir ~/data/ceval --hf ~/models/Baichuan2-7B-Base
   python -m baichuan_jax.eval --task mmlu --data-dir ~/data/mmlu --hf DIR --quantize int8 --limit 20
   python -m baichuan_jax.eval --task ppl --checkpoint runs/tiny --config tiny --tokenizer tok.model
+  python -m baichuan_jax.eval --task agieval --data-dir ~/AGIEval/data/v1 --inspect
 
 data layouts: ceval {dev,val,test}/{subject}_{split}.csv; cmmlu {dev,test}/{subject}.csv;
 mmlu {dev,val,test}/{subject}_{split}.csv (no header); gaokao GAOKAO-Bench 2010-2022_*.json;
@@ -37,12 +38,17 @@ def parse_args(argv=None):
   p.add_argument("--task", required=True, choices=list(readers.TASKS) + ["ppl"])
   p.add_argument("--data-dir", help="benchmark folder in its published layout; for ppl a JSONL "
                  "file or folder (default: the built corpus's validation split)")
-  src = p.add_mutually_exclusive_group(required=True)
+  src = p.add_mutually_exclusive_group()
   src.add_argument("--hf", metavar="DIR", help="Hugging Face Baichuan checkpoint folder")
   src.add_argument("--checkpoint", metavar="DIR", help="training workdir (orbax checkpoints)")
   p.add_argument("--step", type=int, help="checkpoint step (default: latest)")
   p.add_argument("--config", help="model preset for --checkpoint when the workdir stores none")
   p.add_argument("--tokenizer", help="SentencePiece tokenizer.model (default: beside the model)")
+  p.add_argument("--protocol", default=prompts.DEFAULT_PROTOCOL, choices=list(readers.PROTOCOLS),
+                 help="prompt/scoring rules: baichuan (Baichuan's evaluate_zh.py / "
+                 "evaluate_mmlu.py; the default) or official (each benchmark's own script)")
+  p.add_argument("--inspect", action="store_true", help="read and validate the benchmark files "
+                 "only (no model): per-subject counts, multi-answer and skipped items")
   p.add_argument("--shots", type=int, default=5, help="few-shot examples per prompt (default 5)")
   p.add_argument("--split", help="split to score (default: val for ceval, test otherwise)")
   p.add_argument("--subjects", help="comma-separated subjects to score (default: all found)")
@@ -56,7 +62,11 @@ def parse_args(argv=None):
   p.add_argument("--max-len", type=int, help="context length (default: the config's max_seq_len)")
   p.add_argument("--padding", default="right", choices=["left", "right"],
                  help="pad side of a batch; both give the same scores (default right)")
-  p.add_argument("--no-bos", action="store_true", help="do not start prompts with BOS")
+  bos = p.add_mutually_exclusive_group()
+  bos.add_argument("--bos", dest="bos", action="store_const", const=True,
+                   help="start prompts with BOS (default: the protocol's rule)")
+  bos.add_argument("--no-bos", dest="bos", action="store_const", const=False,
+                   help="do not start prompts with BOS")
   p.add_argument("--stride", type=int, help="ppl: new tokens per window (default: max-len)")
   p.add_argument("--out", default="eval_results", help="output folder (default eval_results/)")
   p.add_argument("--no-progress", action="store_true", help="hide progress bars")
@@ -67,7 +77,43 @@ def parse_args(argv=None):
     p.error(f"--limit={args.limit} must be > 0")
   if args.task != "ppl" and not args.data_dir:
     p.error(f"--task {args.task} needs --data-dir (the benchmark's published files)")
+  if args.inspect and args.task == "ppl":
+    p.error("--inspect reads a benchmark's files; it does not apply to --task ppl")
+  if not args.inspect and not (args.hf or args.checkpoint):
+    p.error("one of --hf DIR or --checkpoint DIR is required (or --inspect, which needs no model)")
   return args
+
+
+def inspect_text(bench) -> str:
+  """What `--inspect` prints: per-subject counts, then every multi-answer, left-out and skipped
+  item with its file:line and reason."""
+  lines = [f"{bench.task} {bench.split} split, {bench.protocol} protocol: "
+           f"{bench.num_questions} questions to score in {len(bench.subjects)} subjects", "",
+           "| subject | shots | questions | unlabeled |", "|---|---:|---:|---:|"]
+  for name, d in bench.subjects.items():
+    lines.append(f"| {name} | {len(d.shots)} | {len(d.questions)} | "
+                 f"{sum(q.answer is None for q in d.questions)} |")
+  files = {q.source.rsplit(":", 1)[0] for d in bench.subjects.values() for q in d.questions}
+  own_shots = sum(s.source.rsplit(":", 1)[0] in files for d in bench.subjects.values()
+                  for s in d.shots)  # GAOKAO / AGIEval shots come from the scored files
+  lines += ["", f"single-choice items in the scored files: {bench.num_questions + own_shots} "
+            f"({own_shots} of them used as shots); multi-answer: "
+            f"{len(bench.multi_answer)}; left out by the protocol: {len(bench.excluded)}; "
+            f"malformed (skipped): {len(bench.skipped)}"]
+  for title, items in (("multi-answer items", bench.multi_answer),
+                       ("left out by the protocol", bench.excluded),
+                       ("skipped (malformed)", bench.skipped)):
+    if items:
+      lines += ["", f"{title} ({len(items)}):"] + [f"  {s}" for s in items]
+  if bench.notes:
+    lines += ["", "notes:"] + [f"  {n}" for n in bench.notes]
+  return "\n".join(lines) + "\n"
+
+
+def _load_bench(args):
+  return readers.load_benchmark(args.task, args.data_dir, args.split, args.shots,
+                                args.subjects.split(",") if args.subjects else None,
+                                protocol=args.protocol)
 
 
 def _ppl_path(data_dir):
@@ -91,6 +137,13 @@ def _ppl_path(data_dir):
 def main(argv=None) -> dict:
   args = parse_args(argv)
   logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+  if args.inspect:
+    bench = _load_bench(args)
+    print(inspect_text(bench), end="")
+    return {"task": bench.task, "questions": bench.num_questions,
+            "subjects": {k: len(v.questions) for k, v in bench.subjects.items()},
+            "multi_answer": len(bench.multi_answer), "excluded": len(bench.excluded),
+            "skipped": len(bench.skipped)}
   tokenizer = model_fns.load_tokenizer(args.tokenizer, args.hf, args.checkpoint)
   cfg, params = model_fns.load_model(hf=args.hf, checkpoint=args.checkpoint, config=args.config,
                                      step=args.step, quantize=args.quantize, dtype=args.dtype,
@@ -117,19 +170,22 @@ def main(argv=None) -> dict:
                                    pad_id=tokenizer.pad_id, progress=not args.no_progress)
     res.update(path=str(path), model=model_name, limit=args.limit, environment=env)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "ppl_results.json").write_text(json.dumps(res, indent=2) + "\n")
+    (out / "ppl_results.json").write_text(harness.to_json(res, indent=2) + "\n", encoding="utf-8")
     (out / "ppl_results.md").write_text(harness.ppl_markdown(res, model_name))
     print(harness.ppl_markdown(res, model_name))
     return res
 
-  bench = readers.load_benchmark(args.task, args.data_dir, args.split, args.shots,
-                                 args.subjects.split(",") if args.subjects else None)
+  bench = _load_bench(args)
   if not bench.num_questions:
-    raise ValueError(f"{args.task}: no scorable questions under {args.data_dir}")
+    raise ValueError(f"{args.task}: no scorable questions under {args.data_dir} "
+                     f"({len(bench.skipped)} malformed rows skipped, e.g. "
+                     f"{bench.skipped[0] if bench.skipped else 'none'}; "
+                     f"{len(bench.multi_answer)} multi-answer items); run with --inspect to see "
+                     "every item left out and why")
   res = harness.evaluate_benchmark(bench, tokenizer, score_fn, max_len,
                                    batch_size=args.batch_size, padding=args.padding,
-                                   add_bos=not args.no_bos, limit=args.limit,
-                                   progress=not args.no_progress)
+                                   add_bos=args.bos, limit=args.limit,
+                                   progress=not args.no_progress, protocol=args.protocol)
   res["environment"] = env
   paths = harness.write_reports(res, out, model_name)
   print(harness.markdown(res, model_name))

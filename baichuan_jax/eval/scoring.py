@@ -141,26 +141,31 @@ def aggregate(records: Sequence[dict]) -> dict:
   """Accuracy per subject, per category and overall from per-question records.
 
   Args:
-    records: dicts with `subject`, `category` and `correct` (bool).
+    records: dicts with `subject`, `category` and `correct` (bool); optionally `categories`, every
+      category the subject counts in (CMMLU's China-specific subjects count in two).
   Returns:
-    {"subjects": {s: {category, correct, total, accuracy}}, "categories": {c: {correct, total,
-    accuracy, subjects, macro_accuracy}}, "micro_accuracy" (over questions),
-    "macro_accuracy" (mean of subject accuracies), "total", "correct"}.
+    {"subjects": {s: {category, categories, correct, total, accuracy}}, "categories": {c: {correct,
+    total, accuracy, subjects, macro_accuracy}}, "micro_accuracy" (over questions),
+    "macro_accuracy" (mean of subject accuracies), "total", "correct"}. Accuracies with nothing to
+    average are None (JSON null), never NaN.
   """
   by_subject = collections.OrderedDict()
   for r in records:
-    d = by_subject.setdefault(r["subject"], {"category": r["category"], "correct": 0, "total": 0})
+    d = by_subject.setdefault(r["subject"], {
+        "category": r["category"], "categories": list(r.get("categories") or [r["category"]]),
+        "correct": 0, "total": 0})
     d["correct"] += int(bool(r["correct"]))
     d["total"] += 1
   for d in by_subject.values():
     d["accuracy"] = d["correct"] / d["total"]
   cats = collections.OrderedDict()
   for s, d in sorted(by_subject.items()):
-    c = cats.setdefault(d["category"], {"correct": 0, "total": 0, "subjects": 0, "_accs": []})
-    c["correct"] += d["correct"]
-    c["total"] += d["total"]
-    c["subjects"] += 1
-    c["_accs"].append(d["accuracy"])
+    for name in d["categories"]:
+      c = cats.setdefault(name, {"correct": 0, "total": 0, "subjects": 0, "_accs": []})
+      c["correct"] += d["correct"]
+      c["total"] += d["total"]
+      c["subjects"] += 1
+      c["_accs"].append(d["accuracy"])
   for c in cats.values():
     c["accuracy"] = c["correct"] / c["total"]
     c["macro_accuracy"] = float(np.mean(c.pop("_accs")))
@@ -171,7 +176,7 @@ def aggregate(records: Sequence[dict]) -> dict:
       "categories": dict(sorted(cats.items())),
       "total": total,
       "correct": correct,
-      "micro_accuracy": correct / total if total else float("nan"),
+      "micro_accuracy": correct / total if total else None,
       "macro_accuracy": float(np.mean([d["accuracy"] for d in by_subject.values()]))
-      if by_subject else float("nan"),
+      if by_subject else None,
   }

@@ -1,7 +1,8 @@
 """Subject lists of each benchmark: display names and the category every subject is reported under.
 
 Written from the public subject lists of C-Eval (52 subjects, 4 categories), CMMLU (67 subjects,
-5 categories including "China specific") and MMLU (57 subjects; Hendrycks et al.'s 4 groups).
+5 categories including "China specific", whose 15 subjects also count in a second category as
+in CMMLU's categories.py) and MMLU (57 subjects; Hendrycks et al.'s 4 groups).
 Gaokao and AGIEval publish no category split; the groupings below for them are ours.
 """
 
@@ -207,6 +208,31 @@ AGIEVAL = {
     "logiqa-zh": ("LogiQA (zh)", "Chinese"),
 }
 
+# AGIEval's own `english_qa_datasets` (src/dataset_loader.py): these get the English template,
+# gaokao-english included; every other multiple-choice task is in its `chinese_qa_datasets`.
+AGIEVAL_ENGLISH = frozenset({"lsat-ar", "lsat-lr", "lsat-rc", "logiqa-en", "sat-math", "sat-en",
+                             "aqua-rat", "sat-en-without-passage", "gaokao-english"})
+
+# CMMLU's `src/categories.py` gives each China-specific subject a first subcategory too, so it also
+# counts in that subcategory's category (9 Social Science, 2 Humanities, 4 Other).
+CMMLU_CHINA_SPECIFIC_ALSO = {
+    "ancient_chinese": "Social Science",  # linguistics
+    "chinese_civil_service_exam": "Social Science",  # politics
+    "chinese_driving_rule": "Other",
+    "chinese_food_culture": "Social Science",  # culture
+    "chinese_foreign_policy": "Social Science",  # politics
+    "chinese_history": "Humanities",  # history
+    "chinese_literature": "Humanities",  # literature
+    "chinese_teacher_qualification": "Social Science",  # education
+    "construction_project_management": "Other",
+    "elementary_chinese": "Social Science",  # linguistics
+    "elementary_commonsense": "Other",
+    "ethnology": "Social Science",  # culture
+    "high_school_politics": "Social Science",  # politics
+    "modern_chinese": "Social Science",  # linguistics
+    "traditional_chinese_medicine": "Other",
+}
+
 TABLES = {"ceval": CEVAL, "cmmlu": CMMLU, "mmlu": MMLU, "gaokao": GAOKAO, "agieval": AGIEVAL}
 
 
@@ -214,6 +240,14 @@ def category(task: str, subject: str) -> str:
   """The category `subject` is reported under in `task` ("Unlisted" for subjects we do not know)."""
   entry = TABLES[task].get(subject)
   return entry[1] if entry else "Unlisted"
+
+
+def categories(task: str, subject: str) -> tuple:
+  """Every category `subject` counts in: one, or two for CMMLU's China-specific subjects."""
+  first = category(task, subject)
+  if task == "cmmlu" and subject in CMMLU_CHINA_SPECIFIC_ALSO:
+    return (CMMLU_CHINA_SPECIFIC_ALSO[subject], first)
+  return (first,)
 
 
 def display_name(task: str, subject: str) -> str:
