@@ -19,18 +19,40 @@ class AttnContext(NamedTuple):
   """
   q_pos: jax.Array  # [batch, q_len] int32
   q_seg: jax.Array  # [batch, q_len] int32
-  q_idx: jax.Array  # [q_len] int32
+  q_idx: jax.Array  # [q_len] int32, or [batch, q_len] when the cache has one index per row
   k_pos: jax.Array  # [batch, k_len] int32
   k_seg: jax.Array  # [batch, k_len] int32
   k_idx: jax.Array  # [k_len] int32
-  cache_index: Optional[jax.Array] = None  # scalar int32 where new keys are written, or None
+  # Where new keys are written: a scalar int32 (every row at the same slot), a [batch] int32
+  # (one slot per row: continuous batching, where each row holds a request of its own length),
+  # or None without a cache.
+  cache_index: Optional[jax.Array] = None
 
 
 def attention_mask(ctx: AttnContext) -> jax.Array:
   """Boolean [batch, 1, q_len, k_len]: causal within the same segment."""
-  causal = ctx.k_idx[None, :] <= ctx.q_idx[:, None]  # [q, k]
+  q_idx = ctx.q_idx if ctx.q_idx.ndim == 2 else ctx.q_idx[None]  # [b or 1, q]
+  causal = ctx.k_idx[None, None, :] <= q_idx[:, :, None]  # [b or 1, q, k]
   same_seg = ctx.q_seg[:, :, None] == ctx.k_seg[:, None, :]  # [b, q, k]
-  return (causal[None] & same_seg)[:, None]
+  return (causal & same_seg)[:, None]
+
+
+def write_cache(cache: jax.Array, new: jax.Array, index: jax.Array, axis: int) -> jax.Array:
+  """Writes `new` into `cache` starting at `index` along `axis` (axis >= 1; axis 0 is the batch).
+
+  Args:
+    cache: [batch, ...] e.g. [batch, kv_heads, max_len, head_dim] keys or [batch, max_len] ids.
+    new: like `cache` with `axis` of length q_len (cast to the cache's dtype).
+    index: scalar int32 (the same slot for every row: one dynamic-update-slice) or [batch] int32
+      (row b written at index[b]: a per-row update, batched by vmap into one scatter).
+  Returns:
+    The updated cache.
+  """
+  new = new.astype(cache.dtype)
+  if index.ndim == 0:
+    return jax.lax.dynamic_update_slice_in_dim(cache, new, index, axis)
+  row = lambda c, n, i: jax.lax.dynamic_update_slice_in_dim(c, n, i, axis - 1)
+  return jax.vmap(row)(cache, new, index)
 
 
 def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, ctx: AttnContext,

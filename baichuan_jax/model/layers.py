@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from baichuan_jax.model.attention import AttnContext, xla_attention
+from baichuan_jax.model.attention import AttnContext, write_cache, xla_attention
 from baichuan_jax.model.positions import alibi_slopes, apply_rope
 
 
@@ -87,10 +87,8 @@ class Attention(nn.Module):
       k = apply_rope(k, ctx.q_pos, cfg.rope_theta)
     slopes = jnp.asarray(alibi_slopes(h)) if cfg.position_embedding == "alibi" else None
     if kv is not None:  # write this step's keys/values into the [batch, kv_heads, max_len, d] slots
-      k = jax.lax.dynamic_update_slice_in_dim(kv[0], k.swapaxes(1, 2).astype(kv[0].dtype),
-                                              ctx.cache_index, 2)
-      v = jax.lax.dynamic_update_slice_in_dim(kv[1], v.swapaxes(1, 2).astype(kv[1].dtype),
-                                              ctx.cache_index, 2)
+      k = write_cache(kv[0], k.swapaxes(1, 2), ctx.cache_index, 2)
+      v = write_cache(kv[1], v.swapaxes(1, 2), ctx.cache_index, 2)
     q = nn.with_logical_constraint(q, ("activation_batch", "activation_length", "activation_heads", "kv"))
     if cfg.attention_impl == "pallas" and kv is None:
       from kernels_pallas import flash_attention  # pylint: disable=import-outside-toplevel

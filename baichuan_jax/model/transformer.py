@@ -12,7 +12,7 @@ from jax.ad_checkpoint import checkpoint_name
 import ml_collections
 
 from baichuan_jax import configs
-from baichuan_jax.model.attention import AttnContext
+from baichuan_jax.model.attention import AttnContext, write_cache
 from baichuan_jax.model.layers import MLP, Attention, RMSNorm, dtype_of, head_logits
 
 REMAT_POLICIES = {
@@ -33,7 +33,9 @@ class KVCache:
   v: tuple  # of num_layers jax.Array
   positions: jax.Array  # [batch, max_len] int32 position of the token in each slot
   segment_ids: jax.Array  # [batch, max_len] int32; 0 = empty slot or padding
-  index: jax.Array  # scalar int32: the next slot to write
+  # The next slot to write: a scalar int32 (all rows in step, as `infer.generate` fills them), or
+  # [batch] int32, one per row (`infer.engine`: each row a request of its own length).
+  index: jax.Array
 
 
 def init_cache(cfg: ml_collections.ConfigDict, batch: int, max_len: int,
@@ -172,17 +174,17 @@ def _context(tokens, positions, segment_ids, cache):
   if segment_ids is None:
     segment_ids = jnp.ones((b, s), jnp.int32)
   if positions is None:
-    start = 0 if cache is None else cache.index
-    positions = jnp.broadcast_to(start + jnp.arange(s, dtype=jnp.int32), (b, s))
+    start = jnp.zeros((), jnp.int32) if cache is None else cache.index
+    positions = jnp.broadcast_to(start[..., None] + jnp.arange(s, dtype=jnp.int32), (b, s))
   positions = positions.astype(jnp.int32)
   segment_ids = segment_ids.astype(jnp.int32)
   if cache is None:
     idx = jnp.arange(s, dtype=jnp.int32)
     return AttnContext(positions, segment_ids, idx, positions, segment_ids, idx), None
-  cache = cache.replace(
-      positions=jax.lax.dynamic_update_slice_in_dim(cache.positions, positions, cache.index, 1),
-      segment_ids=jax.lax.dynamic_update_slice_in_dim(cache.segment_ids, segment_ids, cache.index, 1))
-  q_idx = cache.index + jnp.arange(s, dtype=jnp.int32)
+  cache = cache.replace(positions=write_cache(cache.positions, positions, cache.index, 1),
+                        segment_ids=write_cache(cache.segment_ids, segment_ids, cache.index, 1))
+  # [q_len], or [batch, q_len] with one cache index per row.
+  q_idx = cache.index[..., None] + jnp.arange(s, dtype=jnp.int32)
   k_idx = jnp.arange(cache.positions.shape[1], dtype=jnp.int32)
   ctx = AttnContext(positions, segment_ids, q_idx, cache.positions, cache.segment_ids, k_idx,
                     cache.index)
