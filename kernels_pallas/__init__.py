@@ -1,14 +1,26 @@
 """Pallas kernels for Baichuan (GPU via Triton, TPU via Mosaic, CPU via interpret mode).
 
-- `flash_attention(q, k, v, *, causal, alibi_slopes, segment_ids, ...)`: fused attention with
-  in-kernel ALiBi, packed segments, GQA/MQA, any sequence length, and a custom VJP.
+- `flash_attention(q, k, v, *, causal, alibi_slopes, segment_ids, rope_theta, ...)`: fused
+  attention with in-kernel ALiBi (and optionally RoPE), packed segments, GQA/MQA, any sequence
+  length, and a custom VJP.
+- `decode_attention(q, k_cache, v_cache, lengths, *, starts, alibi_slopes, ...)`: one query token
+  per row over the filled slots of a [batch, kv_heads, max_len, head_dim] KV cache (ragged
+  lengths; blocks past a row's length are never read).
+- `top_k(logits, k, *, present, penalty)` / `topk_argmax(logits)`: the top-k / greedy pick over the
+  vocabulary in one pass over the logits (optionally with the repetition penalty fused in).
 - `rms_norm(x, scale, *, eps)`: fused RMSNorm, forward and backward.
-Each kernel has a plain-jnp reference in `kernels_pallas.reference`.
+Each kernel has a plain-jnp reference in `kernels_pallas.reference` (top-k: `jax.lax.top_k`).
 """
 
-from kernels_pallas.attention import BACKENDS, DEFAULT_BLOCKS, flash_attention, resolve_backend
-from kernels_pallas.reference import attention_reference, rms_norm_reference
+from kernels_pallas.attention import (BACKENDS, DEFAULT_BLOCKS, default_blocks, flash_attention,
+                                      resolve_backend)
+from kernels_pallas.decode import decode_attention
+from kernels_pallas.reference import (attention_reference, decode_attention_reference,
+                                      rms_norm_reference, rope_reference)
 from kernels_pallas.rms_norm import rms_norm
+from kernels_pallas.topk import argmax as topk_argmax
+from kernels_pallas.topk import top_k
 
-__all__ = ["BACKENDS", "DEFAULT_BLOCKS", "attention_reference", "flash_attention",
-           "resolve_backend", "rms_norm", "rms_norm_reference"]
+__all__ = ["BACKENDS", "DEFAULT_BLOCKS", "attention_reference", "decode_attention",
+           "decode_attention_reference", "default_blocks", "flash_attention", "resolve_backend",
+           "rms_norm", "rms_norm_reference", "rope_reference", "top_k", "topk_argmax"]

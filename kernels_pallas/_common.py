@@ -29,6 +29,7 @@ class AttnStatic:
   interpret: bool
   num_warps: Optional[int] = None  # GPU launch settings; None = the backend's default
   num_stages: Optional[int] = None
+  has_rope: bool = False  # q and k rotated in the kernel from cos/sin tables (GPU kernels)
 
   @property
   def mask_padding(self) -> bool:

@@ -2,8 +2,9 @@
 
 `flash_attention` pads the sequence to a block multiple (and, for Triton, head_dim to a power of
 two), runs the forward kernel, and saves (q, k, v, out, lse) for the backward pass, which runs the
-dQ kernel and the dK/dV kernel. The padding is masked inside the kernels and sliced off here, so
-any sequence length works.
+dQ kernel and the dK/dV kernel, each with its own tiles. The padding is masked inside the kernels
+and sliced off here, so any sequence length works. With `rope_theta`, q and k are rotated inside
+the GPU kernels (see flash_gpu) instead of before the call.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from jax.experimental.pallas import tpu as pltpu
 
 from kernels_pallas import flash_gpu, flash_tpu
 from kernels_pallas._common import AttnStatic
-from kernels_pallas.reference import attention_reference
+from kernels_pallas.reference import attention_reference, rope_inv_freq, rope_reference
 
 BACKENDS = ("auto", "gpu", "tpu", "interpret", "tpu_interpret", "xla")
 CPU_BACKEND_ENV = "KERNELS_PALLAS_CPU_BACKEND"
@@ -33,11 +34,32 @@ DEFAULT_BLOCKS = {
     "gpu": {"fwd": (128, 128), "bwd": (64, 64)},
     "tpu": {"fwd": (256, 512), "bwd": (256, 256)},
 }
+PHASES = ("fwd", "dq", "dkdv")  # the three kernels; tuning key "bwd" sets both backward kernels
+
+
+def default_blocks(kind: str, head_dim: int, seq_len: int) -> dict:
+  """(block_q, block_k) per kernel ("fwd", "dq", "dkdv") for a head_dim and sequence length.
+
+  GPU: the forward keeps the H100-tuned 128 x 128 tiles. The backward is tiled per kernel: dQ
+  keeps a tall query block (its accumulator is [block_q, head_dim]) and walks narrow key blocks;
+  dK/dV the transpose (accumulators [block_k, head_dim] x 2). At head_dim 128 both stay at the
+  H100-measured 64 x 64 (larger accumulators spill registers); at head_dim <= 64 the accumulators
+  are half as large, so the long side doubles to 128 for sequences >= 1024. Not yet measured on
+  Hopper: benchmarks/gpu_suite.py times these against the alternatives. TPU: DEFAULT_BLOCKS.
+  """
+  table = DEFAULT_BLOCKS[kind]
+  if kind != "gpu":
+    return {"fwd": table["fwd"], "dq": table["bwd"], "dkdv": table["bwd"]}
+  out = {"fwd": table["fwd"], "dq": table["bwd"], "dkdv": table["bwd"]}
+  if head_dim <= 64 and seq_len >= 1024:
+    out["dq"], out["dkdv"] = (128, 64), (64, 128)
+  return out
 # Triton launch settings per phase (GPU only), from the same sweep: forward 8 warps and 3 pipeline
 # stages (4 warps for head_dim <= 64, where a row block needs fewer registers); backward 4 warps,
 # 2 stages. None = that default.
 DEFAULT_LAUNCH = {"fwd": {"num_warps": None, "num_stages": 3},
                   "bwd": {"num_warps": 4, "num_stages": 2}}
+DEFAULT_LAUNCH["dq"] = DEFAULT_LAUNCH["dkdv"] = DEFAULT_LAUNCH["bwd"]
 
 
 def resolve_backend(backend: str) -> str:
@@ -77,8 +99,8 @@ def _check_block(name: str, value: int, kind: str, seq_pad: int) -> None:
 
 
 def _blocks(kind: str, seq_len: int, block_q: Optional[int], block_k: Optional[int],
-            phase_blocks: Optional[dict] = None):
-  """Forward/backward (block_q, block_k) and the padded sequence length they all divide.
+            phase_blocks: Optional[dict] = None, head_dim: int = 128):
+  """(block_q, block_k) per kernel (PHASES) and the padded sequence length they all divide.
 
   Blocks are capped at the (rounded-up) sequence length and then shrunk to divide the padded
   length, so padding never exceeds one largest block.
@@ -87,8 +109,9 @@ def _blocks(kind: str, seq_len: int, block_q: Optional[int], block_k: Optional[i
     if value is not None:
       _check_block(name, value, kind, -1)
   chosen = {}
-  for phase in ("fwd", "bwd"):
-    dq, dk = (phase_blocks or {}).get(phase, DEFAULT_BLOCKS[kind][phase])
+  defaults = default_blocks(kind, head_dim, seq_len)
+  for phase in PHASES:
+    dq, dk = (phase_blocks or {}).get(phase, defaults[phase])
     chosen[phase] = [block_q or dq, block_k or dk]
   if kind == "gpu":
     cap = max(16, 1 << (seq_len - 1).bit_length())  # next power of two
@@ -102,10 +125,10 @@ def _blocks(kind: str, seq_len: int, block_q: Optional[int], block_k: Optional[i
   for phase, (bq, bk) in chosen.items():
     _check_block("block_q", bq, kind, seq_pad)
     _check_block("block_k", bk, kind, seq_pad)
-  return tuple(chosen["fwd"]), tuple(chosen["bwd"]), seq_pad
+  return {phase: tuple(v) for phase, v in chosen.items()}, seq_pad
 
 
-def _validate(q, k, v, alibi_slopes, segment_ids, positions):
+def _validate(q, k, v, alibi_slopes, segment_ids, positions, rope_theta=None):
   if q.ndim != 4:
     raise ValueError(f"q.shape={q.shape} is invalid: must be [batch, seq, heads, head_dim]")
   b, s, h, d = q.shape
@@ -123,6 +146,12 @@ def _validate(q, k, v, alibi_slopes, segment_ids, positions):
       raise ValueError(f"{name}.shape={arr.shape} is invalid: must be [batch={b}, seq={s}]")
     if arr is not None and not jnp.issubdtype(arr.dtype, jnp.integer):
       raise ValueError(f"{name}.dtype={arr.dtype} is invalid: must be an integer type")
+  if rope_theta is not None:
+    if not rope_theta > 0:
+      raise ValueError(f"rope_theta={rope_theta!r} is invalid: must be > 0")
+    if d < 32 or d & (d - 1):
+      raise ValueError(f"head_dim={d} is invalid with rope_theta: in-kernel RoPE needs a power "
+                       "of two >= 32 (apply RoPE before the call instead)")
 
 
 def _check_tuning(tuning: Optional[dict]):
@@ -132,11 +161,12 @@ def _check_tuning(tuning: Optional[dict]):
   if unknown:
     raise ValueError(f"tuning keys {sorted(unknown)} are invalid: allowed are 'blocks', 'launch'")
   blocks = tuning.get("blocks")
-  launch = {ph: dict(DEFAULT_LAUNCH[ph]) for ph in ("fwd", "bwd")}
+  launch = {ph: dict(DEFAULT_LAUNCH[ph]) for ph in PHASES}
   for name, table in (("blocks", blocks or {}), ("launch", tuning.get("launch") or {})):
     for phase, value in table.items():
-      if phase not in ("fwd", "bwd"):
-        raise ValueError(f"tuning[{name!r}] key {phase!r} is invalid: must be 'fwd' or 'bwd'")
+      if phase not in ("fwd", "bwd", "dq", "dkdv"):
+        raise ValueError(f"tuning[{name!r}] key {phase!r} is invalid: must be 'fwd', 'bwd', "
+                         "'dq' or 'dkdv'")
       if name == "blocks" and (len(tuple(value)) != 2):
         raise ValueError(f"tuning['blocks'][{phase!r}]={value!r} is invalid: must be "
                          "(block_q, block_k)")
@@ -145,9 +175,18 @@ def _check_tuning(tuning: Optional[dict]):
         if bad:
           raise ValueError(f"tuning['launch'][{phase!r}] keys {sorted(bad)} are invalid: "
                            "allowed are num_warps, num_stages")
-        launch[phase].update(value)
+    if name == "launch":  # "bwd" first, then the per-kernel keys win
+      for phase in ("fwd", "bwd", "dq", "dkdv"):
+        if phase in table:
+          for target in (("dq", "dkdv") if phase == "bwd" else (phase,)):
+            launch[target].update(table[phase])
   if blocks:
-    blocks = {ph: tuple(int(x) for x in v) for ph, v in blocks.items()}
+    given = {ph: tuple(int(x) for x in v) for ph, v in blocks.items()}
+    blocks = {}
+    for phase in ("fwd", "bwd", "dq", "dkdv"):
+      if phase in given:
+        for target in (("dq", "dkdv") if phase == "bwd" else (phase,)):
+          blocks[target] = given[phase]
   return blocks, launch
 
 
@@ -168,10 +207,10 @@ class _null_context:  # pylint: disable=invalid-name
     return False
 
 
-def _fwd_impl(kind, st, q, k, v, slopes, seg, pos):
+def _fwd_impl(kind, st, q, k, v, slopes, seg, pos, rope=None):
   """Runs the forward kernel on padded [batch, seq, heads, head_dim] inputs -> (out, lse)."""
   if kind == "gpu":
-    out, lse = flash_gpu.forward(q, k, v, slopes, seg, pos, st)
+    out, lse = flash_gpu.forward(q, k, v, slopes, seg, pos, st, rope)
     return out, lse  # lse: [batch, heads, seq]
   t = lambda x: jnp.swapaxes(x, 1, 2)  # [b, s, h, d] <-> [b, h, s, d]
   with _tpu_context(st):
@@ -179,37 +218,40 @@ def _fwd_impl(kind, st, q, k, v, slopes, seg, pos):
   return t(out), lse[..., 0]
 
 
-def _bwd_impl(kind, st, q, k, v, out, lse, do, slopes, seg, pos):
+def _bwd_impl(kind, st_dq, st_dkdv, q, k, v, out, lse, do, slopes, seg, pos, rope=None):
   # delta_i = rowsum(dO_i * O_i): the softmax-Jacobian term, one fp32 per query row.
   delta = jnp.einsum("bshd,bshd->bhs", do.astype(jnp.float32), out.astype(jnp.float32))
   if kind == "gpu":
-    dq = flash_gpu.backward_dq(q, k, v, do, lse, delta, slopes, seg, pos, st)
-    dk, dv = flash_gpu.backward_dkdv(q, k, v, do, lse, delta, slopes, seg, pos, st)
+    dq = flash_gpu.backward_dq(q, k, v, do, lse, delta, slopes, seg, pos, st_dq, rope)
+    dk, dv = flash_gpu.backward_dkdv(q, k, v, do, lse, delta, slopes, seg, pos, st_dkdv, rope)
     return dq, dk, dv
   t = lambda x: jnp.swapaxes(x, 1, 2)
-  args = (t(q), t(k), t(v), t(do), lse[..., None], delta[..., None], slopes, seg, pos, st)
-  with _tpu_context(st):
-    dq = flash_tpu.backward_dq(*args)
-    dk, dv = flash_tpu.backward_dkdv(*args)
+  args = (t(q), t(k), t(v), t(do), lse[..., None], delta[..., None], slopes, seg, pos)
+  with _tpu_context(st_dq):
+    dq = flash_tpu.backward_dq(*args, st_dq)
+    dk, dv = flash_tpu.backward_dkdv(*args, st_dkdv)
   return t(dq), t(dk), t(dv)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
-def _flash(kind, st_fwd, st_bwd, q, k, v, slopes, seg, pos):
-  return _fwd_impl(kind, st_fwd, q, k, v, slopes, seg, pos)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _flash(kind, statics, q, k, v, slopes, seg, pos, cos, sin):
+  rope = None if cos is None else (cos, sin)
+  return _fwd_impl(kind, statics[0], q, k, v, slopes, seg, pos, rope)[0]
 
 
-def _flash_fwd(kind, st_fwd, st_bwd, q, k, v, slopes, seg, pos):
-  out, lse = _fwd_impl(kind, st_fwd, q, k, v, slopes, seg, pos)
-  return out, (q, k, v, out, lse, slopes, seg, pos)
+def _flash_fwd(kind, statics, q, k, v, slopes, seg, pos, cos, sin):
+  rope = None if cos is None else (cos, sin)
+  out, lse = _fwd_impl(kind, statics[0], q, k, v, slopes, seg, pos, rope)
+  return out, (q, k, v, out, lse, slopes, seg, pos, cos, sin)
 
 
-def _flash_bwd(kind, st_fwd, st_bwd, res, do):
-  del st_fwd
-  q, k, v, out, lse, slopes, seg, pos = res
-  dq, dk, dv = _bwd_impl(kind, st_bwd, q, k, v, out, lse, do, slopes, seg, pos)
-  # ALiBi slopes, segment ids and positions are constants: no cotangent.
-  return dq, dk, dv, None, None, None
+def _flash_bwd(kind, statics, res, do):
+  q, k, v, out, lse, slopes, seg, pos, cos, sin = res
+  rope = None if cos is None else (cos, sin)
+  dq, dk, dv = _bwd_impl(kind, statics[1], statics[2], q, k, v, out, lse, do, slopes, seg, pos,
+                         rope)
+  # ALiBi slopes, segment ids, positions and the RoPE tables are constants: no cotangent.
+  return dq, dk, dv, None, None, None, None, None
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)
@@ -221,7 +263,8 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = 
                     positions: Optional[jax.Array] = None,
                     sm_scale: Optional[float] = None, backend: str = "auto",
                     block_q: Optional[int] = None, block_k: Optional[int] = None,
-                    tuning: Optional[dict] = None) -> jax.Array:
+                    tuning: Optional[dict] = None,
+                    rope_theta: Optional[float] = None) -> jax.Array:
   """Memory-efficient softmax attention with in-kernel ALiBi, packed segments and GQA.
 
   Args:
@@ -238,29 +281,44 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = 
       "tpu" (Mosaic), "interpret" (GPU kernels in Pallas interpret mode), "tpu_interpret" (TPU
       kernels in interpret mode) or "xla" (the plain jnp reference).
     block_q, block_k: tile sizes for every kernel (defaults per backend in DEFAULT_BLOCKS).
-    tuning: per-phase settings, e.g. {"blocks": {"fwd": (128, 64), "bwd": (64, 64)},
-      "launch": {"fwd": {"num_warps": 8, "num_stages": 3}}}; "launch" applies to the GPU kernels
-      ("bwd" covers the dQ and dK/dV kernels). block_q/block_k, when given, win over "blocks".
+    tuning: per-kernel settings, e.g. {"blocks": {"fwd": (128, 64), "bwd": (64, 64)},
+      "launch": {"fwd": {"num_warps": 8, "num_stages": 3}}}; kernels are "fwd", "dq" and "dkdv",
+      and "bwd" sets both backward kernels (a "dq"/"dkdv" entry wins over it). "launch" applies
+      to the GPU kernels. block_q/block_k, when given, win over "blocks". Defaults:
+      `default_blocks` / DEFAULT_LAUNCH.
+    rope_theta: if given, q and k are unrotated and RoPE (rotate-half, base rope_theta, angles
+      from `positions`, default 0..seq-1) is applied inside the kernels; gradients flow to the
+      unrotated q and k. Equal to applying RoPE before the call. On the TPU and XLA backends RoPE
+      is applied in jnp before the kernels. head_dim must be a power of two >= 32.
   Returns:
     [batch, seq, heads, head_dim] in q's dtype.
   """
-  _validate(q, k, v, alibi_slopes, segment_ids, positions)
+  _validate(q, k, v, alibi_slopes, segment_ids, positions, rope_theta)
   b, s, h, d = q.shape
   scale = float(d ** -0.5 if sm_scale is None else sm_scale)
   backend = resolve_backend(backend)
+  rope_pos = None
+  if rope_theta is not None:
+    rope_pos = (jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s)) if positions is None
+                else positions.astype(jnp.int32))
+    if backend not in ("gpu", "interpret"):
+      q = rope_reference(q, rope_pos, rope_theta)
+      k = rope_reference(k, rope_pos, rope_theta)
+      rope_pos = None
   if backend == "xla":
     return attention_reference(q, k, v, causal=causal, alibi_slopes=alibi_slopes,
                                segment_ids=segment_ids, positions=positions, sm_scale=scale)
   kind, interpret = _kernel_kind(backend)
   phase_blocks, launch = _check_tuning(tuning)
-  fwd_blocks, bwd_blocks, seq_pad = _blocks(kind, s, block_q, block_k, phase_blocks)
+  blocks, seq_pad = _blocks(kind, s, block_q, block_k, phase_blocks, head_dim=d)
   has_alibi = alibi_slopes is not None
-  statics = [AttnStatic(causal=causal, sm_scale=scale, seq_len=s, seq_pad=seq_pad,
-                        groups=h // k.shape[2], block_q=bq, block_k=bk, has_alibi=has_alibi,
-                        has_segments=segment_ids is not None,
-                        has_positions=has_alibi and positions is not None, interpret=interpret,
-                        **launch[phase])
-             for phase, (bq, bk) in (("fwd", fwd_blocks), ("bwd", bwd_blocks))]
+  statics = tuple(AttnStatic(causal=causal, sm_scale=scale, seq_len=s, seq_pad=seq_pad,
+                             groups=h // k.shape[2], block_q=blocks[phase][0],
+                             block_k=blocks[phase][1], has_alibi=has_alibi,
+                             has_segments=segment_ids is not None,
+                             has_positions=has_alibi and positions is not None,
+                             interpret=interpret, has_rope=rope_pos is not None, **launch[phase])
+                  for phase in PHASES)
   d_pad = max(16, 1 << (d - 1).bit_length()) if kind == "gpu" else d
   pad = lambda x: jnp.pad(x, ((0, 0), (0, seq_pad - s), (0, 0), (0, d_pad - d)))
   seg = None if segment_ids is None else jnp.pad(segment_ids.astype(jnp.int32),
@@ -272,5 +330,10 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = 
     slopes = alibi_slopes.astype(jnp.float32)
     if kind == "gpu":  # Triton values need power-of-two sizes
       slopes = jnp.pad(slopes, (0, max(2, 1 << (h - 1).bit_length()) - h))
-  out = _flash(kind, statics[0], statics[1], pad(q), pad(k), pad(v), slopes, seg, pos)
+  cos = sin = None
+  if rope_pos is not None:  # [batch, seq_pad, head_dim / 2] fp32 tables, shared by all heads
+    angles = jnp.pad(rope_pos, ((0, 0), (0, seq_pad - s))).astype(jnp.float32)[..., None] * (
+        rope_inv_freq(d, rope_theta))
+    cos, sin = jnp.cos(angles), jnp.sin(angles)
+  out = _flash(kind, statics, pad(q), pad(k), pad(v), slopes, seg, pos, cos, sin)
   return out[:, :s, :, :d]

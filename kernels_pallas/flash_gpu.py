@@ -14,7 +14,11 @@ a `fori_loop`, keeping the running max / sum / accumulator in registers (FlashAt
   temporary for dK/dV).
 
 ALiBi is computed from the per-head slope and the query/key positions inside the kernel; segment
-ids and positions are [batch, seq] vectors. Inputs arrive padded (seq to a block multiple, head_dim
+ids and positions are [batch, seq] vectors. With `has_rope`, q and k arrive unrotated and every
+kernel rotates its tiles (rotate-half RoPE, fp32 arithmetic, rounded to the input dtype as applying
+RoPE first would) from cos/sin tables [batch, seq, head_dim / 2]: each tile is loaded as its two
+halves and the products run as two half-width dots (Triton has no in-register concatenate). The
+backward kernels rotate dQ and dK back (the transpose of the rotation). Inputs arrive padded (seq to a block multiple, head_dim
 to a power of two, slopes to a power of two) by `kernels_pallas.attention`; Triton needs
 power-of-two value shapes. The same kernels run on CPU with `interpret=True`.
 """
@@ -46,12 +50,41 @@ def _slope(slopes_ref, head):
 
 
 def _split_refs(refs, st: AttnStatic, n_main: int):
-  """Splits the flat ref list into main refs, (slopes, segments, positions) and outputs."""
+  """Splits the flat ref list into main refs, (slopes, segments, positions, rope) and outputs."""
   main, rest = list(refs[:n_main]), list(refs[n_main:])
   slopes = rest.pop(0) if st.has_alibi else None
   seg = rest.pop(0) if st.has_segments else None
   pos = rest.pop(0) if st.has_positions else None
-  return main, slopes, seg, pos, rest
+  rope = (rest.pop(0), rest.pop(0)) if st.has_rope else None
+  return main, slopes, seg, pos, rope, rest
+
+
+def _rotate(x1, x2, c, s):
+  """Rotate-half RoPE of a tile given as halves: (x1 c - x2 s, x2 c + x1 s), fp32 math."""
+  x1f, x2f = x1.astype(jnp.float32), x2.astype(jnp.float32)
+  return (x1f * c - x2f * s).astype(x1.dtype), (x2f * c + x1f * s).astype(x1.dtype)
+
+
+def _unrotate(g1, g2, c, s):
+  """Transpose of `_rotate` on fp32 gradients."""
+  return g1 * c + g2 * s, g2 * c - g1 * s
+
+
+def _rope_rows(rope, start, size):
+  cos_ref, sin_ref = rope
+  return cos_ref[pl.ds(start, size), :], sin_ref[pl.ds(start, size), :]
+
+
+def _halves(ref, rows, *lead):
+  """The two head_dim halves of ref[rows, *lead, :]."""
+  d2 = ref.shape[-1] // 2
+  return ref[(rows,) + lead + (pl.ds(0, d2),)], ref[(rows,) + lead + (pl.ds(d2, d2),)]
+
+
+def _store_halves(ref, a, b):
+  d2 = ref.shape[-1] // 2
+  ref[:, pl.ds(0, d2)] = a.astype(ref.dtype)
+  ref[:, pl.ds(d2, d2)] = b.astype(ref.dtype)
 
 
 def _vec(ref, start, size):
@@ -59,11 +92,16 @@ def _vec(ref, start, size):
 
 
 def _fwd_kernel(*refs, st: AttnStatic):
-  (q_ref, k_ref, v_ref), slopes_ref, seg_ref, pos_ref, (o_ref, lse_ref) = _split_refs(refs, st, 3)
+  (q_ref, k_ref, v_ref), slopes_ref, seg_ref, pos_ref, rope, (o_ref, lse_ref) = (
+      _split_refs(refs, st, 3))
   h, i = pl.program_id(1), pl.program_id(2)
   bq, bk = st.block_q, st.block_k
   q_start = i * bq
-  q = q_ref[...]  # [block_q, head_dim]
+  d = q_ref.shape[-1]
+  if rope is None:
+    q = q_ref[...]  # [block_q, head_dim]
+  else:
+    q1, q2 = _rotate(*_halves(q_ref, slice(None)), *_rope_rows(rope, q_start, bq))
   q_idx = (q_start + jnp.arange(bq))[:, None]
   q_seg = None if seg_ref is None else _vec(seg_ref, q_start, bq)[:, None]
   q_pos = None if pos_ref is None else _vec(pos_ref, q_start, bq)[:, None]
@@ -72,9 +110,13 @@ def _fwd_kernel(*refs, st: AttnStatic):
   def body(j, carry, causal_mask):
     acc, m, l = carry
     k_start = j * bk
-    k = k_ref[pl.ds(k_start, bk), :]  # [block_k, head_dim]
     v = v_ref[pl.ds(k_start, bk), :]
-    s = dot_nt(q, k) * st.sm_scale  # [block_q, block_k]
+    if rope is None:
+      s = dot_nt(q, k_ref[pl.ds(k_start, bk), :])  # [block_q, block_k]
+    else:
+      k1, k2 = _rotate(*_halves(k_ref, pl.ds(k_start, bk)), *_rope_rows(rope, k_start, bk))
+      s = dot_nt(q1, k1) + dot_nt(q2, k2)
+    s = s * st.sm_scale
     k_seg = None if seg_ref is None else _vec(seg_ref, k_start, bk)[None, :]
     k_pos = None if pos_ref is None else _vec(pos_ref, k_start, bk)[None, :]
     s = scores_bias_mask(s, q_idx, (k_start + jnp.arange(bk))[None, :], st, slope=slope,
@@ -87,7 +129,7 @@ def _fwd_kernel(*refs, st: AttnStatic):
     acc = alpha[:, None] * acc + dot_nn(p.astype(v.dtype), v)
     return acc, m_new, l
 
-  carry = (jnp.zeros((bq, q.shape[-1]), jnp.float32),
+  carry = (jnp.zeros((bq, d), jnp.float32),
            jnp.full((bq,), -jnp.inf, jnp.float32), jnp.zeros((bq,), jnp.float32))
   num_k = st.seq_pad // bk
   if st.causal:
@@ -103,7 +145,7 @@ def _fwd_kernel(*refs, st: AttnStatic):
   lse_ref[...] = m + jnp.log(l)
 
 
-def _common_inputs(slopes, seg, pos, st: AttnStatic):
+def _common_inputs(slopes, seg, pos, st: AttnStatic, rope=None):
   """Extra inputs and their BlockSpecs (whole [seq] rows; the kernels slice them)."""
   args, specs = [], []
   if st.has_alibi:
@@ -113,22 +155,27 @@ def _common_inputs(slopes, seg, pos, st: AttnStatic):
     if flag:
       args.append(arr)
       specs.append(pl.BlockSpec((None, st.seq_pad), lambda b, h, i: (b, 0)))
+  if st.has_rope:
+    for table in rope:  # cos, sin: [batch, seq_pad, head_dim / 2] fp32
+      args.append(table)
+      specs.append(pl.BlockSpec((None, st.seq_pad, table.shape[-1]), lambda b, h, i: (b, 0, 0)))
   return args, specs
 
 
-def forward(q, k, v, slopes, seg, pos, st: AttnStatic):
+def forward(q, k, v, slopes, seg, pos, st: AttnStatic, rope=None):
   """Forward kernel.
 
   Args:
     q: [batch, seq_pad, heads, head_dim]; k, v: [batch, seq_pad, kv_heads, head_dim].
     slopes: [heads_pow2] fp32 or None; seg, pos: [batch, seq_pad] int32 or None.
     st: static settings.
+    rope: (cos, sin) [batch, seq_pad, head_dim / 2] fp32 when st.has_rope.
   Returns:
     (out [batch, seq_pad, heads, head_dim] in q's dtype, lse [batch, heads, seq_pad] fp32).
   """
   b, sp, h, d = q.shape
   g, bq = st.groups, st.block_q
-  extra, extra_specs = _common_inputs(slopes, seg, pos, st)
+  extra, extra_specs = _common_inputs(slopes, seg, pos, st, rope)
   q_spec = pl.BlockSpec((None, bq, None, d), lambda bi, hi, i: (bi, i, hi, 0))
   kv_spec = pl.BlockSpec((None, sp, None, d), lambda bi, hi, i: (bi, 0, hi // g, 0))
   return pl.pallas_call(
@@ -145,12 +192,18 @@ def forward(q, k, v, slopes, seg, pos, st: AttnStatic):
 
 
 def _dq_kernel(*refs, st: AttnStatic):
-  (q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref), slopes_ref, seg_ref, pos_ref, (dq_ref,) = (
+  (q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref), slopes_ref, seg_ref, pos_ref, rope, (dq_ref,) = (
       _split_refs(refs, st, 6))
   h, i = pl.program_id(1), pl.program_id(2)
   bq, bk = st.block_q, st.block_k
   q_start = i * bq
-  q, do = q_ref[...], do_ref[...]  # [block_q, head_dim]
+  do = do_ref[...]  # [block_q, head_dim]
+  d = do.shape[-1]
+  if rope is None:
+    q = q_ref[...]
+  else:
+    cq, sq = _rope_rows(rope, q_start, bq)
+    q1, q2 = _rotate(*_halves(q_ref, slice(None)), cq, sq)
   lse, delta = lse_ref[...][:, None], delta_ref[...][:, None]  # [block_q, 1]
   q_idx = (q_start + jnp.arange(bq))[:, None]
   q_seg = None if seg_ref is None else _vec(seg_ref, q_start, bq)[:, None]
@@ -159,27 +212,41 @@ def _dq_kernel(*refs, st: AttnStatic):
 
   def body(j, dq):
     k_start = j * bk
-    k = k_ref[pl.ds(k_start, bk), :]
     v = v_ref[pl.ds(k_start, bk), :]
-    s = dot_nt(q, k) * st.sm_scale
+    if rope is None:
+      k = k_ref[pl.ds(k_start, bk), :]
+      s = dot_nt(q, k)
+    else:
+      k1, k2 = _rotate(*_halves(k_ref, pl.ds(k_start, bk)), *_rope_rows(rope, k_start, bk))
+      s = dot_nt(q1, k1) + dot_nt(q2, k2)
+    s = s * st.sm_scale
     k_seg = None if seg_ref is None else _vec(seg_ref, k_start, bk)[None, :]
     k_pos = None if pos_ref is None else _vec(pos_ref, k_start, bk)[None, :]
     s = scores_bias_mask(s, q_idx, (k_start + jnp.arange(bk))[None, :], st, slope=slope,
                          q_seg=q_seg, k_seg=k_seg, q_pos=q_pos, k_pos=k_pos)
     p = jnp.exp(s - lse)  # [block_q, block_k]
     ds = p * (dot_nt(do, v) - delta)
-    return dq + dot_nn(ds.astype(k.dtype), k)
+    if rope is None:
+      return dq + dot_nn(ds.astype(k.dtype), k)
+    dq1, dq2 = dq
+    return dq1 + dot_nn(ds.astype(k1.dtype), k1), dq2 + dot_nn(ds.astype(k2.dtype), k2)
 
   n_end = jax.lax.div(q_start + bq + bk - 1, bk) if st.causal else st.seq_pad // bk
-  dq = jax.lax.fori_loop(0, n_end, body, jnp.zeros(q.shape, jnp.float32))
-  dq_ref[...] = (dq * st.sm_scale).astype(dq_ref.dtype)
+  if rope is None:
+    dq = jax.lax.fori_loop(0, n_end, body, jnp.zeros((bq, d), jnp.float32))
+    dq_ref[...] = (dq * st.sm_scale).astype(dq_ref.dtype)
+  else:
+    zeros = jnp.zeros((bq, d // 2), jnp.float32)
+    dq1, dq2 = jax.lax.fori_loop(0, n_end, body, (zeros, zeros))
+    dq1, dq2 = _unrotate(dq1, dq2, cq, sq)
+    _store_halves(dq_ref, dq1 * st.sm_scale, dq2 * st.sm_scale)
 
 
-def backward_dq(q, k, v, do, lse, delta, slopes, seg, pos, st: AttnStatic):
+def backward_dq(q, k, v, do, lse, delta, slopes, seg, pos, st: AttnStatic, rope=None):
   """dQ kernel. lse, delta: [batch, heads, seq_pad] fp32. Returns dq like q."""
   b, sp, h, d = q.shape
   g, bq = st.groups, st.block_q
-  extra, extra_specs = _common_inputs(slopes, seg, pos, st)
+  extra, extra_specs = _common_inputs(slopes, seg, pos, st, rope)
   q_spec = pl.BlockSpec((None, bq, None, d), lambda bi, hi, i: (bi, i, hi, 0))
   kv_spec = pl.BlockSpec((None, sp, None, d), lambda bi, hi, i: (bi, 0, hi // g, 0))
   row_spec = pl.BlockSpec((None, None, bq), lambda bi, hi, i: (bi, hi, i))
@@ -196,12 +263,18 @@ def backward_dq(q, k, v, do, lse, delta, slopes, seg, pos, st: AttnStatic):
 
 
 def _dkdv_kernel(*refs, st: AttnStatic):
-  (q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref), slopes_ref, seg_ref, pos_ref, (dk_ref, dv_ref) = (
-      _split_refs(refs, st, 6))
+  (q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref), slopes_ref, seg_ref, pos_ref, rope, (
+      dk_ref, dv_ref) = _split_refs(refs, st, 6)
   hk, j = pl.program_id(1), pl.program_id(2)
   bq, bk = st.block_q, st.block_k
   k_start = j * bk
-  k, v = k_ref[...], v_ref[...]  # [block_k, head_dim]
+  v = v_ref[...]  # [block_k, head_dim]
+  d = v.shape[-1]
+  if rope is None:
+    k = k_ref[...]
+  else:
+    ck, sk = _rope_rows(rope, k_start, bk)
+    k1, k2 = _rotate(*_halves(k_ref, slice(None)), ck, sk)
   k_idx = (k_start + jnp.arange(bk))[None, :]
   k_seg = None if seg_ref is None else _vec(seg_ref, k_start, bk)[None, :]
   k_pos = None if pos_ref is None else _vec(pos_ref, k_start, bk)[None, :]
@@ -214,11 +287,16 @@ def _dkdv_kernel(*refs, st: AttnStatic):
     def q_body(i, carry):
       dk, dv = carry
       q_start = i * bq
-      q = q_ref[pl.ds(q_start, bq), g, :]  # [block_q, head_dim]
       do = do_ref[pl.ds(q_start, bq), g, :]
       lse = lse_ref[g, pl.ds(q_start, bq)][:, None]
       delta = delta_ref[g, pl.ds(q_start, bq)][:, None]
-      s = dot_nt(q, k) * st.sm_scale  # [block_q, block_k]
+      if rope is None:
+        q = q_ref[pl.ds(q_start, bq), g, :]  # [block_q, head_dim]
+        s = dot_nt(q, k)  # [block_q, block_k]
+      else:
+        q1, q2 = _rotate(*_halves(q_ref, pl.ds(q_start, bq), g), *_rope_rows(rope, q_start, bq))
+        s = dot_nt(q1, k1) + dot_nt(q2, k2)
+      s = s * st.sm_scale
       q_seg = None if seg_ref is None else _vec(seg_ref, q_start, bq)[:, None]
       q_pos = None if pos_ref is None else _vec(pos_ref, q_start, bq)[:, None]
       s = scores_bias_mask(s, (q_start + jnp.arange(bq))[:, None], k_idx, st, slope=slope,
@@ -226,22 +304,30 @@ def _dkdv_kernel(*refs, st: AttnStatic):
       p = jnp.exp(s - lse)
       dv = dv + dot_tn(p.astype(do.dtype), do)
       ds = p * (dot_nt(do, v) - delta)
-      dk = dk + dot_tn(ds.astype(q.dtype), q)
+      if rope is None:
+        dk = dk + dot_tn(ds.astype(q.dtype), q)
+      else:
+        dk = (dk[0] + dot_tn(ds.astype(q1.dtype), q1), dk[1] + dot_tn(ds.astype(q2.dtype), q2))
       return dk, dv
 
     return jax.lax.fori_loop(first_q, st.seq_pad // bq, q_body, carry)
 
-  zeros = jnp.zeros(k.shape, jnp.float32)
-  dk, dv = jax.lax.fori_loop(0, st.groups, head_body, (zeros, zeros))
-  dk_ref[...] = (dk * st.sm_scale).astype(dk_ref.dtype)
+  zeros = jnp.zeros((bk, d), jnp.float32)
+  dk0 = zeros if rope is None else (jnp.zeros((bk, d // 2), jnp.float32),) * 2
+  dk, dv = jax.lax.fori_loop(0, st.groups, head_body, (dk0, zeros))
+  if rope is None:
+    dk_ref[...] = (dk * st.sm_scale).astype(dk_ref.dtype)
+  else:
+    dk1, dk2 = _unrotate(dk[0], dk[1], ck, sk)
+    _store_halves(dk_ref, dk1 * st.sm_scale, dk2 * st.sm_scale)
   dv_ref[...] = dv.astype(dv_ref.dtype)
 
 
-def backward_dkdv(q, k, v, do, lse, delta, slopes, seg, pos, st: AttnStatic):
+def backward_dkdv(q, k, v, do, lse, delta, slopes, seg, pos, st: AttnStatic, rope=None):
   """dK/dV kernel (sums over the query heads of each kv head). Returns (dk, dv) like k, v."""
   b, sp, h, d = q.shape
   hkv, g, bk = k.shape[2], st.groups, st.block_k
-  extra, extra_specs = _common_inputs(slopes, seg, pos, st)
+  extra, extra_specs = _common_inputs(slopes, seg, pos, st, rope)
   # Query-side tensors viewed per kv head: [batch, seq, kv_heads, groups, head_dim].
   q5, do5 = q.reshape(b, sp, hkv, g, d), do.reshape(b, sp, hkv, g, d)
   lse4, delta4 = lse.reshape(b, hkv, g, sp), delta.reshape(b, hkv, g, sp)

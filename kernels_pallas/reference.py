@@ -68,3 +68,62 @@ def rms_norm_reference(x: jax.Array, scale: jax.Array, eps: float = 1e-6) -> jax
   xf = x.astype(jnp.float32)
   y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
   return (y * scale.astype(jnp.float32)).astype(x.dtype)
+
+
+def decode_attention_reference(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
+                               lengths: jax.Array, *, starts: Optional[jax.Array] = None,
+                               alibi_slopes: Optional[jax.Array] = None,
+                               sm_scale: Optional[float] = None) -> jax.Array:
+  """One query token per row against every slot of a KV cache, masked to [starts, lengths).
+
+  Args:
+    q: [batch, heads, head_dim].
+    k_cache, v_cache: [batch, kv_heads, max_len, head_dim]; query head h reads kv head
+      h // (heads // kv_heads).
+    lengths: [batch] int: slots j < lengths[b] are filled.
+    starts: [batch] int or None (0): slots j < starts[b] are left padding.
+    alibi_slopes: [heads] fp32: adds -slope_h * ((lengths[b] - 1) - j).
+    sm_scale: score scale (default head_dim ** -0.5).
+  Returns:
+    [batch, heads, head_dim] in q's dtype; rows with no filled slot are zeros.
+  """
+  b, h, d = q.shape
+  kvh, max_len = k_cache.shape[1], k_cache.shape[2]
+  g = h // kvh
+  scale = d ** -0.5 if sm_scale is None else sm_scale
+  starts = jnp.zeros((b,), jnp.int32) if starts is None else starts
+  qg = q.reshape(b, kvh, g, d)
+  scores = jnp.einsum("bhgd,bhkd->bhgk", qg, k_cache, preferred_element_type=jnp.float32) * scale
+  j = jnp.arange(max_len)
+  if alibi_slopes is not None:
+    dist = (lengths[:, None] - 1 - j[None, :]).astype(jnp.float32)  # [b, k]
+    slopes = alibi_slopes.astype(jnp.float32).reshape(kvh, g)
+    scores = scores - slopes[None, :, :, None] * dist[:, None, None, :]
+  valid = (j[None, :] >= starts[:, None]) & (j[None, :] < lengths[:, None])  # [b, k]
+  scores = jnp.where(valid[:, None, None], scores, -jnp.inf)
+  any_valid = jnp.any(valid, axis=1)[:, None, None, None]
+  probs = jax.nn.softmax(jnp.where(any_valid, scores, 0.0), axis=-1)
+  probs = jnp.where(valid[:, None, None], probs, 0.0)
+  v = jnp.where(valid[:, None, :, None], v_cache.astype(jnp.float32), 0.0)
+  out = jnp.einsum("bhgk,bhkd->bhgd", probs, v)
+  out = jnp.where(any_valid, out, 0.0)
+  return out.reshape(b, h, d).astype(q.dtype)
+
+
+def rope_inv_freq(head_dim: int, theta: float) -> jax.Array:
+  """RoPE inverse frequencies theta^(-2i/d), i = 0..d/2-1, [head_dim // 2] fp32."""
+  return 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+
+
+def rope_reference(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+  """Rotate-half RoPE (the HF LLaMA / Baichuan convention) in fp32, returned in x's dtype.
+
+  Args:
+    x: [batch, seq, heads, head_dim]; positions: [batch, seq] int; theta: the base.
+  """
+  d = x.shape[-1]
+  angles = positions.astype(jnp.float32)[..., None] * rope_inv_freq(d, theta)  # [b, s, d/2]
+  c, s = jnp.cos(angles)[:, :, None], jnp.sin(angles)[:, :, None]
+  xf = x.astype(jnp.float32)
+  x1, x2 = xf[..., : d // 2], xf[..., d // 2:]
+  return jnp.concatenate([x1 * c - x2 * s, x2 * c + x1 * s], axis=-1).astype(x.dtype)
