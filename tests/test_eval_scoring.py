@@ -170,3 +170,72 @@ def test_ceval_test_split_writes_a_submission(tok, tmp_path):
   sub = json.loads(open(paths["submission"], encoding="utf-8").read())
   assert sub == {"computer_network": {"0": "D", "1": "D"},
                  "high_school_history": {"0": "D", "1": "D", "2": "D"}}
+
+
+def test_aggregate_counts_a_subject_in_each_of_its_categories():
+  recs = ([{"subject": "chinese_history", "category": "China specific", "correct": c,
+            "categories": ["Humanities", "China specific"]} for c in (True, False)] +
+          [{"subject": "world_history", "category": "Humanities", "correct": True}])
+  agg = aggregate(recs)
+  hum, china = agg["categories"]["Humanities"], agg["categories"]["China specific"]
+  assert (hum["correct"], hum["total"], hum["subjects"]) == (2, 3, 2)
+  assert hum["macro_accuracy"] == pytest.approx((0.5 + 1) / 2)
+  assert (china["correct"], china["total"], china["subjects"]) == (1, 2, 1)
+  assert agg["total"] == 3  # overall counts every question once
+  assert aggregate([])["micro_accuracy"] is None and aggregate([])["macro_accuracy"] is None
+
+
+def _strict_json(text):
+  def bad(name):
+    raise ValueError(f"invalid JSON constant {name}")
+  return json.loads(text, parse_constant=bad)
+
+
+def test_unlabeled_export_writes_submission_and_valid_json(tok, tmp_path):
+  head = "id,question,A,B,C,D,answer,explanation\n"
+  for split, rows in (("test", "0,DNS的主要作用是____。,甲,乙,丙,丁,,\n7,下列属于私有IP地址的是____。,甲,乙,丙,丁,,\n"),
+                      ("dev", "0,DNS的主要作用是____。,甲,乙,丙,丁,B,解析\n")):
+    (tmp_path / "data" / split).mkdir(parents=True)
+    (tmp_path / "data" / split / f"computer_network_{split}.csv").write_text(head + rows,
+                                                                             encoding="utf-8")
+  bench = load_benchmark("ceval", tmp_path / "data", split="test", shots=1, protocol="baichuan")
+  res = evaluate_benchmark(bench, tok, _constant_letter_fn(tok, [0, 0, 1, 0]), max_len=1024,
+                           progress=False)
+  assert res["unlabeled"] == 2 and res["total"] == 0 and res["micro_accuracy"] is None
+  paths = write_reports(res, tmp_path / "out")
+  saved = _strict_json(open(paths["json"], encoding="utf-8").read())
+  assert saved["micro_accuracy"] is None and saved["headline"] == {"metric": "macro_accuracy",
+                                                                   "value": None}
+  assert _strict_json(open(paths["submission"], encoding="utf-8").read()) == {
+      "computer_network": {"0": "C", "7": "C"}}
+
+
+def test_protocols_differ_in_bos_and_prompt_text(tok):
+  from baichuan_jax.eval.prompts import prompt_text as text  # pylint: disable=import-outside-toplevel
+  out = {}
+  for protocol in ("baichuan", "official"):
+    bench = load_benchmark("ceval", FIXTURES / "ceval", shots=5, protocol=protocol)
+    res = evaluate_benchmark(bench, tok, _constant_letter_fn(tok, [0, 1, 0, 0]), max_len=1024,
+                             progress=False)
+    qs = [q for s in bench.subjects.values() for q in s.questions]
+    out[protocol] = [(p["prompt_tokens"], len(tok.encode(text(q, bench.subjects[q.subject].shots,
+                                                              protocol))))
+                     for q, p in zip(qs, res["predictions"])]
+    assert res["protocol"] == protocol and res["headline"]["metric"] == "macro_accuracy"
+    assert res["headline"]["value"] == pytest.approx(res["macro_accuracy"])
+  assert all(n == m for n, m in out["baichuan"])  # no BOS
+  assert all(n == m + 1 for n, m in out["official"])  # C-Eval's llama.py: BOS first
+
+
+def test_cli_inspect_needs_no_model(capsys):
+  from baichuan_jax.eval.__main__ import main  # pylint: disable=import-outside-toplevel
+  res = main(["--task", "agieval", "--data-dir", str(FIXTURES / "agieval"), "--inspect"])
+  text = capsys.readouterr().out
+  assert "lsat-ar.jsonl:1: 5 options: Baichuan's table keeps 4-option items only" in text
+  assert "logiqa-zh.jsonl:8: answer 'D' not in A-C" in text
+  assert res["excluded"] == 7 and "lsat-ar" not in res["subjects"]
+  res = main(["--task", "gaokao", "--data-dir", str(FIXTURES / "gaokao"), "--inspect",
+              "--protocol", "official"])
+  text = capsys.readouterr().out
+  assert "| Biology | 5 | 3 | 0 |" in text and res["multi_answer"] == 1
+  assert "answer ['A', 'C'] has 2 answers" in text

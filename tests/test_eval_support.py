@@ -88,3 +88,68 @@ def test_fixtures_use_known_subjects():
   for p in (FIXTURES / "agieval").glob("*.jsonl"):
     if json.loads(p.read_text(encoding="utf-8").splitlines()[0])["options"]:
       assert p.stem in subjects.AGIEVAL
+
+
+# CMMLU's src/categories.py, copied as data: subject -> subcategories, and category -> subcategories.
+_CMMLU_SUBCATEGORIES = {
+    "agronomy": ["other"], "anatomy": ["biology"], "ancient_chinese": ["linguistics", "china specific"],
+    "arts": ["arts"], "astronomy": ["physics"], "business_ethics": ["business"],
+    "chinese_civil_service_exam": ["politics", "china specific"],
+    "chinese_driving_rule": ["other", "china specific"],
+    "chinese_food_culture": ["culture", "china specific"],
+    "chinese_foreign_policy": ["politics", "china specific"],
+    "chinese_history": ["history", "china specific"],
+    "chinese_literature": ["literature", "china specific"],
+    "chinese_teacher_qualification": ["education", "china specific"],
+    "college_actuarial_science": ["math"], "college_education": ["education"],
+    "college_engineering_hydrology": ["engineering"], "college_law": ["law"],
+    "college_mathematics": ["math"], "college_medical_statistics": ["statistics"],
+    "clinical_knowledge": ["other"], "college_medicine": ["other"], "computer_security": ["other"],
+    "conceptual_physics": ["physics"], "construction_project_management": ["other", "china specific"],
+    "economics": ["economics"], "education": ["education"],
+    "elementary_chinese": ["linguistics", "china specific"],
+    "elementary_commonsense": ["other", "china specific"],
+    "elementary_information_and_technology": ["other"], "electrical_engineering": ["engineering"],
+    "elementary_mathematics": ["math"], "ethnology": ["culture", "china specific"],
+    "food_science": ["other"], "genetics": ["biology"], "global_facts": ["global"],
+    "high_school_biology": ["biology"], "high_school_chemistry": ["chemistry"],
+    "computer_science": ["computer science"], "high_school_geography": ["geography"],
+    "high_school_mathematics": ["math"], "high_school_physics": ["physics"],
+    "high_school_politics": ["politics", "china specific"], "human_sexuality": ["other"],
+    "international_law": ["law"], "journalism": ["sociology"], "jurisprudence": ["law"],
+    "legal_and_moral_basis": ["other"], "logical": ["philosophy"], "machine_learning": ["computer science"],
+    "management": ["business"], "marketing": ["business"], "marxist_theory": ["philosophy"],
+    "modern_chinese": ["linguistics", "china specific"], "nutrition": ["other"],
+    "philosophy": ["philosophy"], "professional_accounting": ["business"], "professional_law": ["law"],
+    "professional_medicine": ["other"], "professional_psychology": ["psychology"],
+    "public_relations": ["politics"], "security_study": ["politics"], "sociology": ["culture"],
+    "sports_science": ["other"], "traditional_chinese_medicine": ["other", "china specific"],
+    "virology": ["biology"], "world_history": ["history"], "world_religions": ["global"],
+}
+_CMMLU_CATEGORIES = {
+    "STEM": ["physics", "chemistry", "biology", "computer science", "math", "engineering", "statistics"],
+    "Humanities": ["history", "philosophy", "law", "arts", "literature", "global"],
+    "Social Science": ["linguistics", "business", "politics", "culture", "economics", "geography",
+                       "psychology", "education", "sociology"],
+    "Other": ["other"],
+    "China specific": ["china specific"],
+}
+
+
+def test_cmmlu_categories_follow_categories_py_with_double_membership():
+  expected = {s: {c for c, subs in _CMMLU_CATEGORIES.items() if set(subs) & set(subcats)}
+              for s, subcats in _CMMLU_SUBCATEGORIES.items()}
+  assert set(expected) == set(subjects.CMMLU)
+  assert {s: set(subjects.categories("cmmlu", s)) for s in subjects.CMMLU} == expected
+  doubles = [subjects.categories("cmmlu", s)[0] for s in subjects.CMMLU
+             if len(subjects.categories("cmmlu", s)) == 2]
+  assert {c: doubles.count(c) for c in set(doubles)} == {
+      "Social Science": 9, "Humanities": 2, "Other": 4}
+  assert subjects.categories("ceval", "law") == ("Humanities",)
+
+
+def test_agieval_english_template_tasks_are_agievals_own_list():
+  from baichuan_jax.eval.prompts import language  # pylint: disable=import-outside-toplevel
+  english = {"lsat-ar", "lsat-lr", "lsat-rc", "logiqa-en", "sat-math", "sat-en", "aqua-rat",
+             "sat-en-without-passage", "gaokao-english"}
+  assert {t for t in subjects.AGIEVAL if language("agieval", t) == "en"} == english

@@ -327,9 +327,27 @@ def _read_csv_benchmark(task, data_dir, split, shots, subjects, sink, protocol):
 _GAOKAO_NAME = re.compile(r"^\d{4}-\d{4}_(.+?)(?:_MCQs)?$")
 _FULLWIDTH = {"A": "Ａ", "B": "Ｂ", "C": "Ｃ", "D": "Ｄ", "E": "Ｅ"}
 # An option marker: the letter (ASCII or full-width), then a period, 、 or colon (ASCII or
-# full-width). Real files glue markers to the previous text ("…信息传递D．…", "（）15A."), so any
-# character may come before it except an ASCII letter ("DNA." is no marker for A).
+# full-width). Real files glue markers to the previous text ("…信息传递D．…", "（）15A.", "1 NC.2 N"),
+# so any character may come before one. A first pass refuses markers right after an ASCII letter
+# (so "含DNA.的" inside option A is no marker); when it cannot find all four, a second pass allows
+# them ("NC." = the unit N, then option C).
 _OPTION_MARK = {L: re.compile(rf"(?<![A-Za-z])([{L}{_FULLWIDTH[L]}])\s*[．.、:：]") for L in "ABCDE"}
+_GLUED_MARK = {L: re.compile(rf"([{L}{_FULLWIDTH[L]}])\s*[．.、:：]") for L in "ABCDE"}
+
+
+def _find_markers(text: str, letters: str, marks: dict):
+  """[(letter start, body start)] searching from the end, or None when a letter is missing."""
+  end = len(text)
+  starts = []
+  for letter in reversed(letters):
+    found = None
+    for m in marks[letter].finditer(text, 0, end):
+      found = m
+    if found is None:
+      return None
+    starts.append((found.start(1), found.end()))
+    end = found.start(1)
+  return starts[::-1]
 
 
 def split_inline_options(text: str, letters: str = "ABCD"):
@@ -339,17 +357,9 @@ def split_inline_options(text: str, letters: str = "ABCD"):
   reading passage earlier in the stem are not taken for options.
   Returns None when some option marker cannot be found.
   """
-  end = len(text)
-  starts = []
-  for letter in reversed(letters):
-    found = None
-    for m in _OPTION_MARK[letter].finditer(text, 0, end):
-      found = m
-    if found is None:
-      return None
-    starts.append((found.start(1), found.end()))
-    end = found.start(1)
-  starts.reverse()
+  starts = _find_markers(text, letters, _OPTION_MARK) or _find_markers(text, letters, _GLUED_MARK)
+  if starts is None:
+    return None
   stem = text[:starts[0][0]].rstrip(" \n（(")
   options = []
   for i, (_, body_start) in enumerate(starts):
