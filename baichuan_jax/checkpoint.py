@@ -15,6 +15,20 @@ fails with no fallback. This module adds:
 * **Retention.** Keep the last `keep_last` checkpoints, plus every step that is a multiple of
   `keep_every` for good (research snapshots, as Baichuan 2 released intermediate checkpoints).
 
+* **Save failures** (`CheckpointSaveError`): a save that cannot start (not enough free space for
+  another checkpoint of the last one's size, a write error) or whose background write fails
+  (`poll()` after every train step, `wait()`) raises one line naming the step, the path and the
+  OS cause ("No space left on device"); the unfinished step stays a tmp folder that is never
+  restored, so the previous checkpoint is untouched. The full orbax tracebacks go to
+  `error_log` (`WORKDIR/checkpoint_errors.log`), not the console.
+* **Non-finite parameters are never saved**: `save` refuses an array holding NaN/inf.
+* **Read errors** are summarised in one line naming the checkpoint, the item and the file (a
+  truncated or deleted file is found by comparing with the file sizes recorded once the step
+  committed, `<step>/file_sizes.json`); the TensorStore detail goes to `error_log`.
+* **Start-up clean-up** of `<step>.orbax-checkpoint-tmp*` folders runs only when no other live
+  process holds the workdir's lock (`baichuan_jax.workdir_lock`): they are leftovers of dead
+  runs, never a live run's save in flight.
+
 Why this checksum and where it runs (the multi-host choice): the checksum of an array is
 computed by a jitted reduction on the devices that hold it, over the GLOBAL array, so it is
 the same whatever the sharding, mesh or process count that saves or restores (a run saved on
@@ -39,12 +53,15 @@ host only).
 from __future__ import annotations
 
 import dataclasses
+import errno
 import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import time
+import traceback
 from typing import Any, Optional
 
 import jax
@@ -61,8 +78,94 @@ CHECKPOINT_SUBDIR = "checkpoints"
 QUARANTINE_SUBDIR = "rejected"
 
 
+ERROR_LOG = "checkpoint_errors.log"
+FILE_SIZES = "file_sizes.json"
+TMP_MARK = ".orbax-checkpoint-tmp"
+
+
 class CheckpointError(RuntimeError):
   """A checkpoint could not be read or failed verification."""
+
+
+class CheckpointSaveError(CheckpointError):
+  """A checkpoint could not be written (the previous committed one is untouched)."""
+
+  def __init__(self, message: str, step: Optional[int] = None):
+    super().__init__(message)
+    self.step = step
+
+
+class NonFiniteError(CheckpointError):
+  """The state to save holds NaN or inf."""
+
+
+# ----------------------------------------------------------------------------------------------
+# One-line error summaries (the full detail goes to a log file).
+
+
+def _chain(e: BaseException) -> list[BaseException]:
+  out, seen = [], set()
+  while e is not None and id(e) not in seen:
+    out.append(e)
+    seen.add(id(e))
+    e = e.__cause__ or e.__context__
+  return out
+
+
+def os_cause(e: BaseException) -> Optional[str]:
+  """The operating-system cause inside an exception chain ("No space left on device" ...)."""
+  for x in _chain(e):
+    if isinstance(x, OSError) and x.errno:
+      return f"{os.strerror(x.errno)} (errno {x.errno})"
+    m = re.search(r"os_error_code='?(\d+)", str(x))
+    if m:
+      return f"{os.strerror(int(m.group(1)))} (errno {m.group(1)})"
+  return None
+
+
+def _first_path(text: str, under: str) -> Optional[str]:
+  """The file path inside `under` that an error message names (the failed write's, else the
+  first quoted one)."""
+  m = re.search(r'Failed (?:writing|reading): "(?:file://)?(/[^"]+)"', text)
+  if m and m.group(1).startswith(under):
+    return m.group(1)
+  for m in re.finditer(r"[\"'](?:file://)?(/[^\"']+)[\"']", text):
+    if m.group(1).startswith(under):
+      return m.group(1)
+  return None
+
+
+def _last_line(e: BaseException) -> str:
+  """The innermost message of the chain, cut at the first line / TensorStore spec dump."""
+  text = str(_chain(e)[-1]) or type(e).__name__
+  text = text.split(" See full TensorStore details")[0].splitlines()[0]
+  return text if len(text) <= 300 else text[:300] + "..."
+
+
+def file_sizes(folder: str) -> dict[str, int]:
+  """{relative path: bytes} of every file under `folder`."""
+  out = {}
+  for root, _, names in os.walk(folder):
+    for n in names:
+      full = os.path.join(root, n)
+      try:
+        out[os.path.relpath(full, folder)] = os.path.getsize(full)
+      except OSError:
+        pass
+  return out
+
+
+def damaged_files(step_dir: str, item: Optional[str] = None) -> list[str]:
+  """Files of a committed step whose size differs from the recorded one, or that are missing
+  (relative paths; [] when nothing was recorded)."""
+  try:
+    with open(os.path.join(step_dir, FILE_SIZES), encoding="utf-8") as f:
+      want = json.load(f)
+  except (OSError, ValueError):
+    return []
+  have = file_sizes(step_dir)
+  bad = [p for p, n in sorted(want.items()) if have.get(p) != n]
+  return [p for p in bad if item is None or p.split(os.sep)[0] == item]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -221,22 +324,88 @@ class CheckpointManager:
     keep_last: how many most recent checkpoints to keep (older ones are deleted) ...
     keep_every: ... except steps that are multiples of this, kept for good (0: none).
     async_save: write in a background thread; `save` returns once arrays are on the host.
+    error_log: file that receives the full detail of every save / restore error (default
+      `checkpoint_errors.log` beside `directory`, i.e. in the workdir).
+    free_space_margin: a save needs this many times the last checkpoint's size free on the
+      filesystem (0: no check).
   """
 
   def __init__(self, directory: str, save_every: int = 1000, keep_last: int = 3,
-               keep_every: int = 0, async_save: bool = True):
+               keep_every: int = 0, async_save: bool = True, error_log: Optional[str] = None,
+               free_space_margin: float = 1.1):
     for name, v, low in (("save_every", save_every, 1), ("keep_last", keep_last, 1),
                          ("keep_every", keep_every, 0)):
       if isinstance(v, bool) or not isinstance(v, int) or v < low:
         raise ValueError(f"checkpoint {name}={v!r} is invalid: must be an integer >= {low}")
     self.directory = os.path.abspath(directory)
     self.save_every, self.keep_last, self.keep_every = save_every, keep_last, keep_every
+    self.error_log = error_log or os.path.join(os.path.dirname(self.directory), ERROR_LOG)
+    self.free_space_margin = free_space_margin
+    self._pending: Optional[int] = None  # step whose (async) save is not known committed yet
+    os.makedirs(self.directory, exist_ok=True)
+    self._cleanup_tmp()
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep_last, keep_period=keep_every or None, create=True,
         enable_async_checkpointing=async_save,
-        # Leftovers of a killed save are garbage: remove them at start-up.
-        cleanup_tmp_directories=True)
+        # Orbax would delete every tmp folder, a live run's in-flight save included: done above,
+        # only when no live process holds the workdir lock.
+        cleanup_tmp_directories=False)
     self._mgr = ocp.CheckpointManager(self.directory, options=options, item_handlers=_handlers())
+    self._log_filter = _DivertOrbaxErrors(self)
+    logging.getLogger("absl").addFilter(self._log_filter)
+
+  # -- errors -----------------------------------------------------------------------------------
+
+  def log_detail(self, title: str, e: BaseException) -> None:
+    """Appends `title` and the full traceback of `e` to `error_log` (process 0)."""
+    if jax.process_index() != 0:
+      return
+    try:
+      with open(self.error_log, "a", encoding="utf-8") as f:
+        f.write(f"=== {time.strftime('%Y-%m-%d %H:%M:%S')} {title}\n")
+        f.write("".join(traceback.format_exception(type(e), e, e.__traceback__)))
+        f.write("\n")
+    except OSError:  # a full disk may refuse the log too; the one-line summary still goes out
+      pass
+
+  def _save_error(self, step: int, e: BaseException) -> CheckpointSaveError:
+    self.log_detail(f"saving checkpoint step {step}", e)
+    path = _first_path("\n".join(str(x) for x in _chain(e)), self.directory) or os.path.join(
+        self.directory, str(step))
+    cause = os_cause(e) or _last_line(e)
+    return CheckpointSaveError(
+        f"checkpoint step {step}: writing {path} failed: {cause} (previous checkpoint: "
+        f"{self.latest_step()}; full detail in {self.error_log})", step)
+
+  def _cleanup_tmp(self) -> None:
+    """Removes `<step>.orbax-checkpoint-tmp*` leftovers unless a live run may own them."""
+    from baichuan_jax import workdir_lock  # pylint: disable=import-outside-toplevel
+    if jax.process_index() != 0 or any(
+        workdir_lock.held_by_other(d) for d in (self.directory, os.path.dirname(self.directory))):
+      return
+    for name in os.listdir(self.directory):
+      if TMP_MARK in name:
+        shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
+        log.info("removed %s (an unfinished save of a dead run)", name)
+
+  def _remove_tmp(self, step: int) -> None:
+    if jax.process_index() == 0:
+      for name in os.listdir(self.directory):
+        if name.startswith(f"{step}{TMP_MARK}"):
+          shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
+
+  def _check_space(self, step: int) -> None:
+    latest = self.latest_step()
+    if not self.free_space_margin or latest is None:
+      return
+    need = int(sum(file_sizes(os.path.join(self.directory, str(latest))).values())
+               * self.free_space_margin)
+    free = shutil.disk_usage(self.directory).free
+    if free < need:
+      raise CheckpointSaveError(
+          f"checkpoint step {step}: not enough free space in {self.directory}: {free:,} bytes "
+          f"free, a checkpoint needs about {need:,} ({self.free_space_margin}x step {latest}'s "
+          f"size): {os.strerror(errno.ENOSPC)} (previous checkpoint: {latest})", step)
 
   # -- queries ----------------------------------------------------------------------------------
 
@@ -262,6 +431,11 @@ class CheckpointManager:
     Every process must call it (the array writes are collective); only process 0 writes the JSON.
     """
     params, rest, _ = _split_state(state)
+    bad = nonfinite_leaves({"params": params, "state": rest})
+    if bad:
+      raise NonFiniteError(f"checkpoint step {step}: refusing to save non-finite values (NaN/inf "
+                           f"in {', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''}); the last "
+                           f"saved checkpoint is {self.latest_step()}")
     meta = {
         "format": FORMAT_VERSION,
         "step": int(step),
@@ -274,18 +448,69 @@ class CheckpointManager:
     if self.latest_step() is not None and step <= self.latest_step():
       raise CheckpointError(f"checkpoint step {step} is not after the latest saved step "
                             f"{self.latest_step()} in {self.directory}")
-    self._mgr.save(step, args=ocp.args.Composite(
-        params=ocp.args.StandardSave(params), state=ocp.args.StandardSave(rest),
-        data=ocp.args.JsonSave({"loader": data_state}), meta=ocp.args.JsonSave(meta)),
-        force=True)
+    self.wait()  # the previous save's outcome first (orbax would wait inside save anyway)
+    self._check_space(step)
+    self._remove_tmp(step)  # a failed earlier attempt at this very step
+    self._pending = step
+    try:
+      self._mgr.save(step, args=ocp.args.Composite(
+          params=ocp.args.StandardSave(params), state=ocp.args.StandardSave(rest),
+          data=ocp.args.JsonSave({"loader": data_state}), meta=ocp.args.JsonSave(meta)),
+          force=True)
+    except Exception as e:  # pylint: disable=broad-except
+      self._pending = None
+      raise self._save_error(step, e) from None
 
-  def wait(self) -> None:
-    """Blocks until every started save is committed (raises if a background save failed)."""
-    self._mgr.wait_until_finished()
+  def wait(self) -> Optional[int]:
+    """Blocks until the started save is committed.
+
+    Returns:
+      the step that was committed by this call, or None if none was pending.
+    Raises:
+      CheckpointSaveError: the background save failed (one line: step, path, OS cause).
+    """
+    step, self._pending = self._pending, None
+    try:
+      self._mgr.wait_until_finished()
+    except Exception as e:  # pylint: disable=broad-except
+      raise self._save_error(step if step is not None else -1, e) from None
+    if step is not None:
+      self._record_sizes(step)
+    return step
+
+  def poll(self) -> Optional[int]:
+    """Non-blocking `wait`: the step committed since the last call, or None (still writing or
+    nothing pending). Raises CheckpointSaveError as soon as a background save has failed."""
+    if self._pending is None or self._mgr.is_saving_in_progress():
+      return None
+    return self.wait()
+
+  def _record_sizes(self, step: int) -> None:
+    """Writes `<step>/file_sizes.json` (what a read error is compared with)."""
+    folder = os.path.join(self.directory, str(step))
+    if jax.process_index() != 0 or not os.path.isdir(folder):
+      return
+    sizes = file_sizes(folder)
+    tmp = os.path.join(folder, f".{FILE_SIZES}.tmp")
+    try:
+      with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(sizes, f)
+      os.replace(tmp, os.path.join(folder, FILE_SIZES))
+    except OSError as e:  # optional: only sharpens read-error messages
+      log.warning("could not record the file sizes of checkpoint %d: %s", step, e)
 
   def close(self) -> None:
-    self._mgr.wait_until_finished()
-    self._mgr.close()
+    """Waits for a save in flight and closes (a failure already raised is not raised again)."""
+    try:
+      self.wait()
+    except CheckpointSaveError as e:
+      log.error("%s", e)
+    finally:
+      try:
+        self._mgr.close()
+      except Exception as e:  # pylint: disable=broad-except
+        self.log_detail("closing the checkpoint manager", e)
+      logging.getLogger("absl").removeFilter(self._log_filter)
 
   # -- restore ----------------------------------------------------------------------------------
 
@@ -314,7 +539,7 @@ class CheckpointManager:
     except CheckpointError:
       raise
     except Exception as e:  # orbax / tensorstore raise many types for damaged files
-      raise CheckpointError(f"step {step}: unreadable ({type(e).__name__}: {e})"[:2000]) from e
+      raise self._read_error(step, e) from None
     verify_tree(out["params"], meta["checksums"]["params"], "params")
     verify_tree(out["state"], meta["checksums"]["state"], "state")
     data = (out["data"] or {}).get("loader")
@@ -322,6 +547,12 @@ class CheckpointManager:
       raise CheckpointError(f"step {step}: data iterator state does not match its checksum")
     return Restored(step=step, state=rebuild(out["params"], out["state"]), data_state=data,
                     meta=meta, rejected=[])
+
+  def _read_error(self, step: int, e: BaseException) -> CheckpointError:
+    """One line naming the checkpoint, the item and the file; the detail to `error_log`."""
+    self.log_detail(f"reading checkpoint step {step}", e)
+    return CheckpointError(read_error_summary(os.path.join(self.directory, str(step)), e,
+                                              self.error_log))
 
   def restore(self, target: Any, step: Optional[int] = None,
               quarantine: bool = False) -> Optional[Restored]:
@@ -374,6 +605,68 @@ class CheckpointManager:
       from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
       multihost_utils.sync_global_devices("checkpoint_quarantine")
     self._mgr.reload()
+
+
+def read_error_summary(step_dir: str, e: BaseException, error_log: Optional[str]) -> str:
+  """`step N: item X, file F unreadable: CAUSE (detail in LOG)` for a failed read of a step."""
+  text = "\n".join(str(x) for x in _chain(e))
+  step = os.path.basename(step_dir)
+  damaged = damaged_files(step_dir)
+  path = _first_path(text, step_dir)
+  item = None
+  if damaged:
+    item = damaged[0].split(os.sep)[0]
+    where = ", ".join(os.path.join(step_dir, d) for d in damaged[:3])
+    what = f"file {where} is damaged (size differs from the one recorded at save, or missing)"
+  elif path:
+    item = os.path.relpath(path, step_dir).split(os.sep)[0]
+    what = f"file {path}"
+  else:
+    what = f"folder {step_dir}"
+  m = (re.search(r'Error (?:reading|writing) "([^"]+?)/[\d.]+"', text)
+       or re.search(r"'path': '([^'/][^']*)/'", text))
+  array = f", array {m.group(1)}" if m else ""
+  head = f"checkpoint step {step}: item {item or '?'}{array}, {what}: unreadable"
+  cause = os_cause(e) or f"{type(_chain(e)[-1]).__name__}: {_last_line(e)}"
+  tail = f" (full detail in {error_log})" if error_log else ""
+  return f"{head} ({cause}){tail}"
+
+
+def nonfinite_leaves(tree: Any) -> list[str]:
+  """Paths of the floating-point leaves of `tree` that hold a NaN or inf."""
+  leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+  floats = [(p, x) for p, x in leaves
+            if hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.inexact)]
+  if not floats:
+    return []
+  flags = _finite_flags([x for _, x in floats])
+  return [_path_str(p) for (p, _), ok in zip(floats, flags) if not bool(_fetch(ok))]
+
+
+@jax.jit
+def _finite_flags(arrays):
+  return [jnp.all(jnp.isfinite(x)) for x in arrays]
+
+
+class _DivertOrbaxErrors(logging.Filter):
+  """Sends orbax's background-thread tracebacks (several per failed save) to the error log."""
+
+  def __init__(self, mgr: "CheckpointManager"):
+    super().__init__()
+    self.mgr = mgr
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    if "orbax" not in record.pathname or record.levelno < logging.ERROR:
+      return True
+    if jax.process_index() == 0:
+      try:
+        with open(self.mgr.error_log, "a", encoding="utf-8") as f:
+          f.write(f"=== {time.strftime('%Y-%m-%d %H:%M:%S')} orbax: {record.getMessage()}\n")
+          if record.exc_info:
+            f.write("".join(traceback.format_exception(*record.exc_info)) + "\n")
+      except OSError:
+        pass
+    return False
 
 
 # ----------------------------------------------------------------------------------------------
@@ -439,8 +732,17 @@ def load_params(workdir: str, step: Optional[int] = None, shardings: Any = None,
         verify_tree(params, saved, "params")
       return params
     except Exception as e:  # damaged files raise many types; report and try an older step
+      if not isinstance(e, CheckpointError):
+        error_log = os.path.join(os.path.dirname(directory), ERROR_LOG)
+        try:
+          with open(error_log, "a", encoding="utf-8") as f:
+            f.write(f"=== {time.strftime('%Y-%m-%d %H:%M:%S')} load_params step {s}\n"
+                    + "".join(traceback.format_exception(type(e), e, e.__traceback__)) + "\n")
+        except OSError:
+          error_log = None
+        e = CheckpointError(read_error_summary(os.path.join(directory, str(s)), e, error_log))
       if step is not None:
-        raise CheckpointError(f"step {s} in {directory}: {e}") from e
+        raise CheckpointError(f"{directory}: {e}") from None
       log.warning("checkpoint step %d unusable, trying an older one: %s", s, e)
       errors.append(f"step {s}: {e}")
   raise CheckpointError(f"no usable checkpoint in {directory}: " + "; ".join(errors))

@@ -219,3 +219,131 @@ def test_sigterm_saves_a_checkpoint_and_the_run_resumes(tmp_path):
   assert [r["step"] for r in res2.history] == list(range(0, 9))
   assert [e["step"] for e in res2.evals] == [0, 4, 8]
   assert os.path.exists(os.path.join(workdir, "loss_curve.png"))
+
+
+# ----------------------------------------------------------------------------------------------
+# Robustness: nothing non-finite passes for a good run, saves fail loudly, separate spikes.
+
+
+def test_inf_learning_rate_is_rejected_before_anything_runs(tmp_path):
+  with pytest.raises(ValueError, match="peak_lr=inf is invalid: must be a finite number"):
+    trainer.run(_cfg(**{"train.peak_lr": float("inf")}), str(tmp_path), data=Synthetic())
+  assert not os.path.exists(tmp_path / "checkpoints")
+
+
+def test_non_finite_params_are_never_saved(tmp_path, monkeypatch):
+  # The step's guard keeps params finite; this checks the last line of defence behind it by
+  # making the step itself return NaN params after step 4.
+  make = trainer.step_lib.make_train_step
+
+  def poisoned(*args, **kwargs):
+    step = make(*args, **kwargs)
+
+    def call(state, batch):
+      state, m = step(state, batch)
+      if int(state.step) >= 5:
+        state = state.replace(params=jax.tree.map(lambda x: x * jnp.nan, state.params))
+      return state, m
+
+    return call
+
+  monkeypatch.setattr(trainer.step_lib, "make_train_step", poisoned)
+  cfg = _cfg(total=8, **{"checkpoint.save_every": 3})
+  with pytest.raises(trainer.TrainingStopped,
+                     match=r"step 6: refusing to save non-finite .*last good checkpoint is step 3"):
+    trainer.run(cfg, str(tmp_path), data=Synthetic(), progress=False)
+  params = ckpt.load_params(str(tmp_path))
+  assert ckpt.CheckpointManager(ckpt.checkpoint_dir(str(tmp_path))).steps() == [3]
+  assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(params))
+
+
+def test_four_separate_spikes_each_cured_by_one_rollback(tmp_path):
+  # Stream batches 4-5, 12-13, 20-21, 28-29 are poisoned; max_bad_steps=2, so each pair causes a
+  # rollback. With max_rollbacks=3 a count that never resets stops at the 4th spike (what the
+  # run used to do); separated by >= rollback_reset_steps healthy steps, every spike is cured.
+  poison = [4, 5, 12, 13, 20, 21, 28, 29]
+  cfg = _cfg(total=24, **{"train.max_bad_steps": 2, "checkpoint.save_every": 3,
+                          "max_rollbacks": 3, "rollback_reset_steps": 3})
+  res = trainer.run(cfg, str(tmp_path / "a"), data=Synthetic(poison=poison),
+                    loss_fn=_poison_loss(cfg), progress=False)
+  assert res.rollbacks == 4 and int(res.state.step) == 24
+  assert [r["step"] for r in res.history] == list(range(1, 25))
+  assert all(r["skipped"] == 0 for r in res.history)
+  # The same spikes with a reset longer than the gaps: consecutive, so the 4th one stops the run.
+  cfg.rollback_reset_steps = 100
+  with pytest.raises(trainer.TrainingStopped, match="again after 3 rollbacks"):
+    trainer.run(cfg, str(tmp_path / "b"), data=Synthetic(poison=poison),
+                loss_fn=_poison_loss(cfg), progress=False)
+
+
+def _fail_saves(monkeypatch, fail_steps):
+  """Orbax saves of the steps in `fail_steps` raise ENOSPC (an injected write error)."""
+  import errno  # pylint: disable=import-outside-toplevel
+  import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
+  real = ocp.CheckpointManager.save
+  calls = []
+
+  def save(self, step, *args, **kwargs):
+    calls.append(step)
+    if fail_steps(step, calls):
+      raise OSError(errno.ENOSPC, "No space left on device",
+                    os.path.join(str(self.directory), f"{step}.orbax-checkpoint-tmp", "params"))
+    return real(self, step, *args, **kwargs)
+
+  monkeypatch.setattr(ocp.CheckpointManager, "save", save)
+  return calls
+
+
+def test_a_failed_save_is_reported_and_retried(tmp_path, monkeypatch, caplog):
+  cfg = _cfg(total=9, **{"checkpoint.save_every": 3, "checkpoint.retry_backoff_s": 0.01})
+  ref = trainer.run(cfg, str(tmp_path / "ref"), data=Synthetic(), progress=False)
+  calls = _fail_saves(monkeypatch, lambda step, calls: step == 6 and calls.count(6) == 1)
+  with caplog.at_level("ERROR"):
+    res = trainer.run(cfg, str(tmp_path / "run"), data=Synthetic(), progress=False)
+  assert calls == [3, 6, 6, 9]
+  line = [r.getMessage() for r in caplog.records if "checkpoint step 6" in r.getMessage()][0]
+  assert "No space left on device" in line and "6.orbax-checkpoint-tmp" in line
+  assert "previous checkpoint: 3" in line and "\n" not in line
+  mgr = ckpt.CheckpointManager(ckpt.checkpoint_dir(str(tmp_path / "run")))
+  assert mgr.steps() == [6, 9]
+  mgr.close()
+  assert _bits(res.state.params) == _bits(ref.state.params)
+  assert "No space left on device" in open(tmp_path / "run" / ckpt.ERROR_LOG).read()
+
+
+def test_saves_that_keep_failing_stop_the_run_naming_the_safe_step(tmp_path, monkeypatch):
+  _fail_saves(monkeypatch, lambda step, calls: step > 3)
+  cfg = _cfg(total=9, **{"checkpoint.save_every": 3, "checkpoint.retry_backoff_s": 0.01,
+                         "checkpoint.save_retries": 2})
+  with pytest.raises(trainer.TrainingStopped,
+                     match=r"No space left on device.*2 retries failed: stopping; the last good "
+                     r"checkpoint is step 3"):
+    trainer.run(cfg, str(tmp_path), data=Synthetic(), progress=False)
+  mgr = ckpt.CheckpointManager(ckpt.checkpoint_dir(str(tmp_path)))
+  assert mgr.steps() == [3]  # intact and restorable
+  mgr.close()
+  assert int(ckpt.load_params(str(tmp_path))["norm"]["weight"].shape[0]) == MODEL["hidden_size"]
+
+
+def test_free_space_is_checked_before_each_save(tmp_path, monkeypatch):
+  import collections  # pylint: disable=import-outside-toplevel
+  import shutil  # pylint: disable=import-outside-toplevel
+  real = shutil.disk_usage
+  usage = collections.namedtuple("usage", "total used free")
+  state = {"full": False}
+
+  def disk_usage(path):
+    u = real(path)
+    return usage(u.total, u.used, 1000) if state["full"] else u
+
+  monkeypatch.setattr(shutil, "disk_usage", disk_usage)
+  mgr = ckpt.CheckpointManager(str(tmp_path / "c"), async_save=False)
+  s = {"params": {"w": jnp.ones((64, 64))}, "step": jnp.zeros((), jnp.int32)}
+  mgr.save(1, s)
+  mgr.wait()
+  state["full"] = True
+  with pytest.raises(ckpt.CheckpointSaveError, match=r"step 2: not enough free space .* 1,000 "
+                     r"bytes free.*No space left on device \(previous checkpoint: 1\)"):
+    mgr.save(2, s)
+  assert mgr.steps() == [1]
+  mgr.close()

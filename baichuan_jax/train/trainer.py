@@ -17,10 +17,17 @@ What `run` does, in order:
 4. Trains to `cfg.train.total_steps`: one jitted step (`train.make_train_step`); every step's
    metrics go to `WORKDIR/metrics.jsonl` and TensorBoard; the validation loss is measured every
    `cfg.eval_every` steps; checkpoints are written asynchronously every `save_every` steps.
-5. A non-finite loss or gradient skips the update (inside the step). After `max_bad_steps` in a
-   row the loop restores the last checkpoint's parameters and optimizer state and carries on
-   with the data AFTER the bad batches (PaLM's remedy for loss spikes: replaying the same data
-   would reproduce the divergence); after `max_rollbacks` rollbacks it stops with an error.
+5. A non-finite loss, gradient or update skips the update (inside the step). After
+   `max_bad_steps` in a row the loop restores the last checkpoint's parameters and optimizer
+   state and carries on with the data AFTER the bad batches (PaLM's remedy for loss spikes:
+   replaying the same data would reproduce the divergence); after `max_rollbacks` rollbacks in a
+   row (the count restarts after `rollback_reset_steps` healthy steps) it stops with an error.
+   Non-finite parameters are never saved: the run stops instead, keeping the last good
+   checkpoint.
+   Each save is checked as soon as it completes: a failed one (full disk, write error) is
+   reported in one line (step, path, OS cause) and retried with back-off on the current state;
+   after `checkpoint.save_retries` failures the run stops (`TrainingStopped`) naming the last
+   good checkpoint. `WORKDIR/.lock` (`baichuan_jax.workdir_lock`) keeps a second run out.
 6. SIGTERM (preemption) finishes the current step, saves a checkpoint, waits for it to be
    committed and returns (`result.preempted`); the command line then exits with status 0.
 7. At the end: a final checkpoint, `WORKDIR/loss_curve.png`, `WORKDIR/summary.json` and a
@@ -50,7 +57,7 @@ import ml_collections
 import numpy as np
 
 from baichuan_jax import checkpoint as ckpt_lib
-from baichuan_jax import configs, sharding
+from baichuan_jax import configs, sharding, workdir_lock
 from baichuan_jax.train import config as train_config
 from baichuan_jax.train import metrics as metrics_lib
 from baichuan_jax.train import step as step_lib
@@ -120,7 +127,8 @@ def validate_config(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict
   train_config.validate_train_config(cfg.train)
   for field, low in (("eval_every", 0), ("eval_batches", 1), ("log_every", 1),
                      ("checkpoint.save_every", 1), ("checkpoint.keep_last", 1),
-                     ("checkpoint.keep_every", 0), ("max_rollbacks", 0), ("sample_tokens", 0),
+                     ("checkpoint.keep_every", 0), ("checkpoint.save_retries", 0),
+                     ("max_rollbacks", 0), ("rollback_reset_steps", 1), ("sample_tokens", 0),
                      ("num_devices", 0), ("dry_run_devices", 1), ("data.seed", 0),
                      ("data.read_threads", 0), ("data.vocab_size", 1)):
     _int_field(cfg, field, low)
@@ -132,8 +140,13 @@ def validate_config(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict
           f"must not exceed model.max_seq_len={cfg.model.max_seq_len}")
   if cfg.sample_tokens and cfg.sample_prompt and cfg.sample_tokens >= cfg.model.max_seq_len:
     _fail("sample_tokens", cfg.sample_tokens, f"must be < model.max_seq_len={cfg.model.max_seq_len}")
-  if not isinstance(cfg.peak_flops, (int, float)) or cfg.peak_flops < 0:
+  if (isinstance(cfg.peak_flops, bool) or not isinstance(cfg.peak_flops, (int, float))
+      or not math.isfinite(cfg.peak_flops) or cfg.peak_flops < 0):
     _fail("peak_flops", cfg.peak_flops, "must be a number >= 0 (0: measure)")
+  for field in ("checkpoint.retry_backoff_s", "checkpoint.free_space_margin"):
+    v = cfg.checkpoint[field.split(".")[1]]
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+      _fail(field, v, "must be a finite number >= 0")
   if cfg.xla_flags not in XLA_PRESETS:
     _fail("xla_flags", cfg.xla_flags, f"allowed: {XLA_PRESETS}")
   return cfg
@@ -296,6 +309,111 @@ def _fmt(row: dict) -> str:
 # The loop.
 
 
+class TrainingStopped(RuntimeError):
+  """The run stopped on a fault it cannot fix itself; the message names the step that is safe."""
+
+
+@dataclasses.dataclass
+class _Loop:
+  """What the loop's helpers share (one run)."""
+  cfg: Any
+  workdir: str
+  mesh: Any
+  data: Any
+  mgr: Any
+  saver: "_Saver"
+  target: Any
+  result: RunResult
+  mlog: Any
+  state: Any = None
+  step: int = 0
+  train_it: Any = None
+  step_fn: Any = None
+  eval_step: Any = None
+  peak: float = 0.0
+  fpt: float = 0.0
+  lead: bool = True
+  bar: Any = None
+  progress: bool = True
+  rollbacks_in_row: int = 0  # rollbacks since the last healthy stretch (max_rollbacks caps it)
+  healthy: int = 0  # applied (not skipped) steps in a row
+  save_meta: dict = dataclasses.field(default_factory=dict)
+
+
+class _Saver:
+  """Checkpoint saves that fail loudly: each save is checked as soon as it completes
+  (`poll` after every step), a failure is retried with exponential back-off on the CURRENT
+  state (the previous checkpoint stays untouched), and after `checkpoint.save_retries` failures
+  in a row the run stops with `TrainingStopped` naming the last good checkpoint."""
+
+  def __init__(self, cfg, mgr):
+    self.mgr, self.retries = mgr, cfg.checkpoint.save_retries
+    self.backoff = cfg.checkpoint.retry_backoff_s
+    self.good = mgr.latest_step()  # newest committed step
+    self.failures = 0  # failed saves in a row
+
+  def safe(self) -> str:
+    if self.good is None:
+      return "no checkpoint was committed; a restart begins from scratch"
+    return (f"the last good checkpoint is step {self.good} in {self.mgr.directory}; run the "
+            "same command to resume from it")
+
+  def save(self, step: int, state, data_state, meta: dict) -> None:
+    try:
+      self.mgr.save(step, state, data_state, extra_meta=meta)
+    except ckpt_lib.NonFiniteError as e:
+      raise TrainingStopped(f"{e}. Stopping; {self.safe()}") from None
+    except ckpt_lib.CheckpointSaveError as e:
+      self._retry(e, step, state, data_state, meta)
+
+  def poll(self, step: int, state, data_state, meta: dict, block: bool = False) -> None:
+    """Checks the save in flight (waits for it with `block`); retries a failed one now."""
+    try:
+      done = self.mgr.wait() if block else self.mgr.poll()
+    except ckpt_lib.CheckpointSaveError as e:
+      self._retry(e, step, state, data_state, meta)
+      return
+    if done is not None:
+      self.good, self.failures = done, 0
+
+  def _retry(self, err, step: int, state, data_state, meta: dict) -> None:
+    while True:
+      self.failures += 1
+      if self.failures > self.retries:
+        raise TrainingStopped(f"{err}. {self.retries} retries failed: stopping; {self.safe()}")
+      delay = self.backoff * 2 ** (self.failures - 1)
+      log.error("%s; retrying with step %d in %.1f s (attempt %d of %d)", err, step, delay,
+                self.failures, self.retries)
+      time.sleep(delay)
+      try:
+        self.mgr.save(step, state, data_state, extra_meta=meta)
+        self.good, self.failures = self.mgr.wait(), 0
+        log.warning("checkpoint step %d saved on retry", step)
+        return
+      except ckpt_lib.NonFiniteError as e:
+        raise TrainingStopped(f"{e}. Stopping; {self.safe()}") from None
+      except ckpt_lib.CheckpointSaveError as e:
+        err = e
+
+
+def _lock(workdir: str, lead: bool):
+  """Takes the workdir lock on process 0; every process stops if it is held elsewhere."""
+  lock, err = None, None
+  if lead:
+    try:
+      lock = workdir_lock.acquire(workdir, "train")
+    except workdir_lock.WorkdirLocked as e:
+      err = e
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+    failed = multihost_utils.process_allgather(np.asarray([int(err is not None)], np.int32))
+    if np.max(failed) and err is None:
+      raise workdir_lock.WorkdirLocked(f"{workdir}: process 0 could not take the workdir lock")
+  if err is not None:
+    raise err
+  return lock
+
+
 def run(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool = True,
         data: Optional[DataSource] = None,
         loss_fn: Optional[step_lib.LossFn] = None) -> RunResult:
@@ -304,7 +422,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool = True,
   Args:
     cfg: `experiments/configs/pretrain.py:get_config(...)`.
     workdir: run folder (checkpoints, metrics.jsonl, tensorboard/, loss_curve.png, summary.json).
-      Running again in the same folder resumes.
+      Running again in the same folder resumes. One run at a time: `WORKDIR/.lock`.
     progress: show a progress bar (when stderr is a terminal) or log lines every
       `cfg.log_every` steps.
     data: a `DataSource` (default: the built corpus, `default_data_source(cfg)`).
@@ -314,176 +432,223 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool = True,
     RunResult.
   Raises:
     ValueError: bad config values (before compiling).
-    RuntimeError: divergence that rollbacks did not cure, or nothing to roll back to.
+    workdir_lock.WorkdirLocked: another live run writes this workdir (nothing was touched).
+    TrainingStopped: divergence that rollbacks did not cure, nothing to roll back to, saves
+      that kept failing, or non-finite parameters at a save (the message names the safe step).
   """
   validate_config(cfg)
-  model_cfg, tc = cfg.model, cfg.train
-  devices = _devices(cfg)
-  mesh = sharding.make_mesh(tc.mesh, devices)
-  step_lib.validate(model_cfg, tc, mesh)
-  pi, pc = jax.process_index(), jax.process_count()
-  lead = pi == 0
+  mesh = sharding.make_mesh(cfg.train.mesh, _devices(cfg))
+  step_lib.validate(cfg.model, cfg.train, mesh)
+  lead = jax.process_index() == 0
   workdir = os.path.abspath(os.path.expanduser(workdir))
-  os.makedirs(workdir, exist_ok=True)
-  if data is None:
-    data = default_data_source(cfg, progress)
-  if lead:  # a self-describing workdir: the model config and the tokenizer beside the checkpoints
-    from baichuan_jax.infer import loading  # pylint: disable=import-outside-toplevel
-    loading.describe_workdir(workdir, model_cfg, data.tokenizer_path)
-  save_meta = {"preset": cfg.preset, "model_config": model_cfg.to_dict()}
+  lock = _lock(workdir, lead)
+  try:
+    if data is None:
+      data = default_data_source(cfg, progress)
+    if lead:  # a self-describing workdir: the model config and the tokenizer beside the checkpoints
+      from baichuan_jax.infer import loading  # pylint: disable=import-outside-toplevel
+      loading.describe_workdir(workdir, cfg.model, data.tokenizer_path)
+    lp = _start(cfg, workdir, mesh, data, loss_fn, progress, lead)
+    t_start = time.time()
+    try:
+      _train(lp)
+    finally:
+      if lp.bar is not None:
+        lp.bar.close()
+      lp.mgr.close()
+      lp.mlog.close()
+    return _finish(lp, time.time() - t_start)
+  finally:
+    if lock is not None:
+      workdir_lock.release(lock)
 
-  train_it = data.train(pi, pc)
+
+def _start(cfg, workdir: str, mesh, data, loss_fn, progress: bool, lead: bool) -> _Loop:
+  """Checkpoint manager, resume (or fresh state), compiled steps, the step-0 evaluation."""
+  model_cfg, tc = cfg.model, cfg.train
+  pi, pc = jax.process_index(), jax.process_count()
   mgr = ckpt_lib.CheckpointManager(ckpt_lib.checkpoint_dir(workdir),
                                    save_every=cfg.checkpoint.save_every,
                                    keep_last=cfg.checkpoint.keep_last,
                                    keep_every=cfg.checkpoint.keep_every,
-                                   async_save=cfg.checkpoint.async_save)
-  target = step_lib.abstract_train_state(model_cfg, tc, mesh)
-  restored = mgr.restore(target, quarantine=True)
-  result = RunResult(state=None, history=[], evals=[], tokenizer_path=data.tokenizer_path,
-                     workdir=workdir)
-  mlog = metrics_lib.MetricsLog(workdir, tensorboard=cfg.tensorboard, enabled=lead)
+                                   async_save=cfg.checkpoint.async_save,
+                                   error_log=os.path.join(workdir, ckpt_lib.ERROR_LOG),
+                                   free_space_margin=cfg.checkpoint.free_space_margin)
+  lp = _Loop(cfg=cfg, workdir=workdir, mesh=mesh, data=data, mgr=mgr, saver=_Saver(cfg, mgr),
+             target=step_lib.abstract_train_state(model_cfg, tc, mesh),
+             result=RunResult(state=None, history=[], evals=[],
+                              tokenizer_path=data.tokenizer_path, workdir=workdir),
+             mlog=metrics_lib.MetricsLog(workdir, tensorboard=cfg.tensorboard, enabled=lead),
+             lead=lead, progress=progress,
+             save_meta={"preset": cfg.preset, "model_config": model_cfg.to_dict()})
+  lp.train_it = data.train(pi, pc)
+  restored = mgr.restore(lp.target, quarantine=True)
   if restored is not None:
-    state = restored.state
+    lp.state = restored.state
     if restored.data_state is not None:
-      train_it.set_state(restored.data_state)
-    result.resumed_from = restored.step
-    result.rejected_checkpoints = restored.rejected
+      lp.train_it.set_state(restored.data_state)
+    lp.result.resumed_from = restored.step
+    lp.result.rejected_checkpoints = restored.rejected
     for s, reason in restored.rejected:
       log.warning("checkpoint %d rejected: %s", s, reason)
-    mlog.truncate(restored.step)
+    lp.mlog.truncate(restored.step)
     log.info("resumed from checkpoint step %d in %s", restored.step, mgr.directory)
   else:
-    state = step_lib.create_train_state(model_cfg, tc, mesh)
-    mlog.truncate(0)
-  step_fn = step_lib.make_train_step(model_cfg, tc, mesh, loss_fn=loss_fn)
-  eval_step = step_lib.make_eval_step(model_cfg, tc, mesh, loss_fn=loss_fn)
-
+    lp.state = step_lib.create_train_state(model_cfg, tc, mesh)
+    lp.mlog.truncate(0)
+  lp.saver.good = mgr.latest_step()
+  lp.step_fn = step_lib.make_train_step(model_cfg, tc, mesh, loss_fn=loss_fn)
+  lp.eval_step = step_lib.make_eval_step(model_cfg, tc, mesh, loss_fn=loss_fn)
+  devices = list(mesh.devices.flat)
   per_device_peak = cfg.peak_flops or metrics_lib.measure_peak_flops(
       devices[0], jax.numpy.dtype(model_cfg.dtype))
-  peak = metrics_lib.total_peak_flops(per_device_peak, devices)
-  fpt = configs.flops_per_token(model_cfg, tc.seq_len)["total"]
-  tokens_per_step = tc.batch_size * tc.seq_len
-  total = tc.total_steps
-  step = int(jax.device_get(state.step))
+  lp.peak = metrics_lib.total_peak_flops(per_device_peak, devices)
+  lp.fpt = configs.flops_per_token(model_cfg, tc.seq_len)["total"]
+  lp.step = int(jax.device_get(lp.state.step))
   if lead:
-    n = configs.param_counts(model_cfg)["total"]
     log.info("%s: %.2fM params, mesh %s, %d steps from %d, batch %d x %d, peak %.3g FLOP/s",
-             cfg.preset or "run", n / 1e6, sharding.mesh_shape(mesh), total, step,
-             tc.batch_size, tc.seq_len, peak)
-
-  def do_eval(at: int) -> Optional[float]:
-    val = evaluate(eval_step, state.params, data.validation(pi, pc))
-    if val is not None:
-      result.evals = [e for e in result.evals if e["step"] != at] + [{"step": at, "val_loss": val}]
-    return val
-
-  bar = None
+             cfg.preset or "run", configs.param_counts(model_cfg)["total"] / 1e6,
+             sharding.mesh_shape(mesh), tc.total_steps, lp.step, tc.batch_size, tc.seq_len,
+             lp.peak)
   if progress and lead and sys.stderr.isatty():
     import tqdm  # pylint: disable=import-outside-toplevel
-    bar = tqdm.tqdm(total=total, initial=step, desc="train", unit="step", dynamic_ncols=True)
+    lp.bar = tqdm.tqdm(total=tc.total_steps, initial=lp.step, desc="train", unit="step",
+                       dynamic_ncols=True)
   # Evaluations of earlier runs in this workdir, then (fresh start) the untrained model's loss.
-  result.evals = [{"step": r["step"], "val_loss": r["val_loss"]} for r in mlog.rows
-                  if r.get("val_loss") is not None]
-  if cfg.eval_every and step == 0:
+  lp.result.evals = [{"step": r["step"], "val_loss": r["val_loss"]} for r in lp.mlog.rows
+                     if r.get("val_loss") is not None]
+  if cfg.eval_every and lp.step == 0:
     # Row 0 holds only the untrained model's validation loss.
-    mlog.write({"step": 0, "val_loss": do_eval(0), "time": time.time()})
-    if lead and result.evals:
-      log.info("step 0 | val %.4f (untrained)", result.evals[-1]["val_loss"])
+    lp.mlog.write({"step": 0, "val_loss": _eval(lp, 0), "time": time.time()})
+    if lead and lp.result.evals:
+      log.info("step 0 | val %.4f (untrained)", lp.result.evals[-1]["val_loss"])
+  return lp
 
-  saved_step = restored.step if restored is not None else None
-  sigterm = _SigtermFlag()
-  t_start = time.time()
-  first = True
-  try:
-    with sigterm:
-      batch = next(train_it) if step < total else None
-      data_state = train_it.get_state() if batch is not None else None
-      while step < total:
-        t0 = time.perf_counter()
-        state, m = step_fn(state, batch)
-        step += 1
-        # Read the next batch on the host while the device runs this step.
-        if step < total:
-          next_batch = next(train_it)
-          next_data_state = train_it.get_state()
-        m = jax.device_get(m)
-        dt = None if first else time.perf_counter() - t0
-        first = False
-        row = _row(step, m, dt=dt, tokens_per_step=tokens_per_step, flops_per_token=fpt,
-                   peak=peak, wall=time.time())
 
-        if m["consecutive_bad"] >= tc.max_bad_steps:
-          mlog.write(row)
-          state, step = _rollback(cfg, mgr, target, result, mlog, step)
-          first = True
-          if step < total:
-            batch, data_state = next_batch, next_data_state
-          continue
+def _eval(lp: _Loop, at: int) -> Optional[float]:
+  val = evaluate(lp.eval_step, lp.state.params,
+                 lp.data.validation(jax.process_index(), jax.process_count()))
+  if val is not None:
+    lp.result.evals = [e for e in lp.result.evals if e["step"] != at] + [
+        {"step": at, "val_loss": val}]
+  return val
 
-        if cfg.eval_every and (step % cfg.eval_every == 0 or step == total):
-          row["val_loss"] = do_eval(step)
-        mlog.write(row)
-        if bar is not None:
-          bar.update(1)
-          bar.set_postfix_str(_fmt(row).split(" | ", 1)[1], refresh=False)
-        elif progress and lead and (step % cfg.log_every == 0 or step == total or
-                                    "val_loss" in row):
-          log.info(_fmt(row))
 
-        stop = sigterm.agreed()
-        if mgr.should_save(step) or step == total or stop:
-          mgr.save(step, state, data_state, extra_meta=save_meta)
-          saved_step = step
-        if stop:
-          log.warning("SIGTERM: saved checkpoint %d; stopping", step)
-          result.preempted = True
-          break
-        if step < total:
+def _train(lp: _Loop) -> None:
+  """The loop: step, log, evaluate, roll back, save (checked), stop on SIGTERM."""
+  cfg, tc, total = lp.cfg, lp.cfg.train, lp.cfg.train.total_steps
+  tokens_per_step = tc.batch_size * tc.seq_len
+  saved_step = lp.saver.good
+  sigterm, first = _SigtermFlag(), True
+  with sigterm:
+    batch = next(lp.train_it) if lp.step < total else None
+    data_state = lp.train_it.get_state() if batch is not None else None
+    while lp.step < total:
+      t0 = time.perf_counter()
+      lp.state, m = lp.step_fn(lp.state, batch)
+      lp.step += 1
+      # Read the next batch on the host while the device runs this step.
+      if lp.step < total:
+        next_batch, next_data_state = next(lp.train_it), lp.train_it.get_state()
+      m = jax.device_get(m)
+      dt = None if first else time.perf_counter() - t0
+      first = False
+      row = _row(lp.step, m, dt=dt, tokens_per_step=tokens_per_step, flops_per_token=lp.fpt,
+                 peak=lp.peak, wall=time.time())
+      if m["consecutive_bad"] >= tc.max_bad_steps:
+        lp.mlog.write(row)
+        _rollback(lp, data_state)
+        saved_step, first = lp.step, True
+        if lp.step < total:
           batch, data_state = next_batch, next_data_state
-      if saved_step != step and step > 0:
-        mgr.save(step, state, data_state, extra_meta=save_meta)
-      mgr.wait()
-  finally:
-    if bar is not None:
-      bar.close()
-    mgr.close()
-    mlog.close()
+        continue
+      _count_healthy(lp, m)
+      if cfg.eval_every and (lp.step % cfg.eval_every == 0 or lp.step == total):
+        row["val_loss"] = _eval(lp, lp.step)
+      _log_row(lp, row)
+      # The save in flight (if any) is checked while `state` is still live: a failure is
+      # retried at once with this step's state.
+      lp.saver.poll(lp.step, lp.state, data_state, lp.save_meta)
+      stop = sigterm.agreed()
+      if lp.mgr.should_save(lp.step) or lp.step == total or stop:
+        lp.saver.save(lp.step, lp.state, data_state, lp.save_meta)
+        saved_step = lp.step
+      if stop:
+        lp.saver.poll(lp.step, lp.state, data_state, lp.save_meta, block=True)
+        log.warning("SIGTERM: saved checkpoint %d; stopping", lp.step)
+        lp.result.preempted = True
+        return
+      if lp.step < total:
+        batch, data_state = next_batch, next_data_state
+    if saved_step != lp.step and lp.step > 0:
+      lp.saver.save(lp.step, lp.state, data_state, lp.save_meta)
+    lp.saver.poll(lp.step, lp.state, data_state, lp.save_meta, block=True)
 
-  result.state = state
-  result.history = list(mlog.rows)
-  elapsed = time.time() - t_start
+
+def _count_healthy(lp: _Loop, m: dict) -> None:
+  """Applied steps in a row; `rollback_reset_steps` of them end a run of rollbacks."""
+  lp.healthy = 0 if m["skipped"] else lp.healthy + 1
+  if lp.rollbacks_in_row and lp.healthy >= lp.cfg.rollback_reset_steps:
+    log.info("step %d: %d healthy steps since the last rollback; the rollback count restarts",
+             lp.step, lp.healthy)
+    lp.rollbacks_in_row = 0
+
+
+def _log_row(lp: _Loop, row: dict) -> None:
+  lp.mlog.write(row)
+  if lp.bar is not None:
+    lp.bar.update(1)
+    lp.bar.set_postfix_str(_fmt(row).split(" | ", 1)[1], refresh=False)
+  elif lp.progress and lp.lead and (lp.step % lp.cfg.log_every == 0 or "val_loss" in row
+                                    or lp.step == lp.cfg.train.total_steps):
+    log.info(_fmt(row))
+
+
+def _finish(lp: _Loop, elapsed: float) -> RunResult:
+  """Final state, plot, sample and summary."""
+  cfg, result = lp.cfg, lp.result
+  result.state = lp.state
+  result.history = list(lp.mlog.rows)
   if not result.preempted:
-    if lead:
-      metrics_lib.plot_loss_curve(result.history, os.path.join(workdir, PLOT_FILE),
-                                  title=f"{cfg.preset or 'run'}: {model_cfg.num_layers} layers, "
-                                  f"{tc.batch_size}x{tc.seq_len} tokens/step")
-    result.sample = _sample(cfg, state.params, data.tokenizer_path, mesh)
-  if lead:
-    _write_summary(cfg, result, workdir, elapsed)
+    if lp.lead:
+      metrics_lib.plot_loss_curve(
+          result.history, os.path.join(lp.workdir, PLOT_FILE),
+          title=f"{cfg.preset or 'run'}: {cfg.model.num_layers} layers, "
+          f"{cfg.train.batch_size}x{cfg.train.seq_len} tokens/step")
+    result.sample = _sample(cfg, lp.state.params, lp.data.tokenizer_path, lp.mesh)
+  if lp.lead:
+    _write_summary(cfg, result, lp.workdir, elapsed)
   return result
 
 
-def _rollback(cfg, mgr, target, result: RunResult, mlog: metrics_lib.MetricsLog,
-              step: int) -> tuple[Any, int]:
-  """Restores the last good checkpoint's params and optimizer state (data keeps going)."""
-  tc = cfg.train
-  result.rollbacks += 1
-  if result.rollbacks > cfg.max_rollbacks:
-    raise RuntimeError(f"step {step}: {tc.max_bad_steps} consecutive non-finite steps again "
-                       f"after {cfg.max_rollbacks} rollbacks (max_rollbacks); giving up. Lower "
-                       "train.peak_lr or inspect the data near this step")
-  mgr.wait()
-  restored = mgr.restore(target, quarantine=True)
+def _rollback(lp: _Loop, data_state) -> None:
+  """Restores the last good checkpoint's params and optimizer state (data keeps going).
+
+  `max_rollbacks` bounds the rollbacks in a row: the count restarts after
+  `rollback_reset_steps` healthy steps, so separate spikes each get their own rollbacks.
+  """
+  cfg, tc, step = lp.cfg, lp.cfg.train, lp.step
+  lp.result.rollbacks += 1
+  lp.rollbacks_in_row += 1
+  lp.healthy = 0
+  if lp.rollbacks_in_row > cfg.max_rollbacks:
+    raise TrainingStopped(
+        f"step {step}: {tc.max_bad_steps} consecutive non-finite steps again after "
+        f"{cfg.max_rollbacks} rollbacks (max_rollbacks) with fewer than "
+        f"{cfg.rollback_reset_steps} healthy steps between them; giving up. Lower "
+        f"train.peak_lr or inspect the data near this step; {lp.saver.safe()}")
+  lp.saver.poll(step, lp.state, data_state, lp.save_meta, block=True)
+  restored = lp.mgr.restore(lp.target, quarantine=True)
   if restored is None:
-    raise RuntimeError(f"step {step}: {tc.max_bad_steps} consecutive non-finite steps and no "
-                       f"checkpoint to roll back to in {mgr.directory}")
+    raise TrainingStopped(f"step {step}: {tc.max_bad_steps} consecutive non-finite steps and no "
+                          f"checkpoint to roll back to in {lp.mgr.directory}")
   log.warning("step %d: %d consecutive non-finite steps; rolled back to checkpoint %d "
-              "(rollback %d of at most %d); the data continues after the bad batches", step,
-              tc.max_bad_steps, restored.step, result.rollbacks, cfg.max_rollbacks)
-  mlog.truncate(restored.step)
-  result.evals = [e for e in result.evals if e["step"] <= restored.step]
-  return restored.state, restored.step
+              "(rollback %d in a row, at most %d); the data continues after the bad batches",
+              step, tc.max_bad_steps, restored.step, lp.rollbacks_in_row, cfg.max_rollbacks)
+  lp.mlog.truncate(restored.step)
+  lp.result.evals = [e for e in lp.result.evals if e["step"] <= restored.step]
+  lp.state, lp.step = restored.state, restored.step
+  lp.saver.good = restored.step
 
 
 def _write_summary(cfg, result: RunResult, workdir: str, elapsed: float) -> None:
@@ -585,7 +750,12 @@ def main(cfg: ml_collections.ConfigDict, workdir: str) -> int:
     if report["note"]:
       print(f"note: {report['note']}")
     return 0
-  result = run(cfg, workdir)
+  try:
+    result = run(cfg, workdir)
+  except (TrainingStopped, workdir_lock.WorkdirLocked) as e:
+    # One clear final line instead of a traceback: what happened and which step is safe.
+    print(f"stopped: {e}", file=sys.stderr, flush=True)
+    return 1
   if jax.process_index() == 0:
     if result.preempted:
       print(f"preempted: checkpoint of step {int(jax.device_get(result.state.step))} saved in "

@@ -92,12 +92,22 @@ def _common(model: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.checkpoint.keep_last = 3
   # ... and every step divisible by this for good (0: none), as Baichuan 2 released snapshots.
   c.checkpoint.keep_every = 0
-  # Write checkpoints in a background thread while training continues.
+  # Write checkpoints in a background thread while training continues (each save is checked as
+  # soon as it completes, at the latest by the next save).
   c.checkpoint.async_save = True
+  # A failed save is retried (with the current state) this many times before the run stops.
+  c.checkpoint.save_retries = 3
+  # Seconds before the first retry; doubled for each further one.
+  c.checkpoint.retry_backoff_s = 2.0
+  # A save needs this many times the last checkpoint's size free on disk (0: no check).
+  c.checkpoint.free_space_margin = 1.1
 
   # Consecutive rollbacks to the last checkpoint (after max_bad_steps non-finite steps each)
-  # before the run gives up.
+  # before the run gives up ...
   c.max_rollbacks = 3
+  # ... where "consecutive" ends after this many healthy (applied) steps in a row: separate
+  # spikes each get their own max_rollbacks.
+  c.rollback_reset_steps = 100
   # Dense peak FLOP/s of one accelerator (for MFU); 0 = measure a matmul at start-up. On CPU the
   # value is the whole host's (fake devices share its cores).
   c.peak_flops = 0.0
