@@ -99,8 +99,11 @@ class RowParams:
   seeds: jax.Array
 
 
-def _forward_last(cfg, params, tokens, positions, segment_ids, cache, unroll=False):
+def _forward_last(cfg, params, tokens, positions, segment_ids, cache, unroll=False, last=None):
   """Runs the model on `tokens` and returns fp32 logits of the last slot and the new cache.
+
+  `last` ([batch] int32, optional) picks another slot per row than the final one (right-padded
+  prompts: the slot of the last real token).
 
   `unroll=True` (the decode step) runs the layers as an unrolled loop over static slices of the
   stacked weights rather than the layer scan, which copies each layer's weights before using them
@@ -117,7 +120,8 @@ def _forward_last(cfg, params, tokens, positions, segment_ids, cache, unroll=Fal
   hidden, cache = BaichuanLM(cfg, unroll_layers=unroll).apply(
       {"params": p}, tokens, positions=positions, segment_ids=segment_ids, cache=cache,
       return_hidden=True)
-  return quant.head_matmul(hidden[:, -1], head, cfg.norm_head), cache
+  hidden = hidden[:, -1] if last is None else hidden[jnp.arange(hidden.shape[0]), last]
+  return quant.head_matmul(hidden, head, cfg.norm_head), cache
 
 
 def _pick(cfg, logits, state_present, step, rows: RowParams, do_sample):
