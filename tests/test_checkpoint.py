@@ -158,3 +158,74 @@ def test_load_params_newest_good(tmp_path):
   shutil.rmtree(ckpt.checkpoint_dir(workdir))
   with pytest.raises(FileNotFoundError, match="no checkpoints"):
     ckpt.load_params(workdir)
+
+
+def test_truncated_file_is_one_line_naming_checkpoint_item_and_file(tmp_path):
+  ckdir = str(tmp_path / "checkpoints")
+  mgr = ckpt.CheckpointManager(ckdir, keep_last=5, async_save=False)
+  mgr.save(1, _state(1))
+  mgr.wait()
+  path = _largest_file(os.path.join(ckdir, "1"), "state")
+  with open(path, "r+b") as f:
+    f.truncate(os.path.getsize(path) // 2)
+  with pytest.raises(ckpt.CheckpointError) as err:
+    mgr.restore(_target(), step=1)
+  msg = str(err.value)
+  assert "\n" not in msg and len(msg) < 800, msg
+  assert msg.startswith("checkpoint step 1: item state, array opt.mu, file ") and path in msg
+  assert "TensorStore" not in msg and "'driver'" not in msg
+  log_file = tmp_path / ckpt.ERROR_LOG
+  assert f"full detail in {log_file}" in msg
+  assert "Traceback" in log_file.read_text()  # the detail is kept, just not on the console
+  mgr.close()
+  # load_params (params only) says the same in one line for a truncated weights file.
+  wpath = _largest_file(os.path.join(ckdir, "1"), "params")
+  with open(wpath, "r+b") as f:
+    f.truncate(os.path.getsize(wpath) // 2)
+  with pytest.raises(ckpt.CheckpointError) as err:
+    ckpt.load_params(str(tmp_path), step=1)
+  assert "\n" not in str(err.value) and "item params, array w, file " + wpath in str(err.value)
+
+
+WRITE_LIMIT = """
+import resource, signal, sys
+import jax.numpy as jnp, numpy as np
+from baichuan_jax import checkpoint as ckpt
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)   # the write then fails with EFBIG
+mgr = ckpt.CheckpointManager(sys.argv[1], async_save=True, free_space_margin=0)
+def state(n, seed):
+  r = np.random.RandomState(seed)
+  return {"params": {"w": jnp.asarray(r.randn(n, n), jnp.float32)}, "step": jnp.int32(seed)}
+mgr.save(1, state(64, 1)); mgr.wait()
+resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))   # files over 100 kB fail
+mgr.save(2, state(512, 2))                                       # 1 MB: the background write fails
+try:
+  while mgr.poll() is None:
+    pass
+  print("NO ERROR")
+except ckpt.CheckpointSaveError as e:
+  print("ERROR:", e)
+print("STEPS:", mgr.steps())
+"""
+
+
+def test_a_real_background_write_error_surfaces_in_one_line(tmp_path):
+  import subprocess  # pylint: disable=import-outside-toplevel
+  import sys  # pylint: disable=import-outside-toplevel
+  ckdir = str(tmp_path / "checkpoints")
+  out = subprocess.run([sys.executable, "-c", WRITE_LIMIT, ckdir], capture_output=True, text=True,
+                       timeout=300)
+  assert out.returncode == 0, out.stderr[-3000:]
+  lines = out.stdout.splitlines()
+  err = [l for l in lines if l.startswith("ERROR:")]
+  assert err, out.stdout
+  assert "checkpoint step 2: writing " + os.path.join(ckdir, "2.orbax-checkpoint-tmp") in err[0]
+  assert "File too large (errno 27)" in err[0] and "previous checkpoint: 1" in err[0]
+  assert "STEPS: [1]" in lines
+  assert "Traceback" not in out.stderr  # orbax's thread tracebacks went to the log file
+  assert "File too large" in (tmp_path / ckpt.ERROR_LOG).read_text()
+  mgr = ckpt.CheckpointManager(ckdir)
+  r = mgr.restore(jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), {
+      "params": {"w": jnp.zeros((64, 64))}, "step": jnp.int32(0)}))
+  assert r.step == 1
+  mgr.close()

@@ -74,3 +74,110 @@ def test_guard_skips_a_non_finite_update_with_finite_loss_and_gradient():
   assert float(m["skipped"]) == 0
   leaf = jax.tree.leaves(state.params)[0]
   assert np.allclose(np.asarray(jax.tree.leaves(ok.params)[0]), np.asarray(leaf) - 0.5e-3)
+
+
+# ----------------------------------------------------------------------------------------------
+# 2. One writer per workdir.
+
+import json  # noqa: E402
+import signal  # noqa: E402
+import socket  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+
+from baichuan_jax import checkpoint as ckpt  # noqa: E402
+from baichuan_jax import workdir_lock  # noqa: E402
+
+HOLD = """
+import sys, time
+from baichuan_jax import workdir_lock
+workdir_lock.acquire(sys.argv[1], "train")
+print("held", flush=True)
+time.sleep(600)
+"""
+
+
+def _holder(workdir):
+  """A separate process holding the workdir lock (as a running trainer does)."""
+  proc = subprocess.Popen([sys.executable, "-c", HOLD, str(workdir)], stdout=subprocess.PIPE,
+                          text=True)
+  assert proc.stdout.readline().strip() == "held"
+  return proc
+
+
+def test_a_second_writer_is_refused_naming_the_holder_then_a_dead_holder_is_taken_over(tmp_path):
+  proc = _holder(tmp_path)
+  try:
+    t0 = time.time()
+    with pytest.raises(workdir_lock.WorkdirLocked,
+                       match=rf"in use by train run pid {proc.pid} on host {socket.gethostname()}"):
+      workdir_lock.acquire(tmp_path, "sft")
+    assert time.time() - t0 < 1  # at once, no waiting
+    assert workdir_lock.held_by_other(tmp_path)
+  finally:
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+  # kill -9 leaves the file (naming the dead pid); the kernel dropped the flock: taken over.
+  assert workdir_lock.read_holder(tmp_path)["pid"] == proc.pid
+  assert not workdir_lock.held_by_other(tmp_path)
+  with workdir_lock.hold(tmp_path, "sft") as lock:
+    assert workdir_lock.read_holder(tmp_path)["pid"] == os.getpid()
+    with workdir_lock.hold(tmp_path, "nested"):  # re-entrant in one process
+      pass
+    assert workdir_lock.held_here(tmp_path) and lock.depth == 1
+  assert not workdir_lock.held_here(tmp_path)
+
+
+def test_a_lock_kept_only_by_an_orphan_of_a_dead_pid_is_taken_over(tmp_path):
+  # A live process holds the flock but the file names a pid of this host that has exited
+  # (a forked child that outlived its killed parent): the file is replaced and taken.
+  proc = _holder(tmp_path)
+  dead = subprocess.Popen([sys.executable, "-c", "pass"])
+  dead.wait()
+  path = workdir_lock.lock_path(tmp_path)
+  with open(path, "w") as f:
+    json.dump({"host": socket.gethostname(), "pid": dead.pid, "purpose": "train",
+               "since": time.time()}, f)
+  try:
+    with workdir_lock.hold(tmp_path, "train"):
+      assert workdir_lock.read_holder(tmp_path)["pid"] == os.getpid()
+  finally:
+    proc.kill()
+    proc.wait()
+
+
+def test_trainer_refuses_a_locked_workdir_and_tmp_cleanup_spares_live_runs(tmp_path):
+  from experiments.configs import pretrain  # pylint: disable=import-outside-toplevel
+  from baichuan_jax.train import trainer  # pylint: disable=import-outside-toplevel
+  ckdir = tmp_path / "checkpoints"
+  inflight = ckdir / "5.orbax-checkpoint-tmp"
+  inflight.mkdir(parents=True)
+  proc = _holder(tmp_path)
+  try:
+    with pytest.raises(workdir_lock.WorkdirLocked, match=f"pid {proc.pid}"):
+      trainer.run(pretrain.get_config("tiny"), str(tmp_path), data=object())
+    assert not (tmp_path / "metrics.jsonl").exists()
+    # Another process opening the checkpoints of a live run leaves its in-flight save alone.
+    ckpt.CheckpointManager(str(ckdir)).close()
+    assert inflight.exists()
+  finally:
+    proc.kill()
+    proc.wait()
+  # The run is dead: its leftover is garbage and goes at the next start-up.
+  ckpt.CheckpointManager(str(ckdir)).close()
+  assert not inflight.exists()
+
+
+def test_alignment_and_research_runs_take_the_workdir_lock(tmp_path):
+  from baichuan_jax.align import recipes, sentiment  # pylint: disable=import-outside-toplevel
+  from baichuan_jax.research import ablation, scaling  # pylint: disable=import-outside-toplevel
+  proc = _holder(tmp_path)
+  try:
+    for fn, args in ((recipes.run_sft, (None,)), (sentiment.run, (None,)),
+                     (ablation.run_ablation, (None,)), (scaling.run_scaling, (None,))):
+      with pytest.raises(workdir_lock.WorkdirLocked, match=f"pid {proc.pid}"):
+        fn(*args, workdir=str(tmp_path), **({"stages": ["all"]} if fn is sentiment.run else {}))
+  finally:
+    proc.kill()
+    proc.wait()

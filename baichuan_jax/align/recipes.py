@@ -23,6 +23,7 @@ import ml_collections
 import numpy as np
 
 from baichuan_jax import checkpoint, configs, sharding, train
+from baichuan_jax import workdir_lock
 from baichuan_jax.align import lora, sft_data, trainers
 
 _LOG = logging.getLogger(__name__)
@@ -107,6 +108,7 @@ def _eval_loss(model_cfg, tc, params, packed: dict, batch_size: int) -> dict:
   return {"loss": total / max(tokens, 1.0), "tokens": int(tokens)}
 
 
+@workdir_lock.locked("workdir", "sft")  # one writer per workdir
 def run_sft(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
   """Chat SFT from `cfg` (see experiments/configs/sft.py); returns and writes a summary.
 

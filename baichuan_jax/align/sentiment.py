@@ -27,6 +27,7 @@ import ml_collections
 import numpy as np
 
 from baichuan_jax import configs, infer, train
+from baichuan_jax import workdir_lock
 from baichuan_jax.align import (lora, ppo_trainer, preference, recipes, reward, sft_data,
                                  trainers)
 
@@ -333,6 +334,7 @@ def stage_sft(cfg, tok, reviews, workdir) -> dict:
 STAGES = {"pretrain": stage_pretrain, "rm": stage_rm, "ppo": stage_ppo, "sft": stage_sft}
 
 
+@workdir_lock.locked("workdir", "rlhf")  # one writer per workdir
 def run(cfg: ml_collections.ConfigDict, workdir: str, stages: Sequence[str]) -> dict:
   """Runs the named stages in order ("all" = pretrain, rm, ppo, sft) and returns their summaries."""
   order = list(STAGES) if list(stages) == ["all"] else list(stages)

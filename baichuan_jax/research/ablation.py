@@ -21,6 +21,7 @@ import ml_collections
 import numpy as np
 
 from baichuan_jax import configs
+from baichuan_jax import workdir_lock
 from baichuan_jax import train as engine
 from baichuan_jax.research import extrapolation, plots, report, runner
 from baichuan_jax.research.sweep import Sweep
@@ -206,6 +207,7 @@ def markdown(cfg, summary: dict, complete: bool, env: dict) -> str:
   return "\n".join(lines)
 
 
+@workdir_lock.locked("workdir", "ablation")  # one writer per workdir
 def run_ablation(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
                  progress: bool = True) -> dict:
   """Runs the missing runs of the ablation sweep, then writes tables and plots.

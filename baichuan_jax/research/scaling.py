@@ -22,6 +22,7 @@ from pathlib import Path
 import ml_collections
 
 from baichuan_jax import configs
+from baichuan_jax import workdir_lock
 from baichuan_jax import train as engine
 from baichuan_jax.research import plots, report, runner, scaling_law
 from baichuan_jax.research.sweep import Sweep
@@ -211,6 +212,7 @@ def _bar(total: int, desc: str):
   return bar, update
 
 
+@workdir_lock.locked("workdir", "scaling")  # one writer per workdir
 def run_scaling(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
                 progress: bool = True) -> dict:
   """Runs the missing runs of the ladder, then fits, predicts and writes tables and plots.
