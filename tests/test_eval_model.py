@@ -119,8 +119,8 @@ def test_cli_end_to_end_on_fixtures(tiny, tok, tmp_path, capsys):
   assert "| **Average** | 2 | 6 |" in capsys.readouterr().out
   # The same model through the library gives the same predictions.
   score_fn, _ = score_fns(cfg, params)
-  lib = evaluate_benchmark(load_benchmark("ceval", FIXTURES / "ceval"), tok, score_fn,
-                           max_len=cfg.max_seq_len, batch_size=4, progress=False)
+  lib = evaluate_benchmark(load_benchmark("ceval", FIXTURES / "ceval", protocol="baichuan"), tok,
+                           score_fn, max_len=cfg.max_seq_len, batch_size=4, progress=False)
   assert [p["prediction"] for p in lib["predictions"]] == [p["prediction"] for p in res["predictions"]]
 
   res = main(["--task", "ppl", "--data-dir", str(FIXTURES / "ppl"), "--hf", str(model_dir),

@@ -205,10 +205,10 @@ class Prompt:
   truncated: bool  # even zero shots did not fit: the tokens were cut from the left
 
 
-def _keep_first_k(q, shots, encode, budget, protocol, strict=False):
+def _keep_first_k(q, shots, encode, budget, protocol):
+  """The most leading shots whose prompt fits (MMLU's `while len > max: k -= 1`)."""
   for k in range(len(shots), -1, -1):
-    ids = encode(prompt_text(q, shots[:k], protocol))
-    if len(ids) < budget or (not strict and len(ids) == budget):
+    if len(encode(prompt_text(q, shots[:k], protocol))) <= budget:
       return list(shots[:k])
   return []
 
