@@ -133,6 +133,16 @@ def test_baichuan_ceval_golden_one_newline_and_shuffled_dev():
       "唐朝的都城是____。\nA. 洛阳\nB. 长安\nC. 开封\nD. 南京\n答案：")
 
 
+def test_baichuan_gaokao_golden_uses_the_baichuan_layout():
+  d = _subject("gaokao", "Biology", shots=2)
+  assert prompt_text(d.questions[0], d.shots, "baichuan") == (
+      "以下是中国高考生物考试的单项选择题，请选出其中的正确答案。\n"
+      "\n1．下列关于细胞的叙述，正确的是（\u3000\u3000）\nA. 病毒具有细胞结构\nB. 蓝藻没有细胞核\n"
+      "C. 所有细胞都有叶绿体\nD. 细胞膜不含蛋白质\n答案：B"
+      "\n2．光合作用的场所是（\u3000\u3000）\nA. 线粒体\nB. 叶绿体\nC. 核糖体\nD. 高尔基体\n答案：B"
+      "\n3．DNA的基本组成单位是（\u3000\u3000）\nA. 氨基酸\nB. 葡萄糖\nC. 脱氧核苷酸\nD. 脂肪酸\n答案：")
+
+
 def test_baichuan_mmlu_is_hendrycks_text_and_cmmlu_is_cmmlu_text():
   d = _subject("mmlu", "world_religions", shots=1)
   assert prompt_text(d.questions[0], d.shots, "baichuan") == prompt_text(

@@ -210,6 +210,23 @@ def test_unlabeled_export_writes_submission_and_valid_json(tok, tmp_path):
       "computer_network": {"0": "C", "7": "C"}}
 
 
+def test_markdown_counts_multi_answer_items_per_file(tok, tmp_path):
+  head = "id,question,A,B,C,D,answer\n"
+  (tmp_path / "val").mkdir()
+  (tmp_path / "val" / "law_val.csv").write_text(
+      head + "0,问,甲,乙,丙,丁,A\n1,问,甲,乙,丙,丁,AB\n2,问,甲,乙,丙,丁,BCD\n3,问,甲,乙,丙,丁,X\n",
+      encoding="utf-8")
+  bench = load_benchmark("ceval", tmp_path, shots=0)
+  res = evaluate_benchmark(bench, tok, _constant_letter_fn(tok, [1, 0, 0, 0]), max_len=256,
+                           progress=False)
+  assert res["total"] == 1 and res["correct"] == 1 and len(res["multi_answer"]) == 2
+  md = write_reports(res, tmp_path / "out")["markdown"]
+  text = open(md, encoding="utf-8").read()
+  assert "Multi-answer items (not single-choice, not scored) (2; each listed" in text
+  assert f"- `{tmp_path / 'val' / 'law_val.csv'}`: 2" in text
+  assert "law_val.csv:5: answer 'X' not in A-D" in text
+
+
 def test_protocols_differ_in_bos_and_prompt_text(tok):
   from baichuan_jax.eval.prompts import prompt_text as text  # pylint: disable=import-outside-toplevel
   out = {}

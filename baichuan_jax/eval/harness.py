@@ -14,6 +14,7 @@ import collections
 import json
 import logging
 import math
+import re
 import time
 from pathlib import Path
 from typing import Optional
@@ -214,9 +215,14 @@ def markdown(results: dict, model: str = "") -> str:
     cat = " + ".join(d.get("categories") or [d["category"]])
     lines.append(f"| {s} | {cat} | {d['correct']} / {d['total']} | {_pct(d['accuracy'])} |")
   for key, what in (("multi_answer", "Multi-answer items (not single-choice, not scored)"),
-                    ("excluded", "Left out by the protocol"), ("skipped", "Skipped malformed rows")):
-    if results.get(key):
-      lines += ["", f"{what} ({len(results[key])}):", ""] + [f"- `{s}`" for s in results[key]]
+                    ("excluded", "Left out by the protocol")):
+    if results.get(key):  # genuine items, possibly many: counted per file (listed in the JSON)
+      per_file = collections.Counter(re.match(r"(.*?):\d+: ", s).group(1) for s in results[key])
+      lines += ["", f"{what} ({len(results[key])}; each listed in the results JSON):", ""]
+      lines += [f"- `{f}`: {n}" for f, n in per_file.items()]
+  if results.get("skipped"):
+    lines += ["", f"Skipped malformed rows ({len(results['skipped'])}):", ""]
+    lines += [f"- `{s}`" for s in results["skipped"]]
   if results.get("notes"):
     lines += ["", "Notes:", ""] + [f"- {n}" for n in results["notes"]]
   return "\n".join(lines) + "\n"
