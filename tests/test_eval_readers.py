@@ -238,3 +238,10 @@ def test_agieval_official_needs_few_shot_prompts_csv(tmp_path):
   with pytest.raises(FileNotFoundError, match="few_shot_prompts.csv, not found"):
     load_benchmark("agieval", tmp_path, shots=5, protocol="official")
   assert load_benchmark("agieval", tmp_path, shots=0, protocol="official").num_questions == 1
+
+
+def test_cell_text_is_kept_as_written(tmp_path):
+  # The scripts format pandas / datasets cells as they are: no stripping of the question or options.
+  _write(tmp_path / "val" / "law_val.csv", _CEVAL_HEAD + '0,"问题 ", 甲,乙 ,丙,丁,A,\n')
+  q = load_benchmark("ceval", tmp_path, shots=0).subjects["law"].questions[0]
+  assert (q.question, q.options) == ("问题 ", (" 甲", "乙 ", "丙", "丁"))

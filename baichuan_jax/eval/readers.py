@@ -262,8 +262,9 @@ def _read_mc_csv(task: str, subject: str, path: Path, sink: _Sink) -> tuple[list
         sink.skip(path, line, value or "missing answer")
         continue
     qid = row[cols.qid].strip() if task == "ceval" and cols.qid is not None else str(len(out))
-    out.append(Question(task, subject, qid, row[cols.question].strip(),
-                        tuple(o.strip() for o in options), answer if labeled else None,
+    # Texts as written (the scripts format pandas / `datasets` cells without stripping them).
+    out.append(Question(task, subject, qid, row[cols.question], tuple(options),
+                        answer if labeled else None,
                         f"{path}:{line}"))
   return out, labeled
 
@@ -531,7 +532,7 @@ def _read_agieval_file(path, subject, sink, max_options=None):
       sink.excluded.append(Skipped(str(path), line, f"{len(texts)} options: Baichuan's table "
                                    f"keeps {max_options}-option items only"))
       continue
-    out.append(Question("agieval", subject, str(len(out)), str(item["question"]).strip(), texts,
+    out.append(Question("agieval", subject, str(len(out)), str(item["question"]), texts,
                         value, f"{path}:{line}", passage=(item.get("passage") or None),
                         raw_options=tuple(str(o) for o in opts)))
   return out
