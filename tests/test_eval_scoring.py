@@ -256,3 +256,13 @@ def test_cli_inspect_needs_no_model(capsys):
   text = capsys.readouterr().out
   assert "| Biology | 5 | 3 | 0 |" in text and res["multi_answer"] == 1
   assert "answer ['A', 'C'] has 2 answers" in text
+
+
+def test_cli_says_why_nothing_is_scorable_before_loading_a_model(tmp_path):
+  from baichuan_jax.eval.__main__ import main  # pylint: disable=import-outside-toplevel
+  (tmp_path / "test").mkdir()
+  (tmp_path / "test" / "law_test.csv").write_text("q,a,b,c,d,AB\nq,a,b,c,d,E\n", encoding="utf-8")
+  with pytest.raises(ValueError, match=r"no scorable questions .*\(1 malformed rows skipped, e\.g\. "
+                     r".*law_test.csv:2: answer 'E' not in A-D; 1 multi-answer items\); run with "
+                     r"--inspect"):
+    main(["--task", "mmlu", "--data-dir", str(tmp_path), "--shots", "0", "--hf", "/no/such/model"])

@@ -137,13 +137,19 @@ def _ppl_path(data_dir):
 def main(argv=None) -> dict:
   args = parse_args(argv)
   logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+  bench = None if args.task == "ppl" else _load_bench(args)  # bad files fail before the model loads
   if args.inspect:
-    bench = _load_bench(args)
     print(inspect_text(bench), end="")
     return {"task": bench.task, "questions": bench.num_questions,
             "subjects": {k: len(v.questions) for k, v in bench.subjects.items()},
             "multi_answer": len(bench.multi_answer), "excluded": len(bench.excluded),
             "skipped": len(bench.skipped)}
+  if bench is not None and not bench.num_questions:
+    raise ValueError(f"{args.task}: no scorable questions under {args.data_dir} "
+                     f"({len(bench.skipped)} malformed rows skipped, e.g. "
+                     f"{bench.skipped[0] if bench.skipped else 'none'}; "
+                     f"{len(bench.multi_answer)} multi-answer items); run with --inspect to see "
+                     "every item left out and why")
   tokenizer = model_fns.load_tokenizer(args.tokenizer, args.hf, args.checkpoint)
   cfg, params = model_fns.load_model(hf=args.hf, checkpoint=args.checkpoint, config=args.config,
                                      step=args.step, quantize=args.quantize, dtype=args.dtype,
@@ -175,13 +181,6 @@ def main(argv=None) -> dict:
     print(harness.ppl_markdown(res, model_name))
     return res
 
-  bench = _load_bench(args)
-  if not bench.num_questions:
-    raise ValueError(f"{args.task}: no scorable questions under {args.data_dir} "
-                     f"({len(bench.skipped)} malformed rows skipped, e.g. "
-                     f"{bench.skipped[0] if bench.skipped else 'none'}; "
-                     f"{len(bench.multi_answer)} multi-answer items); run with --inspect to see "
-                     "every item left out and why")
   res = harness.evaluate_benchmark(bench, tokenizer, score_fn, max_len,
                                    batch_size=args.batch_size, padding=args.padding,
                                    add_bos=args.bos, limit=args.limit,
