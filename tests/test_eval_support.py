@@ -40,7 +40,8 @@ class SpmTokenizer:
 
 @functools.lru_cache(maxsize=None)
 def tokenizer_model(folder: str) -> str:
-  """Trains (once per folder) a small byte-fallback BPE model on the fixture text; returns its path."""
+  """Trains (once per folder) a small byte-fallback BPE model on the fixture text, with Baichuan's
+  special-id layout; returns its path."""
   prefix = str(Path(folder) / "eval_tok")
   text = Path(folder) / "corpus.txt"
   extra = ["The following are multiple choice questions (with answers) about",
@@ -49,7 +50,10 @@ def tokenizer_model(folder: str) -> str:
   text.write_text("\n".join(fixture_texts() + extra * 20) + "\n", encoding="utf-8")
   spm.SentencePieceTrainer.train(
       input=str(text), model_prefix=prefix, model_type="bpe", vocab_size=1200,
-      byte_fallback=True, character_coverage=1.0, pad_id=0, bos_id=1, eos_id=2, unk_id=3,
+      byte_fallback=True, character_coverage=1.0, pad_id=-1, bos_id=1, eos_id=2, unk_id=0,
+      # Baichuan's id layout, which baichuan_jax.tokenizer expects: 3..194 reserved, 195/196 the
+      # turn markers (control pieces), bytes after them.
+      control_symbols=[f"<reserved_{i}>" for i in range(3, 195)] + ["<user>", "<assistant>"],
       split_digits=True, add_dummy_prefix=False, normalization_rule_name="identity",
       hard_vocab_limit=False, minloglevel=2, num_threads=1)
   return prefix + ".model"
