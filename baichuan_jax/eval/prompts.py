@@ -10,7 +10,7 @@ protocol "baichuan" (Baichuan's `evaluation/evaluate_zh.py` and `evaluate_mmlu.p
           \n{question}\nA. {A}\n...\nD. {D}\n答案：{X}     then  \n{question}\nA. ...\n答案：
           (one newline between items). Shots: the dev rows in `dataset['dev'].shuffle(seed=123)`
           order; no truncation in the script.
-  mmlu    The following are multiple choice questions (with answers) about  {sub ject}.\n\n
+  mmlu    The following are multiple choice questions (with answers) about  {sub ject words}.\n\n
           {question}\nA. {A}\n...\nAnswer: {X}\n\n ... {question}\n...\nAnswer:
           (Hendrycks' text; `format_subject` puts a space before every word, hence two spaces).
           Too long: keep the first k shots.
