@@ -1,0 +1,715 @@
+"""One prepared GPU run: kernel checks, then training MFU, attention vs cuDNN and decode vs bandwidth.
+
+Meant for one short lease of one GPU (an H200 here): everything the GPU docs report comes out of
+one command that stays under a time budget (default 480 s, wall clock from the start of the
+script), so that a rerun still fits a 15-minute device allowance:
+
+  JAX_PLATFORMS=cuda XLA_PYTHON_CLIENT_MEM_FRACTION=.92 python3 benchmarks/gpu_suite.py --out $OUT
+
+writes `$OUT/gpu_suite.json` (every row, the environment, the command) and `$OUT/gpu_suite.md`
+(the tables) after every section, so a run cut short still leaves what it measured. Sections, in
+order (each is skipped, with a note, when its estimated cost no longer fits the remaining budget;
+a watchdog thread ends the process at the hard limit, budget + 30 s, after writing the files):
+
+1. `env`: device, driver (nvidia-smi), Python / jax / jaxlib / flax / triton versions, argv.
+2. `ceilings`: a bf16 n x n x n matmul on random data (FLOP/s) and a device-to-device copy
+   (bytes read + written per second). These are the measured peaks the ratios below use, next to
+   the datasheet's (989 TFLOP/s dense bf16 and 4.8 TB/s for the H200 SXM).
+3. `check`: the compiled kernels against their references on fresh random inputs: flash attention
+   fwd + bwd (bf16; ALiBi; in-kernel RoPE vs RoPE applied first), decode attention (ragged
+   lengths, left padding, GQA, ALiBi, NaN in unfilled slots) by relative L2 error, and the top-k /
+   greedy pick exactly against `jax.lax.top_k` on a tied 125,696-entry vocabulary.
+4. `attention`: our flash kernel fwd+bwd (and fwd) vs `jax.nn.dot_product_attention(
+   implementation="cudnn")` at seq 2k/4k/8k, head_dim 128, causal, bf16, 16,384 tokens per batch,
+   32 heads, with and without ALiBi (cuDNN with ALiBi takes a dense bias); ratios ours / cuDNN and
+   the ALiBi overhead.
+5. `train`: the ~1B (1.17B) Baichuan-7B-shaped training step (benchmarks/gpu_train_mfu.py,
+   attention_impl=pallas, no remat, batch 4 x 4096) MFU against the datasheet and the measured
+   matmul peak.
+6. `decode`: 7B-shaped (Baichuan2-7B, random bf16 weights) single-token decode step with 2,048
+   filled cache slots per row (cache of 2,176), tokens/s at batch 1, 8 and 32 for (a) the model's
+   own cached step (`BaichuanLM(unroll_layers=True)`, XLA attention over every slot, `jnp.argmax`)
+   at batch 1, and (b) the same layers with `kernels_pallas.decode_attention` (filled slots only)
+   and `kernels_pallas.topk_argmax`, whose logits are first checked against (a). The limit is the
+   measured copy bandwidth over the bytes a step must read (matmul weights + the filled K/V slots).
+7. `tiles`: a few backward tilings (per-kernel dq / dkdv blocks, warps) at seq 4096, to choose
+   `kernels_pallas.attention.default_blocks` from data.
+
+`--small` runs the same code on tiny shapes, with the kernels in Pallas interpret mode, on a CPU
+(tests/test_gpu_suite.py runs it); its numbers are meaningless, its purpose is that the device run
+has no surprises.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import platform
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import kernels_pallas  # noqa: E402
+from kernels_pallas import (attention_reference, decode_attention,  # noqa: E402
+                            decode_attention_reference, flash_attention, top_k, topk_argmax)
+
+DATASHEET = {"H200": (989e12, 4.8e12), "H100": (989e12, 3.35e12), "A100": (312e12, 2.0e12)}
+
+# Shapes per mode. "full" is the device run; "small" a CPU smoke run of the same code.
+FULL = dict(
+    matmul_n=8192, copy_gib=4.0,
+    check=dict(b=2, s=1000, h=8, hkv=2, d=128, dec_b=4, dec_h=32, dec_kvh=8, dec_len=2176,
+               vocab=125696),
+    attn=dict(seqs=(2048, 4096, 8192), tokens=16384, heads=32, head_dim=128, iters=10,
+              modes=("fwdbwd", "fwd")),
+    train=dict(batch=4, seq=4096, layers=18, hidden=2048, heads=16, steps=6, warmup=2,
+               impl="pallas"),
+    decode=dict(preset="baichuan2-7b", overrides={}, context=2048, max_len=2176,
+                batches=(1, 8, 32), model_batches=(1,), steps=10),
+    tiles=dict(seq=4096, tokens=16384, heads=32, head_dim=128, iters=6),
+)
+SMALL = dict(
+    matmul_n=256, copy_gib=1 / 64,
+    check=dict(b=1, s=64, h=2, hkv=1, d=32, dec_b=3, dec_h=4, dec_kvh=2, dec_len=128, vocab=1000),
+    attn=dict(seqs=(64,), tokens=64, heads=2, head_dim=32, iters=2, modes=("fwd",)),
+    train=dict(batch=2, seq=32, layers=1, hidden=64, heads=2, steps=2, warmup=1, impl="xla"),
+    decode=dict(preset="tiny", overrides=dict(num_layers=1), context=20, max_len=32,
+                batches=(1,), model_batches=(1,), steps=2),
+    tiles=dict(seq=64, tokens=64, heads=2, head_dim=32, iters=1, variants=(1,)),
+)
+# Estimated seconds per section on the device (compile + timing), used by the budget guard.
+COST = {"env": 2, "ceilings": 15, "check": 45, "attention": 70, "train": 110,
+        "decode_step": 40, "tiles": 40}
+
+
+class Suite:
+  """Results, the budget guard and the writers."""
+
+  def __init__(self, args, shapes):
+    self.args, self.shapes = args, shapes
+    self.t0 = time.perf_counter()
+    self.out = Path(args.out)
+    self.out.mkdir(parents=True, exist_ok=True)
+    self.result = dict(env={}, ceilings={}, check=[], attention=[], train=[], decode=[],
+                       tiles=[], skipped=[], errors=[], summary={})
+    self.lock = threading.Lock()
+
+  def elapsed(self) -> float:
+    return time.perf_counter() - self.t0
+
+  def fits(self, name: str, cost: float) -> bool:
+    """True if `cost` seconds still fit the budget; otherwise records the skip."""
+    scale = 1.0 if not self.args.small else 0.0  # on CPU the device estimates mean nothing
+    left = self.args.budget_s - self.elapsed()
+    if cost * scale > left:
+      note = f"{name}: skipped at {self.elapsed():.0f} s (needs ~{cost:.0f} s, {left:.0f} s left)"
+      self.result["skipped"].append(note)
+      print(note, flush=True)
+      return False
+    return True
+
+  def error(self, name: str, exc: BaseException):
+    msg = f"{name}: {type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
+    self.result["errors"].append(msg)
+    print("ERROR", msg, flush=True)
+
+  def write(self):
+    with self.lock:
+      self.result["elapsed_s"] = self.elapsed()
+      (self.out / "gpu_suite.json").write_text(json.dumps(self.result, indent=1, default=str))
+      (self.out / "gpu_suite.md").write_text(markdown(self.result))
+
+
+# ----------------------------------------------------------------------------------------------
+# sections
+
+
+def section_env(suite):
+  dev = jax.devices()[0]
+  env = dict(device=dev.device_kind, platform=dev.platform, device_count=jax.device_count(),
+             python=platform.python_version(), jax=jax.__version__,
+             argv=[sys.executable] + sys.argv, small=suite.args.small,
+             budget_s=suite.args.budget_s, cwd=os.getcwd(),
+             date_utc=time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()))
+  for mod in ("jaxlib", "flax", "optax", "triton", "numpy"):
+    try:
+      env[mod] = __import__(mod).__version__
+    except Exception:  # pylint: disable=broad-except
+      env[mod] = None
+  for key in ("JAX_PLATFORMS", "XLA_PYTHON_CLIENT_MEM_FRACTION", "XLA_FLAGS"):
+    env[key] = os.environ.get(key)
+  try:
+    env["git_commit"] = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
+                                       text=True, timeout=10).stdout.strip() or None
+  except Exception:  # pylint: disable=broad-except
+    env["git_commit"] = None
+  try:
+    env["nvidia_smi"] = subprocess.run(
+        ["nvidia-smi", "--query-gpu=name,driver_version,memory.total,clocks.max.sm",
+         "--format=csv,noheader"], capture_output=True, text=True, timeout=20).stdout.strip()
+  except Exception:  # pylint: disable=broad-except
+    env["nvidia_smi"] = None
+  peaks = next((v for k, v in DATASHEET.items() if k in dev.device_kind), None)
+  env["datasheet_bf16_flops"], env["datasheet_bandwidth"] = peaks if peaks else (None, None)
+  suite.result["env"] = env
+
+
+def _median_time(fn, *args, iters=10, warmup=2):
+  """Median seconds per call of fn(*args) (compiled first; each call synchronised)."""
+  jax.block_until_ready(fn(*args))
+  for _ in range(warmup):
+    jax.block_until_ready(fn(*args))
+  times = []
+  for _ in range(iters):
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    times.append(time.perf_counter() - t0)
+  return float(np.median(times))
+
+
+def section_ceilings(suite):
+  n = suite.shapes["matmul_n"]
+  ka, kb = jax.random.split(jax.random.PRNGKey(0))
+  a = jax.random.normal(ka, (n, n), jnp.bfloat16)
+  b = jax.random.normal(kb, (n, n), jnp.bfloat16)
+  mm = jax.jit(lambda a, b: a @ b)
+  sec = _median_time(mm, a, b, iters=20)
+  elems = int(suite.shapes["copy_gib"] * 2 ** 30 / 2)
+  x = jax.random.normal(jax.random.PRNGKey(2), (elems,), jnp.bfloat16)
+  cp = jax.jit(lambda x: x * 2)  # one read and one write per element
+  csec = _median_time(cp, x, iters=20)
+  suite.result["ceilings"] = dict(matmul_n=n, matmul_s=sec, matmul_flops=2 * n ** 3 / sec,
+                                  copy_bytes=2 * x.nbytes, copy_s=csec,
+                                  copy_bandwidth=2 * x.nbytes / csec)
+  del a, b, x
+
+
+def _rel_l2(got, want):
+  g = np.asarray(jnp.asarray(got, jnp.float32), np.float64)
+  w = np.asarray(jnp.asarray(want, jnp.float32), np.float64)
+  if not np.all(np.isfinite(g)):
+    return float("nan")
+  return float(np.linalg.norm(g - w) / max(np.linalg.norm(w), 1e-30))
+
+
+def section_check(suite, backend):
+  from baichuan_jax.model.positions import alibi_slopes, apply_rope
+  c = suite.shapes["check"]
+  rows = suite.result["check"]
+  limit = 1.5e-2  # bf16 operands (the H100 runs gave 3e-3 - 4.4e-3)
+  keys = jax.random.split(jax.random.PRNGKey(int(time.time()) % 10000), 8)
+  b, s, h, hkv, d = c["b"], c["s"], c["h"], c["hkv"], c["d"]
+  q = jax.random.normal(keys[0], (b, s, h, d), jnp.float32)
+  k = jax.random.normal(keys[1], (b, s, hkv, d), jnp.float32)
+  v = jax.random.normal(keys[2], (b, s, hkv, d), jnp.float32)
+  ct = jax.random.normal(keys[3], (b, s, h, d), jnp.float32)
+  pos = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
+  slopes = jnp.asarray(alibi_slopes(h))
+  bf = lambda x: x.astype(jnp.bfloat16)
+
+  def both(fn, q, k, v):
+    o, vjp = jax.vjp(fn, q, k, v)
+    return (o,) + vjp(ct.astype(o.dtype))
+
+  cases = {
+      "flash alibi": (lambda q, k, v: flash_attention(q, k, v, alibi_slopes=slopes,
+                                                      backend=backend),
+                      lambda q, k, v: attention_reference(q, k, v, alibi_slopes=slopes)),
+      "flash in-kernel rope": (
+          lambda q, k, v: flash_attention(q, k, v, positions=pos, rope_theta=1e4,
+                                          backend=backend),
+          lambda q, k, v: attention_reference(apply_rope(q, pos, 1e4), apply_rope(k, pos, 1e4),
+                                              v)),
+  }
+  if suite.args.small:  # one compile: both features in one kernel call (the CPU run is slow)
+    cases = {"flash alibi + in-kernel rope": (
+        lambda q, k, v: flash_attention(q, k, v, alibi_slopes=slopes, positions=pos,
+                                        rope_theta=1e4, backend=backend),
+        lambda q, k, v: attention_reference(apply_rope(q, pos, 1e4), apply_rope(k, pos, 1e4), v,
+                                            alibi_slopes=slopes, positions=pos))}
+  for name, (fn, ref) in cases.items():
+    with jax.default_matmul_precision("highest"):
+      want = jax.jit(functools.partial(both, ref))(q, k, v)
+    got = jax.jit(functools.partial(both, fn))(bf(q), bf(k), bf(v))
+    errs = {n: _rel_l2(g, w) for n, g, w in zip(("out", "dq", "dk", "dv"), got, want)}
+    rows.append(dict(kernel=name, shape=[b, s, h, hkv, d], dtype="bfloat16", rel_l2=errs,
+                     limit=limit, ok=all(e <= limit for e in errs.values())))
+  # Decode attention: ragged lengths, left padding, NaN in every unfilled slot.
+  db, dh, dkvh, L = c["dec_b"], c["dec_h"], c["dec_kvh"], c["dec_len"]
+  qd = jax.random.normal(keys[4], (db, dh, d), jnp.float32)
+  kc = jax.random.normal(keys[5], (db, dkvh, L, d), jnp.float32)
+  vc = jax.random.normal(keys[6], (db, dkvh, L, d), jnp.float32)
+  lengths = jnp.asarray(np.linspace(1, L, db).astype(np.int32))
+  starts = jnp.asarray((np.arange(db) * 7) % np.maximum(np.asarray(lengths) // 2, 1), jnp.int32)
+  dslopes = jnp.asarray(alibi_slopes(dh))
+  with jax.default_matmul_precision("highest"):
+    want = decode_attention_reference(qd, kc, vc, lengths, starts=starts, alibi_slopes=dslopes)
+  j = jnp.arange(L)[None, None, :, None]
+  bad = (j >= lengths[:, None, None, None]) | (j < starts[:, None, None, None])
+  got = jax.jit(lambda q, k, v: decode_attention(q, k, v, lengths, starts=starts,
+                                                 alibi_slopes=dslopes, backend=backend))(
+      bf(qd), jnp.where(bad, jnp.nan, bf(kc)).astype(jnp.bfloat16),
+      jnp.where(bad, jnp.nan, bf(vc)).astype(jnp.bfloat16))
+  err = _rel_l2(got, want)
+  rows.append(dict(kernel="decode attention (ragged, GQA, ALiBi, NaN in unfilled slots)",
+                   shape=[db, dh, dkvh, L, d], lengths=np.asarray(lengths).tolist(),
+                   starts=np.asarray(starts).tolist(), dtype="bfloat16", rel_l2={"out": err},
+                   limit=limit, ok=err <= limit))
+  # Top-k / greedy: exact, on integer logits (ties everywhere; lowest index must win).
+  rng = np.random.default_rng(int(time.time()) % 10000)
+  x = jnp.asarray(rng.integers(-8, 9, size=(4, c["vocab"])).astype(np.float32))
+  ok = True
+  for kk in (1, 8):
+    vals, idx = jax.jit(lambda x: top_k(x, kk, backend=backend))(x)
+    wv, wi = jax.lax.top_k(x, kk)
+    ok &= bool(np.array_equal(np.asarray(idx), np.asarray(wi)) and
+               np.array_equal(np.asarray(vals), np.asarray(wv)))
+  am = jax.jit(lambda x: topk_argmax(x, backend=backend))(x)
+  ok &= bool(np.array_equal(np.asarray(am), np.asarray(jnp.argmax(x, -1))))
+  rows.append(dict(kernel="top_k k=1,8 + argmax (exact, ties)", shape=[4, c["vocab"]], ok=ok))
+
+
+def section_attention(suite, backend, cfg):
+  import attention as attn_bench  # benchmarks/attention.py
+  attn_bench.BACKEND = backend
+  rows = suite.result["attention"]
+  for s in cfg["seqs"]:
+    b = max(1, cfg["tokens"] // s)
+    for mode in cfg["modes"]:
+      for impl, alibi in (("ours", False), ("ours", True), ("cudnn", False), ("cudnn", True)):
+        if mode == "fwd" and alibi and impl == "cudnn":
+          continue
+        if not suite.fits(f"attention {mode} seq {s} {impl}", 6):
+          return
+        row = attn_bench.bench_one(impl, mode, b=b, s=s, h=cfg["heads"], d=cfg["head_dim"],
+                                   dtype=jnp.bfloat16, causal=True, alibi=alibi,
+                                   iters=cfg["iters"])
+        rows.append(row)
+        print(f"attention {mode} seq={s} {impl}{'+alibi' if alibi else ''}: "
+              + (f"{row['tflops']:.1f} TFLOP/s {row['ms']:.3f} ms" if "tflops" in row
+                 else row.get("error", "")[:120]), flush=True)
+      suite.write()
+
+
+def section_train(suite, cfg):
+  import gpu_train_mfu  # benchmarks/gpu_train_mfu.py
+  ceil = suite.result["ceilings"]
+  peaks = {}
+  if ceil.get("matmul_flops"):
+    peaks["measured_matmul"] = ceil["matmul_flops"]
+  if suite.result["env"].get("datasheet_bf16_flops"):
+    peaks["datasheet"] = suite.result["env"]["datasheet_bf16_flops"]
+  row = gpu_train_mfu.run_one(cfg["impl"], "none", cfg["batch"], cfg["seq"], cfg["steps"],
+                              cfg["warmup"], cfg["layers"], cfg["hidden"], cfg["heads"], peaks)
+  row["command_equivalent"] = (
+      f"python3 benchmarks/gpu_train_mfu.py --runs {cfg['impl']}:none:{cfg['batch']} "
+      f"--seq {cfg['seq']} --layers {cfg['layers']} --hidden {cfg['hidden']} "
+      f"--heads {cfg['heads']} --steps {cfg['steps']} --warmup {cfg['warmup']}")
+  suite.result["train"].append(row)
+  print("train", json.dumps(row, default=str)[:400], flush=True)
+
+
+# --- decode ------------------------------------------------------------------------------------
+
+
+def _rms(x, w, eps):
+  xf = x.astype(jnp.float32)
+  y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+  return (y * w.astype(jnp.float32)).astype(x.dtype)
+
+
+def kernel_decode_step(cfg, backend):
+  """A decode step of the model's layers with the Pallas decode attention and top-k pick.
+
+  Reads the model's own parameter tree (stacked `layers`, fused `W_pack` or q/kv projections)
+  and a cache of per-layer [batch, kv_heads, max_len, head_dim] arrays; writes this step's keys
+  and values at slot `pos[b]` and attends to slots [0, pos[b] + 1). NormHead divisors are passed
+  in precomputed (fixed weights), so the head is read once per step. Returns (token, logits,
+  new_k, new_v).
+  """
+  from baichuan_jax.model.positions import alibi_slopes, apply_rope
+  h, kvh = cfg.num_heads, cfg.num_kv_heads
+  d = cfg.hidden_size // h
+  slopes = jnp.asarray(alibi_slopes(h)) if cfg.position_embedding == "alibi" else None
+  dt = jnp.dtype(cfg.dtype)
+
+  def write(cache, new, pos):  # cache [b, kvh, L, d], new [b, kvh, d], pos [b]
+    return jax.vmap(lambda c, n, p: jax.lax.dynamic_update_slice_in_dim(c, n[:, None], p, 1))(
+        cache, new.astype(cache.dtype), pos)
+
+  def step(params, head_norms, ks, vs, tok, pos):
+    x = jnp.take(params["embed_tokens"], tok, axis=0).astype(dt)  # [b, hidden]
+    layers = params["layers"]
+    new_k, new_v = [], []
+    for i in range(cfg.num_layers):
+      p = jax.tree.map(lambda a, i=i: a[i], layers)
+      a = p["self_attn"]
+      hx = _rms(x, p["input_layernorm"]["weight"], cfg.rms_norm_eps)
+      if "W_pack" in a:
+        qkv = jnp.einsum("be,ethd->bthd", hx, a["W_pack"]["kernel"].astype(dt))
+        q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]
+      else:
+        q = jnp.einsum("be,ehd->bhd", hx, a["q_proj"]["kernel"].astype(dt))
+        kv = jnp.einsum("be,ethd->bthd", hx, a["kv_proj"]["kernel"].astype(dt))
+        k, v = kv[:, 0], kv[:, 1]
+      if cfg.position_embedding == "rope":
+        q = apply_rope(q[:, None], pos[:, None], cfg.rope_theta)[:, 0]
+        k = apply_rope(k[:, None], pos[:, None], cfg.rope_theta)[:, 0]
+      kc, vc = write(ks[i], k, pos), write(vs[i], v, pos)
+      new_k.append(kc)
+      new_v.append(vc)
+      o = decode_attention(q, kc, vc, pos + 1, alibi_slopes=slopes, backend=backend)
+      x = x + jnp.einsum("bhd,hde->be", o.astype(dt), a["o_proj"]["kernel"].astype(dt))
+      m = p["mlp"]
+      hx = _rms(x, p["post_attention_layernorm"]["weight"], cfg.rms_norm_eps)
+      gate = hx @ m["gate_proj"]["kernel"].astype(dt)
+      up = hx @ m["up_proj"]["kernel"].astype(dt)
+      x = x + (jax.nn.silu(gate) * up) @ m["down_proj"]["kernel"].astype(dt)
+    x = _rms(x, params["norm"]["weight"], cfg.rms_norm_eps)
+    logits = jnp.einsum("be,ev->bv", x, params["lm_head"].astype(dt),
+                        preferred_element_type=jnp.float32)
+    if head_norms is not None:
+      logits = logits / head_norms
+    return topk_argmax(logits, backend=backend), logits, tuple(new_k), tuple(new_v)
+
+  return step
+
+
+def model_decode_step(cfg):
+  """The model's own cached step (XLA attention over every slot) with a jnp.argmax pick."""
+  from baichuan_jax.model import BaichuanLM
+  model = BaichuanLM(cfg, unroll_layers=True)
+
+  def step(params, cache, tok, pos):
+    cache = cache.replace(index=pos[0])
+    logits, cache = model.apply({"params": params}, tok[:, None], positions=pos[:, None],
+                                segment_ids=jnp.ones_like(tok)[:, None], cache=cache)
+    return jnp.argmax(logits[:, -1], -1).astype(jnp.int32), logits[:, -1], cache
+
+  return step
+
+
+def section_decode(suite, backend, dcfg):
+  from baichuan_jax import configs
+  from baichuan_jax.model import init_cache
+  from baichuan_jax.model.layers import head_column_norms
+  import gpu_decode  # benchmarks/gpu_decode.py
+  cfg = configs.get(dcfg["preset"], dtype="bfloat16", param_dtype="bfloat16",
+                    **dcfg["overrides"])
+  params = gpu_decode.random_params(cfg)
+  ctx, L = dcfg["context"], dcfg["max_len"]
+  counts = configs.param_counts(cfg)
+  d = cfg.hidden_size // cfg.num_heads
+  weight_bytes = 2 * (counts["total"] - counts["embedding"])
+  bw = suite.result["ceilings"].get("copy_bandwidth")
+  head_norms = head_column_norms(params["lm_head"]) if cfg.norm_head else None
+  kstep = jax.jit(kernel_decode_step(cfg, backend), donate_argnums=(2, 3))
+  mstep = jax.jit(model_decode_step(cfg), donate_argnums=(1,))
+  rows = suite.result["decode"]
+
+  def fresh_cache(batch, seed):
+    shape = (batch, cfg.num_kv_heads, L, d)
+    fill = jax.jit(lambda key: jax.random.normal(key, shape, jnp.bfloat16))
+    keys = jax.random.split(jax.random.PRNGKey(seed), 2 * cfg.num_layers)
+    return (tuple(fill(keys[i]) for i in range(cfg.num_layers)),
+            tuple(fill(keys[cfg.num_layers + i]) for i in range(cfg.num_layers)))
+
+  def row_for(path, batch, sec, slots_read):
+    kv_bytes = 2 * cfg.num_layers * batch * cfg.num_kv_heads * slots_read * d * 2
+    filled = 2 * cfg.num_layers * batch * cfg.num_kv_heads * (ctx + 1) * d * 2
+    row = dict(path=path, batch=batch, context=ctx, cache_len=L, step_ms=sec * 1e3,
+               tokens_per_s=batch / sec, weight_bytes=weight_bytes, kv_bytes_read=kv_bytes,
+               kv_bytes_filled=filled, params=counts["total"])
+    if bw:
+      limit = batch * bw / (weight_bytes + filled)
+      row.update(limit_tokens_per_s=limit, fraction_of_limit=row["tokens_per_s"] / limit,
+                 limit_weights_only=batch * bw / weight_bytes)
+    return row
+
+  def timed(fn, args_fn, steps):
+    """Per-step seconds over `steps` asynchronously dispatched steps (cache threaded through)."""
+    state = args_fn(None)
+    state = fn(*state)  # compile + one warm-up
+    jax.block_until_ready(state)
+    state = args_fn(state)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+      state = args_fn(fn(*state))
+    jax.block_until_ready(state)
+    return (time.perf_counter() - t0) / steps
+
+  tok_rng = np.random.default_rng(0)
+  checked = False
+  for batch in sorted(set(dcfg["batches"]) | set(dcfg["model_batches"])):
+    tok = jnp.asarray(tok_rng.integers(3, cfg.vocab_size, size=(batch,)), jnp.int32)
+    pos = jnp.full((batch,), ctx, jnp.int32)
+    if not checked:  # the kernel step against the model's step on the same cache contents
+      if not suite.fits("decode check", COST["decode_step"] * 2):
+        return
+      ks, vs = fresh_cache(batch, 1)
+      cache = init_cache(cfg, batch, L, dtype="bfloat16")
+      cache = cache.replace(k=ks, v=vs, segment_ids=jnp.ones((batch, L), jnp.int32),
+                            positions=jnp.broadcast_to(jnp.arange(L, dtype=jnp.int32),
+                                                       (batch, L)))
+      # The same (donating) executables as the timed runs below, so nothing compiles twice;
+      # each path gets its own copy of the cache because donation consumes it.
+      k_tok, k_logits, _, _ = kstep(params, head_norms, jax.tree.map(jnp.copy, ks),
+                                    jax.tree.map(jnp.copy, vs), tok, pos)
+      m_tok, m_logits, _ = mstep(params, cache, tok, pos)
+      err = _rel_l2(k_logits, m_logits)
+      # bf16 activations through every layer in a different operation order: a few 1e-3.
+      suite.result["check"].append(dict(
+          kernel="decode step with kernels vs the model's cached step (logits)", batch=batch,
+          rel_l2={"logits": err}, limit=5e-2, ok=err <= 5e-2,
+          same_greedy_token=bool(np.array_equal(np.asarray(m_tok), np.asarray(k_tok)))))
+      del cache, ks, vs, m_logits, k_logits
+      checked = True
+      suite.write()
+    if batch in dcfg["model_batches"]:
+      if not suite.fits(f"decode model batch {batch}", COST["decode_step"]):
+        return
+      try:
+        ks, vs = fresh_cache(batch, 2)
+        cache = init_cache(cfg, batch, L, dtype="bfloat16").replace(
+            k=ks, v=vs, segment_ids=jnp.ones((batch, L), jnp.int32))
+        del ks, vs
+
+        def margs(out, cache=cache, tok=tok, pos=pos):
+          if out is None:
+            return (params, cache, tok, pos)
+          return (params, out[2], out[0], pos)
+
+        sec = timed(mstep, margs, dcfg["steps"])
+        rows.append(row_for("model (XLA attention over all slots, jnp.argmax)", batch, sec, L))
+      except Exception as e:  # pylint: disable=broad-except
+        suite.error(f"decode model batch {batch}", e)
+      cache = None
+      suite.write()
+    if batch in dcfg["batches"]:
+      if not suite.fits(f"decode kernels batch {batch}", COST["decode_step"]):
+        return
+      try:
+        ks, vs = fresh_cache(batch, 3)
+
+        def kargs(out, ks=ks, vs=vs, tok=tok, pos=pos):
+          if out is None:
+            return (params, head_norms, ks, vs, tok, pos)
+          return (params, head_norms, out[2], out[3], out[0], pos)
+
+        del ks, vs
+        sec = timed(kstep, kargs, dcfg["steps"])
+        rows.append(row_for("kernels (decode_attention over filled slots, topk_argmax)", batch,
+                            sec, ctx + 1))
+      except Exception as e:  # pylint: disable=broad-except
+        suite.error(f"decode kernels batch {batch}", e)
+      suite.write()
+    print("decode", json.dumps(rows[-2:], default=str)[:500], flush=True)
+
+
+def section_tiles(suite, backend, cfg):
+  import attention as attn_bench
+  attn_bench.BACKEND = backend
+  s, b = cfg["seq"], max(1, cfg["tokens"] // cfg["seq"])
+  variants = [
+      ("default", None),
+      ("dq 128x32 / dkdv 32x128, 4 warps", {"blocks": {"dq": (128, 32), "dkdv": (32, 128)}}),
+      ("dq 128x64 / dkdv 64x128, 8 warps", {"blocks": {"dq": (128, 64), "dkdv": (64, 128)},
+                                            "launch": {"bwd": {"num_warps": 8}}}),
+      ("bwd 64x64, 3 stages", {"launch": {"bwd": {"num_stages": 3}}}),
+  ]
+  for name, tuning in [variants[i] for i in cfg.get("variants", range(len(variants)))]:
+    if not suite.fits(f"tiles {name}", 10):
+      return
+    row = attn_bench.bench_one("ours", "fwdbwd", b=b, s=s, h=cfg["heads"], d=cfg["head_dim"],
+                               dtype=jnp.bfloat16, causal=True, alibi=False, iters=cfg["iters"],
+                               tuning=tuning)
+    row["variant"] = name
+    suite.result["tiles"].append(row)
+    print("tiles", name, row.get("tflops", row.get("error")), flush=True)
+    suite.write()
+
+
+# ----------------------------------------------------------------------------------------------
+# summary and markdown
+
+
+def summarise(result):
+  s = {}
+  env, ceil = result["env"], result["ceilings"]
+  for r in result["train"]:
+    if "model_tflops" in r:
+      s["train_mfu_datasheet"] = r.get("mfu_datasheet")
+      s["train_mfu_measured_matmul"] = r.get("mfu_measured_matmul")
+  by = {(r["mode"], r["seq"], r["impl"], r["alibi"]): r for r in result["attention"]}
+  ratios, alibi = {}, {}
+  for (mode, seq, impl, al), r in by.items():
+    if impl != "ours" or al or "ms" not in r:
+      continue
+    c = by.get((mode, seq, "cudnn", False))
+    if c and "ms" in c:
+      ratios[f"{mode} {seq}"] = c["ms"] / r["ms"]
+    a = by.get((mode, seq, "ours", True))
+    if a and "ms" in a:
+      alibi[f"{mode} {seq}"] = a["ms"] / r["ms"] - 1
+  s["attention_ours_over_cudnn_speed"] = ratios
+  s["alibi_overhead"] = alibi
+  s["decode_fraction_of_limit"] = {f"{r['path'].split(' ')[0]} b{r['batch']}":
+                                   r.get("fraction_of_limit") for r in result["decode"]}
+  s["checks_ok"] = all(r.get("ok") for r in result["check"]) if result["check"] else None
+  del env, ceil
+  return s
+
+
+def _f(x, fmt="{:.1f}"):
+  return "-" if x is None else fmt.format(x)
+
+
+def markdown(result):
+  env, ceil = result["env"], result["ceilings"]
+  out = ["# gpu_suite results", "",
+         f"Device: {env.get('device')} ({env.get('nvidia_smi') or 'nvidia-smi n/a'}); "
+         f"jax {env.get('jax')}, jaxlib {env.get('jaxlib')}, flax {env.get('flax')}, "
+         f"triton {env.get('triton')}, Python {env.get('python')}; {env.get('date_utc')} UTC; "
+         f"git {env.get('git_commit')}; small={env.get('small')}.", "",
+         f"Command: `{' '.join(env.get('argv', []))}` "
+         f"(JAX_PLATFORMS={env.get('JAX_PLATFORMS')}, "
+         f"XLA_PYTHON_CLIENT_MEM_FRACTION={env.get('XLA_PYTHON_CLIENT_MEM_FRACTION')}); "
+         f"elapsed {result.get('elapsed_s', 0):.0f} s.", ""]
+  if ceil:
+    out += [f"Ceilings: bf16 {ceil['matmul_n']}^3 matmul **{ceil['matmul_flops'] / 1e12:.0f} "
+            f"TFLOP/s** (datasheet {_f((env.get('datasheet_bf16_flops') or 0) / 1e12, '{:.0f}')}"
+            f"); copy **{ceil['copy_bandwidth'] / 1e12:.2f} TB/s** read+write (datasheet "
+            f"{_f((env.get('datasheet_bandwidth') or 0) / 1e12, '{:.2f}')}).", ""]
+  if result["check"]:
+    out += ["## Kernel checks", "", "| kernel | errors (rel. L2) | limit | ok |", "|---|---|---|---|"]
+    for r in result["check"]:
+      errs = ", ".join(f"{k} {v:.2e}" for k, v in (r.get("rel_l2") or {}).items()) or "exact"
+      out.append(f"| {r['kernel']} | {errs} | {r.get('limit', '-')} | {r['ok']} |")
+    out.append("")
+  if result["attention"]:
+    out += ["## Attention (causal, bf16, TFLOP/s; FlashAttention FLOP convention)", "",
+            "| mode | seq | batch | ours | ours+alibi | cudnn | cudnn+alibi (dense bias) |",
+            "|---|---|---|---|---|---|---|"]
+    keys = sorted({(r["mode"], r["seq"], r["batch"]) for r in result["attention"]})
+    for mode, seq, b in keys:
+      cells = []
+      for impl, al in (("ours", False), ("ours", True), ("cudnn", False), ("cudnn", True)):
+        r = [r for r in result["attention"] if (r["mode"], r["seq"], r["impl"], r["alibi"]) ==
+             (mode, seq, impl, al)]
+        cells.append(f"{r[0]['tflops']:.0f}" if r and "tflops" in r[0] else
+                     (r[0].get("error", "-")[:40] if r else "-"))
+      out.append(f"| {mode} | {seq} | {b} | " + " | ".join(cells) + " |")
+    out.append("")
+  if result["train"]:
+    out += ["## ~1B training step", "",
+            "| attention | batch x seq | step s | tokens/s | model TFLOP/s | MFU (datasheet) | "
+            "MFU (measured matmul) | peak GiB |", "|---|---|---|---|---|---|---|---|"]
+    for r in result["train"]:
+      if "error" in r or "step_s" not in r:
+        out.append(f"| {r.get('attention_impl')} | failed: {str(r.get('error'))[:80]} |")
+        continue
+      out.append(f"| {r['attention_impl']} | {r['batch']}x{r['seq']} | {r['step_s']:.3f} | "
+                 f"{r['tokens_per_s']:.0f} | {r['model_tflops']:.0f} | "
+                 f"{_f(r.get('mfu_datasheet'), '{:.1%}')} | "
+                 f"{_f(r.get('mfu_measured_matmul'), '{:.1%}')} | {r.get('peak_gib', 0):.1f} |")
+    out.append("")
+  if result["decode"]:
+    out += [f"## Decode step (one token per row, {result['decode'][0]['context']} filled slots "
+            f"of {result['decode'][0]['cache_len']})", "",
+            "| path | batch | ms/step | tokens/s | limit tokens/s (weights + filled KV, copy bw) | "
+            "fraction |", "|---|---|---|---|---|---|"]
+    for r in result["decode"]:
+      out.append(f"| {r['path']} | {r['batch']} | {r['step_ms']:.2f} | {r['tokens_per_s']:.1f} | "
+                 f"{_f(r.get('limit_tokens_per_s'))} | {_f(r.get('fraction_of_limit'), '{:.1%}')} |")
+    out.append("")
+  if result["tiles"]:
+    out += ["## Backward tilings (fwd+bwd TFLOP/s)", "", "| variant | TFLOP/s | ms |", "|---|---|---|"]
+    for r in result["tiles"]:
+      out.append(f"| {r['variant']} | {_f(r.get('tflops'), '{:.0f}')} | {_f(r.get('ms'), '{:.3f}')}"
+                 f" |")
+    out.append("")
+  s = result.get("summary") or {}
+  if s:
+    out += ["## Summary", "", "```", json.dumps(s, indent=1, default=str), "```", ""]
+  if result["skipped"] or result["errors"]:
+    out += ["## Skipped / errors", ""] + [f"- {x}" for x in result["skipped"] + result["errors"]]
+  return "\n".join(out) + "\n"
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+  p.add_argument("--out", required=True, help="folder for gpu_suite.json and gpu_suite.md")
+  p.add_argument("--small", action="store_true",
+                 help="tiny shapes, kernels in interpret mode (CPU smoke run of this script)")
+  p.add_argument("--budget-s", type=float, default=480.0,
+                 help="wall-clock budget in seconds; sections that no longer fit are skipped")
+  p.add_argument("--sections", default="ceilings,check,attention,train,decode,tiles",
+                 help="comma-separated subset, run in the fixed order above")
+  args = p.parse_args(argv)
+  sections = args.sections.split(",")
+  allowed = ("ceilings", "check", "attention", "train", "decode", "tiles")
+  for s in sections:
+    if s not in allowed:
+      p.error(f"--sections: {s!r} is not one of {allowed}")
+  shapes = SMALL if args.small else FULL
+  backend = "interpret" if args.small else "gpu"
+  if not args.small and jax.default_backend() != "gpu":
+    p.error("no GPU: this suite measures a GPU (JAX_PLATFORMS=cuda); use --small on a CPU")
+  suite = Suite(args, shapes)
+
+  def watchdog():  # the hard stop: a compile can outlast any estimate
+    time.sleep(args.budget_s + 30)
+    suite.result["errors"].append(f"watchdog: stopped at {suite.elapsed():.0f} s")
+    suite.result["summary"] = summarise(suite.result)
+    suite.write()
+    print("watchdog: budget exceeded, results written, exiting", flush=True)
+    os._exit(3)
+
+  threading.Thread(target=watchdog, daemon=True).start()
+  plan = [("env", lambda: section_env(suite), COST["env"])]
+  if "ceilings" in sections:
+    plan.append(("ceilings", lambda: section_ceilings(suite), COST["ceilings"]))
+  if "check" in sections:
+    plan.append(("check", lambda: section_check(suite, backend), COST["check"]))
+  if "attention" in sections:
+    plan.append(("attention", lambda: section_attention(suite, backend, shapes["attn"]), 20))
+  if "train" in sections:
+    plan.append(("train", lambda: section_train(suite, shapes["train"]), COST["train"]))
+  if "decode" in sections:
+    plan.append(("decode", lambda: section_decode(suite, backend, shapes["decode"]),
+                 COST["decode_step"] * 2))
+  if "tiles" in sections:
+    plan.append(("tiles", lambda: section_tiles(suite, backend, shapes["tiles"]), 10))
+  for name, fn, cost in plan:
+    if not suite.fits(name, cost):
+      continue
+    t0 = time.perf_counter()
+    try:
+      fn()
+    except Exception as e:  # pylint: disable=broad-except
+      suite.error(name, e)
+    print(f"section {name}: {time.perf_counter() - t0:.1f} s (elapsed {suite.elapsed():.0f} s, "
+          f"process CPU {time.process_time():.0f} s)", flush=True)
+    suite.result["summary"] = summarise(suite.result)
+    suite.write()
+  print(markdown(suite.result), flush=True)
+  return suite.result
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,45 @@
+"""benchmarks/gpu_suite.py --small: the prepared GPU run, on tiny shapes in interpret mode on CPU.
+
+The device run happens once, in a short lease; this test makes sure every section of the script
+runs, writes its JSON and markdown, and that the kernel checks it performs pass (they compare the
+kernels with their references and the kernel-built decode step with the model's own step).
+"""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_gpu_suite_small_runs_every_section(tmp_path):
+  proc = subprocess.run(
+      [sys.executable, str(ROOT / "benchmarks" / "gpu_suite.py"), "--small", "--out",
+       str(tmp_path)], capture_output=True, text=True, timeout=600,
+      env={**__import__("os").environ, "JAX_PLATFORMS": "cpu"})
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  result = json.loads((tmp_path / "gpu_suite.json").read_text())
+  md = (tmp_path / "gpu_suite.md").read_text()
+  assert result["errors"] == [] and result["skipped"] == [], (result["errors"], result["skipped"])
+  assert result["env"]["small"] is True and result["env"]["jax"]
+  assert result["ceilings"]["matmul_flops"] > 0 and result["ceilings"]["copy_bandwidth"] > 0
+  names = [r["kernel"] for r in result["check"]]
+  assert len(names) == 4 and all(r["ok"] for r in result["check"]), result["check"]
+  assert any("model's cached step" in n for n in names)
+  ours = [r for r in result["attention"] if r["impl"] == "ours"]
+  assert len(ours) == 2 and all("ms" in r for r in ours)
+  # cuDNN has no CPU implementation: its rows carry the error instead of a time.
+  assert all("error" in r for r in result["attention"] if r["impl"] == "cudnn")
+  assert result["train"][0]["step_s"] > 0 and result["train"][0]["mfu_measured_matmul"] > 0
+  paths = {(r["path"].split(" ")[0], r["batch"]) for r in result["decode"]}
+  assert paths == {("model", 1), ("kernels", 1)}
+  for r in result["decode"]:
+    # bytes of one step: bf16 matmul weights + K and V of every layer at the filled slots
+    assert r["kv_bytes_filled"] == 2 * 1 * r["batch"] * 4 * (20 + 1) * 64 * 2
+    assert 0 < r["fraction_of_limit"]
+  assert len(result["tiles"]) == 1 and all("ms" in r for r in result["tiles"])
+  assert result["tiles"][0]["tuning"]["blocks"]["dq"] == [128, 32]
+  for heading in ("## Kernel checks", "## Attention", "## ~1B training step", "## Decode step",
+                  "## Backward tilings"):
+    assert heading in md
