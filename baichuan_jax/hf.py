@@ -227,11 +227,23 @@ def config_from_hf(hf: dict, position_embedding: str = "auto", norm_head: Option
     raise ValueError(f"{file}: {err}") from None
 
 
+def architecture(cfg: ml_collections.ConfigDict) -> str:
+  """The released class name of the family: `BaiChuanForCausalLM` for Baichuan-7B (RoPE, plain
+  head), `BaichuanForCausalLM` for Baichuan-13B and both Baichuan 2 models."""
+  return ARCHITECTURES[1] if cfg.position_embedding == "rope" and not cfg.norm_head else ARCHITECTURES[0]
+
+
 def config_to_hf(cfg: ml_collections.ConfigDict, torch_dtype: str = "float32") -> dict:
-  """HF-style config.json dict for `cfg` (what the released Baichuan configs carry, plus
-  `position_embedding`, `norm_head` and `rope_theta` so the scheme is explicit)."""
+  """HF-style config.json dict for `cfg`: what the released Baichuan configs carry (the family's
+  `architectures` name, `max_position_embeddings` for RoPE models, `model_max_length` for ALiBi
+  and Baichuan 2 models, `z_loss_weight` for Baichuan 2), `auto_map` to the remote code `save`
+  writes, plus `position_embedding`, `norm_head` and `rope_theta` so the scheme is explicit."""
+  arch = architecture(cfg)
+  spelled = "BaiChuan" if arch.startswith("BaiChuan") else "Baichuan"
   hf = {
-      "architectures": ["BaichuanForCausalLM"],
+      "architectures": [arch],
+      "auto_map": {"AutoConfig": f"configuration_baichuan.{spelled}Config",
+                   "AutoModelForCausalLM": f"modeling_baichuan.{arch}"},
       "model_type": "baichuan",
       "hidden_act": "silu",
       "hidden_size": cfg.hidden_size,
@@ -255,11 +267,37 @@ def config_to_hf(cfg: ml_collections.ConfigDict, torch_dtype: str = "float32") -
   if cfg.position_embedding == "rope":
     hf["max_position_embeddings"] = cfg.max_seq_len
     hf["rope_theta"] = cfg.rope_theta
-  else:
+  if cfg.position_embedding == "alibi" or cfg.norm_head:
     hf["model_max_length"] = cfg.max_seq_len
   if cfg.norm_head or cfg.z_loss_weight:
     hf["z_loss_weight"] = cfg.z_loss_weight
   return hf
+
+
+def generation_config(cfg: ml_collections.ConfigDict) -> dict:
+  """generation_config.json: the ids the released chat code reads and the published chat
+  sampling defaults (repetition_penalty 1.05 for Baichuan 2, 1.1 for Baichuan-13B-Chat)."""
+  baichuan1_13b = cfg.position_embedding == "alibi" and not cfg.norm_head
+  return {"pad_token_id": cfg.pad_id, "bos_token_id": cfg.bos_id, "eos_token_id": cfg.eos_id,
+          "user_token_id": cfg.user_token_id, "assistant_token_id": cfg.assistant_token_id,
+          "max_new_tokens": 2048, "temperature": 0.3, "top_k": 5, "top_p": 0.85,
+          "repetition_penalty": 1.1 if baichuan1_13b else 1.05, "do_sample": True}
+
+
+def tokenizer_config(cfg: ml_collections.ConfigDict, fmt: str = "baichuan") -> dict:
+  """tokenizer_config.json: no BOS/EOS added (as Baichuan's), `<unk>` pads."""
+  out = {"add_bos_token": False, "add_eos_token": False, "bos_token": "<s>", "eos_token": "</s>",
+         "unk_token": "<unk>", "pad_token": "<unk>", "clean_up_tokenization_spaces": False,
+         "model_max_length": cfg.max_seq_len, "sp_model_kwargs": {}}
+  if fmt == "llama":
+    return dict(out, tokenizer_class="LlamaTokenizer", legacy=True, add_prefix_space=False)
+  name = "BaiChuanTokenizer" if architecture(cfg).startswith("BaiChuan") else "BaichuanTokenizer"
+  return dict(out, tokenizer_class=name,
+              auto_map={"AutoTokenizer": [f"tokenization_baichuan.{name}", None]})
+
+
+SPECIAL_TOKENS_MAP = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
+                      "pad_token": "<unk>"}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -599,7 +637,10 @@ def load(path: Union[str, Path], position_embedding: str = "auto", dtype=None,
   cfg_file = root / "config.json"
   if not cfg_file.exists():
     raise FileNotFoundError(f"{cfg_file}: missing (a Baichuan checkpoint directory needs config.json)")
-  cfg = config_from_hf(_read_json(cfg_file), position_embedding, norm_head, cfg_file)
+  hf_cfg = _read_json(cfg_file)
+  from baichuan_jax import hf_config_check  # pylint: disable=import-outside-toplevel
+  hf_config_check.check_checkpoint(root, hf_cfg, cfg_file)  # config vs files, before allocating
+  cfg = config_from_hf(hf_cfg, position_embedding, norm_head, cfg_file)
   specs = _specs(cfg)
   where, readers = _open_files(root, weight_files(root))
   try:
@@ -692,12 +733,22 @@ def _write_safetensors(file: Path, tensors: list[tuple[str, Callable[[], np.ndar
   os.replace(tmp, file)
 
 
-def save(config: ml_collections.ConfigDict, params, path: Union[str, Path],
-         shard_size: Union[int, str] = "2GB", dtype=None, overwrite: bool = False) -> list[Path]:
-  """Writes `params` as a Hugging Face Baichuan checkpoint (safetensors + config.json).
+FORMATS = ("baichuan", "llama")
+_Entry = tuple  # (HF tensor name, make() -> array, dtype, HF shape)
 
-  NormHead weights are written as trained (un-normalised); the normalisation stays in the forward
-  pass, as in the released Baichuan 2 code.
+
+def save(config: ml_collections.ConfigDict, params, path: Union[str, Path],
+         shard_size: Union[int, str] = "2GB", dtype=None, overwrite: bool = False, *,
+         tokenizer: Optional[Union[str, Path]] = None, fmt: str = "baichuan") -> list[Path]:
+  """Writes `params` as a complete Hugging Face checkpoint directory (see docs/hf.md).
+
+  `fmt="baichuan"`: the released Baichuan layout (fused `W_pack`; NormHead weights as trained, the
+  normalisation stays in the forward pass as in the released Baichuan 2 code; Baichuan-7B's
+  `rotary_emb.inv_freq` buffers), `config.json` with `auto_map`, `generation_config.json` and the
+  project's own `configuration_/modeling_/tokenization_baichuan.py`, so it loads with
+  `AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)` and in the released classes.
+  `fmt="llama"` (RoPE models only): q/k/v split out of `W_pack` and NormHead folded into the head
+  (rows normalised: exact at inference), loading in plain `transformers.LlamaForCausalLM`.
 
   Args:
     config: the model config (validated; num_kv_heads must equal num_heads).
@@ -708,20 +759,42 @@ def save(config: ml_collections.ConfigDict, params, path: Union[str, Path],
       `model-0000k-of-0000n.safetensors` shards and `model.safetensors.index.json`.
     dtype: cast to this dtype on the way out (e.g. "bfloat16"); None keeps each parameter's dtype.
     overwrite: replace an existing checkpoint in `path` (otherwise an error).
+    tokenizer: the SentencePiece `tokenizer.model` to ship (with tokenizer_config.json and
+      special_tokens_map.json); None writes no tokenizer files.
+    fmt: "baichuan" or "llama".
   Returns:
     The files written.
   """
   configs.validate(config)
+  if fmt not in FORMATS:
+    raise ValueError(f"fmt={fmt!r} is invalid; allowed: {', '.join(FORMATS)}")
+  if fmt == "llama" and config.position_embedding != "rope":
+    raise ValueError("fmt='llama' needs a RoPE model (Baichuan-7B, Baichuan2-7B); this config has "
+                     f"position_embedding={config.position_embedding!r}, which LLaMA cannot express")
+  if tokenizer is not None and not Path(tokenizer).is_file():
+    raise FileNotFoundError(f"tokenizer={str(tokenizer)!r}: no such SentencePiece model file")
+  if config.position_embedding == "rope" and config.rope_theta != 10000.0 and fmt == "baichuan":
+    import warnings  # pylint: disable=import-outside-toplevel
+    warnings.warn(f"rope_theta={config.rope_theta} is exported, but the released Baichuan code "
+                  "hard-codes RoPE base 10000 and ignores it: there this model gives different "
+                  "logits (the remote code written here and fmt='llama' honour it)", stacklevel=2)
   specs = _specs(config)
-  root = Path(path)
-  limit = _parse_size(shard_size)
   out_dt = None if dtype is None else _as_dtype(dtype)
+  _check_params(specs, params, out_dt)
+  entries = _llama_entries(config, specs, params, out_dt) if fmt == "llama" else \
+      _baichuan_entries(config, specs, params, out_dt)
+  root = Path(path)
+  written = _write_weights(root, entries, _parse_size(shard_size), overwrite)
+  torch_dtype = (out_dt or np.dtype(_get(params, ("embed_tokens",)).dtype)).name
+  return written + _write_metadata(root, config, torch_dtype, fmt, tokenizer)
+
+
+def _check_params(specs: list[_Spec], params, out_dt) -> None:
   known = {s.path for s in specs}
   extra = [p for p in _leaf_paths(params) if p not in known]
   if extra:
     raise ValueError(f"params: unexpected entry {'/'.join(extra[0])!r}; a Baichuan checkpoint holds "
                      f"{sorted(s.name for s in specs)}")
-  entries = []  # (hf name, make, dtype, hf shape) in file order
   for spec in specs:
     value = _get(params, spec.path)
     if not hasattr(value, "shape") or not hasattr(value, "dtype"):
@@ -733,16 +806,62 @@ def save(config: ml_collections.ConfigDict, params, path: Union[str, Path],
     dt = out_dt or np.dtype(value.dtype)
     if dt.name not in _FLOAT_DTYPES:
       raise ValueError(f"params: {spec.name!r} has dtype {dt}, expected a float type")
-    inv = tuple(np.argsort(spec.perm))
-    for i, name in enumerate(spec.hf_names()):
-      def make(value=value, i=i if spec.layers else None, spec=spec, inv=inv):
-        x = np.asarray(value if i is None else value[i])
-        return x.transpose(inv).reshape(spec.hf_shape)
-      entries.append((name, make, dt, spec.hf_shape))
+
+
+def _hf_tensors(spec: _Spec, params, out_dt) -> list[_Entry]:
+  """One spec's HF tensors (one per layer for stacked parameters), produced lazily."""
+  value = _get(params, spec.path)
+  dt = out_dt or np.dtype(value.dtype)
+  inv = tuple(np.argsort(spec.perm))
+  out = []
+  for i, name in enumerate(spec.hf_names()):
+    def make(value=value, i=i if spec.layers else None, spec=spec, inv=inv):
+      x = np.asarray(value if i is None else value[i])
+      return x.transpose(inv).reshape(spec.hf_shape)
+    out.append((name, make, dt, spec.hf_shape))
+  return out
+
+
+def _rope_inv_freq(cfg) -> np.ndarray:
+  d = cfg.hidden_size // cfg.num_heads
+  return (1.0 / (cfg.rope_theta ** (np.arange(0, d, 2, dtype=np.float64) / d))).astype(np.float32)
+
+
+def _baichuan_entries(cfg, specs: list[_Spec], params, out_dt) -> list[_Entry]:
+  entries = [e for spec in specs for e in _hf_tensors(spec, params, out_dt)]
+  if architecture(cfg) == ARCHITECTURES[1]:  # Baichuan-7B: persistent RoPE buffers, fp32
+    inv = _rope_inv_freq(cfg)
+    entries += [(f"model.layers.{i}.self_attn.rotary_emb.inv_freq", lambda inv=inv: inv,
+                 np.dtype(np.float32), inv.shape) for i in range(cfg.num_layers)]
+  return entries
+
+
+def _llama_entries(cfg, specs: list[_Spec], params, out_dt) -> list[_Entry]:
+  """LLaMA names: W_pack rows split into q/k/v; a NormHead folded (rows normalised in fp32)."""
+  e = cfg.hidden_size
+  entries = []
+  for name, make, dt, shape in (x for spec in specs for x in _hf_tensors(spec, params, out_dt)):
+    if name.endswith("self_attn.W_pack.weight"):
+      pre = name[: -len("W_pack.weight")]
+      for k, part in enumerate(("q_proj", "k_proj", "v_proj")):
+        entries.append((pre + part + ".weight", lambda make=make, k=k: make()[k * e:(k + 1) * e],
+                        dt, (e, e)))
+    elif name == "lm_head.weight" and cfg.norm_head:
+      def folded(make=make):
+        w = np.asarray(make(), np.float32)
+        return w / np.linalg.norm(w, axis=1, keepdims=True)
+      entries.append((name, folded, dt, shape))
+    else:
+      entries.append((name, make, dt, shape))
+  return entries
+
+
+def _write_weights(root: Path, entries: list[_Entry], limit: int, overwrite: bool) -> list[Path]:
+  """Shards `entries` (a layer's tensors together) into safetensors files under `root`."""
   # Baichuan's files keep a layer's tensors together: order by layer, then the table order.
   layer_of = lambda e: int(e[0].split(".")[2]) if e[0].startswith("model.layers.") else (
       -1 if e[0] == "model.embed_tokens.weight" else 1 << 30)
-  entries.sort(key=layer_of)
+  entries = sorted(entries, key=layer_of)
   shards: list[list] = [[]]
   size = 0
   for e in entries:
@@ -772,9 +891,45 @@ def save(config: ml_collections.ConfigDict, params, path: Union[str, Path],
              "weight_map": {e[0]: fname for fname, shard in zip(names, shards) for e in shard}}
     (root / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2) + "\n")
     written.append(root / SAFETENSORS_INDEX)
-  torch_dtype = (out_dt or np.dtype(_get(params, ("embed_tokens",)).dtype)).name
-  (root / "config.json").write_text(json.dumps(config_to_hf(config, torch_dtype), indent=2) + "\n")
-  written.append(root / "config.json")
+  return written
+
+
+def llama_config(cfg: ml_collections.ConfigDict, torch_dtype: str = "float32") -> dict:
+  """config.json of a `fmt="llama"` export (plain transformers LlamaForCausalLM)."""
+  return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
+          "hidden_size": cfg.hidden_size, "intermediate_size": cfg.intermediate_size,
+          "num_attention_heads": cfg.num_heads, "num_key_value_heads": cfg.num_kv_heads,
+          "num_hidden_layers": cfg.num_layers, "vocab_size": cfg.vocab_size,
+          "head_dim": cfg.hidden_size // cfg.num_heads, "rms_norm_eps": cfg.rms_norm_eps,
+          "max_position_embeddings": cfg.max_seq_len, "rope_theta": cfg.rope_theta,
+          "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
+          "attention_bias": False, "mlp_bias": False, "tie_word_embeddings": False,
+          "initializer_range": cfg.init_std, "pad_token_id": cfg.pad_id, "bos_token_id": cfg.bos_id,
+          "eos_token_id": cfg.eos_id, "torch_dtype": torch_dtype, "use_cache": True}
+
+
+def _write_json(path: Path, data: dict) -> Path:
+  path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+  return path
+
+
+def _write_metadata(root: Path, cfg, torch_dtype: str, fmt: str, tokenizer) -> list[Path]:
+  """config.json, generation_config.json, remote code (baichuan format) and tokenizer files."""
+  import shutil  # pylint: disable=import-outside-toplevel
+  hf_cfg = llama_config(cfg, torch_dtype) if fmt == "llama" else config_to_hf(cfg, torch_dtype)
+  written = [_write_json(root / "config.json", hf_cfg),
+             _write_json(root / "generation_config.json", generation_config(cfg))]
+  if fmt == "baichuan":
+    from baichuan_jax import hf_code  # pylint: disable=import-outside-toplevel
+    for name in hf_code.FILES:
+      shutil.copyfile(Path(hf_code.__file__).with_name(name), root / name)
+      written.append(root / name)
+  if tokenizer is not None:
+    dst = root / "tokenizer.model"
+    if Path(tokenizer).resolve() != dst.resolve():
+      shutil.copyfile(tokenizer, dst)
+    written += [dst, _write_json(root / "tokenizer_config.json", tokenizer_config(cfg, fmt)),
+                _write_json(root / "special_tokens_map.json", SPECIAL_TOKENS_MAP)]
   return written
 
 
@@ -812,9 +967,22 @@ def _inspect(args) -> None:
 
 
 def _convert(args) -> None:
-  cfg, params = load(args.src, args.position_embedding, args.dtype, norm_head=args.norm_head,
-                     progress=True)
-  files = save(cfg, params, args.dst, shard_size=args.shard_size, overwrite=args.overwrite)
+  from baichuan_jax.infer import loading  # pylint: disable=import-outside-toplevel
+  src = loading.resolve_source(args.src)
+  tok = args.tokenizer
+  if src.kind == "hf":
+    cfg, params = load(args.src, args.position_embedding, args.dtype, norm_head=args.norm_head,
+                       progress=True)
+    if tok is None and (src.root / "tokenizer.model").is_file():
+      tok = src.root / "tokenizer.model"
+  else:  # a training workdir or checkpoint step: its recorded config and tokenizer
+    model = loading.load_model(path=args.src, tokenizer=tok, device_put=False,
+                               position_embedding=args.position_embedding)
+    cfg, params, tok = model.cfg, model.params, model.tokenizer.path
+    if args.dtype:
+      cfg.param_dtype = args.dtype
+  files = save(cfg, params, args.dst, shard_size=args.shard_size, dtype=args.dtype,
+               overwrite=args.overwrite, tokenizer=tok, fmt=args.format)
   print(f"wrote {len(files)} files to {args.dst}")
 
 
@@ -836,9 +1004,14 @@ def main(argv: Optional[list[str]] = None) -> None:
   p.add_argument("path", help="checkpoint directory")
   common(p)
   p.set_defaults(fn=_inspect)
-  p = sub.add_parser("convert", help="re-write a checkpoint as sharded safetensors (e.g. .bin -> "
-                                     "safetensors, fp32 -> bf16)")
-  p.add_argument("src", help="source checkpoint directory")
+  p = sub.add_parser("convert", help="write a complete Hugging Face directory from a checkpoint or "
+                                     "a training workdir (e.g. .bin -> safetensors, fp32 -> bf16)")
+  p.add_argument("src", help="source: HF checkpoint directory, training workdir or checkpoint step")
+  p.add_argument("--format", default="baichuan", choices=list(FORMATS),
+                 help="baichuan: the released layout + remote code (default); llama: plain "
+                      "LlamaForCausalLM (RoPE models only)")
+  p.add_argument("--tokenizer", default=None,
+                 help="tokenizer.model to ship (default: the source's)")
   p.add_argument("dst", help="output directory")
   p.add_argument("--dtype", default=None, choices=list(configs.DTYPES),
                  help="output dtype (default: keep the source's)")

@@ -181,3 +181,81 @@ def test_alignment_and_research_runs_take_the_workdir_lock(tmp_path):
   finally:
     proc.kill()
     proc.wait()
+
+
+# ----------------------------------------------------------------------------------------------
+# 6. HF configs checked against the files before anything is allocated.
+
+import tracemalloc  # noqa: E402
+
+from baichuan_jax import hf, hf_config_check  # noqa: E402
+from baichuan_jax.model import init_params  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory):
+  cfg = configs.get("tiny", num_layers=2, hidden_size=64, num_heads=2, num_kv_heads=2,
+                    intermediate_size=128, vocab_size=256, max_seq_len=64)
+  params = jax.device_get(init_params(cfg, jax.random.PRNGKey(0)))
+  path = tmp_path_factory.mktemp("hf") / "ckpt"
+  hf.save(cfg, params, path, shard_size=40_000)  # several shards + model.safetensors.index.json
+  assert (path / "model.safetensors.index.json").exists()
+  return path
+
+
+def _copy_with(src, dst, **changes):
+  import shutil  # pylint: disable=import-outside-toplevel
+  shutil.copytree(src, dst)
+  conf = json.loads((dst / "config.json").read_text())
+  conf.update(changes)
+  (dst / "config.json").write_text(json.dumps(conf))
+  return dst
+
+
+@pytest.mark.parametrize("changes,message", [
+    ({"num_hidden_layers": 10 ** 7},
+     r"num_hidden_layers=10000000 is invalid: the checkpoint's tensors hold layers 0..1"),
+    ({"num_hidden_layers": 3}, r"num_hidden_layers=3 is invalid"),
+    ({"max_position_embeddings": 10 ** 15}, r"max_position_embeddings=1000000000000000 is invalid"),
+    ({"hidden_size": "256"}, r"hidden_size='256' is invalid: must be an integer"),
+    ({"rms_norm_eps": float("inf")}, r"rms_norm_eps=inf is invalid: must be a finite number"),
+    ({"intermediate_size": 4096}, r"intermediate_size, hidden_size\) = \(4096, 64\) but "
+     r"model.layers.0.mlp.gate_proj.weight has shape \[128, 64\]"),
+])
+def test_absurd_hf_configs_fail_fast_naming_file_and_field(hf_dir, tmp_path, changes, message):
+  bad = _copy_with(hf_dir, tmp_path / "bad", **changes)
+  tracemalloc.start()
+  t0 = time.time()
+  try:
+    with pytest.raises(ValueError, match=message) as err:
+      hf.load(bad)
+    _, peak = tracemalloc.get_traced_memory()
+  finally:
+    tracemalloc.stop()
+  assert str(bad / "config.json") in str(err.value)
+  assert time.time() - t0 < 5 and peak < 20 << 20  # bounded: no allocation from the claims
+
+
+def test_index_paths_are_confined_to_the_checkpoint_folder(hf_dir, tmp_path):
+  for shard in ("../outside.safetensors", "/etc/passwd", "sub/../../x.safetensors"):
+    bad = _copy_with(hf_dir, tmp_path / f"bad{abs(hash(shard))}")
+    index = json.loads((bad / "model.safetensors.index.json").read_text())
+    first = sorted(index["weight_map"])[0]
+    index["weight_map"][first] = shard
+    (bad / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(ValueError, match=r"points outside the checkpoint folder"):
+      hf.load(bad)
+  # A symlinked shard that leads out of the folder is refused as well.
+  bad = _copy_with(hf_dir, tmp_path / "link")
+  index = json.loads((bad / "model.safetensors.index.json").read_text())
+  name = sorted(set(index["weight_map"].values()))[0]
+  outside = tmp_path / "elsewhere.safetensors"
+  (bad / name).rename(outside)
+  (bad / name).symlink_to(outside)
+  with pytest.raises(ValueError, match=r"points outside the checkpoint folder"):
+    hf_config_check.check_checkpoint(bad, json.loads((bad / "config.json").read_text()))
+
+
+def test_a_valid_hf_checkpoint_still_loads(hf_dir):
+  cfg, params = hf.load(hf_dir)
+  assert cfg.num_layers == 2 and params["layers"]["mlp"]["gate_proj"]["kernel"].shape[0] == 2

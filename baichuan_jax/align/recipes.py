@@ -157,7 +157,8 @@ def run_sft(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
     summary["validation_after"] = _eval_loss(model_cfg, tc, tuned, vpacked, cfg.batch_size)
   if cfg.export_hf:
     from baichuan_jax import hf  # pylint: disable=import-outside-toplevel
-    hf.save(model_cfg, jax.tree.map(np.asarray, tuned), cfg.export_hf, overwrite=True)
+    hf.save(model_cfg, jax.tree.map(np.asarray, tuned), cfg.export_hf, overwrite=True,
+            tokenizer=cfg.tokenizer)
     summary["export_hf"] = cfg.export_hf
   with open(os.path.join(workdir, "sft_summary.json"), "w", encoding="utf-8") as f:
     json.dump(summary, f, ensure_ascii=False, indent=2)
