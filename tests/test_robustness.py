@@ -259,3 +259,21 @@ def test_index_paths_are_confined_to_the_checkpoint_folder(hf_dir, tmp_path):
 def test_a_valid_hf_checkpoint_still_loads(hf_dir):
   cfg, params = hf.load(hf_dir)
   assert cfg.num_layers == 2 and params["layers"]["mlp"]["gate_proj"]["kernel"].shape[0] == 2
+
+
+# ----------------------------------------------------------------------------------------------
+# 7. Undecodable data input names the file and the line.
+
+
+def test_invalid_utf8_names_file_line_and_column(tmp_path):
+  from baichuan_jax.data import corpus, tokenizer  # pylint: disable=import-outside-toplevel
+  txt = tmp_path / "notes.txt"
+  txt.write_bytes("第一行\nsecond line\nthird \xff line\n".encode("utf-8").replace(b"\xc3\xbf", b"\xff"))
+  with pytest.raises(ValueError, match=rf"{txt}:3: invalid UTF-8 at column 7 \(byte 0xff"):
+    list(tokenizer.read_texts([txt]))
+  jl = tmp_path / "train.jsonl"
+  jl.write_bytes(b'{"text": "ok"}\n{"text": "bad \xe4\xb8 here"}\n')
+  with pytest.raises(ValueError, match=rf"{jl}:2: invalid UTF-8 at column 15"):
+    list(tokenizer.read_texts([jl]))
+  with pytest.raises(ValueError, match=rf"{jl}:2: invalid UTF-8"):
+    list(corpus.read_jsonl(jl))  # what the tokenized-dataset builder reads documents with

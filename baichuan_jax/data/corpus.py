@@ -251,10 +251,25 @@ def build(out: str | os.PathLike, sources=SOURCES, limit: int | None = None,
   return manifest
 
 
+def decode_utf8(raw: bytes, path: str | os.PathLike, first_line: int = 1) -> str:
+  """`raw.decode("utf-8")`; invalid UTF-8 raises a ValueError naming the file, the line (counted
+  from `first_line`), the column and the bytes around it."""
+  try:
+    return raw.decode("utf-8")
+  except UnicodeDecodeError as e:
+    line = first_line + raw.count(b"\n", 0, e.start)
+    col = e.start - (raw.rfind(b"\n", 0, e.start) + 1) + 1
+    near = raw[max(0, e.start - 8):e.start + 8]
+    raise ValueError(f"{path}:{line}: invalid UTF-8 at column {col} (byte 0x{raw[e.start]:02x} "
+                     f"in {near!r}); input text must be UTF-8") from None
+
+
 def read_jsonl(path: str | os.PathLike) -> Iterator[dict]:
-  """Reads a corpus JSONL file; a malformed line raises naming the file and line number."""
-  with open(path, encoding="utf-8") as f:
-    for lineno, line in enumerate(f, 1):
+  """Reads a corpus JSONL file; a malformed line (bad JSON, invalid UTF-8) raises naming the file
+  and line number."""
+  with open(path, "rb") as f:
+    for lineno, raw in enumerate(f, 1):
+      line = decode_utf8(raw, path, lineno)
       if not line.strip():
         continue
       try:

@@ -47,7 +47,7 @@ def read_texts(paths: Iterable[str | os.PathLike], limit: int | None = None) -> 
   """Texts from ``.jsonl`` (the ``text`` field) or plain-text files (the whole file is one text).
 
   Raises:
-    ValueError naming file and line for a malformed JSONL line.
+    ValueError naming file and line for a malformed JSONL line or invalid UTF-8.
   """
   n = 0
   for p in paths:
@@ -62,7 +62,8 @@ def read_texts(paths: Iterable[str | os.PathLike], limit: int | None = None) -> 
         yield rec["text"]
         n += 1
     else:
-      yield p.read_text(encoding="utf-8")
+      from baichuan_jax.data.corpus import decode_utf8  # pylint: disable=import-outside-toplevel
+      yield decode_utf8(p.read_bytes(), p)
       n += 1
 
 
