@@ -378,6 +378,36 @@ def generate(cfg: ml_collections.ConfigDict, params, prompts: Sequence[Sequence[
   if b == 0:
     return []
   prompts = [list(map(int, p)) for p in prompts]
+  rows, max_new, stops = _row_params(cfg, prompts, max_new_tokens, temperature, top_k, top_p,
+                                     repetition_penalty, seed, stop_token_ids, stop_strings)
+  if any(stops) and decode is None:
+    raise ValueError("stop_strings need a decode function (token ids -> text)")
+  # The output buffer is rounded up too (rows still stop at their own max_new_tokens), so
+  # requests with nearby lengths share one compilation.
+  n_new = _round_up(max(1, max(max_new)), pad_multiple)
+  plen = _round_up(max(len(p) for p in prompts), pad_multiple)
+  cache_len = max_len or plen + n_new
+  if cache_len < plen + n_new:
+    raise ValueError(f"max_len={max_len} is too small for {plen} padded prompt tokens plus "
+                     f"{n_new} new tokens")
+  do_sample = bool(np.any(np.asarray(rows.temperature) > 0))
+  if decode_loop is not None and decode_loop not in DECODE_LOOPS:
+    raise ValueError(f"decode_loop={decode_loop!r} is invalid: allowed {DECODE_LOOPS}")
+  gen = get_generator(cfg, mesh, decode_loop)
+  if mesh is not None and not _is_sharded(params):
+    params = shard_params(cfg, params, mesh)
+  tokens, positions, segs = _left_pad(cfg, prompts, plen)
+  state = gen.prefill(params, tokens, positions, segs, rows, n_new, cache_len, do_sample)
+  host = _HostRows(prompts, stops, decode, stream)
+  chunk = 1 if stream is not None else (16 if any(stops) else n_new)
+  return _decode_chunks(gen, params, state, rows, host, chunk, n_new, do_sample,
+                        [len(p) for p in prompts])
+
+
+def _row_params(cfg, prompts, max_new_tokens, temperature, top_k, top_p, repetition_penalty,
+                seed, stop_token_ids, stop_strings):
+  """Checks the per-prompt settings; returns (RowParams, max_new list, stop-string lists)."""
+  b = len(prompts)
   for i, p in enumerate(prompts):
     if not p:
       raise ValueError(f"prompt {i} is empty: at least one token is needed")
@@ -396,28 +426,10 @@ def generate(cfg: ml_collections.ConfigDict, params, prompts: Sequence[Sequence[
   seeds = _per_row("seed", seed, b, int)
   stop_ids = _row_lists(stop_token_ids, b, [cfg.eos_id])
   stops = _row_lists(stop_strings, b, [])
-  if any(stops) and decode is None:
-    raise ValueError("stop_strings need a decode function (token ids -> text)")
   for i, (p, n) in enumerate(zip(prompts, max_new)):
     if len(p) + n > cfg.max_seq_len:
       raise ValueError(f"prompt {i}: {len(p)} prompt tokens + max_new_tokens={n} exceed the "
                        f"model context max_seq_len={cfg.max_seq_len}")
-
-  # The output buffer is rounded up too (rows still stop at their own max_new_tokens), so
-  # requests with nearby lengths share one compilation.
-  n_new = _round_up(max(1, max(max_new)), pad_multiple)
-  plen = _round_up(max(len(p) for p in prompts), pad_multiple)
-  cache_len = max_len or plen + n_new
-  if cache_len < plen + n_new:
-    raise ValueError(f"max_len={max_len} is too small for {plen} padded prompt tokens plus "
-                     f"{n_new} new tokens")
-  tokens = np.full((b, plen), cfg.pad_id, np.int32)
-  positions = np.zeros((b, plen), np.int32)
-  segs = np.zeros((b, plen), np.int32)
-  for i, p in enumerate(prompts):
-    tokens[i, plen - len(p):] = p
-    positions[i, plen - len(p):] = np.arange(len(p))
-    segs[i, plen - len(p):] = 1
   n_stop = max(1, max(len(s) for s in stop_ids))
   stop_arr = np.full((b, n_stop), -1, np.int32)
   for i, s in enumerate(stop_ids):
@@ -427,17 +439,25 @@ def generate(cfg: ml_collections.ConfigDict, params, prompts: Sequence[Sequence[
                    repetition_penalty=jnp.asarray(reps, jnp.float32),
                    max_new=jnp.asarray(max_new, jnp.int32), stop_ids=jnp.asarray(stop_arr),
                    seeds=jnp.asarray(seeds, jnp.uint32))
-  do_sample = any(t > 0 for t in temps)
-  if decode_loop is not None and decode_loop not in DECODE_LOOPS:
-    raise ValueError(f"decode_loop={decode_loop!r} is invalid: allowed {DECODE_LOOPS}")
-  gen = get_generator(cfg, mesh, decode_loop)
-  if mesh is not None and not _is_sharded(params):
-    params = shard_params(cfg, params, mesh)
+  return rows, max_new, stops
 
-  state = gen.prefill(params, jnp.asarray(tokens), jnp.asarray(positions), jnp.asarray(segs), rows,
-                      n_new, cache_len, do_sample)
-  host = _HostRows(prompts, stops, decode, stream)
-  chunk = 1 if stream is not None else (16 if any(stops) else n_new)
+
+def _left_pad(cfg, prompts, plen):
+  """[B, plen] tokens, positions (from 0 inside each prompt) and segment ids (0 = padding)."""
+  b = len(prompts)
+  tokens = np.full((b, plen), cfg.pad_id, np.int32)
+  positions = np.zeros((b, plen), np.int32)
+  segs = np.zeros((b, plen), np.int32)
+  for i, p in enumerate(prompts):
+    tokens[i, plen - len(p):] = p
+    positions[i, plen - len(p):] = np.arange(len(p))
+    segs[i, plen - len(p):] = 1
+  return jnp.asarray(tokens), jnp.asarray(positions), jnp.asarray(segs)
+
+
+def _decode_chunks(gen, params, state, rows, host, chunk, n_new, do_sample, prompt_lens):
+  """Decodes `chunk` tokens at a time, handing each chunk to `host` (stops, streaming)."""
+  b = len(prompt_lens)
   seen = 0
   while True:
     out, lengths, finish, done, step = jax.device_get(
@@ -453,7 +473,7 @@ def generate(cfg: ml_collections.ConfigDict, params, prompts: Sequence[Sequence[
     if bool(np.all(done | host.finished)) or seen >= n_new:
       break
     state = gen.decode(params, state, rows, seen + chunk, do_sample)
-  return host.results(out, lengths, finish, [len(p) for p in prompts])
+  return host.results(out, lengths, finish, prompt_lens)
 
 
 def _is_sharded(params) -> bool:
