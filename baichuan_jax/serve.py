@@ -547,6 +547,8 @@ class Handler(BaseHTTPRequestHandler):
   def send_error(self, code, message=None, explain=None):
     """http.server's own errors (bad request line, oversized headers, ...) as JSON objects."""
     text = message or self.responses.get(code, ("error",))[0]
+    if self.request_version == "HTTP/0.9":  # a garbled request line: answer with full headers
+      self.request_version = "HTTP/1.1"
     if code == 431:
       text = f"request header fields too large ({text})"
     self._error(RequestError(f"{text}{': ' + explain if explain else ''}", status=code,

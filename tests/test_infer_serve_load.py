@@ -313,3 +313,19 @@ def test_soak_200_mixed_requests(running, model):
   assert _rss_mb() - rss < 64, (rss, _rss_mb())
   assert threading.active_count() <= threads + 1
   _wait_for(lambda: srv.engine.active_slots() == 0 and srv.engine.queue_depth() == 0)
+
+
+def test_cli_flags_and_the_open_bind_warning(tmp_path, capsys, monkeypatch):
+  monkeypatch.delenv(serve.API_KEY_ENV, raising=False)
+  with pytest.raises(SystemExit):
+    serve.main(["--checkpoint", str(tmp_path), "--workers", "0"])
+  assert "--workers=0 must be >= 1" in capsys.readouterr().err
+  # Binding beyond localhost without a key warns (the missing checkpoint then fails cleanly).
+  assert serve.main(["--checkpoint", str(tmp_path / "none"), "--host", "0.0.0.0"]) == 2
+  err = capsys.readouterr().err
+  assert "warning: listening on 0.0.0.0 without an API key" in err and "error:" in err
+  monkeypatch.setenv(serve.API_KEY_ENV, "k")
+  assert serve.main(["--checkpoint", str(tmp_path / "none"), "--host", "0.0.0.0"]) == 2
+  assert "warning" not in capsys.readouterr().err
+  args = serve._parser().parse_args(["--hf", "d", "--slots", "3", "--max-queue", "5"])  # pylint: disable=protected-access
+  assert (args.max_batch, args.max_queue, args.api_key) == (3, 5, "k")

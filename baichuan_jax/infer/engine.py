@@ -213,13 +213,14 @@ class _Live:
     if tok in req.stop_ids:  # the stop token itself is not part of the reply
       return self._finish(self.tokens, "stop", self._text(self.tokens))
     self.tokens.append(tok)
-    text = self._text(self.tokens)
+    # The text so far is only needed for stop strings and streaming (else once, at the end).
+    text = self._text(self.tokens) if req.stream or req.stop_strings else None
     if req.stop_strings:
       hits = [text.find(s) for s in req.stop_strings if s in text]
       if hits:
         return self._finish(self.tokens, "stop", text[:min(hits)])
     if len(self.tokens) >= req.max_new:
-      return self._finish(self.tokens, "length", text)
+      return self._finish(self.tokens, "length", self._text(self.tokens) if text is None else text)
     if req.stream:
       self._emit(self._safe(text), None)
     return None
@@ -359,8 +360,9 @@ class Engine:
     with self._cv:
       if self._stop.is_set():
         raise QueueFull("the engine is shutting down")
-      while self._pending and self._pending[0].cancelled.is_set():
-        self._pending.popleft()
+      for r in [r for r in self._pending if r.cancelled.is_set()]:
+        self._pending.remove(r)
+        self._count_cancel(r)
       if len(self._pending) >= self.max_queue:
         with self.metrics.lock:
           self.metrics.rejected += 1
