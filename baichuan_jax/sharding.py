@@ -1,4 +1,10 @@
-"""Device meshes, the logical-axis rules and XLA flag presets: the only module that names mesh axes.
+"""Device meshes, the logical-axis rules and XLA flag presets.
+
+The one table mapping logical axis names to mesh axes lives here, and so does every mesh the
+trainers use. Other modules still touch mesh axes directly: `train/step.py` reads the size of
+`model` (the vocab-parallel loss), `align/engine.py` and `infer/generate.py` write their own
+PartitionSpecs (of logical names), and `distributed.py` builds a one-axis mesh for its start-up
+all-reduce check.
 
 The mesh has three named axes:
 
