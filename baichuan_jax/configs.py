@@ -80,7 +80,8 @@ _PRESETS = {
     "baichuan2-13b": dict(vocab_size=125_696, hidden_size=5120, num_layers=40, num_heads=40,
                           num_kv_heads=40, intermediate_size=13696, position_embedding="alibi",
                           norm_head=True, z_loss_weight=2e-4),
-    # CPU presets: same architecture, small widths. `tiny` is ~4M parameters, `small` ~30M.
+    # CPU presets: same architecture, small widths. `tiny` has 5,507,328 parameters (5.5M),
+    # `small` 34,087,424 (34M); `configs.param_counts` computes them.
     "tiny": dict(vocab_size=4096, hidden_size=256, num_layers=4, num_heads=4, num_kv_heads=4,
                  intermediate_size=768, max_seq_len=256, norm_head=True, z_loss_weight=2e-4),
     "small": dict(vocab_size=8192, hidden_size=512, num_layers=8, num_heads=8, num_kv_heads=8,
