@@ -8,7 +8,7 @@ and output head stay bf16 ("int8"/"int4"), or are quantized too ("int8 all"/"int
 vocabulary row, int4 in groups). int8 stores one fp32 scale per output channel; int4 packs two
 values per byte with one fp16 scale per `--group-size` inputs and output channel.
 
-The published Baichuan 2 13B numbers (26.0 / 15.8 / 9.7 GB, SPEC 7) are measured GPU memory of
+The Baichuan 2 report's 13B numbers (bf16 / int8 / int4: 26.0 / 15.8 / 9.7 GB) are GPU memory of
 the loaded model; they are printed beside ours in GiB (2^30 bytes), which is how 13.9 B bf16
 parameters come to 26.0.
 """

@@ -7,7 +7,7 @@ import pytest
 from baichuan_jax import configs, summary
 from baichuan_jax.model import BaichuanLM
 
-# SPEC section 1: exact published parameter counts.
+# Exact parameter counts of the released checkpoints.
 PUBLISHED = {
     "baichuan-7b": 7_000_559_616,
     "baichuan-13b": 13_264_901_120,

@@ -150,7 +150,7 @@ def test_export_loads_into_transformers_llama(llama, tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------
-# ALiBi + NormHead against a torch reference written from the SPEC formulas.
+# ALiBi + NormHead against a torch reference written from the published formulas.
 
 # 6 heads (not a power of two): the 4-head slopes 2^(-8k/4) = 2^-2, 2^-4, 2^-6, 2^-8, then every
 # other slope of the 8-head set 2^(-k), k = 1, 3.
@@ -158,7 +158,7 @@ SLOPES_6 = [2**-2, 2**-4, 2**-6, 2**-8, 2**-1, 2**-3]
 
 
 def _torch_alibi_normhead(sd, cfg, tokens):
-  """Baichuan-13B/2 forward from the SPEC: pre-norm, W_pack, ALiBi, SwiGLU, NormHead."""
+  """Baichuan-13B/2 forward as published: pre-norm, W_pack, ALiBi, SwiGLU, NormHead."""
   e, h = cfg["hidden_size"], cfg["num_attention_heads"]
   d = e // h
   slopes = torch.tensor(SLOPES_6, dtype=torch.float64)
@@ -340,7 +340,7 @@ def test_overrides_win(llama):
 
 
 def test_published_configs_map_to_presets():
-  """Released config.json shapes give the presets (positions, NormHead) of the SPEC table."""
+  """Released config.json shapes give the presets (7B RoPE, 13B ALiBi, NormHead in Baichuan 2)."""
   base = {"architectures": ["BaichuanForCausalLM"], "rms_norm_eps": 1e-6, "tie_word_embeddings": False}
   b7 = dict(base, hidden_size=4096, intermediate_size=11008, num_attention_heads=32,
             num_hidden_layers=32, vocab_size=64000, max_position_embeddings=4096)

@@ -21,7 +21,8 @@ def test_alibi_slopes_12_heads():
 
 
 def test_alibi_slopes_40_heads_spec():
-  # SPEC: 32 slopes 2^(-k/4), then 2^(-k/8) for k = 1, 3, ..., 15.
+  # Not a power of two: the 32-head slopes 2^(-k/4), then every other slope of the 64-head set,
+  # 2^(-k/8) for k = 1, 3, ..., 15.
   expected = [2.0 ** (-k / 4) for k in range(1, 33)] + [2.0 ** (-k / 8) for k in range(1, 16, 2)]
   got = alibi_slopes(40)
   assert got.shape == (40,)

@@ -32,7 +32,7 @@ PLOT_KEYS = ("score", "kl", "kl_coef", "policy_loss", "value_loss", "clip_fracti
 
 
 def default_ppo_config() -> ml_collections.ConfigDict:
-  """Baichuan 2's published PPO values (SPEC section 6) and common choices for the rest."""
+  """Baichuan 2's published PPO values (technical report) and common choices for the rest."""
   c = ml_collections.ConfigDict()
   # PPO iterations (rollout + update rounds). Baichuan 2: 350.
   c.iterations = 350

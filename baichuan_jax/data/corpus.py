@@ -35,7 +35,7 @@ from typing import Iterator
 
 DEFAULT_ROOT = Path(os.environ.get("BAICHUAN_JAX_DATA") or Path.home() / ".cache" / "baichuan_jax")
 SOURCES = ("zh_news", "zh_reviews", "en_prose", "code")
-# Language and category of each source (SPEC 4: mixture weights are per language and category).
+# Language and category of each source (Baichuan 2 weights its mixture per language and category).
 SOURCE_META = {
     "zh_news": ("zh", "news"),
     "zh_reviews": ("zh", "reviews"),

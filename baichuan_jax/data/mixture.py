@@ -6,7 +6,7 @@ Every cleaned document gets a ``weight`` (read by the tokenized dataset). It is 
   Keys of ``weights`` may use ``*`` for either part (``zh/*``, ``*/code``, ``*``); the most specific
   match wins (exact, then ``lang/*``, then ``*/category``, then ``*``).
   - ``mode = "multiplier"``: the value is the factor itself (unmatched groups use ``default``).
-    Up-sampling curated data (SPEC 4) is a multiplier above 1.
+    Up-sampling curated data (Baichuan 2 up-samples curated positive data) is a multiplier above 1.
   - ``mode = "proportion"``: values are target shares of the *weighted characters*; the factor of
     group g is ``target_g / actual_g`` where ``actual_g`` is g's share of ``cluster_factor * chars``
     in the cleaned corpus, so sampling by weight x length reproduces the targets exactly. Every group

@@ -5,10 +5,10 @@ Commands::
     python -m baichuan_jax.data.tokenizer train --input train.jsonl --vocab-size 4096 --out tok/bc4k
     python -m baichuan_jax.data.tokenizer report [--corpus DIR] [--out FILE.md] [--extra NAME=MODEL]
 
-Compression rate (SPEC 3 leaves it undefined) is reported two ways, per corpus slice: tokens per
+Compression rate (undefined by Baichuan) is reported two ways, per corpus slice: tokens per
 Unicode character (lower = stronger compression) and UTF-8 bytes per token (higher = stronger).
 
-Baichuan options (SPEC 3): BPE; identity normalisation (the raw text is not rewritten, so full-width
+Baichuan's options: BPE; identity normalisation (the raw text is not rewritten, so full-width
 and half-width forms stay distinct); every digit its own piece; whitespace-only pieces so runs of
 spaces (code indentation) become single tokens; byte fallback so any string round-trips; character
 coverage 0.9999; pieces at most 32 characters. Ids 0/1/2 are ``<unk>``/``<s>``/``</s>``; ids 3..194

@@ -1,6 +1,6 @@
 """Scaling-law math: the Baichuan 2 loss-vs-compute fit and compute-optimal model sizes.
 
-Baichuan 2 (SPEC 5) fits ``L(C) = a * C^b + L_inf`` to the final losses of seven small models
+The Baichuan 2 report fits ``L(C) = a * C^b + L_inf`` to the final losses of seven small models
 (11.5M to 3.0B parameters), C = training FLOPs, and reads the 7B and 13B losses off the curve.
 `fit_loss_vs_compute` does the same fit with SciPy; `compute_optimal_sizes` reads the loss-optimal
 model size at each compute budget off the lower envelope of the training curves (Chinchilla's

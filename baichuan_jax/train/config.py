@@ -16,7 +16,7 @@ ZERO_STAGES = (0, 1, 2, 3)
 
 
 def default_train_config() -> ml_collections.ConfigDict:
-  """Baichuan pretraining hyper-parameters (SPEC section 5) with CPU-sized batch geometry."""
+  """Baichuan's published pretraining hyper-parameters with CPU-sized batch geometry."""
   c = ml_collections.ConfigDict()
   # Global batch in sequences per optimiser step (summed over data-parallel replicas and
   # micro-batches). Must be divisible by microbatches * (mesh.data * mesh.fsdp).

@@ -1,6 +1,7 @@
 """AdamW with Baichuan's hyper-parameters, global-norm clipping and warm-up + cosine schedule.
 
-Moments are kept in fp32 whatever the parameter dtype (fp32 master weights, SPEC section 5).
+Moments are kept in fp32 whatever the parameter dtype (Baichuan: bf16 compute, fp32 master
+weights and optimizer state).
 Weight decay skips the RMSNorm scales, chosen by parameter path (under `nn.scan` a norm scale is
 [layers, hidden], so a rank rule cannot tell it from a matrix).
 """

@@ -11,7 +11,7 @@ The argument after ':' is `PRESET[,HARDWARE]`:
 * HARDWARE (large presets only): `h100` (nodes of 8 x H100 80GB, the default) or `v5p`
   (a TPU v5p-128 slice: 64 chips; more slices with `--config.train.mesh.dcn_data=N`).
 
-Meshes follow Baichuan's recipe (SPEC section 5): tensor parallelism (`model`) only inside a node
+Meshes follow Baichuan 2's published recipe: tensor parallelism (`model`) only inside a node
 or slice where links are fast, ZeRO-3 (`fsdp`) inside it as well, and plain ZeRO-1 data
 parallelism (`data`, size -1 = "every remaining device") across nodes. Hyper-parameters are the
 published ones: AdamW (0.9, 0.95), eps 1e-8, weight decay 0.1, clip 0.5, 2,000 warm-up steps,

@@ -2,7 +2,7 @@
 
 Run with `python -m experiments.align --config=experiments/configs/rlhf_sentiment.py --workdir=DIR`;
 override any key on the command line, e.g. `--config.ppo.iterations=100`. PPO keys default to the
-published Baichuan 2 values (SPEC section 6) through `ppo_trainer.default_ppo_config()`; this file
+values published in the Baichuan 2 report through `ppo_trainer.default_ppo_config()`; this file
 changes only the learning rate, batch and lengths to fit a 1.5M-parameter policy on 2 CPU cores.
 """
 
