@@ -17,6 +17,13 @@ A Baichuan-format directory holds `config.json` and the weights as `*.safetensor
   model.norm.weight                             [E]           norm/weight                  [E]
   lm_head.weight                                [V, E]        lm_head                      [E, V]
 
+Exporting (`save`, `python -m baichuan_jax.hf convert SRC DST`) writes a complete Hugging Face
+directory: the weights (plus Baichuan-7B's persistent `rotary_emb.inv_freq` buffers), config.json
+with the family's `architectures` name and `auto_map`, generation_config.json, the tokenizer files
+and the project's own remote code (`baichuan_jax/hf_code/`), so transformers' Auto classes load it
+with `trust_remote_code=True`; `fmt="llama"` writes a plain LLaMA checkpoint for RoPE models.
+docs/hf.md lists the files and the differences from the released code.
+
 Loading streams: each output parameter is allocated once and filled slice by slice (a layer, or
 a block of rows of a large matrix) straight from the file, so peak host memory is the loaded
 parameters plus a bounded scratch buffer. Safetensors files are read with plain positional reads

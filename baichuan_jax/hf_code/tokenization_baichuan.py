@@ -53,7 +53,8 @@ class BaichuanTokenizer(PreTrainedTokenizer):
     return self.sp_model.piece_to_id(token)
 
   def _convert_id_to_token(self, index):
-    return self.sp_model.id_to_piece(index)
+    # A model's vocabulary may be padded past the tokenizer's: those ids decode to nothing.
+    return self.sp_model.id_to_piece(index) if 0 <= index < self.vocab_size else ""
 
   def convert_tokens_to_string(self, tokens) -> str:
     out, run = [], []
@@ -61,7 +62,7 @@ class BaichuanTokenizer(PreTrainedTokenizer):
       if t in self.all_special_tokens:
         out.append(self.sp_model.decode(run) + t)
         run = []
-      else:
+      elif t:
         run.append(t)
     return "".join(out) + self.sp_model.decode(run)
 

@@ -1,4 +1,9 @@
-"""Position encodings as pure functions: RoPE (rotate-half) and ALiBi, always in fp32."""
+"""Position encodings as pure functions: RoPE (rotate-half) and ALiBi, always in fp32.
+
+RoPE is the one plain-jnp formula kept beside the Pallas kernels (`kernels_pallas.reference`),
+re-exported here as `rope_frequencies` / `apply_rope` (x: [batch, seq, heads, head_dim],
+positions: [batch, seq] int; returned in x's dtype).
+"""
 
 from __future__ import annotations
 
@@ -6,6 +11,9 @@ import math
 
 import jax.numpy as jnp
 import numpy as np
+
+from kernels_pallas.reference import rope_inv_freq as rope_frequencies  # noqa: F401
+from kernels_pallas.reference import rope_reference as apply_rope  # noqa: F401
 
 
 def alibi_slopes(num_heads: int) -> np.ndarray:
@@ -39,30 +47,3 @@ def alibi_bias(slopes: jnp.ndarray, q_pos: jnp.ndarray, k_pos: jnp.ndarray) -> j
   """
   dist = (q_pos[:, :, None] - k_pos[:, None, :]).astype(jnp.float32)  # [b, q, k]
   return -slopes.astype(jnp.float32)[None, :, None, None] * dist[:, None, :, :]
-
-
-def rope_frequencies(head_dim: int, theta: float) -> jnp.ndarray:
-  """Inverse frequencies theta^(-2i/d), i = 0..d/2-1, [head_dim // 2] fp32."""
-  return 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
-
-
-def apply_rope(x: jnp.ndarray, positions: jnp.ndarray, theta: float) -> jnp.ndarray:
-  """Rotates x by its positions, HF LLaMA rotate-half convention, computed in fp32.
-
-  Args:
-    x: [batch, seq, heads, head_dim].
-    positions: [batch, seq] integer positions.
-    theta: RoPE base.
-  Returns:
-    x rotated, same shape and dtype as x.
-  """
-  head_dim = x.shape[-1]
-  inv_freq = rope_frequencies(head_dim, theta)
-  # [batch, seq, head_dim // 2]
-  angles = positions.astype(jnp.float32)[..., None] * inv_freq
-  angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]  # [b, s, 1, d]
-  cos, sin = jnp.cos(angles), jnp.sin(angles)
-  xf = x.astype(jnp.float32)
-  x1, x2 = xf[..., : head_dim // 2], xf[..., head_dim // 2 :]
-  rotated = jnp.concatenate([-x2, x1], axis=-1)
-  return (xf * cos + rotated * sin).astype(x.dtype)
