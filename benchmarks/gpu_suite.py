@@ -19,7 +19,7 @@ a watchdog thread ends the process at the hard limit, budget + 30 s, after writi
    fwd + bwd (bf16; ALiBi; in-kernel RoPE vs RoPE applied first), decode attention (ragged
    lengths, left padding, GQA, ALiBi, NaN in unfilled slots) by relative L2 error, and the top-k /
    greedy pick exactly against `jax.lax.top_k` on a tied 125,696-entry vocabulary.
-4. `attention`: our flash kernel fwd+bwd (and fwd) vs `jax.nn.dot_product_attention(
+4. `attention`: our flash kernel fwd+bwd vs `jax.nn.dot_product_attention(
    implementation="cudnn")` at seq 2k/4k/8k, head_dim 128, causal, bf16, 16,384 tokens per batch,
    32 heads, with and without ALiBi (cuDNN with ALiBi takes a dense bias); ratios ours / cuDNN and
    the ALiBi overhead.
@@ -36,14 +36,15 @@ a watchdog thread ends the process at the hard limit, budget + 30 s, after writi
    `kernels_pallas.attention.default_blocks` from data.
 
 `--small` runs the same code on tiny shapes, with the kernels in Pallas interpret mode, on a CPU
-(tests/test_gpu_suite.py runs it); its numbers are meaningless, its purpose is that the device run
-has no surprises.
+(tests/test_kernels_gpu_suite.py runs it); its numbers are meaningless, its purpose is that the
+device run has no surprises.
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
+import gc
 import json
 import os
 import platform
@@ -73,7 +74,7 @@ FULL = dict(
     check=dict(b=2, s=1000, h=8, hkv=2, d=128, dec_b=4, dec_h=32, dec_kvh=8, dec_len=2176,
                vocab=125696),
     attn=dict(seqs=(2048, 4096, 8192), tokens=16384, heads=32, head_dim=128, iters=10,
-              modes=("fwdbwd", "fwd")),
+              modes=("fwdbwd",)),
     train=dict(batch=4, seq=4096, layers=18, hidden=2048, heads=16, steps=6, warmup=2,
                impl="pallas"),
     decode=dict(preset="baichuan2-7b", overrides={}, context=2048, max_len=2176,
@@ -90,7 +91,8 @@ SMALL = dict(
     tiles=dict(seq=64, tokens=64, heads=2, head_dim=32, iters=1, variants=(1,)),
 )
 # Estimated seconds per section on the device (compile + timing), used by the budget guard.
-COST = {"env": 2, "ceilings": 15, "check": 45, "attention": 70, "train": 110,
+# (The H100 run compiled the ~1B step in ~15 s and ran it at 0.32 s per step.)
+COST = {"env": 2, "ceilings": 15, "check": 45, "attention": 70, "train": 45,
         "decode_step": 40, "tiles": 40}
 
 
@@ -311,14 +313,59 @@ def section_train(suite, cfg):
     peaks["measured_matmul"] = ceil["matmul_flops"]
   if suite.result["env"].get("datasheet_bf16_flops"):
     peaks["datasheet"] = suite.result["env"]["datasheet_bf16_flops"]
+  trace_dir = suite.out / "_train_trace"
   row = gpu_train_mfu.run_one(cfg["impl"], "none", cfg["batch"], cfg["seq"], cfg["steps"],
-                              cfg["warmup"], cfg["layers"], cfg["hidden"], cfg["heads"], peaks)
+                              cfg["warmup"], cfg["layers"], cfg["hidden"], cfg["heads"], peaks,
+                              profile_dir=str(trace_dir))
+  try:  # where the step's time goes: device op time by kernel name, over the 2 traced steps
+    row["profile_top_ops_ms_per_step"], row["profile_total_ms_per_step"] = trace_top_ops(
+        trace_dir, steps=2)
+    files = sorted(trace_dir.glob("**/*.trace.json.gz"))
+    if files and files[0].stat().st_size < 15 * 2 ** 20:  # what comes back from $OUT: <= 16 MB
+      (suite.out / "train_trace.json.gz").write_bytes(files[0].read_bytes())
+  except Exception as e:  # pylint: disable=broad-except
+    suite.error("train profile", e)
+  finally:
+    import shutil
+    shutil.rmtree(trace_dir, ignore_errors=True)  # keep $OUT to a few plain files
   row["command_equivalent"] = (
       f"python3 benchmarks/gpu_train_mfu.py --runs {cfg['impl']}:none:{cfg['batch']} "
       f"--seq {cfg['seq']} --layers {cfg['layers']} --hidden {cfg['hidden']} "
       f"--heads {cfg['heads']} --steps {cfg['steps']} --warmup {cfg['warmup']}")
   suite.result["train"].append(row)
   print("train", json.dumps(row, default=str)[:400], flush=True)
+
+
+def trace_top_ops(trace_dir, steps, top=25):
+  """(top op kinds -> ms per step, total op ms per step) from a jax.profiler perfetto trace.
+
+  Uses the events of the device processes (names with "GPU" / "/device:"; on a CPU, every
+  non-runtime event), op names stripped of numeric suffixes (fusion.12 -> fusion).
+  """
+  import gzip
+  import re
+  files = sorted(Path(trace_dir).glob("**/*.trace.json.gz"))
+  if not files:
+    raise FileNotFoundError(f"no *.trace.json.gz under {trace_dir}")
+  with gzip.open(files[0]) as f:
+    trace = json.load(f)
+  events = trace["traceEvents"] if isinstance(trace, dict) else trace
+  names = {e["pid"]: e.get("args", {}).get("name", "") for e in events
+           if e.get("ph") == "M" and e.get("name") == "process_name"}
+  device = {pid for pid, n in names.items() if "GPU" in n or "/device:" in n}
+  host_noise = re.compile(r"^\$|Thunk|Pjit|Execute|copy_to_host|^end: |PjRt|TfrtCpu")
+  kinds = {}
+  for e in events:
+    if e.get("ph") != "X":
+      continue
+    if device and e.get("pid") not in device:
+      continue
+    if not device and host_noise.search(e.get("name", "")):
+      continue
+    kind = re.sub(r"[._]?\d+$", "", e.get("name", ""))
+    kinds[kind] = kinds.get(kind, 0.0) + e.get("dur", 0) / 1e3 / steps
+  ordered = dict(sorted(kinds.items(), key=lambda kv: -kv[1])[:top])
+  return ordered, float(sum(kinds.values()))
 
 
 # --- decode ------------------------------------------------------------------------------------
@@ -477,8 +524,10 @@ def section_decode(suite, backend, dcfg):
       del cache, ks, vs, m_logits, k_logits
       checked = True
       suite.write()
+    first = batch == min(set(dcfg["batches"]) | set(dcfg["model_batches"]))
+    cost = 10 if first else COST["decode_step"]  # the check compiled the first batch's steps
     if batch in dcfg["model_batches"]:
-      if not suite.fits(f"decode model batch {batch}", COST["decode_step"]):
+      if not suite.fits(f"decode model batch {batch}", cost):
         return
       try:
         ks, vs = fresh_cache(batch, 2)
@@ -498,7 +547,7 @@ def section_decode(suite, backend, dcfg):
       cache = None
       suite.write()
     if batch in dcfg["batches"]:
-      if not suite.fits(f"decode kernels batch {batch}", COST["decode_step"]):
+      if not suite.fits(f"decode kernels batch {batch}", cost):
         return
       try:
         ks, vs = fresh_cache(batch, 3)
@@ -625,6 +674,14 @@ def markdown(result):
                  f"{_f(r.get('mfu_datasheet'), '{:.1%}')} | "
                  f"{_f(r.get('mfu_measured_matmul'), '{:.1%}')} | {r.get('peak_gib', 0):.1f} |")
     out.append("")
+    for r in result["train"]:
+      top = r.get("profile_top_ops_ms_per_step")
+      if top:
+        out += [f"Profile (2 traced steps; device events summed, "
+                f"{r['profile_total_ms_per_step']:.1f} ms per step in all; raw trace "
+                "train_trace.json.gz):", "", "| op kind | ms per step |", "|---|---|"]
+        out += [f"| `{k[:90]}` | {v:.2f} |" for k, v in top.items()]
+        out.append("")
   if result["decode"]:
     out += [f"## Decode step (one token per row, {result['decode'][0]['context']} filled slots "
             f"of {result['decode'][0]['cache_len']})", "",
@@ -707,6 +764,7 @@ def main(argv=None):
           f"process CPU {time.process_time():.0f} s)", flush=True)
     suite.result["summary"] = summarise(suite.result)
     suite.write()
+    gc.collect()  # free the section's device buffers before the next one allocates
   print(markdown(suite.result), flush=True)
   return suite.result
 

@@ -56,7 +56,10 @@ def matmul_peak(n: int = 8192, iters: int = 20) -> float:
   return 2 * n ** 3 * iters / (time.perf_counter() - t0)
 
 
-def run_one(impl, remat, batch, seq, steps, warmup, layers, hidden, heads, peaks):
+def run_one(impl, remat, batch, seq, steps, warmup, layers, hidden, heads, peaks,
+            profile_dir=None):
+  """One timed configuration -> a result row. With `profile_dir`, two more steps run under
+  `jax.profiler.trace(profile_dir)` after the timing (not counted in it)."""
   cfg = model_config(impl, remat, seq, layers, hidden, heads)
   tcfg = train.default_train_config()
   tcfg.batch_size, tcfg.seq_len = batch, seq
@@ -86,6 +89,11 @@ def run_one(impl, remat, batch, seq, steps, warmup, layers, hidden, heads, peaks
       state, m = step(state, data)
     jax.block_until_ready(m)
     sec = (time.perf_counter() - t0) / steps
+    if profile_dir:
+      with jax.profiler.trace(profile_dir):
+        for _ in range(2):
+          state, m = step(state, data)
+        jax.block_until_ready(m)
   except Exception as e:  # pylint: disable=broad-except
     row["error"] = str(e).split("\n")[0][:300]
     return row

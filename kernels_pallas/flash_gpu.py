@@ -18,9 +18,10 @@ ids and positions are [batch, seq] vectors. With `has_rope`, q and k arrive unro
 kernel rotates its tiles (rotate-half RoPE, fp32 arithmetic, rounded to the input dtype as applying
 RoPE first would) from cos/sin tables [batch, seq, head_dim / 2]: each tile is loaded as its two
 halves and the products run as two half-width dots (Triton has no in-register concatenate). The
-backward kernels rotate dQ and dK back (the transpose of the rotation). Inputs arrive padded (seq to a block multiple, head_dim
-to a power of two, slopes to a power of two) by `kernels_pallas.attention`; Triton needs
-power-of-two value shapes. The same kernels run on CPU with `interpret=True`.
+backward kernels rotate dQ and dK back (the transpose of the rotation). Inputs arrive padded (seq to
+a block multiple, head_dim to a power of two, slopes to a power of two) by
+`kernels_pallas.attention`; Triton needs power-of-two value shapes. The same kernels run on CPU with
+`interpret=True`.
 """
 
 from __future__ import annotations
@@ -192,8 +193,8 @@ def forward(q, k, v, slopes, seg, pos, st: AttnStatic, rope=None):
 
 
 def _dq_kernel(*refs, st: AttnStatic):
-  (q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref), slopes_ref, seg_ref, pos_ref, rope, (dq_ref,) = (
-      _split_refs(refs, st, 6))
+  (q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref), slopes_ref, seg_ref, pos_ref, rope, (
+      dq_ref,) = _split_refs(refs, st, 6)
   h, i = pl.program_id(1), pl.program_id(2)
   bq, bk = st.block_q, st.block_k
   q_start = i * bq

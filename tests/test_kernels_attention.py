@@ -127,6 +127,21 @@ def test_tuning_overrides_blocks_and_launch():
                  "launch": {"fwd": {"num_warps": 4, "num_stages": 3}}})
 
 
+def test_per_kernel_backward_tiles():
+  # "dq" / "dkdv" tiles differ from each other and from "bwd"; the specific key wins.
+  from kernels_pallas.attention import _blocks, _check_tuning
+  blocks, launch = _check_tuning({"blocks": {"bwd": (64, 64), "dq": (32, 16)},
+                                  "launch": {"bwd": {"num_warps": 8}, "dkdv": {"num_stages": 3}}})
+  assert blocks == {"dq": (32, 16), "dkdv": (64, 64)}
+  assert launch["dq"] == {"num_warps": 8, "num_stages": 2}
+  assert launch["dkdv"] == {"num_warps": 8, "num_stages": 3}
+  chosen, seq_pad = _blocks("gpu", 4096, None, None, None, head_dim=64)
+  assert chosen == {"fwd": (128, 128), "dq": (128, 64), "dkdv": (64, 128)} and seq_pad == 4096
+  assert kernels_pallas.default_blocks("gpu", 128, 4096)["dq"] == (64, 64)
+  _check("interpret", s=64, h=2, d=32, alibi=True,
+         tuning={"blocks": {"fwd": (32, 32), "dq": (32, 16), "dkdv": (16, 32)}})
+
+
 def test_xla_backend_is_the_reference():
   q, k, v = _inputs(1, 40, 2, 2, 64, jnp.float32)
   np.testing.assert_array_equal(np.asarray(flash_attention(q, k, v, backend="xla")),

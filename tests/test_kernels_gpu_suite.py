@@ -32,6 +32,9 @@ def test_gpu_suite_small_runs_every_section(tmp_path):
   # cuDNN has no CPU implementation: its rows carry the error instead of a time.
   assert all("error" in r for r in result["attention"] if r["impl"] == "cudnn")
   assert result["train"][0]["step_s"] > 0 and result["train"][0]["mfu_measured_matmul"] > 0
+  assert result["train"][0]["profile_total_ms_per_step"] > 0  # the traced steps were summarised
+  assert (tmp_path / "train_trace.json.gz").exists()
+  assert not (tmp_path / "_train_trace").exists()
   paths = {(r["path"].split(" ")[0], r["batch"]) for r in result["decode"]}
   assert paths == {("model", 1), ("kernels", 1)}
   for r in result["decode"]:
