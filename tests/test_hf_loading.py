@@ -169,3 +169,31 @@ def test_old_workdir_loads_and_says_what_was_assumed(tmp_path, caplog):
                                                           "colour": "red"}))
   with pytest.raises(ValueError, match=r"model_config.json: unknown model config fields \['colour'\]"):
     loading.load_model(checkpoint=str(tmp_path), with_tokenizer=False)
+
+
+def test_eval_cli_on_a_copied_workdir(trained, tmp_path):
+  """`python -m baichuan_jax.eval --task ppl --checkpoint WORKDIR` (it used to stop with "no
+  tokenizer: pass --tokenizer PATH") on a workdir copied away from the tokenizer cache."""
+  from baichuan_jax.eval import __main__ as eval_main  # pylint: disable=import-outside-toplevel
+  work, _, _, _ = trained
+  copy = tmp_path / "w"
+  shutil.copytree(work, copy)
+  texts = tmp_path / "val.jsonl"
+  texts.write_text("\n".join(json.dumps({"text": t}) for t in
+                             ["The function returns a list.", "Values are sorted."]) + "\n")
+  eval_main.main(["--task", "ppl", "--checkpoint", str(copy), "--data-dir", str(texts),
+                  "--out", str(tmp_path / "out"), "--no-progress", "--max-len", "16"])
+  res = json.loads((tmp_path / "out" / "ppl_results.json").read_text())
+  assert res["model"] == str(copy) and np.isfinite(res["perplexity"]) and res["perplexity"] > 1
+
+
+def test_hf_dir_turn_markers_from_generation_config(tmp_path):
+  from baichuan_jax import hf  # pylint: disable=import-outside-toplevel
+  from baichuan_jax.model import init_params  # pylint: disable=import-outside-toplevel
+  cfg = configs.get("tiny", num_layers=1, dtype="float32")
+  hf.save(cfg, jax.tree.map(np.asarray, init_params(cfg, jax.random.PRNGKey(0))), tmp_path)
+  gen = json.loads((tmp_path / "generation_config.json").read_text())
+  (tmp_path / "generation_config.json").write_text(json.dumps(dict(gen, user_token_id=7,
+                                                                   assistant_token_id=8)))
+  m = loading.load_model(path=str(tmp_path), with_tokenizer=False)
+  assert (m.cfg.user_token_id, m.cfg.assistant_token_id) == (7, 8) and m.config_source == "config.json"

@@ -241,8 +241,14 @@ def _quantizer(quantize, embeddings, group_size):
 def _load_hf(root: Path, position_embedding: str, overrides: dict, *, quantize, embeddings,
              group_size):
   from baichuan_jax import hf  # pylint: disable=import-outside-toplevel
-  return hf.load(root, position_embedding=position_embedding, overrides=overrides or None,
-                 tensor_transform=_quantizer(quantize, embeddings, group_size))
+  cfg, params = hf.load(root, position_embedding=position_embedding, overrides=overrides or None,
+                        tensor_transform=_quantizer(quantize, embeddings, group_size))
+  # The released chat code reads the turn markers from generation_config.json, not config.json.
+  gen = _read_json_dict(root / "generation_config.json")
+  for key in ("user_token_id", "assistant_token_id"):
+    if isinstance(gen.get(key), int) and not isinstance(gen.get(key), bool):
+      cfg[key] = gen[key]
+  return cfg, params
 
 
 def _load_checkpoint(src: _Source, config: ConfigArg, position_embedding: str, overrides: dict,
