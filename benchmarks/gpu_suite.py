@@ -320,7 +320,7 @@ def section_train(suite, cfg):
   try:  # where the step's time goes: device op time by kernel name, over the 2 traced steps
     row["profile_top_ops_ms_per_step"], row["profile_total_ms_per_step"] = trace_top_ops(
         trace_dir, steps=2)
-    files = sorted(trace_dir.glob("**/*.trace.json.gz"))
+    files = _trace_files(trace_dir)
     if files and files[0].stat().st_size < 15 * 2 ** 20:  # what comes back from $OUT: <= 16 MB
       (suite.out / "train_trace.json.gz").write_bytes(files[0].read_bytes())
   except Exception as e:  # pylint: disable=broad-except
@@ -336,6 +336,12 @@ def section_train(suite, cfg):
   print("train", json.dumps(row, default=str)[:400], flush=True)
 
 
+def _trace_files(trace_dir):
+  """The profiler's <host>.trace.json.gz files, else its perfetto_trace.json.gz."""
+  files = sorted(Path(trace_dir).glob("**/*.trace.json.gz"))
+  return files or sorted(Path(trace_dir).glob("**/perfetto_trace.json.gz"))
+
+
 def trace_top_ops(trace_dir, steps, top=25):
   """(top op kinds -> ms per step, total op ms per step) from a jax.profiler perfetto trace.
 
@@ -344,7 +350,7 @@ def trace_top_ops(trace_dir, steps, top=25):
   """
   import gzip
   import re
-  files = sorted(Path(trace_dir).glob("**/*.trace.json.gz"))
+  files = _trace_files(trace_dir)
   if not files:
     raise FileNotFoundError(f"no *.trace.json.gz under {trace_dir}")
   with gzip.open(files[0]) as f:

@@ -90,7 +90,7 @@ def run_one(impl, remat, batch, seq, steps, warmup, layers, hidden, heads, peaks
     jax.block_until_ready(m)
     sec = (time.perf_counter() - t0) / steps
     if profile_dir:
-      with jax.profiler.trace(profile_dir):
+      with jax.profiler.trace(profile_dir, create_perfetto_trace=True):
         for _ in range(2):
           state, m = step(state, data)
         jax.block_until_ready(m)
