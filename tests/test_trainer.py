@@ -347,3 +347,15 @@ def test_free_space_is_checked_before_each_save(tmp_path, monkeypatch):
     mgr.save(2, s)
   assert mgr.steps() == [1]
   mgr.close()
+
+
+def test_the_command_line_ends_with_one_line_naming_the_safe_step(tmp_path, monkeypatch, capsys):
+  def stopped(cfg, workdir):
+    raise trainer.TrainingStopped("checkpoint step 6: writing X failed: No space left on device; "
+                                  "the last good checkpoint is step 3 in X")
+
+  monkeypatch.setattr(trainer, "setup_runtime", lambda cfg: None)
+  monkeypatch.setattr(trainer, "run", stopped)
+  assert trainer.main(_cfg(), str(tmp_path)) == 1
+  err = capsys.readouterr().err.strip().splitlines()
+  assert err[-1].startswith("stopped: checkpoint step 6") and "last good checkpoint is step 3" in err[-1]
