@@ -145,3 +145,22 @@ def test_requests_that_do_not_fit_are_refused(model, engine):
     engine.submit(Request(ids=[5] * 250, max_new=10))
   with pytest.raises(ValueError, match="does not fit"):
     engine.submit(Request(ids=[], max_new=10))
+
+
+def test_several_steps_per_sync_give_the_same_tokens(model):
+  # The device loop of `steps_per_sync=4` stops when a slot finishes (so it can be refilled) and
+  # records nothing for idle slots; results equal the one-step engine and `generate`.
+  cfg, params = model
+  eng = Engine(cfg, params, LETTERS, num_slots=2, steps_per_sync=4)
+  try:
+    prompts = [[5, 6, 7, 8], [9, 10], [11, 12, 13]]
+    max_new = [N_NEW, 5, 6]
+    reqs = [eng.submit(Request(ids=p, max_new=m, stop_ids=[])) for p, m in zip(prompts, max_new)]
+    outs = [_result(r)[0] for r in reqs]
+    for p, m, out in zip(prompts, max_new, outs):
+      ref = generate(cfg, params, [p], max_new_tokens=m, stop_token_ids=[])[0]
+      assert (out.tokens, out.finish_reason) == (ref.tokens, ref.finish_reason)
+    # 12 tokens for the longest request need at least 3 four-step calls.
+    assert eng.steps_total >= 3
+  finally:
+    eng.close()
