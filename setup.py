@@ -19,6 +19,14 @@ TORCH = [
     "transformers>=4.40",
 ]
 
+DASK = [
+    # Beam's DaskRunner (apache-beam 2.77 asks for dask and distributed >= 2024.4.2, its own
+    # `apache-beam[dask]` extra); tests/test_data_clean_dask.py runs the cleaning pipeline on a
+    # local 2-worker dask.distributed cluster.
+    "dask>=2024.4.2,<2027",
+    "distributed>=2024.4.2,<2027",
+]
+
 setup(
     name="baichuan-jax",
     version="0.1.0",
@@ -30,7 +38,8 @@ setup(
     install_requires=_reqs("requirements.txt"),
     extras_require={
         "torch": TORCH,
-        "test": TORCH + ["pytest>=8", "pytest-xdist>=3.5", "hypothesis>=6.100",
+        "dask": DASK,
+        "test": TORCH + DASK + ["pytest>=8", "pytest-xdist>=3.5", "hypothesis>=6.100",
                          # tests/test_notebook.py runs the Colab tour headless.
                          "nbclient>=0.10,<1", "nbformat>=5.9,<6", "ipykernel>=6.29,<8",
                          # tests/test_infer_serve.py talks to the server with the official client.

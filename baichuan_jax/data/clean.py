@@ -1,7 +1,7 @@
 """Corpus cleaning as an Apache Beam pipeline: quality rules, MinHash-LSH dedup, sampling weights.
 
     python -m baichuan_jax.data.clean --corpus DIR --out DIR [--config.dedup.threshold=0.7 ...]
-                                      [--runner DataflowRunner | FlinkRunner | SparkRunner ...]
+                                      [--runner=DataflowRunner --project=P ...] [-- BEAM_ARGS]
 
 Reads ``DIR/train*.jsonl`` and ``DIR/validation*.jsonl`` (a built corpus), and writes the same
 layout under ``--out`` (``train.jsonl``, ``validation.jsonl``; ``train-00000-of-00008.jsonl`` ... with
@@ -10,23 +10,36 @@ and ``rejected.jsonl`` (every skipped input line with file, line number and reas
 
 Stages (each a Beam transform):
 
-1. ``ParseJsonl``: one element per line; malformed JSON, non-objects, missing/non-string ``text``,
-   empty text and non-UTF-8 bytes go to the ``rejected`` output with file and line, never crash.
-2. ``QualityFilter``: ``filters.QualityFilter`` rules; each removal is counted per rule and source.
-3. Document ``NearDuplicates``: signatures (vectorised numpy over batches of documents), LSH band
-   keys, GroupByKey per band key -> candidate pairs, two CoGroupByKeys to verify each pair's
-   estimated Jaccard, then union-find over the verified edges. One representative per cluster is
-   kept: validation documents first (so validation text never loses its copy), then the longest,
-   then the smallest key.
+1. ``ReadSplit``: the driver lists the input files and cuts them into byte ranges
+   (``--split-mb``); each range is read by whichever worker gets it, one element per line it
+   starts. Malformed JSON, non-objects, missing/non-string ``text``, empty text and non-UTF-8 bytes
+   become ``rejected`` rows with file and line number, never a crash.
+2. ``QualityFilterFn``: ``filters.QualityFilter`` rules; each removal is counted per rule and source.
+3. Document ``NearDuplicates``: signatures (vectorised numpy over batches formed by a GroupByKey on
+   a hash of the key), LSH band keys, GroupByKey per band key -> candidate pairs, two
+   CoGroupByKeys to verify each pair's estimated Jaccard, then ``ConnectedComponents`` over the
+   verified edges: the large-star / small-star iteration of Kiveris et al. (2014), each step a
+   GroupByKey, so no worker ever holds more than one node's neighbourhood. One representative per
+   cluster is kept: validation documents first (so validation text never loses its copy), then
+   the longest, then the smallest key.
 4. Sentence ``NearDuplicates``: the same transform over sentences of at least ``min_chars``
    characters; every later copy of a near-duplicate sentence is cut from its document.
-5. Weights: ``mixture`` factor per language/category x cluster factor (``size ** -beta``).
-6. Write: documents hashed to shards, each shard sorted by key, so output is byte-identical across
-   runs and runners.
+5. Weights: ``mixture`` factor per language/category x cluster factor (``size ** -beta``); the
+   factors reach the writers through a join, not a side input.
+6. Write: documents hashed to shards, each shard sorted by key and written whole by one worker
+   (``_WriteShard``), so output is byte-identical across runs and runners; the report and
+   ``rejected.jsonl`` are computed and written inside the pipeline too. The launcher only lists
+   the input files before the run and reads ``clean_report.json`` back after it.
 
-Every stage is an ordinary Beam transform, so the same pipeline runs on Dataflow, Flink or Spark by
-passing the runner's pipeline options (see ``docs/data_cleaning.md``). The union-find step gathers
-the verified edges (only near-duplicate pairs, far fewer than documents) on one worker.
+Runner portability: the pipeline uses only ParDo/Map, GroupByKey, CoGroupByKey, CombinePerKey,
+Flatten and Create, and every output leads into one final transform. That is the subset that
+Beam's DaskRunner (2.77) executes correctly: it computes only the last transform's graph (a
+pipeline with several sinks silently runs one of them), mixes a ParDo's tagged outputs into its
+main output, drops elements emitted from ``finish_bundle`` (so ``BatchElements`` and ``fileio``
+lose data there) and recomputes a side input's whole upstream inside each task that reads it. So
+DoFns here emit ``(tag, value)`` pairs that are split with ``FlatMap``s, and batching, broadcast
+and global aggregation are joins. The same code runs on Dataflow, Flink or Spark
+(``docs/data_cleaning.md``).
 """
 
 from __future__ import annotations
@@ -36,11 +49,13 @@ import collections
 import hashlib
 import json
 import logging
+import math
 import os
 import posixpath
 import re
 import sys
 import time
+import uuid
 
 import ml_collections
 import numpy as np
@@ -55,7 +70,7 @@ class _DropGcpNotice(logging.Filter):
 logging.getLogger().addFilter(_DropGcpNotice())
 
 import apache_beam as beam  # pylint: disable=wrong-import-position
-from apache_beam.io import fileio  # pylint: disable=wrong-import-position
+from apache_beam.io.filesystem import CompressionTypes  # pylint: disable=wrong-import-position
 from apache_beam.io.filesystems import FileSystems  # pylint: disable=wrong-import-position
 from apache_beam.options.pipeline_options import PipelineOptions  # pylint: disable=wrong-import-position
 
@@ -67,7 +82,19 @@ from baichuan_jax.data.clean_config import (SPLITS, default_config,  # noqa: F40
 REPORT = "clean_report.json"
 # The runner when none is given: local, in process, nothing fetched at run time.
 DEFAULT_RUNNER = "FnApiRunner"
+DASK_RUNNER = "apache_beam.runners.dask.dask_runner.DaskRunner"
 REJECTED = "rejected.jsonl"
+# Large-star + small-star rounds unrolled into the pipeline graph: None = ``auto_cc_rounds``.
+DEFAULT_CC_ROUNDS = None
+# The shortest record a component node can come from, {"text":"a"} and a newline.
+_MIN_RECORD_BYTES = 13
+# Input byte range per read task (``--split-mb``).
+DEFAULT_SPLIT_BYTES = 64 << 20
+# Text per signature batch: batches are GroupByKey groups on a hash of the key, and their number
+# is the input size divided by this, so a batch stays about this size at any corpus size.
+BATCH_BYTES = 1 << 20
+# Items hashed per vectorised numpy pass inside a batch.
+_CHUNK = 512
 # JSON "\ud800" escapes decode to lone surrogates, which cannot be written back as UTF-8.
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
@@ -77,6 +104,16 @@ def lsh_shape(d: ml_collections.ConfigDict) -> tuple[int, int]:
   if d.bands and d.rows:
     return d.bands, d.rows
   return minhash.lsh_params(d.threshold, d.num_perm)
+
+
+def _pick(element, tag):
+  if element[0] == tag:
+    yield element[1]
+
+
+def _select(pcoll, tag: str, label: str):
+  """The ``tag`` part of a PCollection of ``(tag, value)`` pairs (a runner-portable with_outputs)."""
+  return pcoll | label >> beam.FlatMap(_pick, tag)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -91,32 +128,78 @@ def _split_of(path: str, splits) -> str | None:
   return None
 
 
-class ParseJsonl(beam.DoFn):
-  """Readable file -> (key, record); bad lines -> ``rejected`` output (file, line, reason)."""
+def input_splits(corpus: str, splits, split_bytes: int = DEFAULT_SPLIT_BYTES):
+  """Byte ranges to read: ``[(path, split, start, end)]`` over ``corpus/<split>*.jsonl``.
 
-  REJECTED = "rejected"
+  Runs on the launcher before the pipeline (a file listing, no reading). A file matched by two
+  split patterns (``train*`` and ``train_big*``) belongs to the longest matching split name.
 
-  def __init__(self, splits):
-    self.splits = tuple(splits)
+  Raises:
+    FileNotFoundError: no file matches any split pattern.
+  """
+  if split_bytes < 1:
+    raise ValueError(f"split_bytes = {split_bytes} is invalid; allowed: an integer >= 1")
+  found = {}
+  for s in splits:
+    for m in FileSystems.match([FileSystems.join(corpus, f"{s}*.jsonl")])[0].metadata_list:
+      found[m.path] = m.size_in_bytes
+  if not found:
+    raise FileNotFoundError(f"no input files under {corpus!r} (looked for "
+                            f"{', '.join(s + '*.jsonl' for s in splits)})")
+  out = []
+  for path in sorted(found):
+    split = _split_of(path, splits)
+    for start in range(0, found[path], split_bytes):
+      out.append((path, split, start, min(start + split_bytes, found[path])))
+  return out
 
-  def process(self, readable):
-    path = readable.metadata.path
-    split = _split_of(path, self.splits)
+
+def _newlines_before(path: str, offset: int) -> int:
+  """Number of b"\\n" in the first ``offset`` bytes of a file (line numbers of a later range)."""
+  n = 0
+  with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
+    left = offset
+    while left > 0:
+      block = f.read(min(left, 1 << 20))
+      if not block:
+        break
+      n += block.count(b"\n")
+      left -= len(block)
+  return n
+
+
+class ReadSplit(beam.DoFn):
+  """(path, split, start, end) -> ("docs", (key, record)) | ("rejected", (file, line, reason)).
+
+  A range owns the lines that start inside it (as Beam's text source splits files). Keys are
+  ``<file name>:<byte offset>``, zero-padded, so they sort in file order. Line numbers are only
+  needed for rejected lines; a range that has one counts the newlines before it once.
+  """
+
+  def process(self, split_range):
+    path, split, start, end = split_range
     name = posixpath.basename(path.replace("\\", "/"))
-    with readable.open() as f:
-      lineno = 0
-      while True:
+    with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
+      if start > 0:
+        f.seek(start - 1)
+        f.readline()  # the line running through `start` belongs to the range before
+      pos = f.tell()
+      first, lineno, base = pos, 0, None
+      while pos < end:
         raw = f.readline()
         if not raw:
           break
         lineno += 1
         rec, reason = _parse_line(raw)
         if reason is not None:
-          yield beam.pvalue.TaggedOutput(self.REJECTED, (path, lineno, reason))
-          continue
-        key = f"{name}:{lineno:010d}"
-        rec["_key"], rec["_split"] = key, split
-        yield key, rec
+          if base is None:
+            base = _newlines_before(path, first)
+          yield "rejected", (path, base + lineno, reason)
+        else:
+          key = f"{name}:{pos:012d}"
+          rec["_key"], rec["_split"] = key, split
+          yield "docs", (key, rec)
+        pos += len(raw)
 
 
 def _parse_line(raw: bytes) -> tuple[dict | None, str | None]:
@@ -154,9 +237,7 @@ def _source(rec: dict) -> str:
 
 
 class QualityFilterFn(beam.DoFn):
-  """(key, record) -> (key, cleaned record); counts go to the ``stats`` output."""
-
-  STATS = "stats"
+  """(key, record) -> ("docs", (key, cleaned record)) | ("stats", ((rule, source), count))."""
 
   def __init__(self, cfg: ml_collections.ConfigDict):
     self.cfg_dict = cfg.to_dict()
@@ -168,13 +249,13 @@ class QualityFilterFn(beam.DoFn):
   def process(self, kv):
     key, rec = kv
     src = _source(rec)
-    yield beam.pvalue.TaggedOutput(self.STATS, (("in/docs", src), 1))
+    yield "stats", (("in/docs", src), 1)
     text, stats = self.qf(rec["text"], rec.get("lang", "unknown"))
     for name, n in stats.items():
-      yield beam.pvalue.TaggedOutput(self.STATS, ((name, src), n))
+      yield "stats", ((name, src), n)
     if text is not None:
       rec = dict(rec, text=text)
-      yield key, rec
+      yield "docs", (key, rec)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -182,9 +263,8 @@ class QualityFilterFn(beam.DoFn):
 
 
 class _Signatures(beam.DoFn):
-  """Batch of (key, rank, text) -> (key, (rank, signature)); band keys to the ``bands`` output."""
-
-  BANDS = "bands"
+  """Batch (bucket, [(key, rank, text)]) -> ((band, band key), (rank, key, signature)) for every
+  band of every item with at least one shingle."""
 
   def __init__(self, ngram, num_perm, bands, rows, seed):
     self.ngram, self.num_perm, self.bands, self.rows, self.seed = ngram, num_perm, bands, rows, seed
@@ -193,72 +273,161 @@ class _Signatures(beam.DoFn):
   def setup(self):
     self.perms = minhash.make_permutations(self.num_perm, self.seed)
 
-  def process(self, batch):
-    texts = [t for _, _, t in batch]
-    hashes, counts = minhash.batch_shingle_hashes(texts, self.ngram)
-    sigs = minhash.signatures_from_hashes(hashes, counts, self.perms)
-    keys = minhash.band_keys(sigs, self.bands, self.rows)
-    for (key, rank, _), sig, bk, c in zip(batch, sigs, keys, counts):
-      if c == 0:  # no word characters: nothing to compare
-        continue
-      yield key, (rank, sig)
-      for b, k in enumerate(bk.tolist()):
-        yield beam.pvalue.TaggedOutput(self.BANDS, ((b, k), (rank, key)))
+  def process(self, kv):
+    _, items = kv
+    items = list(items)
+    for i in range(0, len(items), _CHUNK):
+      batch = items[i:i + _CHUNK]
+      hashes, counts = minhash.batch_shingle_hashes([t for _, _, t in batch], self.ngram)
+      sigs = minhash.signatures_from_hashes(hashes, counts, self.perms)
+      keys = minhash.band_keys(sigs, self.bands, self.rows)
+      for (key, rank, _), sig, bk, c in zip(batch, sigs, keys, counts):
+        if c == 0:  # no word characters: nothing to compare
+          continue
+        for b, k in enumerate(bk.tolist()):
+          yield (b, k), (rank, key, sig)
 
 
-def _bucket_pairs(kv, max_pairs_bucket):
-  """Band bucket -> candidate pairs (key_a, key_b) ordered by rank."""
+def _bucket_edges(kv, max_pairs_bucket, threshold):
+  """Band bucket -> verified edges ((rank_a, key_a), (rank_b, key_b)), a before b in rank order.
+
+  Candidates are all pairs of the bucket (a star from the best-ranked member above
+  ``max_pairs_bucket`` members); a candidate is an edge when the share of equal signature values
+  reaches ``threshold``. The signatures travel with the band entries, so verifying needs no join.
+  A pair that shares several bands is verified in each; ``Distinct`` keeps one copy.
+  """
   _, members = kv
-  members = sorted(members)
+  members = sorted(members, key=lambda m: (m[0], m[1]))
   if len(members) < 2:
     return
   left, right = minhash.bucket_edges(np.arange(len(members)), max_pairs_bucket)
-  for i, j in zip(left.tolist(), right.tolist()):
-    yield (members[i][1], members[j][1]), None
+  sigs = np.stack([m[2] for m in members])
+  sim = np.mean(sigs[left] == sigs[right], axis=1)
+  for i, j in zip(left[sim >= threshold].tolist(), right[sim >= threshold].tolist()):
+    yield (members[i][0], members[i][1]), (members[j][0], members[j][1])
 
 
-def _attach_left(kv):
-  """(key_a, {pairs: [key_b...], sig: [(rank, sig)]}) -> (key_b, (key_a, rank_a, sig_a))."""
-  key_a, g = kv
-  if not g["sig"]:
+# Connected components (Kiveris, Lattanzi, Mirrokni, Rastogi, Vassilvitskii: "Connected Components
+# in MapReduce and Beyond", SoCC 2014). Nodes are totally ordered; the graph is kept as directed
+# pairs (u, v) and (v, u). Both steps keep every component connected and never add edges:
+#   large-star at u: connect each neighbour v > u to m = min(u, neighbours of u);
+#   small-star at u: connect u and each neighbour v < u to m = min(neighbours below u).
+# At the fixed point every component is a star around its smallest node, which is then its
+# representative: the best-ranked member, the same one the in-process union-find picks.
+
+
+def _both_ways(edge):
+  a, b = edge
+  if a != b:
+    yield a, b
+    yield b, a
+
+
+def _large_star(kv):
+  u, nbrs = kv
+  nbrs = set(nbrs)
+  m = min(min(nbrs), u)
+  for v in nbrs:
+    if v > u:
+      yield v, m
+      yield m, v
+
+
+def _small_star(kv):
+  u, nbrs = kv
+  low = {v for v in nbrs if v < u}
+  if not low:
     return
-  rank_a, sig_a = g["sig"][0]
-  for key_b in g["pairs"]:
-    yield key_b, (key_a, rank_a, sig_a)
+  m = min(low)
+  yield u, m
+  yield m, u
+  for v in low:
+    if v != m:
+      yield v, m
+      yield m, v
 
 
-def _verify(kv, threshold):
-  """(key_b, {left: [...], sig: [(rank_b, sig_b)]}) -> edges (rank_a, key_a, rank_b, key_b)."""
-  key_b, g = kv
-  if not g["sig"] or not g["left"]:
-    return
-  rank_b, sig_b = g["sig"][0]
-  for key_a, rank_a, sig_a in g["left"]:
-    if float(np.mean(sig_a == sig_b)) >= threshold:
-      yield rank_a, key_a, rank_b, key_b
+class NotConverged(RuntimeError):
+  """Connected components did not reach a fixed point within the unrolled rounds."""
 
 
-class _UnionFind(beam.DoFn):
-  """All verified edges -> (key, (rep_key, cluster_size)) per member of a 2+ cluster; stats."""
+def _star_members(kv, rounds, label):
+  """Final check at node u: u is a centre (all neighbours larger) or a leaf (one, smaller
+  neighbour). Centres emit (member, (centre, size)) for themselves and every leaf.
 
-  STATS = "stats"
+  A leaf's neighbour m is then a centre: m has the larger neighbour u, so m passes only as a
+  centre. Any other shape means the iteration has not converged, and the run stops.
+  """
+  u, nbrs = kv
+  nbrs = set(nbrs)
+  m = min(nbrs)
+  if m > u:
+    size = len(nbrs) + 1
+    yield u, (u, size)
+    for v in nbrs:
+      yield v, (u, size)
+  elif len(nbrs) != 1:
+    raise NotConverged(
+        f"{label}: connected components did not converge in {rounds} large-star/small-star "
+        f"rounds (node {u!r} still has {len(nbrs)} neighbours, {sum(v < u for v in nbrs)} of them "
+        "smaller); rerun with a larger --cc-rounds")
 
-  def __init__(self, label):
-    self.label = label
 
-  def process(self, edges):
-    nodes = sorted({(r, k) for r, k, _, _ in edges} | {(r, k) for _, _, r, k in edges})
-    index = {k: i for i, (_, k) in enumerate(nodes)}
-    pairs = np.array([(index[a], index[b]) for _, a, _, b in edges], dtype=np.int64).reshape(-1, 2)
-    # Nodes are sorted by rank, so the smallest index of a component is its best-ranked member.
-    rep, size = minhash.clusters(len(nodes), pairs)
-    hist = minhash.cluster_size_histogram(size, rep)
-    for s, n in hist.items():
-      yield beam.pvalue.TaggedOutput(self.STATS, ((f"{self.label}/cluster_size={s}", "all"), n))
-    yield beam.pvalue.TaggedOutput(self.STATS, ((f"{self.label}/clusters", "all"), sum(hist.values())))
-    yield beam.pvalue.TaggedOutput(self.STATS, ((f"{self.label}/verified_pairs", "all"), len(edges)))
-    for i, (_, key) in enumerate(nodes):
-      yield key, (nodes[rep[i]][1], int(size[i]))
+class ConnectedComponents(beam.PTransform):
+  """Edges (a, b) of comparable nodes -> (node, (smallest node of its component, component size))
+  for every node on an edge; ``rounds`` large-star/small-star rounds, then a star check.
+
+  Each step is a GroupByKey on the node, so a worker holds one node's neighbourhood at a time
+  (a component's size at most), never the edge list. Edges never grow in number from one round
+  to the next. Raises ``NotConverged`` from the check when ``rounds`` were too few.
+  """
+
+  def __init__(self, rounds: int, label: str | None = None):
+    super().__init__(label)
+    if not isinstance(rounds, int) or rounds < 1:
+      raise ValueError(f"rounds = {rounds!r} is invalid; allowed: an integer >= 1")
+    self.rounds = rounds
+
+  def expand(self, edges):
+    adj = edges | "BothWays" >> beam.FlatMap(_both_ways)
+    for r in range(self.rounds):
+      adj = (adj
+             | f"GroupLarge{r}" >> beam.GroupByKey()
+             | f"LargeStar{r}" >> beam.FlatMap(_large_star)
+             | f"GroupSmall{r}" >> beam.GroupByKey()
+             | f"SmallStar{r}" >> beam.FlatMap(_small_star))
+    return (adj
+            | "GroupFinal" >> beam.GroupByKey()
+            | "StarCheck" >> beam.FlatMap(_star_members, self.rounds, self.label))
+
+
+def auto_cc_rounds(input_bytes: int) -> int:
+  """Rounds for inputs of ``input_bytes``: bit_length(n) + 2 for n = input_bytes / 13, the most
+  nodes (documents or sentences) a component can have.
+
+  Kiveris et al. prove O(log^2 n) rounds; the slowest shape measured is a path, which needs
+  about log2(n) + 1 rounds in any node order (7 at 100 nodes, 10 at 10^3, 14 at 10^4, 17 at
+  10^5; near-duplicate clusters, near-cliques, take 2-3). The star check after the last round
+  stops the run with ``NotConverged`` if a component has not converged, so a too-small bound
+  fails loudly instead of splitting clusters. 23 rounds for the 15 MB default corpus.
+  """
+  return max(2, input_bytes // _MIN_RECORD_BYTES).bit_length() + 2
+
+
+def _batch_key(item, num_batches):
+  return shard_of(item[0], num_batches), item
+
+
+def _cluster_of_key(kv):
+  (_, key), ((_, rep_key), size) = kv
+  return key, (rep_key, size)
+
+
+def _cluster_stats(kv, label):
+  key, (rep, size) = kv
+  if key == rep:
+    yield (f"{label}/cluster_size={size}", "all"), 1
+    yield (f"{label}/clusters", "all"), 1
 
 
 class NearDuplicates(beam.PTransform):
@@ -267,36 +436,34 @@ class NearDuplicates(beam.PTransform):
   Returns a dict with ``clusters`` and ``stats`` PCollections.
   """
 
-  def __init__(self, d: ml_collections.ConfigDict, label: str):
+  def __init__(self, d: ml_collections.ConfigDict, label: str, num_batches: int = 1,
+               cc_rounds: int = 24):
     super().__init__(label)
     self.d = d
     self.name = label
     self.bands, self.rows = lsh_shape(d)
+    self.num_batches = max(1, int(num_batches))
+    self.cc_rounds = cc_rounds
 
   def expand(self, items):
     d = self.d
-    sig_out = (items
-               | "Batch" >> beam.BatchElements(min_batch_size=16, max_batch_size=512)
-               | "Signatures" >> beam.ParDo(_Signatures(d.ngram, d.num_perm, self.bands, self.rows,
-                                                        d.seed)).with_outputs(
-                                                            _Signatures.BANDS, main="sigs"))
-    sigs, bands = sig_out.sigs, sig_out[_Signatures.BANDS]
-    cands = (bands
+    edges = (items
+             | "BatchKey" >> beam.Map(_batch_key, self.num_batches)
+             | "GroupBatches" >> beam.GroupByKey()
+             | "Signatures" >> beam.ParDo(_Signatures(d.ngram, d.num_perm, self.bands, self.rows,
+                                                      d.seed))
              | "GroupBands" >> beam.GroupByKey()
-             | "BucketPairs" >> beam.FlatMap(_bucket_pairs, d.max_pairs_bucket)
-             | "PairKeys" >> beam.Keys()
-             | "DistinctPairs" >> beam.Distinct())
-    left = ({"pairs": cands, "sig": sigs}
-            | "JoinLeft" >> beam.CoGroupByKey()
-            | "AttachLeft" >> beam.FlatMap(_attach_left))
-    edges = ({"left": left, "sig": sigs}
-             | "JoinRight" >> beam.CoGroupByKey()
-             | "Verify" >> beam.FlatMap(_verify, d.threshold))
-    uf = (edges
-          | "AllEdges" >> beam.combiners.ToList()
-          | "UnionFind" >> beam.ParDo(_UnionFind(self.name)).with_outputs(_UnionFind.STATS,
-                                                                          main="clusters"))
-    return {"clusters": uf.clusters, "stats": uf[_UnionFind.STATS]}
+             | "VerifyBuckets" >> beam.FlatMap(_bucket_edges, d.max_pairs_bucket, d.threshold)
+             | "DistinctEdges" >> beam.Distinct())
+    clusters = (edges
+                | "Components" >> ConnectedComponents(self.cc_rounds, f"{self.name}/components")
+                | "ByKey" >> beam.Map(_cluster_of_key))
+    stats = (
+        (clusters | "ClusterStats" >> beam.FlatMap(_cluster_stats, self.name),
+         edges | "PairStats" >> beam.Map(lambda _, n: ((f"{n}/verified_pairs", "all"), 1),
+                                         self.name))
+        | "FlattenStats" >> beam.Flatten())
+    return {"clusters": clusters, "stats": stats}
 
 
 def _doc_rank(rec: dict):
@@ -305,18 +472,18 @@ def _doc_rank(rec: dict):
 
 
 class _ApplyDocClusters(beam.DoFn):
-  """(key, {doc: [rec], cluster: [(rep, size)]}) -> kept (key, rec) with ``_cluster`` size."""
-
-  STATS = "stats"
+  """(key, {doc: [rec], cluster: [(rep, size)]}) -> ("docs", kept (key, rec)) with ``_cluster``
+  size | ("stats", ...) for removed near-duplicates."""
 
   def process(self, kv):
     key, g = kv
+    cluster = list(g["cluster"])
     for rec in g["doc"]:
-      rep, size = g["cluster"][0] if g["cluster"] else (key, 1)
+      rep, size = cluster[0] if cluster else (key, 1)
       if rep != key:
-        yield beam.pvalue.TaggedOutput(self.STATS, (("doc/near_duplicate", _source(rec)), 1))
+        yield "stats", (("doc/near_duplicate", _source(rec)), 1)
         continue
-      yield key, dict(rec, _cluster=size)
+      yield "docs", (key, dict(rec, _cluster=size))
 
 
 def _sentences(kv, min_chars, langs):
@@ -330,45 +497,74 @@ def _sentences(kv, min_chars, langs):
 
 
 class _CutSentences(beam.DoFn):
-  """(key, {doc: [rec], cut: [sentence index]}) -> doc without its duplicate sentences."""
-
-  STATS = "stats"
+  """(key, {doc: [rec], cut: [sentence index]}) -> ("docs", doc without its duplicate sentences)
+  | ("stats", ...)."""
 
   def __init__(self, min_chars):
     self.min_chars = min_chars
 
   def process(self, kv):
     key, g = kv
+    cut = set(g["cut"])
     for rec in g["doc"]:
-      cut = set(g["cut"])
       if not cut:
-        yield key, rec
+        yield "docs", (key, rec)
         continue
       spans = filters.split_sentences(rec["text"])
       text = "".join(s for i, s in enumerate(spans) if i not in cut).strip()
       src = _source(rec)
-      yield beam.pvalue.TaggedOutput(self.STATS, (("sentence/near_duplicate", src), len(cut)))
+      yield "stats", (("sentence/near_duplicate", src), len(cut))
       if len("".join(text.split())) < max(self.min_chars, 1):
-        yield beam.pvalue.TaggedOutput(self.STATS, (("doc/too_short_after_sentence_dedup", src), 1))
+        yield "stats", (("doc/too_short_after_sentence_dedup", src), 1)
         continue
-      yield key, dict(rec, text=text)
+      yield "docs", (key, dict(rec, text=text))
 
 
 # ----------------------------------------------------------------------------------------------
 # 5./6. Weights and output
 
 
+def _grow_partials(partials: list, x: float) -> list:
+  """Adds x to a list of non-overlapping float partials whose sum is exact (Shewchuk)."""
+  i = 0
+  for y in partials:
+    if abs(x) < abs(y):
+      x, y = y, x
+    hi = x + y
+    lo = y - (hi - x)
+    if lo:
+      partials[i] = lo
+      i += 1
+    x = hi
+  partials[i:] = [x]
+  return partials
+
+
+class ExactSum(beam.CombineFn):
+  """Float sum rounded once from the exact value, so it has the same bits in any order and any
+  split into partial sums (``sum`` does not; weights would differ between runners)."""
+
+  def create_accumulator(self):
+    return []
+
+  def add_input(self, mutable_accumulator, element):
+    return _grow_partials(mutable_accumulator, float(element))
+
+  def merge_accumulators(self, accumulators):
+    out = []
+    for acc in accumulators:
+      for x in acc:
+        out = _grow_partials(out, x)
+    return out
+
+  def extract_output(self, accumulator):
+    return math.fsum(accumulator)
+
+
 def _weighted_chars(kv, beta, floor):
   _, rec = kv
   f = mixture.cluster_factor(rec.get("_cluster", 1), beta, floor)
   return mixture.group(rec.get("lang", "unknown"), rec.get("category", "unknown")), f * len(rec["text"])
-
-
-def _assign_weight(kv, factors, beta, floor):
-  key, rec = kv
-  w = mixture.document_weight(factors, rec.get("lang", "unknown"), rec.get("category", "unknown"),
-                              rec.get("_cluster", 1), beta, floor)
-  return key, dict(rec, weight=w)
 
 
 def shard_of(key: str, num_shards: int) -> int:
@@ -389,162 +585,224 @@ def output_record(rec: dict) -> dict:
   return out
 
 
-class _WriteShard(beam.DoFn):
-  """((split, shard), [(key, rec)]) -> one sorted JSONL file; per-source counts to stats."""
+def _write_whole_file(path: str, lines) -> None:
+  """Writes a file from one worker: a uniquely named temporary file, then a rename, so a retried
+  or concurrent attempt never leaves a partial file under the final name. The directory need not
+  exist (Beam's local filesystem creates it; object stores have none)."""
+  tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+  with FileSystems.create(tmp, compression_type=CompressionTypes.UNCOMPRESSED) as f:
+    for line in lines:
+      f.write(line.encode("utf-8"))
+  FileSystems.rename([tmp], [path])
 
-  def __init__(self, out, num_shards):
-    self.out, self.num_shards = out, num_shards
+
+class _WriteShard(beam.DoFn):
+  """((split, shard), {docs, factors, file}) -> one sorted JSONL file, written even when empty;
+  yields ("stats", per-source counts) and ("file", path)."""
+
+  def __init__(self, out, num_shards, beta, floor):
+    self.out, self.num_shards, self.beta, self.floor = out, num_shards, beta, floor
 
   def process(self, kv):
-    (split, shard), items = kv
+    (split, shard), g = kv
+    docs = sorted(g["docs"], key=lambda x: x[0])
+    factors = next(iter(g["factors"]), None)
     path = shard_path(self.out, split, shard, self.num_shards)
-    tmp = path + ".tmp"
     counts = collections.Counter()
-    with FileSystems.create(tmp) as f:
-      for key, rec in sorted(items, key=lambda x: x[0]):
-        f.write((json.dumps(output_record(rec), ensure_ascii=False, sort_keys=True) + "\n")
-                .encode("utf-8"))
-        counts[("out/docs", _source(rec))] += 1
-        counts[("out/chars", _source(rec))] += len(rec["text"])
-        counts[(f"out/docs/{split}", _source(rec))] += 1
-    FileSystems.rename([tmp], [path])
-    yield from counts.items()
+    lines = []
+    for _, rec in docs:
+      w = mixture.document_weight(factors, rec.get("lang", "unknown"),
+                                  rec.get("category", "unknown"), rec.get("_cluster", 1),
+                                  self.beta, self.floor)
+      rec = dict(rec, weight=w)
+      lines.append(json.dumps(output_record(rec), ensure_ascii=False, sort_keys=True) + "\n")
+      counts[("out/docs", _source(rec))] += 1
+      counts[("out/chars", _source(rec))] += len(rec["text"])
+      counts[(f"out/docs/{split}", _source(rec))] += 1
+    _write_whole_file(path, lines)
+    for item in counts.items():
+      yield "stats", item
+    yield "file", path
 
 
-def _write_empty_shards(out, splits, num_shards, written):
-  """Splits/shards that received no document still get an (empty) file."""
-  done = set(written)
-  for split in splits:
-    for shard in range(num_shards):
-      if (split, shard) not in done:
-        path = shard_path(out, split, shard, num_shards)
-        with FileSystems.create(path):
-          pass
+def _write_rejected(kv, out):
+  _, g = kv
+  rows = sorted(g["rows"])
+  path = FileSystems.join(out, REJECTED)
+  _write_whole_file(path, (json.dumps({"file": p, "line": line, "reason": reason},
+                                      ensure_ascii=False) + "\n" for p, line, reason in rows))
+  yield path
 
 
-def build_pipeline(p: beam.Pipeline, corpus: str, out: str, cfg: ml_collections.ConfigDict):
-  """Adds the cleaning transforms to pipeline ``p``.
+def report_dict(stats, reasons, cfg_dict: dict, lsh: dict, defaults=()) -> dict:
+  """The ``clean_report.json`` content.
+
+  Args:
+    stats: ((name, source), value) summed per key.
+    reasons: (reason prefix, count) of rejected lines.
+    cfg_dict: the config as a dict.
+    lsh: {"doc": [bands, rows], "sentence": [...]}.
+    defaults: names reported as ``{"all": 0}`` when nothing counted them (e.g. no verified pair).
+  """
+  table = collections.defaultdict(dict)
+  for (name, src), v in stats:
+    table[name][src] = v
+  for name in defaults:
+    table.setdefault(name, {"all": 0})
+  by_reason = dict(sorted(reasons))
+  return {
+      "stats": {name: dict(sorted(v.items())) for name, v in sorted(table.items())},
+      "rejected": {"count": sum(by_reason.values()), "by_reason": by_reason},
+      "config": cfg_dict,
+      "lsh": lsh,
+  }
+
+
+def _write_report(kv, out, cfg_dict, lsh, defaults):
+  _, parts = kv
+  stats, reasons = [], []
+  for kind, item in parts:
+    if kind == "stat":
+      stats.append(item)
+    elif kind == "rejected":
+      reasons.append(item)
+  report = report_dict(stats, reasons, cfg_dict, lsh, defaults)
+  path = FileSystems.join(out, REPORT)
+  _write_whole_file(path, [json.dumps(report, ensure_ascii=False, indent=1, sort_keys=True,
+                                      default=list) + "\n"])
+  yield path
+
+
+def build_pipeline(p: beam.Pipeline, corpus: str, out: str, cfg: ml_collections.ConfigDict,
+                   cc_rounds: int = DEFAULT_CC_ROUNDS, split_bytes: int = DEFAULT_SPLIT_BYTES,
+                   ranges=None):
+  """Adds the cleaning transforms to pipeline ``p``; they write every output under ``out``.
 
   Args:
     p: a Beam pipeline.
     corpus: input directory (local path or a URI Beam's FileSystems understands, e.g. gs://).
-    out: output directory.
+    out: output directory (need not exist).
     cfg: ``default_config()``-shaped config (validated here).
+    cc_rounds: large-star/small-star rounds of ``ConnectedComponents`` (None: ``auto_cc_rounds``
+      of the input size).
+    split_bytes: input bytes per read task.
+    ranges: ``input_splits(...)`` if already listed.
   Returns:
-    dict of PCollections: ``stats`` ((name, source), count), ``rejected`` (file, line, reason).
+    dict of PCollections: ``stats`` ((name, source), count), ``rejected`` (file, line, reason),
+    ``outputs`` (paths of the files written; the pipeline's single final transform).
   """
   validate(cfg)
-  patterns = [FileSystems.join(corpus, f"{s}*.jsonl") for s in cfg.splits]
-  files = (p | "Patterns" >> beam.Create(patterns)
-           | "Match" >> fileio.MatchAll(fileio.EmptyMatchTreatment.ALLOW)
-           | "Read" >> fileio.ReadMatches())
-  parsed = files | "Parse" >> beam.ParDo(ParseJsonl(cfg.splits)).with_outputs(
-      ParseJsonl.REJECTED, main="docs")
+  if ranges is None:
+    ranges = input_splits(corpus, cfg.splits, split_bytes)
+  total_bytes = sum(end - start for _, _, start, end in ranges)
+  num_batches = max(1, math.ceil(total_bytes / BATCH_BYTES))
+  if cc_rounds is None:
+    cc_rounds = auto_cc_rounds(total_bytes)
+  read = (p | "Ranges" >> beam.Create(ranges)
+          | "Read" >> beam.ParDo(ReadSplit()))
+  rejected = _select(read, "rejected", "Rejected")
   stats = []
-  q = parsed.docs | "Quality" >> beam.ParDo(QualityFilterFn(cfg.filters)).with_outputs(
-      QualityFilterFn.STATS, main="docs")
-  stats.append(q[QualityFilterFn.STATS])
-  docs = q.docs
+  q = _select(read, "docs", "Docs") | "Quality" >> beam.ParDo(QualityFilterFn(cfg.filters))
+  stats.append(_select(q, "stats", "QualityStats"))
+  docs = _select(q, "docs", "QualityDocs")
+  defaults = []
 
   if cfg.dedup.enabled:
     nd = (docs | "DocItems" >> beam.Map(lambda kv: (kv[0], _doc_rank(kv[1]), kv[1]["text"]))
-          | "DocDedup" >> NearDuplicates(cfg.dedup, "dedup/doc"))
+          | "DocDedup" >> NearDuplicates(cfg.dedup, "dedup/doc", num_batches, cc_rounds))
     stats.append(nd["stats"])
+    defaults += ["dedup/doc/clusters", "dedup/doc/verified_pairs"]
     applied = ({"doc": docs, "cluster": nd["clusters"]}
                | "JoinDocClusters" >> beam.CoGroupByKey()
-               | "ApplyDocClusters" >> beam.ParDo(_ApplyDocClusters()).with_outputs(
-                   _ApplyDocClusters.STATS, main="docs"))
-    stats.append(applied[_ApplyDocClusters.STATS])
-    docs = applied.docs
+               | "ApplyDocClusters" >> beam.ParDo(_ApplyDocClusters()))
+    stats.append(_select(applied, "stats", "DocClusterStats"))
+    docs = _select(applied, "docs", "DocClusterDocs")
 
   sd = cfg.sentence_dedup
   if sd.enabled:
     sents = docs | "SentenceItems" >> beam.FlatMap(_sentences, sd.min_chars, tuple(sd.langs))
-    ns = sents | "SentenceDedup" >> NearDuplicates(sd, "dedup/sentence")
+    ns = sents | "SentenceDedup" >> NearDuplicates(sd, "dedup/sentence", num_batches, cc_rounds)
     stats.append(ns["stats"])
+    defaults += ["dedup/sentence/clusters", "dedup/sentence/verified_pairs"]
     cuts = (ns["clusters"]
             | "NonReps" >> beam.Filter(lambda kv: kv[0] != kv[1][0])
             | "CutIndex" >> beam.Map(lambda kv: (kv[0].rsplit("#", 1)[0], int(kv[0].rsplit("#", 1)[1]))))
     floor = cfg.filters.length.min_chars
     cut = ({"doc": docs, "cut": cuts}
            | "JoinCuts" >> beam.CoGroupByKey()
-           | "CutSentences" >> beam.ParDo(_CutSentences(floor)).with_outputs(
-               _CutSentences.STATS, main="docs"))
-    stats.append(cut[_CutSentences.STATS])
-    docs = cut.docs
+           | "CutSentences" >> beam.ParDo(_CutSentences(floor)))
+    stats.append(_select(cut, "stats", "CutStats"))
+    docs = _select(cut, "docs", "CutDocs")
 
   mcfg = cfg.mixture
   factors = (docs
              | "WeightedChars" >> beam.Map(_weighted_chars, mcfg.cluster_beta,
                                            mcfg.min_cluster_weight)
-             | "SumPerGroup" >> beam.CombinePerKey(sum)
-             | "GroupsToDict" >> beam.combiners.ToDict()
-             | "Factors" >> beam.Map(lambda wc: mixture.group_factors(mcfg, wc)))
-  weighted = docs | "Weights" >> beam.Map(_assign_weight, beam.pvalue.AsSingleton(factors),
-                                          mcfg.cluster_beta, mcfg.min_cluster_weight)
+             | "SumPerGroup" >> beam.CombinePerKey(ExactSum())
+             | "OneKey" >> beam.Map(lambda kv: (None, kv))
+             | "AllGroups" >> beam.GroupByKey()
+             | "Factors" >> beam.Map(lambda kv: mixture.group_factors(mcfg, dict(sorted(kv[1])))))
 
   n = cfg.num_shards
-  written = (weighted
-             | "ShardKey" >> beam.Map(lambda kv: ((kv[1]["_split"], shard_of(kv[0], n)), kv))
-             | "GroupShards" >> beam.GroupByKey()
-             | "WriteShards" >> beam.ParDo(_WriteShard(out, n)))
-  stats.append(written)
+  shard_keys = [(s, i) for s in cfg.splits for i in range(n)]
+  shards = ({"docs": docs | "ShardKey" >> beam.Map(lambda kv: ((kv[1]["_split"], shard_of(kv[0], n)), kv)),
+             "factors": factors | "ToEveryShard" >> beam.FlatMap(lambda f: [(k, f) for k in shard_keys]),
+             "file": p | "ShardFiles" >> beam.Create([(k, None) for k in shard_keys])}
+            | "GroupShards" >> beam.CoGroupByKey()
+            | "WriteShards" >> beam.ParDo(_WriteShard(out, n, mcfg.cluster_beta,
+                                                      mcfg.min_cluster_weight)))
+  stats.append(_select(shards, "stats", "ShardStats"))
   stats.append(factors | "FactorStats" >> beam.FlatMap(
-      lambda f: [((f"mixture/factor/{g}", "all"), float(f"{v:.6g}")) for g, v in f.items()]))
-  all_stats = (stats | "FlattenStats" >> beam.Flatten()
+      lambda f: [((f"mixture/factor/{g}", "all"), float(f"{v:.6g}")) for g, v in sorted(f.items())]))
+  all_stats = (stats | "AllStats" >> beam.Flatten()
                | "SumStats" >> beam.CombinePerKey(sum))
-  return {"stats": all_stats, "rejected": parsed[ParseJsonl.REJECTED]}
+
+  rejected_file = ({"rows": rejected | "RejectedKey" >> beam.Map(lambda r: (REJECTED, r)),
+                    "file": p | "RejectedFile" >> beam.Create([(REJECTED, None)])}
+                   | "GroupRejected" >> beam.CoGroupByKey()
+                   | "WriteRejected" >> beam.FlatMap(_write_rejected, out))
+  reasons = (rejected
+             | "Reason" >> beam.Map(lambda r: (r[2].split(":")[0], 1))
+             | "CountReasons" >> beam.CombinePerKey(sum))
+  lsh = {"doc": list(lsh_shape(cfg.dedup)), "sentence": list(lsh_shape(cfg.sentence_dedup))}
+  report_file = ((all_stats | "StatPart" >> beam.Map(lambda kv: (REPORT, ("stat", kv))),
+                  reasons | "ReasonPart" >> beam.Map(lambda kv: (REPORT, ("rejected", kv))),
+                  p | "ReportFile" >> beam.Create([(REPORT, ("file", None))]))
+                 | "ReportParts" >> beam.Flatten()
+                 | "GroupReport" >> beam.GroupByKey()
+                 | "WriteReport" >> beam.FlatMap(_write_report, out, cfg.to_dict(), lsh,
+                                                 tuple(defaults)))
+  # Everything above feeds this one transform, applied last (the DaskRunner runs only the graph
+  # of the last transform).
+  outputs = ((_select(shards, "file", "WrittenShards"), rejected_file, report_file)
+             | "Outputs" >> beam.Flatten())
+  return {"stats": all_stats, "rejected": rejected, "outputs": outputs}
 
 
 def _clear_outputs(out: str, splits) -> None:
-  """Deletes shard files of an earlier run, so a file on disk is always from this run."""
-  for split in splits:
-    for pattern in (f"{split}.jsonl", f"{split}-*-of-*.jsonl"):
-      found = FileSystems.match([FileSystems.join(out, pattern)])[0].metadata_list
-      if found:
-        FileSystems.delete([m.path for m in found])
-
-
-def _finish(out, splits, num_shards, stats, rejected, cfg):
-  """Writes empty shards that got no documents, rejected.jsonl and clean_report.json."""
-  written = set()
-  for split in splits:
-    for shard in range(num_shards):
-      if FileSystems.exists(shard_path(out, split, shard, num_shards)):
-        written.add((split, shard))
-  _write_empty_shards(out, splits, num_shards, written)
-  rejected = sorted(rejected)
-  with FileSystems.create(FileSystems.join(out, REJECTED)) as f:
-    for path, line, reason in rejected:
-      f.write((json.dumps({"file": path, "line": line, "reason": reason}, ensure_ascii=False)
-               + "\n").encode("utf-8"))
-  table = collections.defaultdict(dict)
-  for (name, src), v in stats:
-    table[name][src] = v
-  report = {
-      "stats": {name: dict(sorted(v.items())) for name, v in sorted(table.items())},
-      "rejected": {"count": len(rejected),
-                   "by_reason": dict(collections.Counter(r.split(":")[0] for _, _, r in rejected))},
-      "config": cfg.to_dict(),
-      "lsh": {"doc": list(lsh_shape(cfg.dedup)), "sentence": list(lsh_shape(cfg.sentence_dedup))},
-  }
-  with FileSystems.create(FileSystems.join(out, REPORT)) as f:
-    f.write((json.dumps(report, ensure_ascii=False, indent=1, sort_keys=True, default=list) + "\n")
-            .encode("utf-8"))
-  # Run facts (time, command) are printed, not written: the output directory stays byte-identical.
-  return report
+  """Deletes shard files and the report of an earlier run, so a file on disk is always from this
+  run (and a failed run leaves no report behind)."""
+  patterns = [REPORT] + [p for s in splits for p in (f"{s}.jsonl", f"{s}-*-of-*.jsonl")]
+  for pattern in patterns:
+    found = FileSystems.match([FileSystems.join(out, pattern)])[0].metadata_list
+    if found:
+      FileSystems.delete([m.path for m in found])
 
 
 def run(corpus: str, out: str, cfg: ml_collections.ConfigDict | None = None,
-        beam_args: list[str] | None = None) -> dict:
-  """Runs the pipeline and writes the report.
+        beam_args: list[str] | None = None, cc_rounds: int = DEFAULT_CC_ROUNDS,
+        split_bytes: int = DEFAULT_SPLIT_BYTES) -> dict:
+  """Runs the pipeline (which writes every output) and reads back the report.
 
   Args:
     corpus: directory with ``<split>*.jsonl``.
-    out: output directory (created).
+    out: output directory (created by the pipeline's writers if missing).
     cfg: cleaning config (default: ``default_config()``).
     beam_args: pipeline options, e.g. ``["--runner=DataflowRunner", "--project=..."]``; without
       ``--runner``, the local in-process ``FnApiRunner`` (``DEFAULT_RUNNER``).
+    cc_rounds: large-star/small-star rounds of the connected-components step (None: from the
+      input size, ``auto_cc_rounds``).
+    split_bytes: input bytes per read task.
   Returns:
     the report dict (also in ``out/clean_report.json``).
   """
@@ -552,8 +810,7 @@ def run(corpus: str, out: str, cfg: ml_collections.ConfigDict | None = None,
   if "://" not in corpus and not os.path.isdir(corpus):
     raise FileNotFoundError(f"--corpus {corpus!r} is not a directory (build one with "
                             "`python -m baichuan_jax.data.corpus build --out DIR`)")
-  if "://" not in out:
-    os.makedirs(out, exist_ok=True)
+  ranges = input_splits(corpus, cfg.splits, split_bytes)
   _clear_outputs(out, cfg.splits)
   beam_args = list(beam_args or [])
   if not any(a == "--runner" or a.startswith("--runner=") for a in beam_args):
@@ -562,34 +819,10 @@ def run(corpus: str, out: str, cfg: ml_collections.ConfigDict | None = None,
     beam_args.append(f"--runner={DEFAULT_RUNNER}")
   options = PipelineOptions(beam_args)
   with beam.Pipeline(options=options) as p:
-    res = build_pipeline(p, corpus, out, cfg)
-    # Small results come back to the launcher through a side channel written by the pipeline.
-    _ = res["stats"] | "CollectStats" >> beam.combiners.ToList() | "S" >> beam.Map(
-        lambda xs: _stash(out, "stats", xs))
-    _ = res["rejected"] | "CollectRejected" >> beam.combiners.ToList() | "R" >> beam.Map(
-        lambda xs: _stash(out, "rejected", xs))
-  stats_out = _unstash(out, "stats")
-  rej_out = _unstash(out, "rejected")
-  if not any(name.startswith("in/docs") for (name, _), _ in stats_out) and not rej_out:
-    raise FileNotFoundError(f"no input lines under {corpus!r} (looked for "
-                            f"{', '.join(s + '*.jsonl' for s in cfg.splits)})")
-  return _finish(out, cfg.splits, cfg.num_shards, stats_out, rej_out, cfg)
-
-
-def _stash(out, name, items):
-  path = FileSystems.join(out, f".{name}.json.tmp")
-  with FileSystems.create(path) as f:
-    f.write(json.dumps([list(x) for x in items], ensure_ascii=False).encode("utf-8"))
-
-
-def _unstash(out, name):
-  path = FileSystems.join(out, f".{name}.json.tmp")
-  with FileSystems.open(path) as f:
-    items = json.loads(f.read().decode("utf-8"))
-  FileSystems.delete([path])
-  if name == "stats":
-    return [((k[0], k[1]), v) for k, v in items]
-  return [tuple(x) for x in items]
+    build_pipeline(p, corpus, out, cfg, cc_rounds, split_bytes, ranges)
+  # Driver-side step after the run: read the report the pipeline wrote.
+  with FileSystems.open(FileSystems.join(out, REPORT)) as f:
+    return json.loads(f.read().decode("utf-8"))
 
 
 def _print_report(report: dict, out: str) -> None:
@@ -638,13 +871,33 @@ def _parse_config_overrides(cfg: ml_collections.ConfigDict, overrides: list[str]
     node[parts[-1]] = value
 
 
+def _beam_option_parser() -> argparse.ArgumentParser:
+  """Parser of every pipeline option Beam defines (``PipelineOptions`` subclasses: standard,
+  Google Cloud, worker, Flink, Spark, portable, and Dask when dask is installed)."""
+  try:  # registers --dask_client_address, --dask_npartitions, ...
+    import apache_beam.runners.dask.dask_runner  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
+  except ImportError:
+    pass
+  from apache_beam.options import pipeline_options as po  # pylint: disable=import-outside-toplevel
+  parser = po._BeamArgumentParser(allow_abbrev=False)  # pylint: disable=protected-access
+  seen = {}
+  for cls in po.PipelineOptions.__subclasses__():
+    seen.setdefault(str(cls), cls)
+  for cls in seen.values():
+    cls._add_argparse_args(parser)  # pylint: disable=protected-access
+  return parser
+
+
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(
       prog="python -m baichuan_jax.data.clean",
       description="Clean a built corpus with Apache Beam: heuristic quality and safety rules, "
                   "MinHash-LSH near-duplicate removal (documents and sentences), and sampling weights "
-                  "(mixture x cluster size). Unknown flags are passed to Beam, e.g. --runner, "
-                  "--direct_num_workers, --project, --temp_location.",
+                  "(mixture x cluster size). Besides the flags below, only Beam pipeline options "
+                  "are accepted: any option a Beam PipelineOptions class defines (e.g. --runner, "
+                  "--direct_num_workers, --project, --temp_location, --flink_master, "
+                  "--dask_client_address, --dask_npartitions); anything after `--` goes to Beam "
+                  "unchecked. Any other flag is an error.",
       epilog="Config overrides: --config.dedup.threshold=0.7 --config.filters.safety.enabled=false "
              "--config.mixture.mode=proportion --config.mixture.weights.zh/news=0.4 "
              "(values parsed as JSON). See docs/data_cleaning.md.")
@@ -652,10 +905,30 @@ def main(argv=None) -> int:
   parser.add_argument("--out", required=True, help="output directory")
   parser.add_argument("--num-shards", type=int, default=None,
                       help="output files per split (default 1: <split>.jsonl)")
+  parser.add_argument("--cc-rounds", type=int, default=DEFAULT_CC_ROUNDS,
+                      help="large-star/small-star rounds of the connected-components step; the "
+                           "run stops with an error if they were too few (default: from the input "
+                           "size, bit_length(bytes / 13) + 2)")
+  parser.add_argument("--split-mb", type=float, default=DEFAULT_SPLIT_BYTES / (1 << 20),
+                      help="input MiB per read task (default %(default)s)")
   parser.add_argument("--print-config", action="store_true", help="print the config and exit")
+  argv = list(sys.argv[1:] if argv is None else argv)
+  passthrough = []
+  if "--" in argv:
+    i = argv.index("--")
+    argv, passthrough = argv[:i], argv[i + 1:]
   args, rest = parser.parse_known_args(argv)
   overrides = [a[len("--config."):] for a in rest if a.startswith("--config.")]
   beam_args = [a for a in rest if not a.startswith("--config.")]
+  _, unknown = _beam_option_parser().parse_known_args(beam_args)
+  if unknown:
+    parser.error(f"unrecognized arguments: {' '.join(unknown)} (not a flag of this command, a "
+                 "--config.* override or a Beam pipeline option; put options for Beam that it "
+                 "does not define after `--`)")
+  if args.cc_rounds is not None and args.cc_rounds < 1:
+    parser.error(f"--cc-rounds {args.cc_rounds} is invalid; allowed: an integer >= 1")
+  if not args.split_mb > 0:
+    parser.error(f"--split-mb {args.split_mb} is invalid; allowed: a number > 0")
   cfg = default_config()
   try:
     _parse_config_overrides(cfg, overrides)
@@ -668,7 +941,8 @@ def main(argv=None) -> int:
     print(cfg)
     return 0
   t0 = time.time()
-  report = run(args.corpus, args.out, cfg, beam_args)
+  report = run(args.corpus, args.out, cfg, beam_args + passthrough, cc_rounds=args.cc_rounds,
+               split_bytes=max(1, int(args.split_mb * (1 << 20))))
   _print_report(report, args.out)
   print(f"took {time.time() - t0:.1f}s")
   return 0

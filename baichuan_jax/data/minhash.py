@@ -17,8 +17,9 @@ Pipeline for one collection of texts:
    each band hashed to one uint64 key. Documents sharing a key in any band are candidates.
 5. ``candidate_pairs`` / ``verified_pairs``: candidates become edges only when the estimated Jaccard
    (fraction of equal signature values) reaches the threshold.
-6. ``UnionFind`` / ``clusters``: connected components over verified edges; each component keeps one
-   representative chosen by a caller-supplied deterministic rank.
+6. ``UnionFind`` / ``clusters``: connected components over verified edges, in process; each
+   component keeps one representative chosen by a caller-supplied deterministic rank. (The Beam
+   pipeline computes the same components distributed: ``clean.ConnectedComponents``.)
 
 The probability that two documents with Jaccard ``s`` become candidates is ``1 - (1 - s^r)^b``;
 ``lsh_params`` picks (b, r) minimising the weighted false-positive/negative area like datasketch.
@@ -449,8 +450,10 @@ def clusters(n: int, edges: np.ndarray, rank: np.ndarray | None = None) -> tuple
     (rep [n] int64: representative index of each document's cluster,
      size [n] int64: size of that cluster). ``rep[i] == i`` marks the documents to keep.
   """
+  if n == 0:  # no documents (e.g. a shard without verified pairs): nothing to cluster
+    return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
   uf = UnionFind(n)
-  for a, b in np.asarray(edges, dtype=np.int64).tolist():
+  for a, b in np.asarray(edges, dtype=np.int64).reshape(-1, 2).tolist():
     uf.union(a, b)
   root = uf.roots()
   rank = np.arange(n) if rank is None else np.asarray(rank)
