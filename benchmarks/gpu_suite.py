@@ -32,7 +32,10 @@ a watchdog thread ends the process at the hard limit, budget + 30 s, after writi
    at batch 1, and (b) the same layers with `kernels_pallas.decode_attention` (filled slots only)
    and `kernels_pallas.topk_argmax`, whose logits are first checked against (a). The limit is the
    measured copy bandwidth over the bytes a step must read (matmul weights + the filled K/V slots).
-7. `tiles`: a few backward tilings (per-kernel dq / dkdv blocks, warps) at seq 4096, to choose
+7. `decode_kernel`: `decode_attention` alone on one layer's cache (batch 1/8/32, 2,048 filled
+   slots; block / split / warp variants at batch 1; ragged lengths at batch 32) against the jnp
+   reference, as GB/s of the filled K/V bytes and a fraction of the copy bandwidth.
+8. `tiles`: a few backward tilings (per-kernel dq / dkdv blocks, warps) at seq 4096, to choose
    `kernels_pallas.attention.default_blocks` from data.
 
 `--small` runs the same code on tiny shapes, with the kernels in Pallas interpret mode, on a CPU
@@ -79,6 +82,8 @@ FULL = dict(
                impl="pallas"),
     decode=dict(preset="baichuan2-7b", overrides={}, context=2048, max_len=2176,
                 batches=(1, 8, 32), model_batches=(1,), steps=10),
+    decode_kernel=dict(heads=32, kv_heads=32, head_dim=128, context=2048, max_len=2176,
+                       batches=(1, 8, 32), iters=20),
     tiles=dict(seq=4096, tokens=16384, heads=32, head_dim=128, iters=6),
 )
 SMALL = dict(
@@ -88,6 +93,8 @@ SMALL = dict(
     train=dict(batch=2, seq=32, layers=1, hidden=64, heads=2, steps=2, warmup=1, impl="xla"),
     decode=dict(preset="tiny", overrides=dict(num_layers=1), context=20, max_len=32,
                 batches=(1,), model_batches=(1,), steps=2),
+    decode_kernel=dict(heads=4, kv_heads=2, head_dim=32, context=40, max_len=64, batches=(1, 3),
+                       iters=1, variants=2),
     tiles=dict(seq=64, tokens=64, heads=2, head_dim=32, iters=1, variants=(1,)),
 )
 # Estimated seconds per section on the device (compile + timing), used by the budget guard.
@@ -105,7 +112,7 @@ class Suite:
     self.out = Path(args.out)
     self.out.mkdir(parents=True, exist_ok=True)
     self.result = dict(env={}, ceilings={}, check=[], attention=[], train=[], decode=[],
-                       tiles=[], skipped=[], errors=[], summary={})
+                       decode_kernel=[], tiles=[], skipped=[], errors=[], summary={})
     self.lock = threading.Lock()
 
   def elapsed(self) -> float:
@@ -573,6 +580,61 @@ def section_decode(suite, backend, dcfg):
     print("decode", json.dumps(rows[-2:], default=str)[:500], flush=True)
 
 
+def section_decode_kernel(suite, backend, cfg):
+  """decode_attention alone (one layer's cache) vs the jnp reference: GB/s of filled K/V slots.
+
+  Batch 1/8/32 at 2,048 filled slots of a 2,176-slot cache (default settings, plus a few block /
+  split / warp variants at batch 1), and batch 32 with ragged lengths (uniform in [1, 2048]),
+  whose time should follow the filled bytes, not the allocated ones.
+  """
+  from baichuan_jax.model.positions import alibi_slopes
+  h, kvh, d, L, ctx = cfg["heads"], cfg["kv_heads"], cfg["head_dim"], cfg["max_len"], cfg["context"]
+  rows = suite.result["decode_kernel"]
+  rng = np.random.default_rng(0)
+  variants = [("default", {})] + [(n, kw) for n, kw in (
+      ("block_k 64", {"block_k": 64}), ("splits x2", {"splits_scale": 2}),
+      ("splits 1", {"num_splits": 1}), ("8 warps, 3 stages", {"num_warps": 8, "num_stages": 3}))]
+  plan = [(b, "full", v) for b in cfg["batches"] for v in variants[:1]]
+  plan += [(cfg["batches"][0], "full", v) for v in variants[1:cfg.get("variants", 5)]]
+  plan += [(cfg["batches"][-1], "ragged", variants[0])]
+  for b, fill, (vname, kw) in plan:
+    if not suite.fits(f"decode_kernel b{b} {fill} {vname}", 5):
+      return
+    keys = jax.random.split(jax.random.PRNGKey(b), 3)
+    q = jax.random.normal(keys[0], (b, h, d), jnp.bfloat16)
+    kc = jax.random.normal(keys[1], (b, kvh, L, d), jnp.bfloat16)
+    vc = jax.random.normal(keys[2], (b, kvh, L, d), jnp.bfloat16)
+    lengths = (np.full(b, ctx + 1) if fill == "full"
+               else rng.integers(1, ctx + 1, size=b)).astype(np.int32)
+    lengths = jnp.asarray(lengths)
+    kw = dict(kw)
+    if kw.pop("splits_scale", None):
+      kw["num_splits"] = 2 * -(-kernels_pallas.decode.GPU_DEFAULTS["target_programs"] // (b * kvh))
+    slopes = jnp.asarray(alibi_slopes(h))
+    filled = 2 * int(np.sum(np.asarray(lengths))) * kvh * d * 2
+    row = dict(batch=b, fill=fill, variant=vname, heads=h, kv_heads=kvh, head_dim=d, cache_len=L,
+               filled_bytes=filled, settings=kw)
+    for impl, fn in (("kernel", lambda q, k, v, l: decode_attention(
+        q, k, v, l, alibi_slopes=slopes, backend=backend, **kw)),
+                     ("xla", lambda q, k, v, l: decode_attention(q, k, v, l, alibi_slopes=slopes,
+                                                                 backend="xla"))):
+      if impl == "xla" and vname != "default":
+        continue
+      try:
+        sec = _median_time(jax.jit(fn), q, kc, vc, lengths, iters=cfg["iters"])
+        row[f"{impl}_us"] = sec * 1e6
+        row[f"{impl}_filled_gb_s"] = filled / sec / 1e9
+      except Exception as e:  # pylint: disable=broad-except
+        row[f"{impl}_error"] = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+    bw = suite.result["ceilings"].get("copy_bandwidth")
+    if bw and "kernel_us" in row:
+      row["kernel_fraction_of_copy_bw"] = row["kernel_filled_gb_s"] * 1e9 / bw
+    rows.append(row)
+    print("decode_kernel", json.dumps(row, default=str)[:300], flush=True)
+    del q, kc, vc
+  suite.write()
+
+
 def section_tiles(suite, backend, cfg):
   import attention as attn_bench
   attn_bench.BACKEND = backend
@@ -622,6 +684,9 @@ def summarise(result):
   s["alibi_overhead"] = alibi
   s["decode_fraction_of_limit"] = {f"{r['path'].split(' ')[0]} b{r['batch']}":
                                    r.get("fraction_of_limit") for r in result["decode"]}
+  s["decode_kernel_fraction_of_copy_bw"] = {
+      f"b{r['batch']} {r['fill']} {r['variant']}": r.get("kernel_fraction_of_copy_bw")
+      for r in result["decode_kernel"]}
   s["checks_ok"] = all(r.get("ok") for r in result["check"]) if result["check"] else None
   del env, ceil
   return s
@@ -697,6 +762,16 @@ def markdown(result):
       out.append(f"| {r['path']} | {r['batch']} | {r['step_ms']:.2f} | {r['tokens_per_s']:.1f} | "
                  f"{_f(r.get('limit_tokens_per_s'))} | {_f(r.get('fraction_of_limit'), '{:.1%}')} |")
     out.append("")
+  if result["decode_kernel"]:
+    out += ["## Decode attention alone (one layer's cache; GB/s of the filled K/V bytes)", "",
+            "| batch | lengths | variant | kernel us | kernel GB/s | fraction of copy bw | "
+            "xla (all slots) us | xla GB/s |", "|---|---|---|---|---|---|---|---|"]
+    for r in result["decode_kernel"]:
+      out.append(f"| {r['batch']} | {r['fill']} | {r['variant']} | {_f(r.get('kernel_us'))} | "
+                 f"{_f(r.get('kernel_filled_gb_s'))} | "
+                 f"{_f(r.get('kernel_fraction_of_copy_bw'), '{:.1%}')} | "
+                 f"{_f(r.get('xla_us'))} | {_f(r.get('xla_filled_gb_s'))} |")
+    out.append("")
   if result["tiles"]:
     out += ["## Backward tilings (fwd+bwd TFLOP/s)", "", "| variant | TFLOP/s | ms |", "|---|---|---|"]
     for r in result["tiles"]:
@@ -721,11 +796,12 @@ def main(argv=None):
                  help="tiny shapes, kernels in interpret mode (CPU smoke run of this script)")
   p.add_argument("--budget-s", type=float, default=480.0,
                  help="wall-clock budget in seconds; sections that no longer fit are skipped")
-  p.add_argument("--sections", default="ceilings,check,attention,train,decode,tiles",
+  p.add_argument("--sections",
+                 default="ceilings,check,attention,train,decode,decode_kernel,tiles",
                  help="comma-separated subset, run in the fixed order above")
   args = p.parse_args(argv)
   sections = args.sections.split(",")
-  allowed = ("ceilings", "check", "attention", "train", "decode", "tiles")
+  allowed = ("ceilings", "check", "attention", "train", "decode", "decode_kernel", "tiles")
   for s in sections:
     if s not in allowed:
       p.error(f"--sections: {s!r} is not one of {allowed}")
@@ -756,6 +832,9 @@ def main(argv=None):
   if "decode" in sections:
     plan.append(("decode", lambda: section_decode(suite, backend, shapes["decode"]),
                  COST["decode_step"] * 2))
+  if "decode_kernel" in sections:
+    plan.append(("decode_kernel",
+                 lambda: section_decode_kernel(suite, backend, shapes["decode_kernel"]), 5))
   if "tiles" in sections:
     plan.append(("tiles", lambda: section_tiles(suite, backend, shapes["tiles"]), 10))
   for name, fn, cost in plan:
