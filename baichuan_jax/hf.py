@@ -291,13 +291,13 @@ def generation_config(cfg: ml_collections.ConfigDict) -> dict:
           "repetition_penalty": 1.1 if baichuan1_13b else 1.05, "do_sample": True}
 
 
-def tokenizer_config(cfg: ml_collections.ConfigDict, fmt: str = "baichuan") -> dict:
-  """tokenizer_config.json: no BOS/EOS added (as Baichuan's), `<unk>` pads."""
+def tokenizer_config(cfg: ml_collections.ConfigDict) -> dict:
+  """tokenizer_config.json: no BOS/EOS added (as Baichuan's), `<unk>` pads, the exported
+  `tokenization_baichuan.py` (also for `fmt="llama"`: transformers' LlamaTokenizer would add a
+  BOS and a dummy-prefix space that Baichuan's tokenizer does not)."""
   out = {"add_bos_token": False, "add_eos_token": False, "bos_token": "<s>", "eos_token": "</s>",
          "unk_token": "<unk>", "pad_token": "<unk>", "clean_up_tokenization_spaces": False,
          "model_max_length": cfg.max_seq_len, "sp_model_kwargs": {}}
-  if fmt == "llama":
-    return dict(out, tokenizer_class="LlamaTokenizer", legacy=True, add_prefix_space=False)
   name = "BaiChuanTokenizer" if architecture(cfg).startswith("BaiChuan") else "BaichuanTokenizer"
   return dict(out, tokenizer_class=name,
               auto_map={"AutoTokenizer": [f"tokenization_baichuan.{name}", None]})
@@ -926,17 +926,18 @@ def _write_metadata(root: Path, cfg, torch_dtype: str, fmt: str, tokenizer) -> l
   hf_cfg = llama_config(cfg, torch_dtype) if fmt == "llama" else config_to_hf(cfg, torch_dtype)
   written = [_write_json(root / "config.json", hf_cfg),
              _write_json(root / "generation_config.json", generation_config(cfg))]
-  if fmt == "baichuan":
-    from baichuan_jax import hf_code  # pylint: disable=import-outside-toplevel
-    for name in hf_code.FILES:
-      shutil.copyfile(Path(hf_code.__file__).with_name(name), root / name)
-      written.append(root / name)
+  from baichuan_jax import hf_code  # pylint: disable=import-outside-toplevel
+  code = list(hf_code.FILES) if fmt == "baichuan" else []
   if tokenizer is not None:
     dst = root / "tokenizer.model"
     if Path(tokenizer).resolve() != dst.resolve():
       shutil.copyfile(tokenizer, dst)
-    written += [dst, _write_json(root / "tokenizer_config.json", tokenizer_config(cfg, fmt)),
+    written += [dst, _write_json(root / "tokenizer_config.json", tokenizer_config(cfg)),
                 _write_json(root / "special_tokens_map.json", SPECIAL_TOKENS_MAP)]
+    code = code or ["tokenization_baichuan.py"]
+  for name in code:
+    shutil.copyfile(Path(hf_code.__file__).with_name(name), root / name)
+    written.append(root / name)
   return written
 
 

@@ -163,6 +163,7 @@ def test_llama_format_loads_in_plain_llama(family, tok_path, tmp_path):
   c = json.loads((tmp_path / "config.json").read_text())
   assert c["architectures"] == ["LlamaForCausalLM"] and "auto_map" not in c
   assert not (tmp_path / "modeling_baichuan.py").exists()
+  _check_tokenizer(tmp_path, tok_path)  # the tokenizer still needs the exported tokenizer code
   model = transformers.LlamaForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
   assert set(model.state_dict()) - {"model.rotary_emb.inv_freq"} == set(
       st_load_numpy(str(tmp_path / "model.safetensors")))
