@@ -334,7 +334,8 @@ class Engine:
     self.state = _init_state(cfg, num_slots, self.max_len)
     self.slots: list[Optional[_Live]] = [None] * num_slots
     self.metrics = Metrics()
-    self.step_sizes: collections.deque = collections.deque(maxlen=4096)  # active slots per step
+    # Active slots of each decode step, the most recent 100k (under 1 MB).
+    self.step_sizes: collections.deque = collections.deque(maxlen=100_000)
     self.steps_total = 0
     self._pending: collections.deque = collections.deque()
     self._cv = threading.Condition()
