@@ -17,6 +17,13 @@ VOCAB, HIDDEN, HEADS, FFN, LAYERS = 320, 64, 4, 176, 2
 D = HIDDEN // HEADS
 
 
+@pytest.fixture(autouse=True)
+def _fp32_matmuls():
+  # Full fp32 dots on any backend (a GPU's default fp32 precision rounds inputs to TF32).
+  with jax.default_matmul_precision("highest"):
+    yield
+
+
 def _llama(num_kv_heads, seed=0):
   """A random fp32 LLaMA (RoPE, rotate-half, SwiGLU, RMSNorm 1e-6, no biases, untied head)."""
   cfg = transformers.LlamaConfig(
