@@ -16,9 +16,9 @@ Stages (each a Beam transform):
    become ``rejected`` rows with file and line number, never a crash.
 2. ``QualityFilterFn``: ``filters.QualityFilter`` rules; each removal is counted per rule and source.
 3. Document ``NearDuplicates``: signatures (vectorised numpy over batches formed by a GroupByKey on
-   a hash of the key), LSH band keys, GroupByKey per band key -> candidate pairs, two
-   CoGroupByKeys to verify each pair's estimated Jaccard, then ``ConnectedComponents`` over the
-   verified edges: the large-star / small-star iteration of Kiveris et al. (2014), each step a
+   a hash of the key), LSH band keys, GroupByKey per band key -> candidate pairs verified in the
+   bucket (the band entries carry the signatures) by estimated Jaccard, ``Distinct``, then
+   ``ConnectedComponents`` over the verified edges: the large-star / small-star iteration of Kiveris et al. (2014), each step a
    GroupByKey, so no worker ever holds more than one node's neighbourhood. One representative per
    cluster is kept: validation documents first (so validation text never loses its copy), then
    the longest, then the smallest key.
