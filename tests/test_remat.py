@@ -13,6 +13,13 @@ from baichuan_jax.model import BaichuanLM, init_params
 POLICIES = configs.REMAT_POLICIES  # a new policy is tested without editing this file
 
 
+@pytest.fixture(autouse=True)
+def _fp32_matmuls():
+  # Full fp32 dots on any backend (a GPU's default fp32 precision rounds inputs to TF32).
+  with jax.default_matmul_precision("highest"):
+    yield
+
+
 def _cfg(policy, pos="rope", kv_heads=2):
   return configs.get("tiny", vocab_size=512, hidden_size=64, intermediate_size=176, num_layers=2,
                      dtype="float32", position_embedding=pos, num_kv_heads=kv_heads,
