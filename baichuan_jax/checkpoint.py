@@ -52,14 +52,17 @@ host only).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
+import gc
 import hashlib
 import json
 import logging
 import os
 import re
 import shutil
+import sys
 import time
 import traceback
 from typing import Any, Optional
@@ -140,6 +143,34 @@ def _last_line(e: BaseException) -> str:
   text = str(_chain(e)[-1]) or type(e).__name__
   text = text.split(" See full TensorStore details")[0].splitlines()[0]
   return text if len(text) <= 300 else text[:300] + "..."
+
+
+@contextlib.contextmanager
+def _orbax_unraisable_to(error_log: Optional[str]):
+  """Routes the "Exception ignored in <coroutine ...>" reports that a failed orbax read leaves
+  behind (its sibling reads are garbage-collected mid-flight) to `error_log`, not stderr."""
+  old = sys.unraisablehook
+
+  def hook(u):
+    tb = "".join(traceback.format_tb(u.exc_traceback)) if u.exc_traceback else ""
+    if "orbax" not in tb and "orbax" not in repr(u.object):
+      old(u)
+      return
+    if error_log and jax.process_index() == 0:
+      try:
+        with open(error_log, "a", encoding="utf-8") as f:
+          f.write(f"=== {time.strftime('%Y-%m-%d %H:%M:%S')} ignored in {u.object!r}\n"
+                  + "".join(traceback.format_exception(u.exc_type, u.exc_value,
+                                                       u.exc_traceback)) + "\n")
+      except OSError:
+        pass
+
+  sys.unraisablehook = hook
+  try:
+    yield
+  finally:
+    gc.collect()
+    sys.unraisablehook = old
 
 
 def file_sizes(folder: str) -> dict[str, int]:
@@ -480,8 +511,13 @@ class CheckpointManager:
 
   def poll(self) -> Optional[int]:
     """Non-blocking `wait`: the step committed since the last call, or None (still writing or
-    nothing pending). Raises CheckpointSaveError as soon as a background save has failed."""
-    if self._pending is None or self._mgr.is_saving_in_progress():
+    nothing pending). Raises CheckpointSaveError as soon as a background save has failed.
+
+    In a multi-process job the processes could see the save finish at different steps, and
+    `wait` synchronises them, so there the check is left to the next `save` / `wait` (which
+    every process calls at the same step)."""
+    if (self._pending is None or jax.process_count() > 1
+        or self._mgr.is_saving_in_progress()):
       return None
     return self.wait()
 
@@ -532,10 +568,11 @@ class CheckpointManager:
     """
     p_target, r_target, rebuild = _split_state(target)
     try:
-      meta = self._read_meta(step)
-      out = self._mgr.restore(step, args=ocp.args.Composite(
-          params=ocp.args.StandardRestore(p_target), state=ocp.args.StandardRestore(r_target),
-          data=ocp.args.JsonRestore()))
+      with _orbax_unraisable_to(self.error_log):
+        meta = self._read_meta(step)
+        out = self._mgr.restore(step, args=ocp.args.Composite(
+            params=ocp.args.StandardRestore(p_target), state=ocp.args.StandardRestore(r_target),
+            data=ocp.args.JsonRestore()))
     except CheckpointError:
       raise
     except Exception as e:  # orbax / tensorstore raise many types for damaged files
@@ -579,7 +616,7 @@ class CheckpointManager:
       try:
         restored = self.restore_step(s, target)
       except CheckpointError as e:
-        log.warning("checkpoint step %d failed verification and is skipped: %s", s, e)
+        log.warning("%s; skipped for an older checkpoint", e)
         rejected.append((s, str(e)))
         continue
       restored.rejected = rejected
@@ -726,8 +763,9 @@ def load_params(workdir: str, step: Optional[int] = None, shardings: Any = None,
       if shardings is not None:
         abstract = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
                                 abstract, shardings)
-      params = mgr.restore(s, args=ocp.args.Composite(
-          params=ocp.args.StandardRestore(abstract)))["params"]
+      with _orbax_unraisable_to(os.path.join(os.path.dirname(directory), ERROR_LOG)):
+        params = mgr.restore(s, args=ocp.args.Composite(
+            params=ocp.args.StandardRestore(abstract)))["params"]
       if verify:
         verify_tree(params, saved, "params")
       return params

@@ -160,6 +160,7 @@ def test_load_params_newest_good(tmp_path):
     ckpt.load_params(workdir)
 
 
+@pytest.mark.filterwarnings("error::pytest.PytestUnraisableExceptionWarning")  # no stray dumps
 def test_truncated_file_is_one_line_naming_checkpoint_item_and_file(tmp_path):
   ckdir = str(tmp_path / "checkpoints")
   mgr = ckpt.CheckpointManager(ckdir, keep_last=5, async_save=False)
@@ -197,7 +198,7 @@ def state(n, seed):
   r = np.random.RandomState(seed)
   return {"params": {"w": jnp.asarray(r.randn(n, n), jnp.float32)}, "step": jnp.int32(seed)}
 mgr.save(1, state(64, 1)); mgr.wait()
-resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))   # files over 100 kB fail
+resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, resource.RLIM_INFINITY))  # > 100 kB fails
 mgr.save(2, state(512, 2))                                       # 1 MB: the background write fails
 try:
   while mgr.poll() is None:
@@ -206,6 +207,10 @@ try:
 except ckpt.CheckpointSaveError as e:
   print("ERROR:", e)
 print("STEPS:", mgr.steps())
+resource.setrlimit(resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+mgr.save(2, state(512, 2))                                       # the retry (space freed)
+print("RETRY:", mgr.wait(), mgr.steps())
+mgr.close()
 """
 
 
@@ -221,11 +226,11 @@ def test_a_real_background_write_error_surfaces_in_one_line(tmp_path):
   assert err, out.stdout
   assert "checkpoint step 2: writing " + os.path.join(ckdir, "2.orbax-checkpoint-tmp") in err[0]
   assert "File too large (errno 27)" in err[0] and "previous checkpoint: 1" in err[0]
-  assert "STEPS: [1]" in lines
+  assert "STEPS: [1]" in lines and "RETRY: 2 [1, 2]" in lines
   assert "Traceback" not in out.stderr  # orbax's thread tracebacks went to the log file
   assert "File too large" in (tmp_path / ckpt.ERROR_LOG).read_text()
   mgr = ckpt.CheckpointManager(ckdir)
   r = mgr.restore(jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), {
-      "params": {"w": jnp.zeros((64, 64))}, "step": jnp.int32(0)}))
-  assert r.step == 1
+      "params": {"w": jnp.zeros((64, 64))}, "step": jnp.int32(0)}), step=1)
+  assert r.step == 1  # the checkpoint before the failure is intact
   mgr.close()
