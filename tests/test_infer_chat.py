@@ -180,3 +180,24 @@ def test_template_is_chosen_from_the_config():
     cfg = configs.get(preset)
     assert template_for(cfg) == want and for_config(cfg) == {
         "user_id": U, "assistant_id": A, "eos_id": 2, "template": want}
+
+
+def test_baichuan13b_chat_reply_fits_the_context(sp_model):
+  """A Baichuan-13B-style model (ALiBi, plain head) gets the 13B-Chat template, whose history may
+  take half the context even when max_new_tokens asks for more: the reply is shortened to fit."""
+  t = Tokenizer(sp_model)
+  cfg = configs.get("tiny", num_layers=2, dtype="float32", position_embedding="alibi",
+                    norm_head=False)
+  assert template_for(cfg) == "baichuan-13b-chat"
+  w1, w2 = t.encode(" the value of")[:2]
+  params = _chain_model(cfg, {A: w1, w1: w2, w2: 2})
+  long = " ".join(["the list of values"] * 60)
+  msgs = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"},
+          {"role": "user", "content": long}]
+  assert len(t.encode(long)) > cfg.max_seq_len // 2
+  prompt = build_chat_prompt(msgs, t.encode, max_length=cfg.max_seq_len, max_new_tokens=200,
+                             **for_config(cfg))
+  # The newest round alone exceeds max(L // 2, L - 200) = 128: cut from the left to 128, then 196.
+  assert prompt == ([U] + t.encode(long))[-(cfg.max_seq_len // 2):] + [A]
+  out = chat_reply(cfg, params, t, msgs, max_new_tokens=200)  # 129 + 200 > 256 without the clip
+  assert out.tokens == [w1, w2] and out.finish_reason == "stop"

@@ -95,6 +95,13 @@ def test_special_ids_and_batched_api(tok):
     Tokenizer("/nonexistent/tokenizer.model")
 
 
+def test_corrupt_model_file_is_named(tmp_path):
+  bad = tmp_path / "tokenizer.model"
+  bad.write_bytes(b"garbage bytes here")
+  with pytest.raises(ValueError, match=r"tokenizer\.model: not a SentencePiece model"):
+    Tokenizer(bad)
+
+
 def test_whitespace_runs_are_single_pieces(tok):
   ids = tok.encode("        return x")
   assert tok.id_to_piece(ids[0]) == "\u2581" * 8
