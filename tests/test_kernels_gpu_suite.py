@@ -43,11 +43,10 @@ def test_gpu_suite_small_runs_every_section(tmp_path):
     assert 0 < r["fraction_of_limit"]
   dk = result["decode_kernel"]
   assert [(r["batch"], r["fill"], r["variant"]) for r in dk] == [
-      (1, "full", "default"), (3, "full", "default"), (1, "full", "block_k 64"),
-      (3, "ragged", "default")]
+      (3, "full", "default"), (3, "full", "block_k 64"), (3, "ragged", "default")]
   assert all("kernel_us" in r for r in dk) and all("xla_us" in r for r in dk
                                                     if r["variant"] == "default")
-  assert dk[0]["filled_bytes"] == 2 * 41 * 2 * 32 * 2  # K and V, 41 slots, 2 kv heads, bf16
+  assert dk[0]["filled_bytes"] == 2 * 3 * 41 * 2 * 32 * 2  # K and V, 3 rows x 41 slots, bf16
   assert "## Decode attention alone" in md
   assert len(result["tiles"]) == 1 and all("ms" in r for r in result["tiles"])
   assert result["tiles"][0]["tuning"]["blocks"]["dq"] == [128, 32]
