@@ -127,7 +127,10 @@ class Tokenizer:
       types = piece_types(proto)
     except (RuntimeError, ValueError, IndexError) as err:
       raise ValueError(f"{path}: not a SentencePiece model ({err})") from None
-    forced = {i for i in (BOS_ID, EOS_ID, USER_ID, ASSISTANT_ID) if i < len(types)}
+    # A byte piece at 1/2/195/196 (a generic byte-fallback model without Baichuan's reserved ids
+    # 3..194) is not a special token there, and SentencePiece needs all 256 byte pieces typed BYTE.
+    forced = {i for i in (BOS_ID, EOS_ID, USER_ID, ASSISTANT_ID)
+              if i < len(types) and types[i] != BYTE}
     #: ids that text never encodes to: control and user-defined pieces, BOS/EOS, turn markers.
     self.special_ids = frozenset(forced | {i for i, t in enumerate(types)
                                            if t in (CONTROL, USER_DEFINED)})

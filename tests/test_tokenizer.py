@@ -209,3 +209,20 @@ def test_no_text_yields_a_special_id(text):
     ids = tok.encode(text)
     assert not set(ids) & tok.special_ids, (text, ids)
     assert tok.decode(ids) == text
+
+
+def test_a_generic_byte_fallback_model_without_baichuan_ids_still_loads(tmp_path):
+  """A byte-fallback model whose ids 3..258 are its byte pieces (no reserved 3..194): 195/196 are
+  bytes 0xC0/0xC1 there, so they stay BYTE pieces (SentencePiece needs all 256) and any string
+  round-trips."""
+  import sentencepiece as spm
+  text = "\n".join(f"hello world, line {i} of a generic tokenizer 你好世界" for i in range(200))
+  (tmp_path / "t.txt").write_text(text, encoding="utf-8")
+  spm.SentencePieceTrainer.train(input=str(tmp_path / "t.txt"), model_prefix=str(tmp_path / "m"),
+                                 vocab_size=300, model_type="bpe", byte_fallback=True,
+                                 normalization_rule_name="identity", minloglevel=2)
+  tok = Tokenizer(tmp_path / "m.model")
+  assert tok.id_to_piece(195) == "<0xC0>" and 195 not in tok.special_ids
+  assert tok.special_ids == {1, 2}
+  s = "hello 𝔘 world ü"
+  assert tok.decode(tok.encode(s)) == s
