@@ -4,7 +4,9 @@
 the test kills it with SIGKILL at random moments and damages its checkpoints in between.
 """
 
+import os
 import sys
+import time
 
 import numpy as np
 
@@ -58,6 +60,8 @@ class _Iter:
     return self
 
   def __next__(self):
+    if os.environ.get("SOAK_BATCH_SECONDS"):  # a slow reader: keeps a run alive for a while
+      time.sleep(float(os.environ["SOAK_BATCH_SECONDS"]))
     self.i += 1
     return batch(self.i - 1)
 

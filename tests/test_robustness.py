@@ -277,3 +277,27 @@ def test_invalid_utf8_names_file_line_and_column(tmp_path):
     list(tokenizer.read_texts([jl]))
   with pytest.raises(ValueError, match=rf"{jl}:2: invalid UTF-8"):
     list(corpus.read_jsonl(jl))  # what the tokenized-dataset builder reads documents with
+
+
+def test_two_trainers_on_one_workdir_the_second_exits_at_once(tmp_path):
+  # The failure as it was seen: two real trainers started on one workdir.
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  workdir, cache = str(tmp_path / "run"), str(tmp_path / "xla")
+  cmd = [sys.executable, os.path.join(root, "tests", "soak_helpers.py"), workdir, cache]
+  # The first run reads a batch every 0.5 s, so it is still training when the second starts.
+  first = subprocess.Popen(cmd, cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                           text=True, env=dict(os.environ, SOAK_BATCH_SECONDS="0.5"))
+  metrics = os.path.join(workdir, "metrics.jsonl")
+  deadline = time.time() + 120
+  while not (os.path.exists(metrics) and os.path.getsize(metrics)) and time.time() < deadline:
+    assert first.poll() is None, first.stderr.read()[-3000:]
+    time.sleep(0.05)
+  second = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=120)
+  assert first.poll() is None, "the first run ended before the second one started"
+  assert second.returncode != 0
+  assert f"is in use by train run pid {first.pid} on host {socket.gethostname()}" in second.stderr
+  assert first.wait(timeout=300) == 0, first.stderr.read()[-3000:]
+  with open(metrics) as f:
+    steps = [json.loads(l)["step"] for l in f]
+  from tests import soak_helpers  # pylint: disable=import-outside-toplevel
+  assert steps == list(range(1, soak_helpers.TOTAL + 1))  # one history, no step twice
