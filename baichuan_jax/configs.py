@@ -13,6 +13,8 @@ from typing import Any
 
 import ml_collections
 
+from baichuan_jax.tokenizer import special as special_ids
+
 POSITION_EMBEDDINGS = ("rope", "alibi")
 ATTENTION_IMPLS = ("xla", "pallas")
 REMAT_POLICIES = ("none", "full", "save_dots", "save_dots_no_batch", "save_attn_out")
@@ -56,13 +58,13 @@ def _base() -> ml_collections.ConfigDict:
   c.remat_policy = "none"
   # Standard deviation of the normal initialiser (HF Baichuan initializer_range).
   c.init_std = 0.02
-  # Special token ids (SentencePiece ids in the released tokenizers).
-  c.pad_id = 0
-  c.bos_id = 1
-  c.eos_id = 2
-  # Chat-template control tokens: before each user turn / before each assistant turn.
-  c.user_token_id = 195
-  c.assistant_token_id = 196
+  # Special token ids (0/1/2 in the released tokenizers), from `baichuan_jax.tokenizer.special`.
+  c.pad_id = special_ids.PAD_ID
+  c.bos_id = special_ids.BOS_ID
+  c.eos_id = special_ids.EOS_ID
+  # Chat-template control tokens: before each user turn / before each assistant turn (195/196).
+  c.user_token_id = special_ids.USER_ID
+  c.assistant_token_id = special_ids.ASSISTANT_ID
   return c
 
 

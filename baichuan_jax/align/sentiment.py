@@ -79,15 +79,15 @@ def load_reviews(max_chars: int = 200, validation_fraction: float = 0.05,
 def get_tokenizer(path: str, reviews: Sequence[tuple[str, int]], workdir: str, vocab_size: int):
   """The tokenizer at `path`, or one trained on the train-split reviews (cached in the workdir).
 
-  A SentencePiece BPE model with Baichuan's options and special ids (`baichuan_jax.data.tokenizer`),
-  so `<user>` = 195 and `<assistant>` = 196 as the chat template needs.
+  A SentencePiece BPE model with Baichuan's options and special ids
+  (`baichuan_jax.tokenizer.training`), so `<user>` = 195 and `<assistant>` = 196 as the chat template needs.
   """
   from baichuan_jax import tokenizer as tokmod  # pylint: disable=import-outside-toplevel
   if path:
     return tokmod.Tokenizer(path)
   prefix = os.path.join(workdir, "tokenizer", f"reviews{vocab_size}")
   if not os.path.exists(prefix + ".model"):
-    from baichuan_jax.data import tokenizer as tok_train  # pylint: disable=import-outside-toplevel
+    from baichuan_jax.tokenizer import training as tok_train  # pylint: disable=import-outside-toplevel
     os.makedirs(os.path.dirname(prefix), exist_ok=True)
     text_path = prefix + ".txt"
     with open(text_path, "w", encoding="utf-8") as f:

@@ -195,7 +195,7 @@ def _replace(tmp: Path, final: Path) -> None:
 def ensure_tokenizer(corpus_dir: Path, root: Path, vocab_size: int, progress: bool = True,
                      limit: int | None = None) -> Path:
   """``ROOT/tokenizer/bc{vocab_size}.model`` trained on the corpus train split (if missing)."""
-  from baichuan_jax.data import tokenizer as tok_train  # pylint: disable=import-outside-toplevel
+  from baichuan_jax.tokenizer import training as tok_train  # pylint: disable=import-outside-toplevel
   final = root / "tokenizer"
   model = final / f"bc{vocab_size}.model"
   if model.exists():

@@ -44,6 +44,8 @@ from __future__ import annotations
 
 from typing import Any, Callable, Mapping, Sequence
 
+from baichuan_jax.tokenizer.special import ASSISTANT_ID, EOS_ID, USER_ID
+
 ROLES = ("system", "user", "assistant")
 
 # The published Baichuan 2 chat generation_config.json; Baichuan-13B-Chat's has repetition_penalty 1.1.
@@ -94,9 +96,10 @@ TEMPLATES = ("baichuan2", "baichuan-13b-chat")
 
 
 def build_chat_prompt(messages: Sequence[Mapping[str, str]], encode: Callable[[str], list],
-                      *, user_id: int = 195, assistant_id: int = 196, max_length: int = 4096,
+                      *, user_id: int = USER_ID, assistant_id: int = ASSISTANT_ID,
+                      max_length: int = 4096,
                       max_new_tokens: int = 2048, template: str = "baichuan2",
-                      eos_id: int = 2) -> list[int]:
+                      eos_id: int = EOS_ID) -> list[int]:
   """Token ids of a conversation in a Baichuan chat format (see the module doc for the rules).
 
   Args:
@@ -181,7 +184,8 @@ def template_for(cfg) -> str:
   return "baichuan2"
 
 
-def chat_stop_ids(eos_id: int = 2, user_id: int = 195, assistant_id: int = 196) -> list[int]:
+def chat_stop_ids(eos_id: int = EOS_ID, user_id: int = USER_ID,
+                  assistant_id: int = ASSISTANT_ID) -> list[int]:
   """Tokens that end an assistant turn: end of sequence and either turn marker."""
   return [eos_id, user_id, assistant_id]
 

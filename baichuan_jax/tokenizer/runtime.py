@@ -1,11 +1,12 @@
 """SentencePiece tokenizer with the Baichuan special ids.
 
 ``Tokenizer(path)`` wraps a SentencePiece model: one trained by
-``python -m baichuan_jax.data.tokenizer train`` or a released Baichuan ``tokenizer.model``.
+``python -m baichuan_jax.data.tokenizer train`` (``baichuan_jax.tokenizer.training``) or a
+released Baichuan ``tokenizer.model``.
 
-Special ids follow Baichuan: ``<unk>``/pad = 0, ``<s>`` = 1, ``</s>`` = 2, and the chat-turn
-markers ``user`` = 195, ``assistant`` = 196 (trained models reserve ids 3..194 as control pieces
-``<reserved_N>`` so those two land where Baichuan has them).
+Special ids follow Baichuan (``baichuan_jax.tokenizer.special``): ``<unk>``/pad = 0, ``<s>`` = 1,
+``</s>`` = 2, and the chat-turn markers ``user`` = 195, ``assistant`` = 196 (trained models reserve
+ids 3..194 as control pieces ``<reserved_N>`` so those two land where Baichuan has them).
 
 Text can never produce a special id. SentencePiece itself never emits a *control* piece from text,
 but it does match *user-defined* pieces inside raw text, and the released Baichuan 2
@@ -32,8 +33,8 @@ from typing import Sequence, overload
 
 import sentencepiece as spm
 
-PAD_ID, BOS_ID, EOS_ID = 0, 1, 2
-USER_ID, ASSISTANT_ID = 195, 196
+from baichuan_jax.tokenizer.special import ASSISTANT_ID, BOS_ID, EOS_ID, PAD_ID, USER_ID
+
 _META = "\u2581"
 # sentencepiece_model.proto: ModelProto.pieces = 1; SentencePiece.type = 3; Type enum values.
 _PIECES_FIELD, _TYPE_FIELD = 1, 3
