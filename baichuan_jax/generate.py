@@ -24,6 +24,7 @@ from typing import Optional
 
 from baichuan_jax.infer import chat_template
 from baichuan_jax.infer import loading
+from baichuan_jax.records import decode_utf8, iter_jsonl
 
 
 def read_prompts(path: str) -> list[dict]:
@@ -36,15 +37,8 @@ def read_prompts(path: str) -> list[dict]:
   if not p.is_file():
     raise FileNotFoundError(f"--prompts {path}: no such file")
   records = []
-  lines = p.read_text(encoding="utf-8").splitlines()
   if p.suffix == ".jsonl":
-    for n, line in enumerate(lines, 1):
-      if not line.strip():
-        continue
-      try:
-        rec = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise ValueError(f"{path}:{n}: not valid JSON ({e.msg})") from e
+    for n, rec in iter_jsonl(path):
       if not isinstance(rec, dict) or ("prompt" in rec) == ("messages" in rec):
         raise ValueError(f"{path}:{n}: each line must be an object with exactly one of "
                          "'prompt' (string) or 'messages' (chat list)")
@@ -58,6 +52,7 @@ def read_prompts(path: str) -> list[dict]:
       rec.setdefault("id", len(records))
       records.append(rec)
   else:
+    lines = decode_utf8(p.read_bytes(), path).splitlines()
     records = [{"id": i, "prompt": line} for i, line in enumerate(l for l in lines if l.strip())]
   if not records:
     raise ValueError(f"--prompts {path}: no prompts in the file")

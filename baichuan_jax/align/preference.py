@@ -14,7 +14,7 @@ from typing import Any, Iterator, Optional, Sequence
 
 import numpy as np
 
-from baichuan_jax.align.records import ReadReport, RecordError, read_jsonl, require_str
+from baichuan_jax.records import ReadReport, RecordError, read_jsonl, require_str
 
 MAX_CATEGORY_LEVELS = 3
 TEMPLATES = ("chat", "plain")

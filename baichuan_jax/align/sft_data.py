@@ -22,7 +22,7 @@ from typing import Any, Iterator, Optional, Protocol, Sequence
 
 import numpy as np
 
-from baichuan_jax.align.records import ReadReport, RecordError, read_jsonl, require_str
+from baichuan_jax.records import ReadReport, RecordError, read_jsonl, require_str
 
 _LOG = logging.getLogger(__name__)
 

@@ -33,6 +33,8 @@ import sysconfig
 from pathlib import Path
 from typing import Iterator
 
+from baichuan_jax.records import BadRecord, iter_jsonl
+
 DEFAULT_ROOT = Path(os.environ.get("BAICHUAN_JAX_DATA") or Path.home() / ".cache" / "baichuan_jax")
 SOURCES = ("zh_news", "zh_reviews", "en_prose", "code")
 # Language and category of each source (Baichuan 2 weights its mixture per language and category).
@@ -251,34 +253,19 @@ def build(out: str | os.PathLike, sources=SOURCES, limit: int | None = None,
   return manifest
 
 
-def decode_utf8(raw: bytes, path: str | os.PathLike, first_line: int = 1) -> str:
-  """`raw.decode("utf-8")`; invalid UTF-8 raises a ValueError naming the file, the line (counted
-  from `first_line`), the column and the bytes around it."""
-  try:
-    return raw.decode("utf-8")
-  except UnicodeDecodeError as e:
-    line = first_line + raw.count(b"\n", 0, e.start)
-    col = e.start - (raw.rfind(b"\n", 0, e.start) + 1) + 1
-    near = raw[max(0, e.start - 8):e.start + 8]
-    raise ValueError(f"{path}:{line}: invalid UTF-8 at column {col} (byte 0x{raw[e.start]:02x} "
-                     f"in {near!r}); input text must be UTF-8") from None
-
-
 def read_jsonl(path: str | os.PathLike) -> Iterator[dict]:
   """Reads a corpus JSONL file; a malformed line (bad JSON, invalid UTF-8) raises naming the file
   and line number."""
-  with open(path, "rb") as f:
-    for lineno, raw in enumerate(f, 1):
-      line = decode_utf8(raw, path, lineno)
-      if not line.strip():
-        continue
-      try:
-        rec = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise ValueError(f"{path}:{lineno}: malformed JSON ({e.msg})") from e
-      if not isinstance(rec, dict) or not isinstance(rec.get("text"), str):
-        raise ValueError(f"{path}:{lineno}: expected an object with a string 'text' field")
-      yield rec
+  for lineno, rec in iter_jsonl(path, on_bad=_malformed):
+    if not isinstance(rec, dict) or not isinstance(rec.get("text"), str):
+      raise ValueError(f"{path}:{lineno}: expected an object with a string 'text' field")
+    yield rec
+
+
+def _malformed(bad: BadRecord, err: Exception) -> None:
+  if isinstance(err, json.JSONDecodeError):
+    raise ValueError(f"{bad.path}:{bad.line}: malformed JSON ({err.msg})") from err
+  raise ValueError(str(bad)) from None
 
 
 def _print_manifest(m: dict) -> None:

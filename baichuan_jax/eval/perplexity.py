@@ -9,7 +9,6 @@ Unlike per-token perplexity, bits per byte compares models with different tokeni
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from pathlib import Path
@@ -19,6 +18,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from baichuan_jax.eval.scoring import TokenBatch, pad_batch
+from baichuan_jax.records import iter_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -41,21 +41,13 @@ def read_texts(path) -> Iterator[tuple[int, str]]:
   path = Path(path)
   if not path.is_file():
     raise FileNotFoundError(f"perplexity: text file {path} does not exist")
-  with open(path, encoding="utf-8") as f:
-    for line, raw in enumerate(f, start=1):
-      if not raw.strip():
-        continue
-      try:
-        rec = json.loads(raw)
-      except json.JSONDecodeError as e:
-        log.warning("skipping %s:%d: not valid JSON (%s)", path, line, e.msg)
-        continue
-      text = rec.get("text") if isinstance(rec, dict) else None
-      if not isinstance(text, str):
-        log.warning("skipping %s:%d: no string 'text' field", path, line)
-        continue
-      if text:
-        yield line, text
+  for line, rec in iter_jsonl(path, on_bad=lambda bad, _: log.warning("skipping %s", bad)):
+    text = rec.get("text") if isinstance(rec, dict) else None
+    if not isinstance(text, str):
+      log.warning("skipping %s:%d: no string 'text' field", path, line)
+      continue
+    if text:
+      yield line, text
 
 
 def windows(ids: Sequence[int], max_len: int, stride: int):

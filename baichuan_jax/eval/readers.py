@@ -45,7 +45,7 @@ import re
 from pathlib import Path
 from typing import Iterator, Optional
 
-from baichuan_jax.records import BadRecord
+from baichuan_jax.records import BadRecord, parse_jsonl_lines
 
 log = logging.getLogger(__name__)
 
@@ -500,14 +500,9 @@ def _agieval_label(item) -> str:
 
 def _read_agieval_file(path, subject, sink, max_options=None):
   out = []
-  for line, raw in enumerate(read_text(path, sink).splitlines(), start=1):
-    if not raw.strip():
-      continue
-    try:
-      item = json.loads(raw)
-    except json.JSONDecodeError as e:
-      sink.skip(path, line, f"not valid JSON ({e.msg})")
-      continue
+  lines = read_text(path, sink).splitlines()
+  for line, item in parse_jsonl_lines(lines, path, lambda bad, _: sink.skip(path, bad.line,
+                                                                             bad.reason)):
     opts = item.get("options")
     if not opts:
       sink.notes.append(f"{path}: items without options (cloze task) are not multiple choice; "

@@ -67,7 +67,7 @@ def read_texts(paths: Iterable[str | os.PathLike], limit: int | None = None) -> 
         yield rec["text"]
         n += 1
     else:
-      from baichuan_jax.data.corpus import decode_utf8  # pylint: disable=import-outside-toplevel
+      from baichuan_jax.records import decode_utf8  # pylint: disable=import-outside-toplevel
       yield decode_utf8(p.read_bytes(), p)
       n += 1
 
