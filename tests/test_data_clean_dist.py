@@ -114,13 +114,14 @@ def _run_components(edges, rounds, expected):
     assert_that(out, equal_to(sorted(expected.items())))
 
 
-@settings(max_examples=4, deadline=None)
+@settings(max_examples=3, deadline=None)
 @given(_graph_sets())
 def test_beam_components_match_union_find(edges):
   # Nodes shaped like the pipeline's: (rank tuple, key).
   node = lambda v: ((v % 2, -v, f"k{v:05d}"), f"k{v:05d}")  # noqa: E731
   edges = [(node(a), node(b)) for a, b in edges]
-  _run_components(edges, clean.auto_cc_rounds(13 * 1000), _union_find_reps(edges))
+  # Components have at most 40 nodes: the rounds run() would choose for a 40-record input.
+  _run_components(edges, clean.auto_cc_rounds(13 * 40), _union_find_reps(edges))
 
 
 def test_beam_components_hand_worked():
