@@ -90,7 +90,7 @@ def parse_jsonl_lines(lines: Iterable[Union[str, bytes]], path: Union[str, os.Pa
     if not raw.strip():
       continue
     try:
-      value = json.loads(raw)
+      value = json.loads(raw.rstrip("\r\n"))  # so a column past the text reads as the line's end
     except json.JSONDecodeError as e:
       on_bad(BadRecord(path, line_no, f"not valid JSON ({e.msg} at column {e.colno})"), e)
       continue
