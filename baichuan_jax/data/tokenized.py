@@ -30,7 +30,7 @@ import numpy as np
 from baichuan_jax.data.corpus import SOURCES, read_jsonl
 
 SPLITS = ("train", "validation")
-_VERSION = "1.0.0"
+DATASET_VERSION = "1.0.0"  # the TFDS dataset version: the last directory of its path
 
 
 def _tfds():
@@ -49,8 +49,8 @@ def _builder_class():
   class TokenizedCorpus(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     """One example per document: token ids, sampling weight, source, id."""
 
-    VERSION = tfds.core.Version(_VERSION)
-    RELEASE_NOTES = {_VERSION: "Tokenized embedded corpus."}
+    VERSION = tfds.core.Version(DATASET_VERSION)
+    RELEASE_NOTES = {DATASET_VERSION: "Tokenized embedded corpus."}
 
     def __init__(self, corpus_dir=None, tokenizer_path=None, **kwargs):
       self._corpus_dir = corpus_dir
