@@ -22,6 +22,7 @@ from typing import Any, Iterator, Optional, Protocol, Sequence
 
 import numpy as np
 
+from baichuan_jax.data.packing import empty_rows, first_fit, put_segment
 from baichuan_jax.records import ReadReport, RecordError, read_jsonl, require_str
 
 _LOG = logging.getLogger(__name__)
@@ -165,6 +166,9 @@ def pack_examples(examples: Sequence[ChatExample], seq_len: int,
                   open_rows: int = 64) -> dict[str, np.ndarray]:
   """Packs examples into rows of `seq_len` tokens (first fit over a window of open rows).
 
+  The row layout is `data.packing`'s, shared with the pretraining loader; conversations are never
+  split across rows.
+
   Args:
     examples: each at most `seq_len` long.
     seq_len: row length.
@@ -173,36 +177,13 @@ def pack_examples(examples: Sequence[ChatExample], seq_len: int,
     dict of int32 [rows, seq_len] arrays `inputs`, `targets`, `positions`, `segment_ids`
     (1, 2, ... per example in its row; 0 = padding) and `loss_mask` (0 on padding).
   """
-  rows: list[list[ChatExample]] = []
-  fill: list[int] = []
-  open_idx: list[int] = []
-  for ex in examples:
-    n = len(ex)
-    if n > seq_len:
-      raise ValueError(f"example of {n} tokens does not fit seq_len={seq_len}; truncate first")
-    for j in open_idx:
-      if fill[j] + n <= seq_len:
-        rows[j].append(ex)
-        fill[j] += n
-        break
-    else:
-      rows.append([ex])
-      fill.append(n)
-      open_idx.append(len(rows) - 1)
-      if len(open_idx) > open_rows:
-        open_idx.pop(0)
-  out = {k: np.zeros((len(rows), seq_len), np.int32)
-         for k in ("inputs", "targets", "positions", "segment_ids", "loss_mask")}
+  rows = first_fit([len(ex) for ex in examples], seq_len, open_rows)
+  out = empty_rows(len(rows), seq_len)
   for r, row in enumerate(rows):
     at = 0
-    for s, ex in enumerate(row, start=1):
-      sl = slice(at, at + len(ex))
-      out["inputs"][r, sl] = ex.tokens
-      out["targets"][r, sl] = ex.targets
-      out["loss_mask"][r, sl] = ex.loss_mask
-      out["segment_ids"][r, sl] = s
-      out["positions"][r, sl] = np.arange(len(ex))
-      at += len(ex)
+    for s, i in enumerate(row, start=1):
+      ex = examples[i]
+      at = put_segment(out, r, at, s, ex.tokens, ex.targets, ex.loss_mask)
   return out
 
 

@@ -51,7 +51,7 @@ from typing import Any
 import grain
 import numpy as np
 
-from baichuan_jax.data import tokenized
+from baichuan_jax.data import packing, tokenized
 
 FIELDS = ("inputs", "targets", "positions", "segment_ids", "loss_mask")
 STATE_VERSION = 1
@@ -169,10 +169,7 @@ class _PackIterator(grain.DatasetIterator):
 
   def __next__(self) -> dict:
     s = self._seq_len
-    row = {k: np.zeros(s, np.int32) for k in ("inputs", "targets", "positions", "segment_ids")}
-    if self._pad_id:
-      row["inputs"][:] = self._pad_id
-      row["targets"][:] = self._pad_id
+    rows = packing.empty_rows(1, s, self._pad_id)
     filled, seg = 0, 0
     while filled < s:
       if self._cur is None or self._offset >= len(self._cur["inputs"]):
@@ -182,16 +179,12 @@ class _PackIterator(grain.DatasetIterator):
       n = min(len(self._cur["inputs"]) - self._offset, s - filled)
       seg += 1
       sl = slice(self._offset, self._offset + n)
-      row["inputs"][filled:filled + n] = self._cur["inputs"][sl]
-      row["targets"][filled:filled + n] = self._cur["targets"][sl]
-      row["positions"][filled:filled + n] = np.arange(n, dtype=np.int32)
-      row["segment_ids"][filled:filled + n] = seg
+      filled = packing.put_segment(rows, 0, filled, seg, self._cur["inputs"][sl],
+                                   self._cur["targets"][sl])
       self._offset += n
-      filled += n
     if filled == 0:
       raise StopIteration
-    row["loss_mask"] = (row["segment_ids"] > 0).astype(np.int32)
-    return row
+    return {k: v[0] for k, v in rows.items()}
 
   def get_state(self) -> dict:
     # Resuming = restore the parent to just before the current example, re-read it, skip offset.
