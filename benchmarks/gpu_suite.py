@@ -27,11 +27,14 @@ a watchdog thread ends the process at the hard limit, budget + 30 s, after writi
    attention_impl=pallas, no remat, batch 4 x 4096) MFU against the datasheet and the measured
    matmul peak.
 6. `decode`: 7B-shaped (Baichuan2-7B, random bf16 weights) single-token decode step with 2,048
-   filled cache slots per row (cache of 2,176), tokens/s at batch 1, 8 and 32 for (a) the model's
-   own cached step (`BaichuanLM(unroll_layers=True)`, XLA attention over every slot, `jnp.argmax`)
-   at batch 1, and (b) the same layers with `kernels_pallas.decode_attention` (filled slots only)
-   and `kernels_pallas.topk_argmax`, whose logits are first checked against (a). The limit is the
-   measured copy bandwidth over the bytes a step must read (matmul weights + the filled K/V slots).
+   filled cache slots per row (cache of 2,176): `infer.generate`'s own greedy step (its host-loop
+   step: `BaichuanLM(unroll_layers=True)` on the KV cache, then `sampling.next_token`) with
+   (a) attention_impl="xla" (XLA attention over every slot, `jnp.argmax`) at batch 1, and
+   (b) attention_impl="pallas", the kernels wired into the model (fused RMSNorm,
+   `kernels_pallas.decode_attention` over each row's filled slots, `topk_argmax` with the
+   repetition penalty inside) at batch 1, 8 and 32, whose logits are first checked against (a).
+   The limit is the measured copy bandwidth over the bytes a step must read (matmul weights +
+   the filled K/V slots).
 7. `decode_kernel`: `decode_attention` alone on one layer's cache (batch 1/8/32, 2,048 filled
    slots; block / split / warp variants at batch 1; ragged lengths at batch 32) against the jnp
    reference, as GB/s of the filled K/V bytes and a fraction of the copy bandwidth.
@@ -384,107 +387,81 @@ def trace_top_ops(trace_dir, steps, top=25):
 # --- decode ------------------------------------------------------------------------------------
 
 
-def _rms(x, w, eps):
-  xf = x.astype(jnp.float32)
-  y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
-  return (y * w.astype(jnp.float32)).astype(x.dtype)
-
-
-def kernel_decode_step(cfg, backend):
-  """A decode step of the model's layers with the Pallas decode attention and top-k pick.
-
-  Reads the model's own parameter tree (stacked `layers`, fused `W_pack` or q/kv projections)
-  and a cache of per-layer [batch, kv_heads, max_len, head_dim] arrays; writes this step's keys
-  and values at slot `pos[b]` and attends to slots [0, pos[b] + 1). NormHead divisors are passed
-  in precomputed (fixed weights), so the head is read once per step. Returns (token, logits,
-  new_k, new_v).
-  """
-  from baichuan_jax.model.positions import alibi_slopes, apply_rope
-  h, kvh = cfg.num_heads, cfg.num_kv_heads
-  d = cfg.hidden_size // h
-  slopes = jnp.asarray(alibi_slopes(h)) if cfg.position_embedding == "alibi" else None
-  dt = jnp.dtype(cfg.dtype)
-
-  def write(cache, new, pos):  # cache [b, kvh, L, d], new [b, kvh, d], pos [b]
-    return jax.vmap(lambda c, n, p: jax.lax.dynamic_update_slice_in_dim(c, n[:, None], p, 1))(
-        cache, new.astype(cache.dtype), pos)
-
-  def step(params, head_norms, ks, vs, tok, pos):
-    x = jnp.take(params["embed_tokens"], tok, axis=0).astype(dt)  # [b, hidden]
-    layers = params["layers"]
-    new_k, new_v = [], []
-    for i in range(cfg.num_layers):
-      p = jax.tree.map(lambda a, i=i: a[i], layers)
-      a = p["self_attn"]
-      hx = _rms(x, p["input_layernorm"]["weight"], cfg.rms_norm_eps)
-      if "W_pack" in a:
-        qkv = jnp.einsum("be,ethd->bthd", hx, a["W_pack"]["kernel"].astype(dt))
-        q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]
-      else:
-        q = jnp.einsum("be,ehd->bhd", hx, a["q_proj"]["kernel"].astype(dt))
-        kv = jnp.einsum("be,ethd->bthd", hx, a["kv_proj"]["kernel"].astype(dt))
-        k, v = kv[:, 0], kv[:, 1]
-      if cfg.position_embedding == "rope":
-        q = apply_rope(q[:, None], pos[:, None], cfg.rope_theta)[:, 0]
-        k = apply_rope(k[:, None], pos[:, None], cfg.rope_theta)[:, 0]
-      kc, vc = write(ks[i], k, pos), write(vs[i], v, pos)
-      new_k.append(kc)
-      new_v.append(vc)
-      o = decode_attention(q, kc, vc, pos + 1, alibi_slopes=slopes, backend=backend)
-      x = x + jnp.einsum("bhd,hde->be", o.astype(dt), a["o_proj"]["kernel"].astype(dt))
-      m = p["mlp"]
-      hx = _rms(x, p["post_attention_layernorm"]["weight"], cfg.rms_norm_eps)
-      gate = hx @ m["gate_proj"]["kernel"].astype(dt)
-      up = hx @ m["up_proj"]["kernel"].astype(dt)
-      x = x + (jax.nn.silu(gate) * up) @ m["down_proj"]["kernel"].astype(dt)
-    x = _rms(x, params["norm"]["weight"], cfg.rms_norm_eps)
-    logits = jnp.einsum("be,ev->bv", x, params["lm_head"].astype(dt),
-                        preferred_element_type=jnp.float32)
-    if head_norms is not None:
-      logits = logits / head_norms
-    return topk_argmax(logits, backend=backend), logits, tuple(new_k), tuple(new_v)
-
-  return step
-
-
 def model_decode_step(cfg):
-  """The model's own cached step (XLA attention over every slot) with a jnp.argmax pick."""
-  from baichuan_jax.model import BaichuanLM
-  model = BaichuanLM(cfg, unroll_layers=True)
+  """`infer.generate`'s own greedy decode step (the host loop's jitted step) that also returns
+  the logits: `BaichuanLM(unroll_layers=True)` on the KV cache, then `sampling.next_token`.
 
-  def step(params, cache, tok, pos):
-    cache = cache.replace(index=pos[0])
-    logits, cache = model.apply({"params": params}, tok[:, None], positions=pos[:, None],
-                                segment_ids=jnp.ones_like(tok)[:, None], cache=cache)
-    return jnp.argmax(logits[:, -1], -1).astype(jnp.int32), logits[:, -1], cache
+  With cfg.attention_impl == "pallas" the model takes the wired-in kernels: the fused RMSNorm,
+  `kernels_pallas.decode_attention` over each row's filled slots (the span read from the cache's
+  segment ids and index) and the `topk_argmax` pick with the repetition penalty inside; with
+  "xla", attention over every cache slot and `jnp.argmax`. Returns (state, logits).
+  """
+  from baichuan_jax.infer import generate as _  # noqa: F401  (the package is imported first)
+  import importlib
+  gen_lib = importlib.import_module("baichuan_jax.infer.generate")
 
-  return step
+  def step(params, state, rows):
+    seg = jnp.ones_like(state.last)[:, None]
+    logits, cache = gen_lib._forward_last(  # pylint: disable=protected-access
+        cfg, params, state.last[:, None], state.pos[:, None], seg, state.cache, unroll=True)
+    state = state.replace(cache=cache)
+    tok = gen_lib._pick(cfg, logits, state.present, state.step, rows, False)  # pylint: disable=protected-access
+    return gen_lib._advance(cfg, state, tok, rows), logits  # pylint: disable=protected-access
+
+  return step, gen_lib
 
 
 def section_decode(suite, backend, dcfg):
   from baichuan_jax import configs
   from baichuan_jax.model import init_cache
-  from baichuan_jax.model.layers import head_column_norms
   import gpu_decode  # benchmarks/gpu_decode.py
-  cfg = configs.get(dcfg["preset"], dtype="bfloat16", param_dtype="bfloat16",
-                    **dcfg["overrides"])
+  del backend  # the model resolves attention_impl="pallas" to the platform's kernels itself
+  cfgs = {impl: configs.get(dcfg["preset"], dtype="bfloat16", param_dtype="bfloat16",
+                            attention_impl=impl, **dcfg["overrides"])
+          for impl in ("xla", "pallas")}
+  cfg = cfgs["xla"]
   params = gpu_decode.random_params(cfg)
   ctx, L = dcfg["context"], dcfg["max_len"]
   counts = configs.param_counts(cfg)
   d = cfg.hidden_size // cfg.num_heads
   weight_bytes = 2 * (counts["total"] - counts["embedding"])
   bw = suite.result["ceilings"].get("copy_bandwidth")
-  head_norms = head_column_norms(params["lm_head"]) if cfg.norm_head else None
-  kstep = jax.jit(kernel_decode_step(cfg, backend), donate_argnums=(2, 3))
-  mstep = jax.jit(model_decode_step(cfg), donate_argnums=(1,))
+  steps, gen_lib = {}, None
+  for impl, c in cfgs.items():
+    fn, gen_lib = model_decode_step(c)
+    steps[impl] = jax.jit(fn, donate_argnums=(1,))
   rows = suite.result["decode"]
+  names = {"xla": "model (attention_impl=xla: XLA attention over all slots, jnp.argmax)",
+           "pallas": "kernels (the model's step with attention_impl=pallas: decode_attention "
+                     "over filled slots, topk_argmax)"}
 
-  def fresh_cache(batch, seed):
+  def fresh_state(batch, seed):
+    """A generate decode state with `ctx` filled slots per row (random bf16 K/V), next slot ctx."""
     shape = (batch, cfg.num_kv_heads, L, d)
     fill = jax.jit(lambda key: jax.random.normal(key, shape, jnp.bfloat16))
     keys = jax.random.split(jax.random.PRNGKey(seed), 2 * cfg.num_layers)
-    return (tuple(fill(keys[i]) for i in range(cfg.num_layers)),
-            tuple(fill(keys[cfg.num_layers + i]) for i in range(cfg.num_layers)))
+    slot = jnp.arange(L, dtype=jnp.int32)
+    cache = init_cache(cfg, batch, L, dtype="bfloat16").replace(
+        k=tuple(fill(keys[i]) for i in range(cfg.num_layers)),
+        v=tuple(fill(keys[cfg.num_layers + i]) for i in range(cfg.num_layers)),
+        positions=jnp.broadcast_to(jnp.where(slot < ctx, slot, 0), (batch, L)),
+        segment_ids=jnp.broadcast_to((slot < ctx).astype(jnp.int32), (batch, L)),
+        index=jnp.asarray(ctx, jnp.int32))
+    tok = jnp.asarray(np.random.default_rng(seed).integers(3, cfg.vocab_size, size=(batch,)),
+                      jnp.int32)
+    state = gen_lib.DecodeState(
+        cache=cache, out=jnp.zeros((batch, 16), jnp.int32), last=tok,
+        pos=jnp.full((batch,), ctx, jnp.int32), lengths=jnp.ones((batch,), jnp.int32),
+        present=jnp.zeros((batch, cfg.vocab_size), bool).at[jnp.arange(batch), tok].set(True),
+        done=jnp.zeros((batch,), bool), finish=jnp.zeros((batch,), jnp.int32),
+        step=jnp.ones((), jnp.int32))
+    z = lambda dt: jnp.zeros((batch,), dt)
+    rows_p = gen_lib.RowParams(  # greedy, penalty 1 (still applied, as generate does), no stop
+        temperature=z(jnp.float32), top_k=z(jnp.int32), top_p=jnp.ones((batch,), jnp.float32),
+        repetition_penalty=jnp.ones((batch,), jnp.float32),
+        max_new=jnp.full((batch,), 1 << 30, jnp.int32),
+        stop_ids=jnp.full((batch, 1), -1, jnp.int32), seeds=z(jnp.uint32))
+    return state, rows_p
 
   def row_for(path, batch, sec, slots_read):
     kv_bytes = 2 * cfg.num_layers * batch * cfg.num_kv_heads * slots_read * d * 2
@@ -498,84 +475,51 @@ def section_decode(suite, backend, dcfg):
                  limit_weights_only=batch * bw / weight_bytes)
     return row
 
-  def timed(fn, args_fn, steps):
-    """Per-step seconds over `steps` asynchronously dispatched steps (cache threaded through)."""
-    state = args_fn(None)
-    state = fn(*state)  # compile + one warm-up
+  def timed(fn, state, rows_p, n):
+    """Per-step seconds over `n` asynchronously dispatched steps (the state threaded through)."""
+    state, _ = fn(params, state, rows_p)  # compile + one warm-up
     jax.block_until_ready(state)
-    state = args_fn(state)
     t0 = time.perf_counter()
-    for _ in range(steps):
-      state = args_fn(fn(*state))
+    for _ in range(n):
+      state, _ = fn(params, state, rows_p)
     jax.block_until_ready(state)
-    return (time.perf_counter() - t0) / steps
+    return (time.perf_counter() - t0) / n
 
-  tok_rng = np.random.default_rng(0)
   checked = False
   for batch in sorted(set(dcfg["batches"]) | set(dcfg["model_batches"])):
-    tok = jnp.asarray(tok_rng.integers(3, cfg.vocab_size, size=(batch,)), jnp.int32)
-    pos = jnp.full((batch,), ctx, jnp.int32)
-    if not checked:  # the kernel step against the model's step on the same cache contents
+    if not checked:  # the two paths on the same cache contents (the timed executables)
       if not suite.fits("decode check", COST["decode_step"] * 2):
         return
-      ks, vs = fresh_cache(batch, 1)
-      cache = init_cache(cfg, batch, L, dtype="bfloat16")
-      cache = cache.replace(k=ks, v=vs, segment_ids=jnp.ones((batch, L), jnp.int32),
-                            positions=jnp.broadcast_to(jnp.arange(L, dtype=jnp.int32),
-                                                       (batch, L)))
-      # The same (donating) executables as the timed runs below, so nothing compiles twice;
-      # each path gets its own copy of the cache because donation consumes it.
-      k_tok, k_logits, _, _ = kstep(params, head_norms, jax.tree.map(jnp.copy, ks),
-                                    jax.tree.map(jnp.copy, vs), tok, pos)
-      m_tok, m_logits, _ = mstep(params, cache, tok, pos)
-      err = _rel_l2(k_logits, m_logits)
+      out = {}
+      for impl in ("xla", "pallas"):
+        state, rows_p = fresh_state(batch, 1)  # a copy each: the step donates its state
+        new, logits = steps[impl](params, state, rows_p)
+        out[impl] = (np.asarray(new.out[:, 1]), logits)
+      err = _rel_l2(out["pallas"][1], out["xla"][1])
       # bf16 activations through every layer in a different operation order: a few 1e-3.
       suite.result["check"].append(dict(
-          kernel="decode step with kernels vs the model's cached step (logits)", batch=batch,
-          rel_l2={"logits": err}, limit=5e-2, ok=err <= 5e-2,
-          same_greedy_token=bool(np.array_equal(np.asarray(m_tok), np.asarray(k_tok)))))
-      del cache, ks, vs, m_logits, k_logits
+          kernel="decode step attention_impl=pallas vs the model's cached step with xla (logits)",
+          batch=batch, rel_l2={"logits": err}, limit=5e-2, ok=err <= 5e-2,
+          same_greedy_token=bool(np.array_equal(out["pallas"][0], out["xla"][0]))))
+      del out, state, new, logits
       checked = True
       suite.write()
     first = batch == min(set(dcfg["batches"]) | set(dcfg["model_batches"]))
     cost = 10 if first else COST["decode_step"]  # the check compiled the first batch's steps
-    if batch in dcfg["model_batches"]:
-      if not suite.fits(f"decode model batch {batch}", cost):
+    for impl, wanted, slots_read in (("xla", dcfg["model_batches"], L),
+                                     ("pallas", dcfg["batches"], ctx + 1)):
+      if batch not in wanted:
+        continue
+      if not suite.fits(f"decode {impl} batch {batch}", cost):
         return
       try:
-        ks, vs = fresh_cache(batch, 2)
-        cache = init_cache(cfg, batch, L, dtype="bfloat16").replace(
-            k=ks, v=vs, segment_ids=jnp.ones((batch, L), jnp.int32))
-        del ks, vs
-
-        def margs(out, cache=cache, tok=tok, pos=pos):
-          if out is None:
-            return (params, cache, tok, pos)
-          return (params, out[2], out[0], pos)
-
-        sec = timed(mstep, margs, dcfg["steps"])
-        rows.append(row_for("model (XLA attention over all slots, jnp.argmax)", batch, sec, L))
+        state, rows_p = fresh_state(batch, 2)
+        sec = timed(steps[impl], state, rows_p, dcfg["steps"])
+        rows.append(row_for(names[impl], batch, sec, slots_read))
+        rows[-1]["attention_impl"] = impl
       except Exception as e:  # pylint: disable=broad-except
-        suite.error(f"decode model batch {batch}", e)
-      cache = None
-      suite.write()
-    if batch in dcfg["batches"]:
-      if not suite.fits(f"decode kernels batch {batch}", cost):
-        return
-      try:
-        ks, vs = fresh_cache(batch, 3)
-
-        def kargs(out, ks=ks, vs=vs, tok=tok, pos=pos):
-          if out is None:
-            return (params, head_norms, ks, vs, tok, pos)
-          return (params, head_norms, out[2], out[3], out[0], pos)
-
-        del ks, vs
-        sec = timed(kstep, kargs, dcfg["steps"])
-        rows.append(row_for("kernels (decode_attention over filled slots, topk_argmax)", batch,
-                            sec, ctx + 1))
-      except Exception as e:  # pylint: disable=broad-except
-        suite.error(f"decode kernels batch {batch}", e)
+        suite.error(f"decode {impl} batch {batch}", e)
+      state = None
       suite.write()
     print("decode", json.dumps(rows[-2:], default=str)[:500], flush=True)
 

@@ -263,6 +263,20 @@ def _validate(q, k_cache, v_cache, lengths, starts, alibi_slopes):
     raise ValueError(f"alibi_slopes.shape={alibi_slopes.shape} is invalid: must be [heads={h}]")
 
 
+def decode_kernel_fits(max_len: int, head_dim: int, backend: str = "auto") -> bool:
+  """Whether `decode_attention` runs a kernel (not only the reference) for this cache shape.
+
+  The kernels need max_len to be a multiple of 16 (GPU / interpret) or 8 (TPU), and on the GPU a
+  power-of-two head_dim >= 16; the model keeps the XLA path for other shapes.
+  """
+  backend = resolve_backend(backend)
+  if backend == "xla":
+    return False
+  if backend in ("gpu", "interpret"):
+    return max_len % 16 == 0 and head_dim >= 16 and not head_dim & (head_dim - 1)
+  return max_len % 8 == 0
+
+
 def decode_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, lengths: jax.Array, *,
                      starts: Optional[jax.Array] = None,
                      alibi_slopes: Optional[jax.Array] = None,

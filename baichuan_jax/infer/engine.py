@@ -117,13 +117,14 @@ def _init_state(cfg, slots: int, max_len: int) -> SlotState:
       seeds=z(jnp.uint32), stop_ids=jnp.full((slots, MAX_STOP_IDS), -1, jnp.int32))
 
 
-def _pick(s: SlotState, logits, present, lengths, do_sample, rows=None):
-  """Next token per row; `rows` selects the slots the logits belong to (default: all)."""
+def _pick(s: SlotState, logits, present, lengths, do_sample, rows=None, use_kernels=False):
+  """Next token per row; `rows` selects the slots the logits belong to (default: all).
+  `use_kernels` (cfg.attention_impl == "pallas") picks with the Pallas top-k kernels."""
   take = (lambda a: a) if rows is None else (lambda a: a[rows])
   keys = jax.vmap(lambda seed, n: jax.random.fold_in(jax.random.PRNGKey(seed), n))(
       take(s.seeds), lengths)
   return next_token(logits, present, keys, take(s.temperature), take(s.top_k), take(s.top_p),
-                    take(s.repetition_penalty), do_sample)
+                    take(s.repetition_penalty), do_sample, use_kernels=use_kernels)
 
 
 def _admit(cfg, do_sample, params, state: SlotState, tokens, n, slot, settings):
@@ -138,7 +139,8 @@ def _admit(cfg, do_sample, params, state: SlotState, tokens, n, slot, settings):
       cfg, params, tokens, idx[None], segs, init_cache(cfg, 1, p_len), last=n[None] - 1)
   present = jnp.zeros((1, cfg.vocab_size), jnp.int32).at[0, tokens[0]].add(segs[0]) > 0
   state = state.replace(**{k: getattr(state, k).at[slot].set(v) for k, v in settings.items()})
-  tok = _pick(state, logits, present, jnp.zeros((1,), jnp.int32), do_sample, rows=slot[None])[0]
+  tok = _pick(state, logits, present, jnp.zeros((1,), jnp.int32), do_sample, rows=slot[None],
+              use_kernels=cfg.attention_impl == "pallas")[0]
   max_len = state.cache.positions.shape[1]
   full = jnp.arange(max_len, dtype=jnp.int32)
   put = lambda big, small: jax.lax.dynamic_update_slice_in_dim(big, small, slot, 0)
@@ -175,7 +177,8 @@ def _decode(cfg, do_sample, n_steps, params, state: SlotState, keep):
         cfg, params, s.last[:, None], s.pos[:, None], run.astype(jnp.int32)[:, None], s.cache,
         unroll=True)
     cache = cache.replace(index=jnp.where(run, cache.index, s.cache.index))
-    tok = jnp.where(run, _pick(s, logits, s.present, s.lengths, do_sample), cfg.pad_id)
+    tok = jnp.where(run, _pick(s, logits, s.present, s.lengths, do_sample,
+                               use_kernels=cfg.attention_impl == "pallas"), cfg.pad_id)
     lengths = s.lengths + run.astype(jnp.int32)
     stop = run & jnp.any(tok[:, None] == s.stop_ids, axis=-1)
     present = s.present.at[rows, tok].set(s.present[rows, tok] | run)

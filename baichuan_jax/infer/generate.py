@@ -127,7 +127,8 @@ def _forward_last(cfg, params, tokens, positions, segment_ids, cache, unroll=Fal
 def _pick(cfg, logits, state_present, step, rows: RowParams, do_sample):
   keys = jax.vmap(lambda s: jax.random.fold_in(jax.random.PRNGKey(s), step))(rows.seeds)
   return next_token(logits, state_present, keys, rows.temperature, rows.top_k, rows.top_p,
-                    rows.repetition_penalty, do_sample)
+                    rows.repetition_penalty, do_sample,
+                    use_kernels=cfg.attention_impl == "pallas")
 
 
 def _advance(cfg, state: DecodeState, tok, rows: RowParams) -> DecodeState:

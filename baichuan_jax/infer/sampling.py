@@ -63,9 +63,14 @@ def top_k_top_p_filter(logits: jax.Array, top_k: jax.Array, top_p: jax.Array) ->
   return jnp.where(nucleus_off[:, None] | (logits > threshold), logits, NEG_INF)
 
 
+# Candidates the kernel pick takes per row (static): rows sampling with 1 <= top_k < this (and no
+# top-p) are drawn from them; Baichuan 2's generation config uses top_k = 5.
+KERNEL_TOP_K = 16
+
+
 def next_token(logits: jax.Array, present: jax.Array, keys: jax.Array, temperature: jax.Array,
                top_k: jax.Array, top_p: jax.Array, repetition_penalty: jax.Array,
-               do_sample: bool) -> jax.Array:
+               do_sample: bool, use_kernels: bool = False) -> jax.Array:
   """Chooses one token per row.
 
   Args:
@@ -75,9 +80,14 @@ def next_token(logits: jax.Array, present: jax.Array, keys: jax.Array, temperatu
     temperature: [batch] fp32; 0 = greedy.
     top_k, top_p, repetition_penalty: [batch] (see module doc).
     do_sample: static; False compiles the greedy path only.
+    use_kernels: static; True picks with the Pallas one-pass kernels (`kernels_pallas.top_k`,
+      the repetition penalty applied inside), with the same tokens (see `_next_token_kernels`).
   Returns:
     [batch] int32 token ids.
   """
+  if use_kernels:
+    return _next_token_kernels(logits, present, keys, temperature, top_k, top_p,
+                               repetition_penalty, do_sample)
   logits = apply_repetition_penalty(logits, present, repetition_penalty)
   greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
   if not do_sample:
@@ -86,3 +96,47 @@ def next_token(logits: jax.Array, present: jax.Array, keys: jax.Array, temperatu
   filtered = top_k_top_p_filter(logits / t, top_k, top_p)
   sampled = jax.vmap(jax.random.categorical)(keys, filtered).astype(jnp.int32)
   return jnp.where(temperature > 0, sampled, greedy)
+
+
+def _next_token_kernels(logits, present, keys, temperature, top_k, top_p, repetition_penalty,
+                        do_sample):
+  """`next_token` through `kernels_pallas.top_k`: one pass over the logits, no [batch, vocab]
+  penalised copy and no full-vocabulary sort.
+
+  Greedy: the first maximum of the penalised logits (`topk_argmax`, as `jnp.argmax`). Sampling:
+  the kernel returns each row's top KERNEL_TOP_K penalised logits and their indices. A row with
+  temperature T > 0, 1 <= top_k < KERNEL_TOP_K and top_p == 1 keeps the candidates c / T >= the
+  k-th largest, the set the full path keeps, whenever the last candidate is strictly below that
+  threshold (all ties at the boundary are then among the candidates), and draws
+  argmax(kept + Gumbel noise) with the noise the full path's `jax.random.categorical` draws at
+  those vocabulary indices (lowest index among equal maxima, as `jnp.argmax`): the same token.
+  If any sampling row falls outside that (top-p, top_k off or >= KERNEL_TOP_K, boundary ties
+  past the candidates), the batch takes the full-vocabulary path (`lax.cond`, one branch runs).
+  """
+  from kernels_pallas import top_k as kernel_top_k  # pylint: disable=import-outside-toplevel
+  from kernels_pallas import topk_argmax  # pylint: disable=import-outside-toplevel
+  if not do_sample:
+    return topk_argmax(logits, present=present, penalty=repetition_penalty)
+  b, vocab = logits.shape
+  kc = min(KERNEL_TOP_K, vocab)
+  vals, idx = kernel_top_k(logits, kc, present=present, penalty=repetition_penalty)
+  greedy = idx[:, 0]
+  t = jnp.where(temperature > 0, temperature, 1.0)[:, None]
+  cand = vals / t  # [batch, kc], largest first
+  kth = jnp.take_along_axis(cand, jnp.clip(top_k - 1, 0, kc - 1)[:, None], axis=1)  # [batch, 1]
+  covered = (top_k >= 1) & (top_k < kc) & (cand[:, -1] < kth[:, 0]) & (top_p >= 1.0)
+  exact = jnp.all(covered | (temperature <= 0))
+
+  def from_candidates():
+    kept = jnp.where(cand >= kth, cand, NEG_INF)
+    noise = jax.vmap(lambda key, i: jax.random.gumbel(key, (vocab,), jnp.float32)[i])(keys, idx)
+    z = kept + noise
+    top = jnp.max(z, axis=1, keepdims=True)
+    tok = jnp.min(jnp.where(z == top, idx, vocab), axis=1).astype(jnp.int32)
+    return jnp.where(temperature > 0, tok, greedy)
+
+  def full_vocabulary():
+    return next_token(logits, present, keys, temperature, top_k, top_p, repetition_penalty,
+                      True)
+
+  return jax.lax.cond(exact, from_candidates, full_vocabulary)

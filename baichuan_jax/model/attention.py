@@ -88,3 +88,34 @@ def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, ctx: AttnContext,
   # [batch, q_len, kv_heads, groups, head_dim]
   out = jnp.einsum(f"bhgqk,{kv_spec}->bqhgd", probs, v)
   return out.reshape(b, sq, h, d)
+
+
+def decode_span(ctx: AttnContext, alibi: bool) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """The filled cache slots each row's single decode query attends to, as one span per row.
+
+  For one query token per row (q_len == 1) the XLA mask attends, in row b, to the slots
+  j <= index[b] whose segment id equals the query's. `kernels_pallas.decode_attention` attends
+  to the span [starts[b], lengths[b]) instead, with ALiBi distance (lengths[b] - 1) - j. The two
+  agree exactly when those slots are contiguous and end at the query's slot (left padding before
+  them is fine: `infer.generate` writes segment 0 there, `infer.engine` segment 0 after a row's
+  request), and, with ALiBi, when positions advance by one per slot over the span.
+
+  Returns:
+    starts, lengths: [batch] int32. A row whose query has segment 0 (an idle engine slot, whose
+      output nobody reads) gets the empty span [0, 0) and reads no slot.
+    ok: scalar bool, True when every other row satisfies the conditions above (else the caller
+      keeps the XLA path for the whole batch).
+  """
+  b, L = ctx.k_seg.shape
+  q_seg = ctx.q_seg[:, 0]
+  index = jnp.broadcast_to(ctx.cache_index, (b,)).astype(jnp.int32)
+  slot = jnp.arange(L, dtype=jnp.int32)
+  live = (ctx.k_seg == q_seg[:, None]) & (slot[None] <= index[:, None])  # the XLA mask's keys
+  starts = jnp.argmax(live, axis=1).astype(jnp.int32)
+  lengths = index + 1
+  ok = (jnp.sum(live, axis=1) == lengths - starts) & (lengths <= L) & live[jnp.arange(b), starts]
+  if alibi:
+    offset = (ctx.q_pos[:, 0] - index)[:, None]
+    ok &= jnp.all(~live | (ctx.k_pos - slot[None] == offset), axis=1)
+  idle = q_seg == 0
+  return (jnp.where(idle, 0, starts), jnp.where(idle, 0, lengths), jnp.all(ok | idle))

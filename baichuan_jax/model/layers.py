@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from baichuan_jax.model.attention import AttnContext, write_cache, xla_attention
+from baichuan_jax.model.attention import AttnContext, decode_span, write_cache, xla_attention
 from baichuan_jax.model.positions import alibi_slopes, apply_rope
 from kernels_pallas.reference import rms_norm_reference
 
@@ -93,12 +93,44 @@ class Attention(nn.Module):
       from kernels_pallas import flash_attention  # pylint: disable=import-outside-toplevel
       out = flash_attention(q, k, v, causal=True, alibi_slopes=slopes, segment_ids=ctx.q_seg,
                             positions=ctx.q_pos)
+    elif kv is not None and q.shape[1] == 1 and _decode_kernel_applies(cfg, k):
+      out = _decode_step_attention(q, k, v, ctx, slopes)
     else:
       out = xla_attention(q, k.astype(q.dtype), v.astype(q.dtype), ctx, slopes,
                           kv_layout="bshd" if kv is None else "bhsd")
     # [batch, seq, heads, head_dim] -> [batch, seq, hidden]
     out = _dense(cfg, cfg.hidden_size, ("heads", "kv", "embed"), "o_proj", axis=(-2, -1))(out)
     return out, (None if kv is None else (k, v))
+
+
+def _decode_kernel_applies(cfg, k_cache: jax.Array) -> bool:
+  """Static part of the decode-kernel choice: attention_impl="pallas", a cache shape the kernel
+  takes, and no multi-device mesh (a sharded cache stays on the XLA path, which GSPMD
+  partitions; the kernel is not wrapped in a shard_map)."""
+  if cfg.attention_impl != "pallas":
+    return False
+  from kernels_pallas.decode import decode_kernel_fits  # pylint: disable=import-outside-toplevel
+  mesh = jax.sharding.get_abstract_mesh()
+  if not mesh.empty and mesh.size > 1:
+    return False
+  return decode_kernel_fits(k_cache.shape[2], k_cache.shape[3])
+
+
+def _decode_step_attention(q, k_cache, v_cache, ctx: AttnContext, slopes):
+  """One decode token per row with `kernels_pallas.decode_attention` over each row's filled span.
+
+  The span comes from the cache's segment ids and index (`decode_span`); when some row's keys are
+  not one contiguous span ending at its query (or, with ALiBi, positions do not advance by one
+  per slot), the whole batch takes the XLA path instead (`lax.cond`: only one branch runs), so
+  the result is the XLA path's wherever the kernel could differ.
+  """
+  from kernels_pallas import decode_attention  # pylint: disable=import-outside-toplevel
+  starts, lengths, ok = decode_span(ctx, slopes is not None)
+  kernel = lambda: decode_attention(q, k_cache, v_cache, lengths, starts=starts,
+                                    alibi_slopes=slopes).astype(q.dtype)
+  xla = lambda: xla_attention(q, k_cache.astype(q.dtype), v_cache.astype(q.dtype), ctx, slopes,
+                              kv_layout="bhsd")
+  return jax.lax.cond(ok, kernel, xla)
 
 
 class MLP(nn.Module):
