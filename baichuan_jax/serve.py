@@ -58,6 +58,9 @@ from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any, Optional
 
+import jax.numpy as jnp
+import numpy as np
+
 from baichuan_jax.infer import chat_template
 from baichuan_jax.infer import loading
 from baichuan_jax.infer.engine import Engine, QueueFull, Request
@@ -179,22 +182,48 @@ def short_name(source: str) -> str:
   return p.name or "baichuan-jax"
 
 
+DEFAULT_MAX_CONTEXT = 4096
+
+
+def context_length(cfg, max_context: Optional[int] = None) -> int:
+  """Tokens per request the server allows: `max_context`, else the config's `max_seq_len` capped
+  at `DEFAULT_MAX_CONTEXT`; never more than `max_seq_len` (positions past it were never trained).
+  """
+  if max_context is None:
+    return min(int(cfg.max_seq_len), DEFAULT_MAX_CONTEXT)
+  if max_context > cfg.max_seq_len:
+    raise ValueError(f"--max-context={max_context} exceeds the model's max_seq_len="
+                     f"{cfg.max_seq_len}")
+  return int(max_context)
+
+
+def kv_cache_bytes(cfg, slots: int, tokens: int) -> int:
+  """Bytes of the engine's KV cache: K and V for every layer, slot and token."""
+  kv_heads = cfg.get("num_kv_heads", None) or cfg.num_heads
+  item = np.dtype(jnp.dtype(cfg.dtype)).itemsize
+  return 2 * cfg.num_layers * slots * tokens * kv_heads * (cfg.hidden_size // cfg.num_heads) * item
+
+
 class Server:
   """The model, its continuous-batching engine and the server settings; parses requests."""
 
   def __init__(self, model: loading.LoadedModel, max_batch: int = 8, batch_wait_ms: float = 10.0,
                model_name: Optional[str] = None, *, max_queue: int = 64,
                api_key: Optional[str] = None, request_timeout: float = 30.0,
-               idle_timeout: float = 5.0, steps_per_sync: int = 1):
+               idle_timeout: float = 5.0, steps_per_sync: int = 1,
+               max_context: Optional[int] = None):
     self.model = model
     self.cfg = model.cfg
+    # The KV cache is allocated once for every slot, so it is sized to the context requests may
+    # use, not to the maximum a config declares (a config may declare far more than fits).
+    self.max_context = context_length(model.cfg, max_context)
     self.max_batch = max_batch
     self.model_name = model_name or short_name(model.source)
     self.api_key = api_key or None
     self.request_timeout, self.idle_timeout = request_timeout, idle_timeout
     self.verbose = False
     self.engine = Engine(model.cfg, model.params, model.tokenizer.decode, num_slots=max_batch,
-                         max_queue=max_queue, batch_wait_ms=batch_wait_ms,
+                         max_len=self.max_context, max_queue=max_queue, batch_wait_ms=batch_wait_ms,
                          steps_per_sync=steps_per_sync)
     self.busy_connections = 0  # connections turned away with 429 (every worker busy)
     self.started = time.time()
@@ -221,7 +250,7 @@ class Server:
 
   def _max_new(self, body, n_prompt: int, name: str, default: Optional[int],
                prompt_field: str) -> int:
-    ctx = self.cfg.max_seq_len
+    ctx = self.max_context
     room = ctx - n_prompt
     if room < 1:
       raise RequestError(f"the prompt has {n_prompt} tokens but the model context is {ctx} tokens; "
@@ -739,12 +768,12 @@ def make_server(model: loading.LoadedModel, host: str = "127.0.0.1", port: int =
                 max_batch: int = 8, batch_wait_ms: float = 10.0,
                 model_name: Optional[str] = None, *, max_queue: int = 64, workers: int = 64,
                 backlog: int = 128, request_timeout: float = 30.0, idle_timeout: float = 5.0,
-                api_key: Optional[str] = None,
-                steps_per_sync: int = 1) -> tuple[HTTPServer, Server]:
+                api_key: Optional[str] = None, steps_per_sync: int = 1,
+                max_context: Optional[int] = None) -> tuple[HTTPServer, Server]:
   """An HTTP server (not yet serving) and its `Server`; port 0 picks a free port."""
   srv = Server(model, max_batch=max_batch, batch_wait_ms=batch_wait_ms, model_name=model_name,
                max_queue=max_queue, api_key=api_key, request_timeout=request_timeout,
-               idle_timeout=idle_timeout, steps_per_sync=steps_per_sync)
+               idle_timeout=idle_timeout, steps_per_sync=steps_per_sync, max_context=max_context)
   httpd = HTTPServer((host, port), make_handler(srv), srv, workers=workers, backlog=backlog)
   return httpd, srv
 
@@ -787,6 +816,9 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--model-name", default=None,
                  help="model id reported by /v1/models and in responses (default: the checkpoint "
                       "folder's name)")
+  p.add_argument("--max-context", type=int, default=None,
+                 help="tokens per request (prompt + completion); the KV cache holds this many per "
+                      f"slot (default: the model's max_seq_len, at most {DEFAULT_MAX_CONTEXT})")
   p.add_argument("--verbose", action="store_true", help="log every request")
   return p
 
@@ -802,8 +834,11 @@ def main(argv: Optional[list[str]] = None) -> int:
   if not _is_loopback(args.host) and not args.api_key:
     print(f"warning: listening on {args.host} without an API key: anyone who can reach this "
           f"port can use the model (set --api-key or ${API_KEY_ENV})", file=sys.stderr)
+  if args.max_context is not None and args.max_context < 2:
+    p.error(f"--max-context={args.max_context} must be >= 2")
   try:
     model = loading.from_args(args)
+    context_length(model.cfg, args.max_context)
   except (ValueError, FileNotFoundError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
@@ -811,10 +846,13 @@ def main(argv: Optional[list[str]] = None) -> int:
       model, args.host, args.port, args.max_batch, args.batch_wait_ms,
       args.model_name or short_name(model.source), max_queue=args.max_queue,
       workers=args.workers, backlog=args.backlog, request_timeout=args.request_timeout,
-      idle_timeout=args.idle_timeout, api_key=args.api_key, steps_per_sync=args.steps_per_sync)
+      idle_timeout=args.idle_timeout, api_key=args.api_key, steps_per_sync=args.steps_per_sync,
+      max_context=args.max_context)
   srv.verbose = args.verbose
+  gib = kv_cache_bytes(model.cfg, args.max_batch, srv.max_context) / 2**30
   print(f"serving {model.source} as {srv.model_name!r} on http://{args.host}:"
-        f"{httpd.server_address[1]}/v1 ({args.max_batch} decode slots)", file=sys.stderr)
+        f"{httpd.server_address[1]}/v1 ({args.max_batch} decode slots x {srv.max_context} "
+        f"tokens, KV cache {gib:.2f} GiB)", file=sys.stderr)
   try:
     httpd.serve_forever()
   except KeyboardInterrupt:

@@ -329,3 +329,34 @@ def test_cli_flags_and_the_open_bind_warning(tmp_path, capsys, monkeypatch):
   assert "warning" not in capsys.readouterr().err
   args = serve._parser().parse_args(["--hf", "d", "--slots", "3", "--max-queue", "5"])  # pylint: disable=protected-access
   assert (args.max_batch, args.max_queue, args.api_key) == (3, 5, "k")
+
+
+def test_kv_cache_is_sized_to_the_served_context_not_the_declared_maximum(model):
+  """A config may declare a context far beyond what fits (max_seq_len 2**20 here): the engine's
+  cache holds DEFAULT_MAX_CONTEXT tokens per slot, requests past it get a 400 naming the context,
+  and --max-context picks another size (never above max_seq_len)."""
+  cfg = model.cfg.copy_and_resolve_references()
+  cfg.max_seq_len = 2**20
+  big = LoadedModel(cfg, model.params, model.tokenizer, model.source)
+  srv = serve.Server(big, max_batch=2)
+  try:
+    assert srv.max_context == serve.DEFAULT_MAX_CONTEXT == 4096
+    k = srv.engine.state.cache.k[0]
+    assert k.shape[0] == 2 and k.shape[2] == 4096  # [slots, kv_heads, len, head_dim]
+    kv_heads, head_dim = cfg.num_kv_heads, cfg.hidden_size // cfg.num_heads
+    assert serve.kv_cache_bytes(cfg, 2, 4096) == 2 * cfg.num_layers * 2 * 4096 * kv_heads * head_dim * 4
+    with pytest.raises(serve.RequestError, match=r"allowed \[1, 4095\]"):
+      srv.parse_completion({"prompt": "hi", "max_tokens": 5000})
+    with pytest.raises(serve.RequestError, match="exceed the model context of 4096 tokens"):
+      srv.parse_completion({"prompt": "hello there", "max_tokens": 4095})
+  finally:
+    srv.close()
+  small = serve.Server(big, max_batch=1, max_context=64)
+  try:
+    assert small.engine.state.cache.k[0].shape[2] == 64
+  finally:
+    small.close()
+  with pytest.raises(ValueError, match="--max-context=99 exceeds the model's max_seq_len=32"):
+    cfg2 = model.cfg.copy_and_resolve_references()
+    cfg2.max_seq_len = 32
+    serve.context_length(cfg2, 99)
