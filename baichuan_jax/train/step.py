@@ -27,7 +27,7 @@ import numpy as np
 import optax
 
 from baichuan_jax import configs, sharding
-from baichuan_jax.model import BaichuanLM, init_params
+from baichuan_jax.model import BaichuanLM, init_params, param_logical_axes
 from baichuan_jax.train import optim
 from baichuan_jax.train.chunked_loss import chunked_lm_loss
 from baichuan_jax.train.config import validate_train_config
@@ -105,31 +105,67 @@ class MeshJit:
       return self.jitted.lower(*args)
 
 
+def init_state(params: Any, opt: optax.GradientTransformation, rng: jax.Array) -> TrainState:
+  """The one TrainState initialisation: step 0, fresh optimizer state, no skipped steps."""
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt.init(params),
+                    rng=rng, skipped=jnp.zeros((), jnp.int32),
+                    consecutive_bad=jnp.zeros((), jnp.int32))
+
+
+def tree_shardings(axes: Any, mesh: Mesh, zero_stage: int, view: str) -> Any:
+  """NamedShardings for a tree of logical PartitionSpecs in one view of the state."""
+  return sharding.logical_to_sharding(axes, mesh, sharding.logical_axis_rules(zero_stage, view))
+
+
+def tree_state_shardings(axes: Any, params_like: Any, train_cfg: ml_collections.ConfigDict,
+                         mesh: Mesh) -> TrainState:
+  """The one state-sharding function: NamedShardings for every leaf of a TrainState.
+
+  Args:
+    axes: logical PartitionSpec per leaf of the trainable tree.
+    params_like: the trainable tree (arrays or ShapeDtypeStructs; only shapes are read).
+    train_cfg: train config (ZeRO stage, optimizer).
+    mesh: device mesh.
+  Returns:
+    TrainState of NamedShardings: params and opt_state per the ZeRO stage, scalars replicated.
+  """
+  rep = sharding.replicated(mesh)
+  p_shard = tree_shardings(axes, mesh, train_cfg.zero_stage, "params")
+  o_param_shard = tree_shardings(axes, mesh, train_cfg.zero_stage, "opt_state")
+  opt = optim.make_optimizer(train_cfg)
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(jnp.shape(x), x.dtype), params_like)
+  abstract_opt = jax.eval_shape(opt.init, abstract)
+  o_shard = optax.tree_map_params(
+      opt, lambda _, s: s, abstract_opt, o_param_shard,
+      transform_non_params=lambda _: rep, is_leaf=lambda x: isinstance(x, NamedSharding))
+  return TrainState(step=rep, params=p_shard, opt_state=o_shard, rng=rep, skipped=rep,
+                    consecutive_bad=rep)
+
+
+def create_tree_state(params: Any, axes: Any, train_cfg: ml_collections.ConfigDict, mesh: Mesh,
+                      rng: jax.Array) -> TrainState:
+  """A fresh TrainState for given starting parameters (cast to fp32), placed on its shardings."""
+  opt = optim.make_optimizer(train_cfg)
+  shard = tree_state_shardings(axes, params, train_cfg, mesh)
+  init = lambda p, r: init_state(jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), p), opt, r)  # noqa: E731
+  rules = sharding.logical_axis_rules(train_cfg.zero_stage, "params")
+  return MeshJit(init, mesh, rules, out_shardings=shard)(params, rng)
+
+
 def _abstract_state(model_cfg, train_cfg):
   opt = optim.make_optimizer(train_cfg)
 
   def init(rng):
-    params = init_params(model_cfg, rng)
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt.init(params),
-                      rng=jax.random.fold_in(rng, 1), skipped=jnp.zeros((), jnp.int32),
-                      consecutive_bad=jnp.zeros((), jnp.int32))
+    return init_state(init_params(model_cfg, rng), opt, jax.random.fold_in(rng, 1))
 
   return init, jax.eval_shape(init, jax.random.PRNGKey(0))
 
 
 def state_shardings(model_cfg: ml_collections.ConfigDict, train_cfg: ml_collections.ConfigDict,
                     mesh: Mesh) -> TrainState:
-  """NamedShardings for every leaf of the TrainState (params / opt_state per the ZeRO stage)."""
+  """NamedShardings for every leaf of the LM TrainState (`tree_state_shardings` of its axes)."""
   _, abstract = _abstract_state(model_cfg, train_cfg)
-  rep = sharding.replicated(mesh)
-  p_shard = sharding.param_shardings(model_cfg, mesh, train_cfg.zero_stage, "params")
-  o_param_shard = sharding.param_shardings(model_cfg, mesh, train_cfg.zero_stage, "opt_state")
-  opt = optim.make_optimizer(train_cfg)
-  o_shard = optax.tree_map_params(
-      opt, lambda _, s: s, abstract.opt_state, o_param_shard,
-      transform_non_params=lambda _: rep, is_leaf=lambda x: isinstance(x, NamedSharding))
-  return TrainState(step=rep, params=p_shard, opt_state=o_shard, rng=rep, skipped=rep,
-                    consecutive_bad=rep)
+  return tree_state_shardings(param_logical_axes(model_cfg), abstract.params, train_cfg, mesh)
 
 
 def abstract_train_state(model_cfg: ml_collections.ConfigDict,
@@ -289,26 +325,78 @@ def make_train_step(model_cfg: ml_collections.ConfigDict, train_cfg: ml_collecti
     ValueError: before compiling, for any config that does not fit the mesh.
   """
   validate(model_cfg, train_cfg, mesh)
-  m = sharding.mesh_shape(mesh)
   if loss_fn is None:
-    loss_fn = lm_loss_fn(model_cfg, train_cfg, vocab_shards=m["model"])
+    loss_fn = lm_loss_fn(model_cfg, train_cfg, vocab_shards=sharding.mesh_shape(mesh)["model"])
+  _, abstract = _abstract_state(model_cfg, train_cfg)
+  return build_step(loss_fn, param_logical_axes(model_cfg), abstract.params, train_cfg, mesh,
+                    donate=donate)
+
+
+def build_step(loss_fn: Callable, axes: Any, params_like: Any,
+               train_cfg: ml_collections.ConfigDict, mesh: Mesh, *, frozen: bool = False,
+               donate: bool = True) -> MeshJit:
+  """The one jit builder of a train step, for any trainable tree with logical axes.
+
+  Args:
+    loss_fn: `loss_fn(params, batch, rng) -> (loss, metrics)`, or with `frozen`
+      `loss_fn(params, batch, rng, frozen) -> (loss, metrics)`.
+    axes: logical PartitionSpec per leaf of the trainable tree (`param_logical_axes(cfg)` for
+      the LM; `align.engine.value_model_axes`, `replicated_axes` for other trees).
+    params_like: the trainable tree or its ShapeDtypeStructs (for the optimizer-state layout).
+    train_cfg: train config (optimizer, schedule, micro-batches, ZeRO stage).
+    mesh: device mesh.
+    frozen: the step takes a second, frozen tree (`step(state, frozen, batch)`): frozen weights
+      (a LoRA base, a reference policy) are an argument, never compile-time constants.
+    donate: donate the input state's buffers.
+  Returns:
+    `step(state, batch)` (or `step(state, frozen, batch)`) -> (state, fp32 scalar metrics),
+    jitted with the shardings of `tree_state_shardings`.
+  """
   opt = optim.make_optimizer(train_cfg)
   schedule = optim.lr_schedule(train_cfg)
-  st_shard = state_shardings(model_cfg, train_cfg, mesh)
-  grad_shard = sharding.param_shardings(model_cfg, mesh, train_cfg.zero_stage, "grads")
-  rep = sharding.replicated(mesh)
+  st_shard = tree_state_shardings(axes, params_like, train_cfg, mesh)
+  grad_shard = tree_shardings(axes, mesh, train_cfg.zero_stage, "grads")
   microbatches = train_cfg.microbatches
 
-  def step(state: TrainState, batch: dict):
+  def update(state: TrainState, batch: dict, bound: Callable):
     rng, step_rng = jax.random.split(state.rng)
-    grads, metrics = grads_and_metrics(loss_fn, state.params, batch, step_rng, microbatches,
+    grads, metrics = grads_and_metrics(bound, state.params, batch, step_rng, microbatches,
                                        grad_shard, mesh)
     return guarded_update(state, grads, metrics, rng, opt, schedule)
 
+  if frozen:
+    step = lambda state, fz, batch: update(  # noqa: E731
+        state, batch, lambda p, b, r: loss_fn(p, b, r, fz))
+    in_shard, batch_arg = (st_shard, None, sharding.batch_sharding(mesh)), 2
+  else:
+    step = lambda state, batch: update(state, batch, loss_fn)  # noqa: E731
+    in_shard, batch_arg = (st_shard, sharding.batch_sharding(mesh)), 1
   rules = sharding.logical_axis_rules(train_cfg.zero_stage, "params")
-  return MeshJit(step, mesh, rules, batch_arg=1,
-                 in_shardings=(st_shard, sharding.batch_sharding(mesh)),
-                 out_shardings=(st_shard, rep), donate_argnums=(0,) if donate else ())
+  return MeshJit(step, mesh, rules, batch_arg=batch_arg, in_shardings=in_shard,
+                 out_shardings=(st_shard, sharding.replicated(mesh)),
+                 donate_argnums=(0,) if donate else ())
+
+
+def build_eval_step(loss_fn: Callable, axes: Any, train_cfg: ml_collections.ConfigDict,
+                    mesh: Mesh, *, frozen: bool = False) -> MeshJit:
+  """The one jit builder of an eval step: `eval_step(params[, frozen], batch) -> metrics`.
+
+  Same loss signatures and shardings as `build_step`; the loss sees the fixed key PRNGKey(0).
+  """
+  p_shard = tree_shardings(axes, mesh, train_cfg.zero_stage, "params")
+
+  def metrics_of(params, batch, *fz):
+    _, metrics = loss_fn(params, batch, jax.random.PRNGKey(0), *fz)
+    return {k: jnp.asarray(v, jnp.float32) for k, v in metrics.items()}
+
+  if frozen:
+    fn = lambda params, fz, batch: metrics_of(params, batch, fz)  # noqa: E731
+    in_shard, batch_arg = (p_shard, None, sharding.batch_sharding(mesh)), 2
+  else:
+    fn, in_shard, batch_arg = metrics_of, (p_shard, sharding.batch_sharding(mesh)), 1
+  rules = sharding.logical_axis_rules(train_cfg.zero_stage, "params")
+  return MeshJit(fn, mesh, rules, batch_arg=batch_arg, in_shardings=in_shard,
+                 out_shardings=sharding.replicated(mesh))
 
 
 def make_eval_step(model_cfg: ml_collections.ConfigDict, train_cfg: ml_collections.ConfigDict,
@@ -321,16 +409,7 @@ def make_eval_step(model_cfg: ml_collections.ConfigDict, train_cfg: ml_collectio
   validate(model_cfg, train_cfg, mesh)
   if loss_fn is None:
     loss_fn = lm_loss_fn(model_cfg, train_cfg, vocab_shards=sharding.mesh_shape(mesh)["model"])
-  p_shard = sharding.param_shardings(model_cfg, mesh, train_cfg.zero_stage, "params")
-
-  def eval_step(params, batch):
-    _, metrics = loss_fn(params, batch, jax.random.PRNGKey(0))
-    return {k: jnp.asarray(v, jnp.float32) for k, v in metrics.items()}
-
-  rules = sharding.logical_axis_rules(train_cfg.zero_stage, "params")
-  return MeshJit(eval_step, mesh, rules, batch_arg=1,
-                 in_shardings=(p_shard, sharding.batch_sharding(mesh)),
-                 out_shardings=sharding.replicated(mesh))
+  return build_eval_step(loss_fn, param_logical_axes(model_cfg), train_cfg, mesh)
 
 
 # ----------------------------------------------------------------------------------------------
