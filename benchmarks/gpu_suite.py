@@ -32,9 +32,10 @@ a watchdog thread ends the process at the hard limit, budget + 30 s, after writi
    (a) attention_impl="xla" (XLA attention over every slot, `jnp.argmax`) at batch 1, and
    (b) attention_impl="pallas", the kernels wired into the model (fused RMSNorm,
    `kernels_pallas.decode_attention` over each row's filled slots, `topk_argmax` with the
-   repetition penalty inside) at batch 1, 8 and 32, whose logits are first checked against (a).
-   The limit is the measured copy bandwidth over the bytes a step must read (matmul weights +
-   the filled K/V slots).
+   repetition penalty inside) at batch 1, 8 and 32, whose logits are first checked against (a);
+   at batch 1 also (c) = (b) without the per-layer span check (`layers.DECODE_SPAN_CHECK`, a
+   `lax.cond` per layer), to see what the conditional costs. The limit is the measured copy
+   bandwidth over the bytes a step must read (matmul weights + the filled K/V slots).
 7. `decode_kernel`: `decode_attention` alone on one layer's cache (batch 1/8/32, 2,048 filled
    slots; block / split / warp variants at batch 1; ragged lengths at batch 32) against the jnp
    reference, as GB/s of the filled K/V bytes and a fraction of the copy bandwidth.
@@ -516,12 +517,32 @@ def section_decode(suite, backend, dcfg):
         state, rows_p = fresh_state(batch, 2)
         sec = timed(steps[impl], state, rows_p, dcfg["steps"])
         rows.append(row_for(names[impl], batch, sec, slots_read))
-        rows[-1]["attention_impl"] = impl
+        rows[-1].update(attention_impl=impl, label=impl)
       except Exception as e:  # pylint: disable=broad-except
         suite.error(f"decode {impl} batch {batch}", e)
       state = None
       suite.write()
-    print("decode", json.dumps(rows[-2:], default=str)[:500], flush=True)
+    if first and batch in dcfg["batches"]:
+      # The same pallas step without the per-layer span check (`layers.DECODE_SPAN_CHECK`, a
+      # lax.cond per layer): what the conditional costs on the device.
+      if not suite.fits(f"decode pallas no-check batch {batch}", COST["decode_step"]):
+        return
+      from baichuan_jax.model import layers as layers_lib
+      try:
+        layers_lib.DECODE_SPAN_CHECK = False  # read when the step is traced (its first call)
+        fn, _ = model_decode_step(cfgs["pallas"])
+        state, rows_p = fresh_state(batch, 2)
+        sec = timed(jax.jit(fn, donate_argnums=(1,)), state, rows_p, dcfg["steps"])
+        rows.append(row_for("kernels without the span check (no lax.cond; generate's cache is "
+                            "one span per row)", batch, sec, ctx + 1))
+        rows[-1].update(attention_impl="pallas", label="pallas_no_span_check")
+      except Exception as e:  # pylint: disable=broad-except
+        suite.error(f"decode pallas no-check batch {batch}", e)
+      finally:
+        layers_lib.DECODE_SPAN_CHECK = True
+      state = None
+      suite.write()
+    print("decode", json.dumps(rows[-3:], default=str)[:700], flush=True)
 
 
 def section_decode_kernel(suite, backend, cfg):
@@ -626,7 +647,7 @@ def summarise(result):
       alibi[f"{mode} {seq}"] = a["ms"] / r["ms"] - 1
   s["attention_ours_over_cudnn_speed"] = ratios
   s["alibi_overhead"] = alibi
-  s["decode_fraction_of_limit"] = {f"{r['path'].split(' ')[0]} b{r['batch']}":
+  s["decode_fraction_of_limit"] = {f"{r.get('label', r['path'].split(' ')[0])} b{r['batch']}":
                                    r.get("fraction_of_limit") for r in result["decode"]}
   s["decode_kernel_fraction_of_copy_bw"] = {
       f"b{r['batch']} {r['fill']} {r['variant']}": r.get("kernel_fraction_of_copy_bw")

@@ -103,6 +103,13 @@ class Attention(nn.Module):
     return out, (None if kv is None else (k, v))
 
 
+# True: every pallas decode step checks that each row's keys are one span (`decode_span`) and
+# takes the XLA path when not (a `lax.cond` per layer). False skips the check and always runs the
+# kernel on the span; only for caches built as `infer.generate` and `infer.engine` build them
+# (benchmarks/gpu_suite.py times both, to measure what the conditional costs on a GPU).
+DECODE_SPAN_CHECK = True
+
+
 def _decode_kernel_applies(cfg, k_cache: jax.Array) -> bool:
   """Static part of the decode-kernel choice: attention_impl="pallas", a cache shape the kernel
   takes, and no multi-device mesh (a sharded cache stays on the XLA path, which GSPMD
@@ -130,7 +137,7 @@ def _decode_step_attention(q, k_cache, v_cache, ctx: AttnContext, slopes):
                                     alibi_slopes=slopes).astype(q.dtype)
   xla = lambda: xla_attention(q, k_cache.astype(q.dtype), v_cache.astype(q.dtype), ctx, slopes,
                               kv_layout="bhsd")
-  return jax.lax.cond(ok, kernel, xla)
+  return jax.lax.cond(ok, kernel, xla) if DECODE_SPAN_CHECK else kernel()
 
 
 class MLP(nn.Module):
