@@ -40,6 +40,14 @@ def model(request):
   return xla, pallas, params
 
 
+@pytest.fixture(scope="module")
+def gqa_model():
+  """The RoPE + GQA variant alone, for the sampling tests (the pick does not depend on the
+  attention variant; one variant keeps the file fast)."""
+  xla, pallas = _cfgs(*VARIANTS["rope_gqa"])
+  return xla, pallas, jax.jit(functools.partial(init_params, xla))(jax.random.PRNGKey(3))
+
+
 PROMPTS = [[5, 9, 200, 31, 7], list(range(40, 57)), [1000]]  # 5, 17, 1 tokens: left padding
 
 
@@ -51,10 +59,10 @@ def test_generate_greedy_tokens_equal_xla(model):
   assert all(len(o.tokens) == N_NEW for o in got)
 
 
-def test_generate_sampled_tokens_equal_xla(model):
+def test_generate_sampled_tokens_equal_xla(gqa_model):
   """Top-k rows (drawn from the kernel's candidates), a top-p row (full-vocabulary fallback) and
   a greedy row in one batch, with the repetition penalty."""
-  xla, pallas, params = model
+  xla, pallas, params = gqa_model
   kw = dict(max_new_tokens=N_NEW, stop_token_ids=[], temperature=[0.8, 0.0, 1.3],
             top_k=[5, 0, 3], repetition_penalty=[1.3, 1.1, 1.0], seed=[1, 2, 3])
   want = generate(xla, params, PROMPTS, **kw)
@@ -145,11 +153,18 @@ def _engine_run(cfg, params, do_sample):
   return log, state
 
 
-@pytest.mark.parametrize("do_sample", [False, True])
-def test_engine_per_row_index_tokens_equal_xla(model, do_sample):
+def test_engine_sampled_tokens_equal_xla(gqa_model):
+  xla, pallas, params = gqa_model
+  want, _ = _engine_run(xla, params, True)
+  got, _ = _engine_run(pallas, params, True)
+  assert got == want
+  assert len({tuple(step[1]) for step in want if step[0] == "step"}) > 1
+
+
+def test_engine_per_row_index_tokens_equal_xla(model):
   xla, pallas, params = model
-  want, state = _engine_run(xla, params, do_sample)
-  got, _ = _engine_run(pallas, params, do_sample)
+  want, state = _engine_run(xla, params, False)
+  got, _ = _engine_run(pallas, params, False)
   assert got == want
   assert want[0][0] == "admit" and want[1][1][0] == -1  # idle slots produce no token
   # The per-row-index cache: slot 1 from step 0, slot 0 from step 2, slot 2 from step 3.
