@@ -291,7 +291,23 @@ def section_check(suite, backend):
                np.array_equal(np.asarray(vals), np.asarray(wv)))
   am = jax.jit(lambda x: topk_argmax(x, backend=backend))(x)
   ok &= bool(np.array_equal(np.asarray(am), np.asarray(jnp.argmax(x, -1))))
-  rows.append(dict(kernel="top_k k=1,8 + argmax (exact, ties)", shape=[4, c["vocab"]], ok=ok))
+  # With the repetition penalty inside the kernel, as the pallas decode step picks
+  # (infer.sampling: k = KERNEL_TOP_K = 16 when sampling, argmax when greedy), on normal logits:
+  # the kernel's fp32 division must round as XLA's for the tokens to be the XLA path's.
+  from baichuan_jax.infer.sampling import apply_repetition_penalty
+  y = jnp.asarray(rng.normal(size=(4, c["vocab"])).astype(np.float32)) * 3
+  present = jnp.asarray(rng.random((4, c["vocab"])) < 0.05)
+  pen = jnp.asarray([1.05, 1.3, 1.1, 2.0], jnp.float32)
+  want_y = apply_repetition_penalty(y, present, pen)
+  vals, idx = jax.jit(lambda y: top_k(y, 16, present=present, penalty=pen, backend=backend))(y)
+  wv, wi = jax.lax.top_k(want_y, 16)
+  pen_ok = bool(np.array_equal(np.asarray(idx), np.asarray(wi)) and
+                np.array_equal(np.asarray(vals), np.asarray(wv)))
+  am = jax.jit(lambda y: topk_argmax(y, present=present, penalty=pen, backend=backend))(y)
+  pen_ok &= bool(np.array_equal(np.asarray(am), np.asarray(jnp.argmax(want_y, -1))))
+  rows.append(dict(kernel="top_k k=1,8 + argmax (exact, ties); k=16 + argmax with the "
+                   "repetition penalty (exact)", shape=[4, c["vocab"]], ok=ok and pen_ok,
+                   ties_ok=ok, penalty_ok=pen_ok))
 
 
 def section_attention(suite, backend, cfg):
