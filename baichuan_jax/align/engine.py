@@ -74,6 +74,11 @@ class TreeTrainer:
     self.state, metrics = self._step(self.state, frozen, batch)
     return metrics
 
+  def step_fn(self, frozen: Optional[Any] = None) -> Callable:
+    """`step(state, batch) -> (state, metrics)` with `frozen` bound (for `train.loop.Loop`);
+    set `self.state` to the loop's final state afterwards."""
+    return lambda state, batch: self._step(state, frozen, batch)
+
   def evaluate(self, batch: dict, frozen: Optional[Any] = None) -> dict:
     """The loss's metrics on `batch` without an update."""
     return self._eval(self.state.params, frozen, batch)
@@ -106,3 +111,9 @@ class ModelTrainer:
     """One optimizer step on `batch`; returns the step's fp32 scalar metrics."""
     self.state, metrics = self._step(self.state, batch)
     return metrics
+
+  def step_fn(self, frozen: Optional[Any] = None) -> Callable:
+    """`step(state, batch) -> (state, metrics)` (for `train.loop.Loop`); `frozen` must be None."""
+    if frozen is not None:
+      raise ValueError("ModelTrainer trains the whole model tree: it has no frozen argument")
+    return self._step

@@ -25,6 +25,7 @@ import numpy as np
 from baichuan_jax import checkpoint, configs, sharding, train
 from baichuan_jax import workdir_lock
 from baichuan_jax.align import lora, sft_data, trainers
+from baichuan_jax.train import loop as train_loop
 
 _LOG = logging.getLogger(__name__)
 
@@ -100,12 +101,9 @@ def _eval_loss(model_cfg, tc, params, packed: dict, batch_size: int) -> dict:
   """Token-weighted next-token loss over every packed validation row."""
   loss_fn = train.lm_loss_fn(model_cfg, tc)
   fn = jax.jit(lambda p, b: loss_fn(p, b, jax.random.PRNGKey(0))[1])
-  total, tokens = 0.0, 0.0
-  for b in sft_data.batches(packed, batch_size, seed=0, epochs=1):
-    m = fn(params, b)
-    total += float(m["ce"]) * float(m["tokens"])
-    tokens += float(m["tokens"])
-  return {"loss": total / max(tokens, 1.0), "tokens": int(tokens)}
+  mean, tokens = train_loop.weighted_mean(
+      fn, params, sft_data.batches(packed, batch_size, seed=0, epochs=1))
+  return {"loss": 0.0 if mean is None else mean, "tokens": int(tokens)}
 
 
 @workdir_lock.locked("workdir", "sft")  # one writer per workdir

@@ -28,6 +28,7 @@ import numpy as np
 
 from baichuan_jax import configs, infer, train
 from baichuan_jax import workdir_lock
+from baichuan_jax.train import loop as train_loop
 from baichuan_jax.align import (lora, ppo_trainer, preference, recipes, reward, sft_data,
                                  trainers)
 
@@ -159,14 +160,22 @@ def stage_pretrain(cfg, tok, reviews, workdir) -> dict:
   tc = recipes.engine_config(c, c.steps)
   mesh = recipes.single_device_mesh()
   state = train.create_train_state(mc, tc, mesh, jax.random.PRNGKey(cfg.seed))
-  step = train.make_train_step(mc, tc, mesh)
+  loop = train_loop.Loop(train.make_train_step(mc, tc, mesh), state,
+                         sft_data.batches(packed, c.batch_size, cfg.seed), c.steps)
   log = trainers.MetricsLog(os.path.join(workdir, "pretrain_metrics.jsonl"))
-  batches = sft_data.batches(packed, c.batch_size, cfg.seed)
   import tqdm  # pylint: disable=import-outside-toplevel
-  for i in (bar := tqdm.trange(c.steps, desc="pretrain policy", unit="step")):
-    state, m = step(state, next(batches))
-    log.write({"step": i + 1, **{k: float(v) for k, v in m.items()}})
-    bar.set_postfix(loss=f"{float(m['loss']):.3f}")
+  bar = tqdm.tqdm(total=c.steps, desc="pretrain policy", unit="step")
+
+  def write(info: train_loop.StepInfo) -> None:
+    log.write({**info.row, **{k: float(v) for k, v in info.metrics.items()}})
+    bar.update(1)
+    bar.set_postfix(loss=f"{float(info.metrics['loss']):.3f}")
+
+  loop.add_hook(write)
+  try:
+    state = loop.run()
+  finally:
+    bar.close()
   recipes.save_params(os.path.join(workdir, "policy"), state.params, c.steps, mc)
   ppo_trainer.plot_metrics(log.rows, ["loss", "ce", "grad_norm", "lr"],
                            os.path.join(workdir, "pretrain.png"), x="step", title="policy pretraining")

@@ -1,16 +1,15 @@
-"""SFT (full or LoRA) and reward-model trainers on the shared training step.
+"""SFT (full or LoRA) and reward-model trainers on the shared training step and the one loop.
 
 Full SFT is the pretraining step itself (`train.make_train_step` with its default next-token loss):
 the SFT data's loss mask already restricts the loss to assistant tokens. LoRA SFT and the reward
 model train other parameter trees through `engine.TreeTrainer`, which wraps the same step; each
-trainer here adds only its loss, its data and its logging.
+trainer here adds only its loss, its data and its hooks; `run_loop` runs them on
+`train.loop.Loop` and logs to the one `train.metrics.MetricsLog`.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 from typing import Any, Callable, Iterator, Optional
 
 import jax
@@ -20,31 +19,47 @@ import numpy as np
 import tqdm
 
 from baichuan_jax import train
+from baichuan_jax.train import loop as train_loop
+from baichuan_jax.train import metrics as metrics_lib
 from baichuan_jax.align import engine, lora, preference, reward
 
 _LOG = logging.getLogger(__name__)
 
 
-class MetricsLog:
-  """Appends one JSON object per step to `path` (and keeps them in memory for plots)."""
-
-  def __init__(self, path: Optional[str]):
-    self.path, self.rows = path, []
-    if path:
-      os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-      open(path, "w", encoding="utf-8").close()
-
-  def write(self, row: dict) -> None:
-    row = {k: (float(v) if hasattr(v, "__float__") else v) for k, v in row.items()}
-    self.rows.append(row)
-    if self.path:
-      with open(self.path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(row) + "\n")
+def MetricsLog(path: Optional[str]) -> metrics_lib.MetricsLog:  # pylint: disable=invalid-name
+  """The alignment stages' per-step JSONL log: `train.metrics.MetricsLog.at_path(path)`."""
+  return metrics_lib.MetricsLog.at_path(path)
 
 
 def place(tree: Any, shardings: Any) -> Any:
   """Puts a host/device tree onto the given shardings."""
   return jax.tree.map(jax.device_put, tree, shardings)
+
+
+def run_loop(trainer: Any, batches: Iterator[dict], steps: int, log: metrics_lib.MetricsLog, desc: str,
+             frozen: Optional[Any] = None, hooks=(), postfix: Optional[Callable] = None) -> None:
+  """`steps` steps of an `engine.TreeTrainer` / `ModelTrainer` on `train.loop.Loop`.
+
+  Hooks, in order: the metrics row, each `(fn, every)` of `hooks` (also run after the last step;
+  they add to `info.row`), the log row and the progress bar. `trainer.state` is the final state.
+  """
+  loop = train_loop.Loop(trainer.step_fn(frozen), trainer.state, batches, steps)
+  bar = tqdm.tqdm(total=steps, desc=desc, unit="step")
+  postfix = postfix or (lambda r: {"loss": f"{r['loss']:.3f}"})
+  loop.add_hook(lambda info: info.row.update({k: float(v) for k, v in info.metrics.items()}))
+  for fn, every in hooks:
+    loop.add_hook(fn, every=every, at_end=True)
+
+  def write(info: train_loop.StepInfo) -> None:
+    log.write(info.row)
+    bar.update(1)
+    bar.set_postfix(**postfix(log.rows[-1]))
+
+  loop.add_hook(write)
+  try:
+    trainer.state = loop.run()
+  finally:
+    bar.close()
 
 
 def train_sft(model_cfg: ml_collections.ConfigDict, params: Any, batches: Iterator[dict],
@@ -78,13 +93,7 @@ def train_sft(model_cfg: ml_collections.ConfigDict, params: Any, batches: Iterat
     trainer = engine.TreeTrainer(adapters, engine.replicated_axes(adapters), train_cfg, mesh,
                                  loss_fn, seed=seed)
     _LOG.info("LoRA: %d trainable adapter values (base frozen)", lora.num_adapter_params(adapters))
-  bar = tqdm.trange(steps, desc="sft", unit="step")
-  for i in bar:
-    batch = next(batches)
-    m = trainer.step(batch) if lora_cfg is None else trainer.step(batch, frozen=params)
-    row = {"step": i + 1, **{k: float(v) for k, v in m.items()}}
-    log.write(row)
-    bar.set_postfix(loss=f"{row['loss']:.3f}")
+  run_loop(trainer, batches, steps, log, "sft", frozen=None if lora_cfg is None else params)
   if lora_cfg is None:
     return jax.device_get(trainer.params), log.rows
   return lora.merge_lora(params, jax.device_get(trainer.params), lora_cfg), log.rows
@@ -150,14 +159,14 @@ def train_reward_model(model_cfg: ml_collections.ConfigDict, backbone: Optional[
                                rm_loss_fn(model_cfg), seed=seed)
   sampler = preference.CategoryBalancedSampler(categories, seed=seed)
   score = jax.jit(lambda p, t, m: reward.sequence_rewards(model_cfg, p, t, m))
-  bar = tqdm.trange(steps, desc="reward model", unit="step")
-  for i in bar:
-    idx = sampler.sample(train_cfg.batch_size)
-    m = trainer.step({k: v[idx] for k, v in train_pairs.items()})
-    row = {"step": i + 1, **{k: float(v) for k, v in m.items()}}
-    if eval_pairs is not None and ((eval_every and (i + 1) % eval_every == 0) or i + 1 == steps):
-      ev = evaluate_reward_model(model_cfg, trainer.params, eval_pairs, train_cfg.batch_size, score)
-      row.update({f"eval_{k}": v for k, v in ev.items()})
-    log.write(row)
-    bar.set_postfix(loss=f"{row['loss']:.3f}", acc=f"{row['accuracy']:.2f}")
+  pair_batches = ({k: v[sampler.sample(train_cfg.batch_size)] for k, v in train_pairs.items()}
+                  for _ in range(steps))
+
+  def evaluate(info: train_loop.StepInfo) -> None:
+    ev = evaluate_reward_model(model_cfg, info.state.params, eval_pairs, train_cfg.batch_size, score)
+    info.row.update({f"eval_{k}": v for k, v in ev.items()})
+
+  hooks = [] if eval_pairs is None else [(evaluate, eval_every)]
+  run_loop(trainer, pair_batches, steps, log, "reward model", hooks=hooks,
+           postfix=lambda r: {"loss": f"{r['loss']:.3f}", "acc": f"{r['accuracy']:.2f}"})
   return jax.device_get(trainer.params), log.rows

@@ -20,6 +20,7 @@ import numpy as np
 
 from baichuan_jax import configs, sharding
 from baichuan_jax import train as engine
+from baichuan_jax.train import loop as loop_lib
 
 
 @dataclasses.dataclass
@@ -53,14 +54,9 @@ def validation_batches(dataset_path, batch_size: int, seq_len: int, num_batches:
 
 
 def evaluate(eval_step, params, batches: list) -> float:
-  """Token-weighted mean validation cross-entropy over `batches`."""
-  num, den = 0.0, 0.0
-  for b in batches:
-    m = eval_step(params, b)
-    w = float(m["weight"]) if "weight" in m else float(m["tokens"])
-    num += float(m["ce"]) * w
-    den += w
-  return num / max(den, 1.0)
+  """Token-weighted mean validation cross-entropy over `batches` (`train.loop.weighted_mean`)."""
+  mean, _ = loop_lib.weighted_mean(eval_step, params, batches)
+  return 0.0 if mean is None else mean
 
 
 def train_lm(model_cfg: ml_collections.ConfigDict, train_cfg: ml_collections.ConfigDict,
@@ -100,40 +96,40 @@ def train_lm(model_cfg: ml_collections.ConfigDict, train_cfg: ml_collections.Con
   eval_fn = engine.make_eval_step(model_cfg, train_cfg, mesh)
 
   history, evals = [], []
-  train_time, timed_tokens, compile_s, tokens = 0.0, 0, 0.0, 0
-  it = iter(train_batches)
-  for i in range(1, train_cfg.total_steps + 1):
-    batch = next(it)
-    t0 = time.perf_counter()
-    state, metrics = step_fn(state, batch)
-    metrics = jax.device_get(metrics)  # blocks: the step's time is all on this side
-    dt = time.perf_counter() - t0
+  clock = {"train": 0.0, "timed_tokens": 0, "compile": 0.0, "start": time.perf_counter()}
+  loop = loop_lib.Loop(step_fn, state, train_batches, train_cfg.total_steps)
+
+  def record(rec: dict, into: list) -> None:
+    into.append(rec)
+    if progress:
+      progress(rec)
+
+  def measure(info: loop_lib.StepInfo) -> None:
     # Every position of the row is computed whether or not it holds a real target, so the
     # throughput and FLOPs count all batch * seq positions.
-    tokens += bs * seq
-    if i == 1:
-      compile_s = dt
+    info.row.update(tokens=info.step * bs * seq, flops=info.step * bs * seq * fpt)
+    if info.step_time is None:  # the first step: compilation + one step
+      clock["compile"] = time.perf_counter() - clock["start"]
     else:
-      train_time += dt
-      timed_tokens += bs * seq
-    if not np.isfinite(metrics["loss"]):
-      raise FloatingPointError(f"non-finite training loss at step {i}: {metrics['loss']}")
-    if i % log_every == 0 or i == 1 or i == train_cfg.total_steps:
-      rec = {"step": i, "tokens": tokens, "flops": tokens * fpt,
-             **{k: float(metrics[k]) for k in ("loss", "ce", "lr", "grad_norm")}}
-      history.append(rec)
-      if progress:
-        progress(rec)
-    if i % eval_every == 0 or i == train_cfg.total_steps:
-      rec = {"step": i, "tokens": tokens, "flops": tokens * fpt,
-             "val_loss": evaluate(eval_fn, state.params, val_batches)}
-      evals.append(rec)
-      if progress:
-        progress(rec)
+      clock["train"] += info.step_time
+      clock["timed_tokens"] += bs * seq
+    if not np.isfinite(info.metrics["loss"]):
+      raise FloatingPointError(f"non-finite training loss at step {info.step}: "
+                               f"{info.metrics['loss']}")
+    if info.step % log_every == 0 or info.step == 1 or info.step == train_cfg.total_steps:
+      record({**info.row, **{k: float(info.metrics[k]) for k in ("loss", "ce", "lr", "grad_norm")}},
+             history)
+
+  loop.add_hook(measure)
+  loop.add_hook(lambda info: record(
+      {**info.row, "val_loss": evaluate(eval_fn, info.state.params, val_batches)}, evals),
+                every=eval_every, at_end=True)
+  state = loop.run()
+  train_time = clock["train"]
   return RunResult(params=jax.device_get(state.params), history=history, evals=evals,
                    flops_per_token=fpt,
-                   train_tokens_per_s=timed_tokens / train_time if train_time else float("nan"),
-                   compile_s=compile_s, wall_s=time.perf_counter() - t_start)
+                   train_tokens_per_s=clock["timed_tokens"] / train_time if train_time else float("nan"),
+                   compile_s=clock["compile"], wall_s=time.perf_counter() - t_start)
 
 
 def decode_tokens_per_s(model_cfg: ml_collections.ConfigDict, params, prompt: list, *,

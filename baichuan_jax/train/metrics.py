@@ -70,25 +70,42 @@ def _clean(v: Any) -> Any:
 
 
 class MetricsLog:
-  """Per-step rows in `WORKDIR/metrics.jsonl` and, optionally, TensorBoard scalars.
+  """The one metrics log: per-step rows in a JSONL file and, optionally, TensorBoard scalars.
+
+  Pretraining logs to `WORKDIR/metrics.jsonl`, reading back the rows of earlier runs (resume);
+  the alignment stages use `MetricsLog.at_path(path)`: a file started empty, values as floats.
 
   Args:
-    workdir: run folder.
+    workdir: run folder (the file is `WORKDIR/metrics.jsonl`); None with `path`.
     tensorboard: also write `WORKDIR/tensorboard` event files (tensorboardX).
     enabled: False on every process but 0 of a multi-host job (rows are still kept in memory).
+    path: the JSONL file instead of `WORKDIR/metrics.jsonl`.
+    fresh: start the file empty instead of reading back its rows.
+    as_float: store every number as a float (the alignment stages' format).
   """
 
-  def __init__(self, workdir: str, tensorboard: bool = True, enabled: bool = True):
-    self.path = os.path.join(workdir, METRICS_FILE)
-    self.enabled = enabled
+  def __init__(self, workdir: Optional[str] = None, tensorboard: bool = True,
+               enabled: bool = True, *, path: Optional[str] = None, fresh: bool = False,
+               as_float: bool = False):
+    self.path = path if path is not None else os.path.join(workdir, METRICS_FILE)
+    self.enabled, self.as_float = enabled, as_float
     self.rows: list[dict] = []
-    if os.path.exists(self.path):
+    if fresh and enabled:
+      os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+      open(self.path, "w", encoding="utf-8").close()
+    elif os.path.exists(self.path):
       with open(self.path, encoding="utf-8") as f:
         self.rows = [json.loads(line) for line in f if line.strip()]
     self._tb = None
     if tensorboard and enabled:
       from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
-      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+      self._tb = SummaryWriter(os.path.join(workdir or os.path.dirname(self.path), "tensorboard"))
+
+  @classmethod
+  def at_path(cls, path: Optional[str]) -> "MetricsLog":
+    """A log written from scratch to `path` (None: rows in memory only), no TensorBoard,
+    every number stored as a float."""
+    return cls(path=path or "", tensorboard=False, enabled=bool(path), fresh=True, as_float=True)
 
   def truncate(self, step: int) -> None:
     """Forgets rows after `step` (the checkpoint a run resumed or rolled back to)."""
@@ -103,7 +120,10 @@ class MetricsLog:
 
   def write(self, row: dict) -> None:
     """Appends one step's metrics (a dict with an integer `step`)."""
-    row = {k: _clean(v) for k, v in row.items()}
+    if self.as_float:
+      row = {k: (float(v) if hasattr(v, "__float__") else v) for k, v in row.items()}
+    else:
+      row = {k: _clean(v) for k, v in row.items()}
     self.rows.append(row)
     if not self.enabled:
       return

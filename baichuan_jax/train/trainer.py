@@ -59,6 +59,7 @@ import numpy as np
 from baichuan_jax import checkpoint as ckpt_lib
 from baichuan_jax import configs, sharding, workdir_lock
 from baichuan_jax.train import config as train_config
+from baichuan_jax.train import loop as loop_lib
 from baichuan_jax.train import metrics as metrics_lib
 from baichuan_jax.train import step as step_lib
 
@@ -246,14 +247,9 @@ def _devices(cfg) -> list:
 
 
 def evaluate(eval_step, params, batches) -> Optional[float]:
-  """Token-weighted mean cross-entropy over `batches` (None if they hold no target token)."""
-  total, weight = 0.0, 0.0
-  for batch in batches:
-    m = jax.device_get(eval_step(params, batch))
-    w = float(m.get("weight", m.get("tokens", 1.0)))
-    total += float(m["ce"] if "ce" in m else m["loss"]) * w
-    weight += w
-  return total / weight if weight > 0 else None
+  """Token-weighted mean cross-entropy over `batches` (None if they hold no target token);
+  `train.loop.weighted_mean`."""
+  return loop_lib.weighted_mean(eval_step, params, batches)[0]
 
 
 def _sample(cfg, params, tokenizer_path: Optional[str], mesh) -> Optional[str]:
@@ -337,6 +333,7 @@ class _Loop:
   progress: bool = True
   rollbacks_in_row: int = 0  # rollbacks since the last healthy stretch (max_rollbacks caps it)
   healthy: int = 0  # applied (not skipped) steps in a row
+  saved_step: Optional[int] = None  # the newest step a save was started for
   save_meta: dict = dataclasses.field(default_factory=dict)
 
 
@@ -535,54 +532,65 @@ def _eval(lp: _Loop, at: int) -> Optional[float]:
 
 
 def _train(lp: _Loop) -> None:
-  """The loop: step, log, evaluate, roll back, save (checked), stop on SIGTERM."""
-  cfg, tc, total = lp.cfg, lp.cfg.train, lp.cfg.train.total_steps
-  tokens_per_step = tc.batch_size * tc.seq_len
-  saved_step = lp.saver.good
-  sigterm, first = _SigtermFlag(), True
+  """The loop (`train.loop.Loop`) with its hooks, in order: the metrics row, NaN rollback,
+  the healthy-step count, evaluation, logging/progress, checked checkpoints and SIGTERM."""
+  cfg, total = lp.cfg, lp.cfg.train.total_steps
+  lp.saved_step = lp.saver.good
+  sigterm = _SigtermFlag()
+  loop = loop_lib.Loop(lp.step_fn, lp.state, lp.train_it, total, step=lp.step)
+  loop.add_hook(lambda info: _row_hook(lp, info))
+  loop.add_hook(lambda info: _rollback_hook(lp, loop, info))
+  loop.add_hook(lambda info: _count_healthy(lp, info.metrics))
+  if cfg.eval_every:
+    loop.add_hook(lambda info: info.row.update(val_loss=_eval(lp, info.step)),
+                  every=cfg.eval_every, at_end=True)
+  loop.add_hook(lambda info: _log_row(lp, info.row))
+  loop.add_hook(lambda info: _checkpoint_hook(lp, loop, info, sigterm))
   with sigterm:
-    batch = next(lp.train_it) if lp.step < total else None
-    data_state = lp.train_it.get_state() if batch is not None else None
-    while lp.step < total:
-      t0 = time.perf_counter()
-      lp.state, m = lp.step_fn(lp.state, batch)
-      lp.step += 1
-      # Read the next batch on the host while the device runs this step.
-      if lp.step < total:
-        next_batch, next_data_state = next(lp.train_it), lp.train_it.get_state()
-      m = jax.device_get(m)
-      dt = None if first else time.perf_counter() - t0
-      first = False
-      row = _row(lp.step, m, dt=dt, tokens_per_step=tokens_per_step, flops_per_token=lp.fpt,
-                 peak=lp.peak, wall=time.time())
-      if m["consecutive_bad"] >= tc.max_bad_steps:
-        lp.mlog.write(row)
-        _rollback(lp, data_state)
-        saved_step, first = lp.step, True
-        if lp.step < total:
-          batch, data_state = next_batch, next_data_state
-        continue
-      _count_healthy(lp, m)
-      if cfg.eval_every and (lp.step % cfg.eval_every == 0 or lp.step == total):
-        row["val_loss"] = _eval(lp, lp.step)
-      _log_row(lp, row)
-      # The save in flight (if any) is checked while `state` is still live: a failure is
-      # retried at once with this step's state.
-      lp.saver.poll(lp.step, lp.state, data_state, lp.save_meta)
-      stop = sigterm.agreed()
-      if lp.mgr.should_save(lp.step) or lp.step == total or stop:
-        lp.saver.save(lp.step, lp.state, data_state, lp.save_meta)
-        saved_step = lp.step
-      if stop:
-        lp.saver.poll(lp.step, lp.state, data_state, lp.save_meta, block=True)
-        log.warning("SIGTERM: saved checkpoint %d; stopping", lp.step)
-        lp.result.preempted = True
-        return
-      if lp.step < total:
-        batch, data_state = next_batch, next_data_state
-    if saved_step != lp.step and lp.step > 0:
-      lp.saver.save(lp.step, lp.state, data_state, lp.save_meta)
-    lp.saver.poll(lp.step, lp.state, data_state, lp.save_meta, block=True)
+    try:
+      loop.run()
+    finally:
+      lp.state, lp.step = loop.state, loop.step
+    if lp.result.preempted:
+      return
+    if lp.saved_step != lp.step and lp.step > 0:
+      lp.saver.save(lp.step, lp.state, loop.data_state, lp.save_meta)
+    lp.saver.poll(lp.step, lp.state, loop.data_state, lp.save_meta, block=True)
+
+
+def _row_hook(lp: _Loop, info: loop_lib.StepInfo) -> None:
+  """The first hook: the run follows the loop's state and step; the step's metrics row."""
+  lp.state, lp.step = info.state, info.step
+  tc = lp.cfg.train
+  info.row.update(_row(info.step, info.metrics, dt=info.step_time,
+                       tokens_per_step=tc.batch_size * tc.seq_len, flops_per_token=lp.fpt,
+                       peak=lp.peak, wall=time.time()))
+
+
+def _rollback_hook(lp: _Loop, loop: loop_lib.Loop, info: loop_lib.StepInfo) -> None:
+  """After `max_bad_steps` skipped steps in a row: log the row, restore the last checkpoint."""
+  if info.metrics["consecutive_bad"] < lp.cfg.train.max_bad_steps:
+    return
+  lp.mlog.write(info.row)
+  _rollback(lp, info.data_state)
+  lp.saved_step = lp.step
+  loop.rewind(lp.state, lp.step)
+
+
+def _checkpoint_hook(lp: _Loop, loop: loop_lib.Loop, info: loop_lib.StepInfo, sigterm) -> None:
+  """Checks the save in flight, saves every `save_every` steps, at the end and on SIGTERM."""
+  # The save in flight (if any) is checked while `state` is still live: a failure is
+  # retried at once with this step's state.
+  lp.saver.poll(lp.step, lp.state, info.data_state, lp.save_meta)
+  stop = sigterm.agreed()
+  if lp.mgr.should_save(lp.step) or lp.step == lp.cfg.train.total_steps or stop:
+    lp.saver.save(lp.step, lp.state, info.data_state, lp.save_meta)
+    lp.saved_step = lp.step
+  if stop:
+    lp.saver.poll(lp.step, lp.state, info.data_state, lp.save_meta, block=True)
+    log.warning("SIGTERM: saved checkpoint %d; stopping", lp.step)
+    lp.result.preempted = True
+    loop.stop()
 
 
 def _count_healthy(lp: _Loop, m: dict) -> None:
