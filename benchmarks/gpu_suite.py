@@ -413,8 +413,8 @@ def model_decode_step(cfg):
   segment ids and index) and the `topk_argmax` pick with the repetition penalty inside; with
   "xla", attention over every cache slot and `jnp.argmax`. Returns (state, logits).
   """
-  from baichuan_jax.infer import generate as _  # noqa: F401  (the package is imported first)
   import importlib
+  # The module (the package re-exports its `generate` function under the same name).
   gen_lib = importlib.import_module("baichuan_jax.infer.generate")
 
   def step(params, state, rows):
