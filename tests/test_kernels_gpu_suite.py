@@ -2,7 +2,8 @@
 
 The device run happens once, in a short lease; this test makes sure every section of the script
 runs, writes its JSON and markdown, and that the kernel checks it performs pass (they compare the
-kernels with their references and the kernel-built decode step with the model's own step).
+kernels with their references and the model's decode step with attention_impl="pallas" with the
+"xla" one).
 """
 
 import json
