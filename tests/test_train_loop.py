@@ -109,3 +109,30 @@ def test_the_loop_gives_the_bits_of_a_plain_loop_over_the_real_step():
   assert losses == plain
   for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(expected)):
     np.testing.assert_array_equal(a, b)
+
+
+def test_ppo_iterations_run_on_the_loop_one_prompt_draw_each(tmp_path):
+  import json
+  import types
+  from baichuan_jax.align import ppo_trainer
+  draws, calls = [], []
+
+  def source(n):
+    draws.append(n)
+    return [[len(draws)]] * n
+
+  def iteration(it, prompts):
+    calls.append((it, prompts[0][0]))
+    return {"iteration": it, "score": 0.5 * it, "kl": 1.0, "seconds": 0.25}
+
+  fake = types.SimpleNamespace(pc=types.SimpleNamespace(iterations=3, rollout_batch=2),
+                               iteration=iteration)
+  path = str(tmp_path / "ppo.jsonl")
+  rows = ppo_trainer.PPOTrainer.run(fake, source, log_path=path)
+  assert calls == [(0, 1), (1, 2), (2, 3)] and draws == [2, 2, 2]
+  expected = [{"iteration": float(i), "score": 0.5 * i, "kl": 1.0, "seconds": 0.25}
+              for i in range(3)]
+  assert rows == expected
+  with open(path) as f:
+    lines = f.read().splitlines()
+  assert lines == [json.dumps(r) for r in expected]  # values as floats, keys in written order

@@ -23,6 +23,7 @@ import tqdm
 from baichuan_jax import train
 from baichuan_jax.align import engine, ppo, reward, rollout
 from baichuan_jax.align.trainers import MetricsLog
+from baichuan_jax.train import loop as train_loop
 
 _LOG = logging.getLogger(__name__)
 
@@ -243,11 +244,22 @@ class PPOTrainer:
     """
     log = MetricsLog(log_path)
     n = self.pc.iterations if iterations is None else iterations
-    bar = tqdm.trange(n, desc="ppo", unit="it")
-    for it in bar:
-      row = self.iteration(it, prompt_source(self.pc.rollout_batch))
-      log.write(row)
-      bar.set_postfix(score=f"{row['score']:.2f}", kl=f"{row['kl']:.2f}")
+    # One PPO iteration is one step of the one loop: the "state" is the iteration index, the
+    # "batch" the iteration's prompts, and the step's metrics its row.
+    step = lambda it, prompts: (it + 1, self.iteration(it, prompts))  # noqa: E731
+    loop = train_loop.Loop(step, 0, (prompt_source(self.pc.rollout_batch) for _ in range(n)), n)
+    bar = tqdm.tqdm(total=n, desc="ppo", unit="it")
+
+    def write(info: train_loop.StepInfo) -> None:
+      log.write(info.metrics)
+      bar.update(1)
+      bar.set_postfix(score=f"{info.metrics['score']:.2f}", kl=f"{info.metrics['kl']:.2f}")
+
+    loop.add_hook(write)
+    try:
+      loop.run()
+    finally:
+      bar.close()
     return log.rows
 
 

@@ -6,7 +6,8 @@
     state = loop.run()
 
 `step_fn(state, batch) -> (state, metrics)` is any train step (`train.make_train_step`,
-`train.step.build_step`, a `TreeTrainer`'s step wrapped to that signature). After each step the
+`train.step.build_step`, `align.engine.TreeTrainer.step_fn()`, or a host function such as one
+PPO iteration). After each step the
 loop reads the metrics to the host and calls the due hooks, in the order they were added, with
 one `StepInfo`. A hook is called when `info.step % every == 0` (and, with `at_end`, at the last
 step). Hooks steer the loop through two calls:
@@ -106,7 +107,7 @@ class Loop:
       prefetched = self.step < self.total
       if prefetched:  # read the next batch while the device runs this step
         next_batch, next_data_state = self._next()
-      metrics = jax.device_get(metrics)
+      metrics = _to_host(metrics)
       dt = None if first else time.perf_counter() - t0
       first, self._rewound = False, False
       info = StepInfo(step=self.step, state=self.state, metrics=metrics, step_time=dt,
@@ -120,6 +121,12 @@ class Loop:
       if self.step < self.total and not self.stopped:
         batch, data_state = (next_batch, next_data_state) if prefetched else self._next()
     return self.state
+
+
+def _to_host(metrics: Any) -> Any:
+  """`jax.device_get`, keeping a dict's key order (a host step's row stays as it was written)."""
+  host = jax.device_get(metrics)
+  return {k: host[k] for k in metrics} if isinstance(metrics, dict) else host
 
 
 def weighted_mean(eval_fn: Callable, params: Any, batches: Iterable,
