@@ -10,7 +10,6 @@ comparable point by point.
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from typing import Any, Callable, Optional
 
@@ -23,24 +22,7 @@ from baichuan_jax import train as engine
 from baichuan_jax.train import loop as loop_lib
 
 
-@dataclasses.dataclass
-class RunResult:
-  """What one training run measured."""
-  params: Any  # final fp32 parameters
-  history: list  # per logged step: step, tokens, flops, loss, ce, lr, grad_norm
-  evals: list  # per evaluation: step, tokens, flops, val_loss (CE, nats/token)
-  flops_per_token: float  # configs.flops_per_token(model, seq_len)["total"]
-  train_tokens_per_s: float  # steps after the first (compile) one, evaluation excluded
-  compile_s: float  # wall time of the first step (compilation + one step)
-  wall_s: float  # the whole run
-
-  def summary(self) -> dict:
-    """JSON-able summary (no parameters)."""
-    return {"history": self.history, "evals": self.evals,
-            "flops_per_token": self.flops_per_token,
-            "train_tokens_per_s": self.train_tokens_per_s, "compile_s": self.compile_s,
-            "wall_s": self.wall_s,
-            "final_val_loss": self.evals[-1]["val_loss"] if self.evals else None}
+RunResult = loop_lib.RunResult  # the one result type (params, history, evals, timings)
 
 
 def validation_batches(dataset_path, batch_size: int, seq_len: int, num_batches: int) -> list:

@@ -22,7 +22,8 @@ has `get_state()` (the packed loader), `info.data_state` is its state after this
 what a checkpoint saves to resume on exactly the next batch.
 
 `weighted_mean` is the one token-weighted evaluator of the engine (pretraining validation,
-research curves, the SFT recipe's held-out loss).
+research curves, the SFT recipe's held-out loss) and `RunResult` the one result type of a run
+(pretraining `train.trainer.run`, research `research.runner.train_lm`).
 """
 
 from __future__ import annotations
@@ -32,6 +33,34 @@ import time
 from typing import Any, Callable, Iterable, Iterator, Optional
 
 import jax
+
+
+@dataclasses.dataclass
+class RunResult:
+  """What a training run returns; a field a kind of run does not measure stays at its default."""
+  state: Any = None  # the final TrainState (sharded on the mesh); pretraining
+  params: Any = None  # the final fp32 parameters on the host; research runs
+  history: list = dataclasses.field(default_factory=list)  # per logged step: metric rows
+  evals: list = dataclasses.field(default_factory=list)  # per evaluation: {"step", "val_loss", ...}
+  tokenizer_path: Optional[str] = None
+  workdir: Optional[str] = None
+  resumed_from: Optional[int] = None  # checkpoint step this run started from (None: fresh)
+  preempted: bool = False  # stopped early by SIGTERM (a checkpoint of the last step was saved)
+  rollbacks: int = 0  # restores of the last checkpoint after max_bad_steps non-finite steps
+  rejected_checkpoints: list = dataclasses.field(default_factory=list)  # [(step, reason)]
+  sample: Optional[str] = None  # greedy continuation of the config's sample prompt
+  flops_per_token: Optional[float] = None  # configs.flops_per_token(model, seq_len)["total"]
+  train_tokens_per_s: Optional[float] = None  # steps after the first (compile) one, no eval
+  compile_s: Optional[float] = None  # wall time of the first step (compilation + one step)
+  wall_s: Optional[float] = None  # the whole run
+
+  def summary(self) -> dict:
+    """JSON-able summary of the measurements (no parameters)."""
+    return {"history": self.history, "evals": self.evals,
+            "flops_per_token": self.flops_per_token,
+            "train_tokens_per_s": self.train_tokens_per_s, "compile_s": self.compile_s,
+            "wall_s": self.wall_s,
+            "final_val_loss": self.evals[-1]["val_loss"] if self.evals else None}
 
 
 @dataclasses.dataclass

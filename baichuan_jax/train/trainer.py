@@ -81,19 +81,7 @@ class DataSource(Protocol):
     ...
 
 
-@dataclasses.dataclass
-class RunResult:
-  """What `run` returns."""
-  state: Any  # the final TrainState (sharded on the mesh)
-  history: list  # per-step metric dicts (the rows of WORKDIR/metrics.jsonl, earlier runs included)
-  evals: list  # [{"step", "val_loss"}]
-  tokenizer_path: Optional[str]
-  workdir: str
-  resumed_from: Optional[int] = None  # checkpoint step this run started from (None: fresh)
-  preempted: bool = False  # stopped early by SIGTERM (a checkpoint of the last step was saved)
-  rollbacks: int = 0  # restores of the last checkpoint after max_bad_steps non-finite steps
-  rejected_checkpoints: list = dataclasses.field(default_factory=list)  # [(step, reason)]
-  sample: Optional[str] = None  # greedy continuation of cfg.sample_prompt
+RunResult = loop_lib.RunResult  # the one result type: state, history, evals, resume/rollbacks
 
 
 # ----------------------------------------------------------------------------------------------
