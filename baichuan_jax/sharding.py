@@ -1,10 +1,10 @@
 """Device meshes, the logical-axis rules and XLA flag presets.
 
-The one table mapping logical axis names to mesh axes lives here, and so does every mesh the
-trainers use. Other modules still touch mesh axes directly: `train/step.py` reads the size of
-`model` (the vocab-parallel loss), `align/engine.py` and `infer/generate.py` write their own
-PartitionSpecs (of logical names), and `distributed.py` builds a one-axis mesh for its start-up
-all-reduce check.
+The one table mapping logical axis names to mesh axes lives here, and so does every mesh and
+PartitionSpec the trainers use: `train/step.py` and `align/engine.py` ask for them by logical
+name (`logical_spec`, `unsharded_axes`, `model_parallel_size`, the shardings below). Outside it,
+`infer/generation.py` still writes its KV-cache PartitionSpecs (of logical names) itself, and
+`distributed.py` builds a one-axis mesh for its start-up all-reduce check.
 
 The mesh has three named axes:
 
@@ -209,6 +209,22 @@ def make_mesh(mesh_cfg: Mapping[str, Any], devices: Optional[Sequence[Any]] = No
 def mesh_shape(mesh: Mesh) -> dict[str, int]:
   """{axis name: size} of a mesh."""
   return dict(zip(mesh.axis_names, mesh.devices.shape))
+
+
+def model_parallel_size(mesh: Mesh) -> int:
+  """Devices along the tensor-parallel `model` axis (the vocabulary shards of the split loss)."""
+  return mesh_shape(mesh)["model"]
+
+
+def logical_spec(*names: Optional[str]) -> PartitionSpec:
+  """A PartitionSpec of logical axis names (None: unsharded dimension), for
+  `logical_to_sharding` / `logical_axis_rules` to map to mesh axes."""
+  return PartitionSpec(*names)
+
+
+def unsharded_axes(tree: Any) -> Any:
+  """A logical spec with no axis name for every leaf of `tree` (small trees stay replicated)."""
+  return jax.tree.map(lambda x: PartitionSpec(*([None] * len(x.shape))), tree)
 
 
 # ----------------------------------------------------------------------------------------------

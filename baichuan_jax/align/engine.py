@@ -16,10 +16,10 @@ from __future__ import annotations
 from typing import Any, Callable, Optional
 
 import jax
-from jax.sharding import Mesh, PartitionSpec
+from jax.sharding import Mesh
 import ml_collections
 
-from baichuan_jax import train
+from baichuan_jax import sharding, train
 from baichuan_jax.model import param_logical_axes
 from baichuan_jax.train import step as train_step
 
@@ -34,12 +34,12 @@ def lm_axes_without_head(cfg: ml_collections.ConfigDict) -> dict:
 def value_model_axes(cfg: ml_collections.ConfigDict) -> dict:
   """Logical axes of `reward.init_reward_params` trees (reward model, critic)."""
   return {"backbone": lm_axes_without_head(cfg),
-          "head": {"kernel": PartitionSpec("embed"), "bias": PartitionSpec()}}
+          "head": {"kernel": sharding.logical_spec("embed"), "bias": sharding.logical_spec()}}
 
 
 def replicated_axes(tree: Any) -> Any:
   """No logical axes for any leaf (small trees such as LoRA adapters stay replicated)."""
-  return jax.tree.map(lambda x: PartitionSpec(*([None] * len(x.shape))), tree)
+  return sharding.unsharded_axes(tree)
 
 
 tree_shardings = train_step.tree_shardings  # re-exported: the one place is train/step.py

@@ -326,7 +326,7 @@ def make_train_step(model_cfg: ml_collections.ConfigDict, train_cfg: ml_collecti
   """
   validate(model_cfg, train_cfg, mesh)
   if loss_fn is None:
-    loss_fn = lm_loss_fn(model_cfg, train_cfg, vocab_shards=sharding.mesh_shape(mesh)["model"])
+    loss_fn = lm_loss_fn(model_cfg, train_cfg, vocab_shards=sharding.model_parallel_size(mesh))
   _, abstract = _abstract_state(model_cfg, train_cfg)
   return build_step(loss_fn, param_logical_axes(model_cfg), abstract.params, train_cfg, mesh,
                     donate=donate)
@@ -408,7 +408,7 @@ def make_eval_step(model_cfg: ml_collections.ConfigDict, train_cfg: ml_collectio
   """
   validate(model_cfg, train_cfg, mesh)
   if loss_fn is None:
-    loss_fn = lm_loss_fn(model_cfg, train_cfg, vocab_shards=sharding.mesh_shape(mesh)["model"])
+    loss_fn = lm_loss_fn(model_cfg, train_cfg, vocab_shards=sharding.model_parallel_size(mesh))
   return build_eval_step(loss_fn, param_logical_axes(model_cfg), train_cfg, mesh)
 
 
