@@ -211,7 +211,7 @@ def chat_reply(cfg, params, tokenizer, messages: Sequence[Mapping[str, str]], *,
   Returns:
     `infer.Completion` whose `text` is the reply; it never contains a turn marker or `</s>`.
   """
-  from baichuan_jax.infer.generate import generate  # pylint: disable=import-outside-toplevel
+  from baichuan_jax.infer.generation import generate  # pylint: disable=import-outside-toplevel
   max_new_tokens = min(int(max_new_tokens), cfg.max_seq_len - 1)
   prompt = build_chat_prompt(messages, tokenizer.encode, max_length=cfg.max_seq_len,
                              max_new_tokens=max_new_tokens, **for_config(cfg))

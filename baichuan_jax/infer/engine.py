@@ -30,7 +30,6 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
-import importlib
 import queue
 import threading
 import time
@@ -41,12 +40,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from baichuan_jax.infer import generation as gen_lib
 from baichuan_jax.infer.sampling import next_token
 from baichuan_jax.model import KVCache, init_cache
 from baichuan_jax.model.transformer import split_layers
 
-# The module (the package re-exports its `generate` function under the same name).
-gen_lib = importlib.import_module("baichuan_jax.infer.generate")
 
 
 class QueueFull(Exception):
@@ -135,7 +133,7 @@ def _admit(cfg, do_sample, params, state: SlotState, tokens, n, slot, settings):
   p_len = tokens.shape[1]
   idx = jnp.arange(p_len, dtype=jnp.int32)
   segs = (idx < n).astype(jnp.int32)[None]
-  logits, row = gen_lib._forward_last(  # pylint: disable=protected-access
+  logits, row = gen_lib.forward_last(
       cfg, params, tokens, idx[None], segs, init_cache(cfg, 1, p_len), last=n[None] - 1)
   present = jnp.zeros((1, cfg.vocab_size), jnp.int32).at[0, tokens[0]].add(segs[0]) > 0
   state = state.replace(**{k: getattr(state, k).at[slot].set(v) for k, v in settings.items()})
@@ -173,7 +171,7 @@ def _decode(cfg, do_sample, n_steps, params, state: SlotState, keep):
   def body(c):
     i, s, out, n_active = c
     run = s.active
-    logits, cache = gen_lib._forward_last(  # pylint: disable=protected-access
+    logits, cache = gen_lib.forward_last(
         cfg, params, s.last[:, None], s.pos[:, None], run.astype(jnp.int32)[:, None], s.cache,
         unroll=True)
     cache = cache.replace(index=jnp.where(run, cache.index, s.cache.index))

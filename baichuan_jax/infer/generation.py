@@ -99,7 +99,7 @@ class RowParams:
   seeds: jax.Array
 
 
-def _forward_last(cfg, params, tokens, positions, segment_ids, cache, unroll=False, last=None):
+def forward_last(cfg, params, tokens, positions, segment_ids, cache, unroll=False, last=None):
   """Runs the model on `tokens` and returns fp32 logits of the last slot and the new cache.
 
   `last` ([batch] int32, optional) picks another slot per row than the final one (right-padded
@@ -122,6 +122,9 @@ def _forward_last(cfg, params, tokens, positions, segment_ids, cache, unroll=Fal
       return_hidden=True)
   hidden = hidden[:, -1] if last is None else hidden[jnp.arange(hidden.shape[0]), last]
   return quant.head_matmul(hidden, head, cfg.norm_head), cache
+
+
+_forward_last = forward_last  # the name tests/test_kernels_decode_wiring.py uses
 
 
 def _pick(cfg, logits, state_present, step, rows: RowParams, do_sample):
@@ -150,7 +153,7 @@ def _prefill(cfg, do_sample, params, tokens, positions, segment_ids, rows: RowPa
              max_new: int, cache_len: int):
   b, _ = tokens.shape
   cache = init_cache(cfg, b, cache_len)
-  logits, cache = _forward_last(cfg, params, tokens, positions, segment_ids, cache)
+  logits, cache = forward_last(cfg, params, tokens, positions, segment_ids, cache)
   # [batch, vocab] prompt tokens (padding excluded) for the repetition penalty.
   present = jnp.zeros((b, cfg.vocab_size), jnp.int32)
   present = present.at[jnp.arange(b)[:, None], tokens].add((segment_ids > 0).astype(jnp.int32)) > 0
@@ -167,7 +170,7 @@ def _prefill(cfg, do_sample, params, tokens, positions, segment_ids, rows: RowPa
 def _step(cfg, do_sample, params, state: DecodeState, rows: RowParams) -> DecodeState:
   """One decode step for every row: feed the last token, pick and record the next one."""
   seg = jnp.ones_like(state.last)[:, None]
-  logits, cache = _forward_last(cfg, params, state.last[:, None], state.pos[:, None], seg,
+  logits, cache = forward_last(cfg, params, state.last[:, None], state.pos[:, None], seg,
                                 state.cache, unroll=True)
   state = state.replace(cache=cache)
   tok = _pick(cfg, logits, state.present, state.step, rows, do_sample)
@@ -187,7 +190,7 @@ def _decode(cfg, do_sample, params, state: DecodeState, rows: RowParams, limit):
 
   def body(s):
     seg = jnp.ones_like(s.last)[:, None]
-    logits, cache = _forward_last(cfg, params, s.last[:, None], s.pos[:, None], seg, s.cache,
+    logits, cache = forward_last(cfg, params, s.last[:, None], s.pos[:, None], seg, s.cache,
                                   unroll=True)
     s = s.replace(cache=cache)
     tok = _pick(cfg, logits, s.present, s.step, rows, do_sample)
