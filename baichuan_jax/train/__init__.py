@@ -28,6 +28,12 @@ API:
 * `make_train_step(model_cfg, train_cfg, mesh, loss_fn=None, donate=True)` ->
   `step(state, batch) -> (state, metrics)`; metrics are fp32 scalars: loss, ce, z_loss,
   grad_norm, lr, skipped, tokens, consecutive_bad, total_skipped. `step.lower(state, batch)`.
+* `step.build_step(loss_fn, axes, params_like, train_cfg, mesh, frozen=False)` - the one jit
+  builder behind `make_train_step`, for any trainable tree with logical axes (LoRA adapters,
+  reward model, critic); `step.build_eval_step(...)`; `step.create_tree_state(params, axes,
+  train_cfg, mesh, rng)` and `step.tree_state_shardings(axes, params_like, train_cfg, mesh)`.
+* `loop.Loop(step_fn, state, batches, total_steps)` with `add_hook(fn, every=n)` - the one
+  training loop; `loop.weighted_mean` the one evaluator; `loop.RunResult` the one result type.
 * `make_eval_step(model_cfg, train_cfg, mesh, loss_fn=None)` -> `eval_step(params, batch)`;
   average batches weighting by `metrics["weight"]` (tokens).
 * `lm_loss_fn(model_cfg, train_cfg, vocab_shards=1)` - the default loss; any
