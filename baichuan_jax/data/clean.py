@@ -708,55 +708,83 @@ def build_pipeline(p: beam.Pipeline, corpus: str, out: str, cfg: ml_collections.
   defaults = []
 
   if cfg.dedup.enabled:
-    nd = (docs | "DocItems" >> beam.Map(lambda kv: (kv[0], _doc_rank(kv[1]), kv[1]["text"]))
-          | "DocDedup" >> NearDuplicates(cfg.dedup, "dedup/doc", num_batches, cc_rounds))
-    stats.append(nd["stats"])
-    defaults += ["dedup/doc/clusters", "dedup/doc/verified_pairs"]
-    applied = ({"doc": docs, "cluster": nd["clusters"]}
-               | "JoinDocClusters" >> beam.CoGroupByKey()
-               | "ApplyDocClusters" >> beam.ParDo(_ApplyDocClusters()))
-    stats.append(_select(applied, "stats", "DocClusterStats"))
-    docs = _select(applied, "docs", "DocClusterDocs")
-
-  sd = cfg.sentence_dedup
-  if sd.enabled:
-    sents = docs | "SentenceItems" >> beam.FlatMap(_sentences, sd.min_chars, tuple(sd.langs))
-    ns = sents | "SentenceDedup" >> NearDuplicates(sd, "dedup/sentence", num_batches, cc_rounds)
-    stats.append(ns["stats"])
-    defaults += ["dedup/sentence/clusters", "dedup/sentence/verified_pairs"]
-    cuts = (ns["clusters"]
-            | "NonReps" >> beam.Filter(lambda kv: kv[0] != kv[1][0])
-            | "CutIndex" >> beam.Map(lambda kv: (kv[0].rsplit("#", 1)[0], int(kv[0].rsplit("#", 1)[1]))))
-    floor = cfg.filters.length.min_chars
-    cut = ({"doc": docs, "cut": cuts}
-           | "JoinCuts" >> beam.CoGroupByKey()
-           | "CutSentences" >> beam.ParDo(_CutSentences(floor)))
-    stats.append(_select(cut, "stats", "CutStats"))
-    docs = _select(cut, "docs", "CutDocs")
-
-  mcfg = cfg.mixture
-  factors = (docs
-             | "WeightedChars" >> beam.Map(_weighted_chars, mcfg.cluster_beta,
-                                           mcfg.min_cluster_weight)
-             | "SumPerGroup" >> beam.CombinePerKey(ExactSum())
-             | "OneKey" >> beam.Map(lambda kv: (None, kv))
-             | "AllGroups" >> beam.GroupByKey()
-             | "Factors" >> beam.Map(lambda kv: mixture.group_factors(mcfg, dict(sorted(kv[1])))))
-
-  n = cfg.num_shards
-  shard_keys = [(s, i) for s in cfg.splits for i in range(n)]
-  shards = ({"docs": docs | "ShardKey" >> beam.Map(lambda kv: ((kv[1]["_split"], shard_of(kv[0], n)), kv)),
-             "factors": factors | "ToEveryShard" >> beam.FlatMap(lambda f: [(k, f) for k in shard_keys]),
-             "file": p | "ShardFiles" >> beam.Create([(k, None) for k in shard_keys])}
-            | "GroupShards" >> beam.CoGroupByKey()
-            | "WriteShards" >> beam.ParDo(_WriteShard(out, n, mcfg.cluster_beta,
-                                                      mcfg.min_cluster_weight)))
+    docs = _dedup_documents(docs, cfg.dedup, num_batches, cc_rounds, stats, defaults)
+  if cfg.sentence_dedup.enabled:
+    docs = _cut_duplicate_sentences(docs, cfg, num_batches, cc_rounds, stats, defaults)
+  factors = _mixture_factors(docs, cfg.mixture)
+  shards = _write_shards(p, docs, factors, cfg, out)
   stats.append(_select(shards, "stats", "ShardStats"))
   stats.append(factors | "FactorStats" >> beam.FlatMap(
       lambda f: [((f"mixture/factor/{g}", "all"), float(f"{v:.6g}")) for g, v in sorted(f.items())]))
   all_stats = (stats | "AllStats" >> beam.Flatten()
                | "SumStats" >> beam.CombinePerKey(sum))
+  rejected_file, report_file = _write_rejected_and_report(p, rejected, all_stats, cfg, out,
+                                                          defaults)
+  # Everything above feeds this one transform, applied last (the DaskRunner runs only the graph
+  # of the last transform).
+  outputs = ((_select(shards, "file", "WrittenShards"), rejected_file, report_file)
+             | "Outputs" >> beam.Flatten())
+  return {"stats": all_stats, "rejected": rejected, "outputs": outputs}
 
+
+def _dedup_documents(docs, dcfg, num_batches, cc_rounds, stats: list, defaults: list):
+  """``docs`` with near-duplicate documents clustered (``_ApplyDocClusters``); appends the stats
+  PCollections to ``stats`` and the report keys that default to 0 to ``defaults``."""
+  nd = (docs | "DocItems" >> beam.Map(lambda kv: (kv[0], _doc_rank(kv[1]), kv[1]["text"]))
+        | "DocDedup" >> NearDuplicates(dcfg, "dedup/doc", num_batches, cc_rounds))
+  stats.append(nd["stats"])
+  defaults += ["dedup/doc/clusters", "dedup/doc/verified_pairs"]
+  applied = ({"doc": docs, "cluster": nd["clusters"]}
+             | "JoinDocClusters" >> beam.CoGroupByKey()
+             | "ApplyDocClusters" >> beam.ParDo(_ApplyDocClusters()))
+  stats.append(_select(applied, "stats", "DocClusterStats"))
+  return _select(applied, "docs", "DocClusterDocs")
+
+
+def _cut_duplicate_sentences(docs, cfg, num_batches, cc_rounds, stats: list, defaults: list):
+  """``docs`` with every non-representative near-duplicate sentence cut (``_CutSentences``);
+  appends to ``stats`` and ``defaults`` as ``_dedup_documents`` does."""
+  sd = cfg.sentence_dedup
+  sents = docs | "SentenceItems" >> beam.FlatMap(_sentences, sd.min_chars, tuple(sd.langs))
+  ns = sents | "SentenceDedup" >> NearDuplicates(sd, "dedup/sentence", num_batches, cc_rounds)
+  stats.append(ns["stats"])
+  defaults += ["dedup/sentence/clusters", "dedup/sentence/verified_pairs"]
+  cuts = (ns["clusters"]
+          | "NonReps" >> beam.Filter(lambda kv: kv[0] != kv[1][0])
+          | "CutIndex" >> beam.Map(lambda kv: (kv[0].rsplit("#", 1)[0], int(kv[0].rsplit("#", 1)[1]))))
+  floor = cfg.filters.length.min_chars
+  cut = ({"doc": docs, "cut": cuts}
+         | "JoinCuts" >> beam.CoGroupByKey()
+         | "CutSentences" >> beam.ParDo(_CutSentences(floor)))
+  stats.append(_select(cut, "stats", "CutStats"))
+  return _select(cut, "docs", "CutDocs")
+
+
+def _mixture_factors(docs, mcfg):
+  """A one-element PCollection: the mixture's per-group weight factors over all of ``docs``."""
+  return (docs
+          | "WeightedChars" >> beam.Map(_weighted_chars, mcfg.cluster_beta,
+                                        mcfg.min_cluster_weight)
+          | "SumPerGroup" >> beam.CombinePerKey(ExactSum())
+          | "OneKey" >> beam.Map(lambda kv: (None, kv))
+          | "AllGroups" >> beam.GroupByKey()
+          | "Factors" >> beam.Map(lambda kv: mixture.group_factors(mcfg, dict(sorted(kv[1])))))
+
+
+def _write_shards(p, docs, factors, cfg, out: str):
+  """Writes every (split, shard) file (empty ones too); the result has ``stats`` and ``file``."""
+  mcfg, n = cfg.mixture, cfg.num_shards
+  shard_keys = [(s, i) for s in cfg.splits for i in range(n)]
+  return ({"docs": docs | "ShardKey" >> beam.Map(lambda kv: ((kv[1]["_split"], shard_of(kv[0], n)), kv)),
+           "factors": factors | "ToEveryShard" >> beam.FlatMap(lambda f: [(k, f) for k in shard_keys]),
+           "file": p | "ShardFiles" >> beam.Create([(k, None) for k in shard_keys])}
+          | "GroupShards" >> beam.CoGroupByKey()
+          | "WriteShards" >> beam.ParDo(_WriteShard(out, n, mcfg.cluster_beta,
+                                                    mcfg.min_cluster_weight)))
+
+
+def _write_rejected_and_report(p, rejected, all_stats, cfg, out: str, defaults: list):
+  """Writes the rejected-lines file and the report; returns the two PCollections of their paths."""
   rejected_file = ({"rows": rejected | "RejectedKey" >> beam.Map(lambda r: (REJECTED, r)),
                     "file": p | "RejectedFile" >> beam.Create([(REJECTED, None)])}
                    | "GroupRejected" >> beam.CoGroupByKey()
@@ -772,11 +800,7 @@ def build_pipeline(p: beam.Pipeline, corpus: str, out: str, cfg: ml_collections.
                  | "GroupReport" >> beam.GroupByKey()
                  | "WriteReport" >> beam.FlatMap(_write_report, out, cfg.to_dict(), lsh,
                                                  tuple(defaults)))
-  # Everything above feeds this one transform, applied last (the DaskRunner runs only the graph
-  # of the last transform).
-  outputs = ((_select(shards, "file", "WrittenShards"), rejected_file, report_file)
-             | "Outputs" >> beam.Flatten())
-  return {"stats": all_stats, "rejected": rejected, "outputs": outputs}
+  return rejected_file, report_file
 
 
 def _clear_outputs(out: str, splits) -> None:
