@@ -49,13 +49,13 @@ def _serve(args, port_q):
   from baichuan_jax import configs, serve  # pylint: disable=import-outside-toplevel
   from baichuan_jax.infer.loading import LoadedModel  # pylint: disable=import-outside-toplevel
   from baichuan_jax.model import init_params  # pylint: disable=import-outside-toplevel
-  from baichuan_jax.tokenizer import Tokenizer  # pylint: disable=import-outside-toplevel
+  from baichuan_jax.tokenizer import Tokenizer, training  # pylint: disable=import-outside-toplevel
   text = "".join(pydoc_data.topics.topics.values())[:60000].splitlines()
   buf = io.BytesIO()
   spm.SentencePieceTrainer.train(
       sentence_iterator=iter([t for t in text if t.strip()]), model_writer=buf, vocab_size=700,
       model_type="bpe", byte_fallback=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
-      control_symbols=[f"<reserved_{i}>" for i in range(3, 195)] + ["<user>", "<assistant>"],
+      control_symbols=training.CONTROL_SYMBOLS,  # ids 3..194 reserved, <user> 195, <assistant> 196
       hard_vocab_limit=False, minloglevel=2)
   path = os.path.join(args.workdir, "tokenizer.model")
   with open(path, "wb") as f:
