@@ -88,6 +88,27 @@ def dot_nn(a: jax.Array, b: jax.Array) -> jax.Array:
   return jax.lax.dot_general(a, b, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
 
 
+def online_softmax_step(acc: jax.Array, m: jax.Array, l: jax.Array, s: jax.Array,
+                        v: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """One key block of the online (flash) softmax: folds scores `s` [bq, bk] and values `v`
+  [bk, d] into the running output `acc` [bq, d], row max `m` and row sum `l`.
+
+  The statistics are `[bq]` vectors (the Triton kernels' layout) or `[bq, 1]` columns (the Mosaic
+  kernels' scratch layout); the same ops either way. Returns the new (acc, m, l).
+  """
+  if m.ndim == 2:  # [bq, 1]
+    m_new = jnp.maximum(m, jnp.max(s, axis=1, keepdims=True))
+    alpha = jnp.exp(m - m_new)
+    p = jnp.exp(s - m_new)
+    l = alpha * l + jnp.sum(p, axis=1, keepdims=True)
+    return alpha * acc + dot_nn(p.astype(v.dtype), v), m_new, l
+  m_new = jnp.maximum(m, jnp.max(s, axis=1))  # [bq]
+  alpha = jnp.exp(m - m_new)
+  p = jnp.exp(s - m_new[:, None])
+  l = alpha * l + jnp.sum(p, axis=1)
+  return alpha[:, None] * acc + dot_nn(p.astype(v.dtype), v), m_new, l
+
+
 def dot_tn(a: jax.Array, b: jax.Array) -> jax.Array:
   """a.T @ b with fp32 accumulation: [k, m] x [k, n] -> [m, n]."""
   return jax.lax.dot_general(a, b, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)

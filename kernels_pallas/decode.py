@@ -36,7 +36,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as plgpu
 
-from kernels_pallas._common import MASK_VALUE, dot_nn, dot_nt
+from kernels_pallas._common import MASK_VALUE, dot_nt, online_softmax_step
 from kernels_pallas.attention import resolve_backend
 from kernels_pallas.reference import decode_attention_reference
 
@@ -103,12 +103,7 @@ def _gpu_kernel(q_ref, k_ref, v_ref, bounds_ref, *rest, bk: int, splits: int, sm
     # Every block in [first, end) holds at least one filled slot, so m_new is a real score and
     # masked slots get exp(MASK_VALUE - m_new) = 0. Unwritten slots may hold anything: zero v.
     v = jnp.where(valid[:, None], v, jnp.zeros_like(v))
-    m_new = jnp.maximum(m, jnp.max(s, axis=1))
-    alpha = jnp.exp(m - m_new)
-    p = jnp.exp(s - m_new[:, None])
-    l = alpha * l + jnp.sum(p, axis=1)
-    acc = alpha[:, None] * acc + dot_nn(p.astype(v.dtype), v)
-    return acc, m_new, l
+    return online_softmax_step(acc, m, l, s, v)
 
   gp, d = q.shape
   carry = (jnp.zeros((gp, d), jnp.float32), jnp.full((gp,), -jnp.inf, jnp.float32),
@@ -192,13 +187,7 @@ def _tpu_kernel(starts_ref, lengths_ref, q_ref, k_ref, v_ref, *rest, bk: int, sm
     s = jnp.where(valid, s, MASK_VALUE)
     v_idx = j * bk + jax.lax.broadcasted_iota(jnp.int32, v.shape, 0)
     v = jnp.where(jnp.logical_and(v_idx >= start, v_idx < length), v, jnp.zeros_like(v))
-    m_prev = m_sc[...]
-    m_new = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))
-    alpha = jnp.exp(m_prev - m_new)
-    p = jnp.exp(s - m_new)
-    l_sc[...] = alpha * l_sc[...] + jnp.sum(p, axis=1, keepdims=True)
-    acc_sc[...] = alpha * acc_sc[...] + dot_nn(p.astype(v.dtype), v)
-    m_sc[...] = m_new
+    acc_sc[...], m_sc[...], l_sc[...] = online_softmax_step(acc_sc[...], m_sc[...], l_sc[...], s, v)
 
   @pl.when(j == pl.num_programs(2) - 1)
   def _finish():

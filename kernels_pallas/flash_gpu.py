@@ -33,7 +33,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from kernels_pallas._common import AttnStatic, dot_nn, dot_nt, dot_tn, scores_bias_mask
+from kernels_pallas._common import (AttnStatic, dot_nn, dot_nt, dot_tn, online_softmax_step,
+                                    scores_bias_mask)
 
 
 def _compiler_params(head_dim: int, st: AttnStatic):
@@ -123,12 +124,7 @@ def _fwd_kernel(*refs, st: AttnStatic):
     s = scores_bias_mask(s, q_idx, (k_start + jnp.arange(bk))[None, :], st, slope=slope,
                          q_seg=q_seg, k_seg=k_seg, q_pos=q_pos, k_pos=k_pos,
                          causal_mask=causal_mask)
-    m_new = jnp.maximum(m, jnp.max(s, axis=1))
-    alpha = jnp.exp(m - m_new)
-    p = jnp.exp(s - m_new[:, None])
-    l = alpha * l + jnp.sum(p, axis=1)
-    acc = alpha[:, None] * acc + dot_nn(p.astype(v.dtype), v)
-    return acc, m_new, l
+    return online_softmax_step(acc, m, l, s, v)
 
   carry = (jnp.zeros((bq, d), jnp.float32),
            jnp.full((bq,), -jnp.inf, jnp.float32), jnp.zeros((bq,), jnp.float32))

@@ -27,7 +27,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from kernels_pallas._common import AttnStatic, dot_nn, dot_nt, dot_tn, scores_bias_mask
+from kernels_pallas._common import (AttnStatic, dot_nn, dot_nt, dot_tn, online_softmax_step,
+                                    scores_bias_mask)
 
 
 def _params(n_parallel: int):
@@ -86,13 +87,8 @@ def _fwd_kernel(*refs, st: AttnStatic):
     v = v_ref[...]
     s = _masked_scores(q_ref[...], k_ref[...], i, j, h, slopes, q_seg, k_seg, q_pos, k_pos, st,
                        causal_mask)
-    m_prev = m_sc[...]  # [block_q, 1]
-    m_new = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))
-    alpha = jnp.exp(m_prev - m_new)
-    p = jnp.exp(s - m_new)
-    l_sc[...] = alpha * l_sc[...] + jnp.sum(p, axis=1, keepdims=True)
-    acc_sc[...] = alpha * acc_sc[...] + dot_nn(p.astype(v.dtype), v)
-    m_sc[...] = m_new
+    # statistics [block_q, 1]
+    acc_sc[...], m_sc[...], l_sc[...] = online_softmax_step(acc_sc[...], m_sc[...], l_sc[...], s, v)
 
   if st.causal:
     below = (j + 1) * bk - 1 <= i * bq  # every key of the block precedes every query
