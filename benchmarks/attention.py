@@ -30,7 +30,6 @@ import itertools
 import json
 import platform
 import sys
-import time
 from pathlib import Path
 
 import jax
@@ -40,6 +39,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import kernels_pallas  # noqa: E402
+from timing import median_seconds  # noqa: E402  (benchmarks/timing.py)
 from kernels_pallas import attention_reference, flash_attention, flash_gpu  # noqa: E402
 from baichuan_jax.model.positions import alibi_slopes  # noqa: E402
 
@@ -99,20 +99,6 @@ def _grad_fn(f):
   return jax.grad(loss, argnums=(0, 1, 2))
 
 
-def time_fn(fn, args, iters, warmup=2):
-  """Median seconds per call of a jitted fn (after compile and warm-up)."""
-  out = fn(*args)
-  jax.block_until_ready(out)
-  for _ in range(warmup):
-    jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(iters):
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - t0)
-  return float(np.median(times))
-
-
 def _peak_bytes(jitted, args):
   try:
     ma = jitted.lower(*args).compile().memory_analysis()
@@ -145,7 +131,7 @@ def bench_one(impl, mode, *, b, s, h, d, dtype, causal, alibi, iters, tuning=Non
   else:
     jitted, args = jax.jit(_grad_fn(f)), (q, k, v, ct)
   try:
-    sec = time_fn(jitted, args, iters)
+    sec = median_seconds(jitted, *args, iters=iters)
   except Exception as e:  # pylint: disable=broad-except
     msg = str(e).split("\n")[0][:200]
     row["error"] = ("OOM: " if "RESOURCE_EXHAUSTED" in msg or "memory" in msg.lower() else "") + msg

@@ -70,6 +70,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import kernels_pallas  # noqa: E402
+from timing import median_seconds  # noqa: E402  (benchmarks/timing.py)
 from kernels_pallas import (attention_reference, decode_attention,  # noqa: E402
                             decode_attention_reference, flash_attention, top_k, topk_argmax)
 
@@ -179,30 +180,17 @@ def section_env(suite):
   suite.result["env"] = env
 
 
-def _median_time(fn, *args, iters=10, warmup=2):
-  """Median seconds per call of fn(*args) (compiled first; each call synchronised)."""
-  jax.block_until_ready(fn(*args))
-  for _ in range(warmup):
-    jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(iters):
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - t0)
-  return float(np.median(times))
-
-
 def section_ceilings(suite):
   n = suite.shapes["matmul_n"]
   ka, kb = jax.random.split(jax.random.PRNGKey(0))
   a = jax.random.normal(ka, (n, n), jnp.bfloat16)
   b = jax.random.normal(kb, (n, n), jnp.bfloat16)
   mm = jax.jit(lambda a, b: a @ b)
-  sec = _median_time(mm, a, b, iters=20)
+  sec = median_seconds(mm, a, b, iters=20)
   elems = int(suite.shapes["copy_gib"] * 2 ** 30 / 2)
   x = jax.random.normal(jax.random.PRNGKey(2), (elems,), jnp.bfloat16)
   cp = jax.jit(lambda x: x * 2)  # one read and one write per element
-  csec = _median_time(cp, x, iters=20)
+  csec = median_seconds(cp, x, iters=20)
   suite.result["ceilings"] = dict(matmul_n=n, matmul_s=sec, matmul_flops=2 * n ** 3 / sec,
                                   copy_bytes=2 * x.nbytes, copy_s=csec,
                                   copy_bandwidth=2 * x.nbytes / csec)
@@ -602,7 +590,7 @@ def section_decode_kernel(suite, backend, cfg):
       if impl == "xla" and vname != "default":
         continue
       try:
-        sec = _median_time(jax.jit(fn), q, kc, vc, lengths, iters=cfg["iters"])
+        sec = median_seconds(jax.jit(fn), q, kc, vc, lengths, iters=cfg["iters"])
         row[f"{impl}_us"] = sec * 1e6
         row[f"{impl}_filled_gb_s"] = filled / sec / 1e9
       except Exception as e:  # pylint: disable=broad-except

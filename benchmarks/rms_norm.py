@@ -13,28 +13,16 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import kernels_pallas.rms_norm  # noqa: E402,F401  (the module; the package re-exports the function)
 from kernels_pallas import rms_norm, rms_norm_reference  # noqa: E402
-
-
-def _time(fn, args, iters):
-  jax.block_until_ready(fn(*args))
-  jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(iters):
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - t0)
-  return float(np.median(times))
+from timing import median_seconds  # noqa: E402  (benchmarks/timing.py)
 
 
 def main(argv=None):
@@ -68,8 +56,8 @@ def main(argv=None):
       fwd = jax.jit(f)
       both = jax.jit(lambda x, w, dy, f=f: jax.vjp(f, x, w)[1](dy))
       try:
-        t_f = _time(fwd, (x, w), args.iters)
-        t_b = _time(both, (x, w, dy), args.iters)
+        t_f = median_seconds(fwd, x, w, iters=args.iters, warmup=1)
+        t_b = median_seconds(both, x, w, dy, iters=args.iters, warmup=1)
       except Exception as e:  # pylint: disable=broad-except
         print(f"{name} {n}x{h}: {str(e).splitlines()[0][:120]}", flush=True)
         continue
