@@ -153,7 +153,10 @@ def _orbax_unraisable_to(error_log: Optional[str]):
 
   def hook(u):
     tb = "".join(traceback.format_tb(u.exc_traceback)) if u.exc_traceback else ""
-    if "orbax" not in tb and "orbax" not in repr(u.object):
+    # Tensorstore's completion callbacks of those sibling reads land on the read's event loop
+    # after orbax closed it: RuntimeError('Event loop is closed') with only asyncio frames.
+    loop_closed = isinstance(u.exc_value, RuntimeError) and "Event loop is closed" in str(u.exc_value)
+    if "orbax" not in tb and "orbax" not in repr(u.object) and not loop_closed:
       old(u)
       return
     if error_log and jax.process_index() == 0:

@@ -160,7 +160,9 @@ def test_load_params_newest_good(tmp_path):
     ckpt.load_params(workdir)
 
 
-@pytest.mark.filterwarnings("error::pytest.PytestUnraisableExceptionWarning")  # no stray dumps
+# Stray "Exception ignored" dumps from the failed read go to the error log (checked below), but one
+# that tensorstore delivers after the read returned reaches pytest at a time the garbage collector
+# picks (pytest.ini ignores those), so this test does not turn them into errors.
 def test_truncated_file_is_one_line_naming_checkpoint_item_and_file(tmp_path):
   ckdir = str(tmp_path / "checkpoints")
   mgr = ckpt.CheckpointManager(ckdir, keep_last=5, async_save=False)
