@@ -75,6 +75,28 @@ def plant(recs: list[dict], fraction: float, seed: int):
   return out, groups, truth
 
 
+def plant_groups(recs: list[dict], budget: int, group_copies: int, seed: int):
+  """Fixed-size groups at a fixed number of documents: ``budget // group_copies`` originals get
+  ``group_copies`` edited copies each (0.2% character edits), so the corpus has the same
+  ``len(recs) + budget`` documents for every group size while the near-duplicate pairs grow as
+  ``budget * (group_copies + 1) / 2``. Returns (records, groups, truth) as ``plant`` does."""
+  rng = np.random.default_rng(seed)
+  out, groups, truth = list(recs), [], set()
+  for i in rng.permutation(len(recs))[:budget // group_copies]:
+    orig = recs[i]
+    members = [orig["id"]]
+    base = set(minhash.shingle_hashes(orig["text"], 5).tolist())
+    for k in range(group_copies):
+      text = mutate(orig["text"], 0.002, rng)
+      cid = f"{orig['id']}-copy{k}"
+      out.append(dict(orig, id=cid, text=text))
+      members.append(cid)
+      if minhash.jaccard(base, set(minhash.shingle_hashes(text, 5).tolist())) >= 0.8:
+        truth.add(cid)
+    groups.append(members)
+  return out, groups, truth
+
+
 class RssSampler:
   """Largest RSS of each pid, sampled every ``period`` seconds in a thread."""
 
@@ -155,6 +177,39 @@ def plot(rows, path):
   fig.savefig(path, dpi=110)
 
 
+def plot_edges(rows, path):
+  """Peak RSS per worker against verified pairs at a fixed number of documents (--group-copies)."""
+  import matplotlib  # pylint: disable=import-outside-toplevel
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  fig, ax = plt.subplots(figsize=(6.5, 4.2))
+  for w in sorted({r["workers"] for r in rows}):
+    rs = sorted((r for r in rows if r["workers"] == w), key=lambda r: r["verified_pairs"])
+    x = [r["verified_pairs"] for r in rs]
+    ax.plot(x, [max(r["peak_rss_mb"]) for r in rs], "o-", label=f"{w} worker(s): peak RSS")
+    ax.plot(x, [max(r["peak_growth_mb"]) for r in rs], "s--",
+            label=f"{w} worker(s): peak minus idle worker")
+    for r in rs:
+      ax.annotate(f"groups of {r['group_copies'] + 1}", (r["verified_pairs"], max(r["peak_rss_mb"])),
+                  fontsize=6, textcoords="offset points", xytext=(0, 5))
+  ax.set_xscale("log")
+  ax.set_xlabel(f"verified near-duplicate pairs ({rows[0]['docs']} documents in every run)")
+  ax.set_ylabel("MiB, largest worker")
+  ax.set_ylim(bottom=0)
+  ax.legend(fontsize=7)
+  fig.suptitle("clean_scale.py --group-copies: same documents, more edges", fontsize=10)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+
+
+def write_corpus(d: Path, recs) -> None:
+  d.mkdir()
+  with open(d / "train.jsonl", "w", encoding="utf-8") as f:
+    for r in recs:
+      f.write(json.dumps(r, ensure_ascii=False) + "\n")
+  (d / "validation.jsonl").write_text("", encoding="utf-8")
+
+
 def main(argv=None) -> int:
   ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   ap.add_argument("--corpus", default=str(Path.home() / ".cache/baichuan_jax/corpus"))
@@ -166,26 +221,32 @@ def main(argv=None) -> int:
   ap.add_argument("--json", default="")
   ap.add_argument("--plot", default="")
   ap.add_argument("--replot", default="", help="only redraw --plot from this --json file")
+  ap.add_argument("--group-copies", default="",
+                  help="edge sweep instead of --scales: e.g. 1,4,15,60 copies per planted group at "
+                       "a fixed --copies-budget, so documents stay fixed while pairs grow")
+  ap.add_argument("--copies-budget", type=int, default=60,
+                  help="planted copies in every --group-copies run (default: %(default)s)")
   args = ap.parse_args(argv)
+  draw = plot_edges if args.group_copies else plot
   if args.replot:
-    plot(json.load(open(args.replot, encoding="utf-8"))["rows"], args.plot)
+    draw(json.load(open(args.replot, encoding="utf-8"))["rows"], args.plot)
     return 0
   from distributed import Client, LocalCluster  # pylint: disable=import-outside-toplevel
 
-  scales = [int(x) for x in args.scales.split(",")]
+  group_copies = [int(x) for x in args.group_copies.split(",")] if args.group_copies else []
+  # A run is keyed by its scale (corpus x s) or, in the edge sweep, by its group size (scale 1).
+  scales = group_copies or [int(x) for x in args.scales.split(",")]
   workers = [int(x) for x in args.workers.split(",")]
-  pool = base_pool(args.corpus, args.base_docs * max(scales), args.seed)
+  pool = base_pool(args.corpus, args.base_docs * (1 if group_copies else max(scales)), args.seed)
   tmp = Path(tempfile.mkdtemp(prefix="clean-scale-"))
   corpora = {}
   for s in scales:
-    recs, groups, truth = plant(pool[:args.base_docs * s], args.plant_fraction, args.seed + s)
-    d = tmp / f"x{s}"
-    d.mkdir()
-    with open(d / "train.jsonl", "w", encoding="utf-8") as f:
-      for r in recs:
-        f.write(json.dumps(r, ensure_ascii=False) + "\n")
-    (d / "validation.jsonl").write_text("", encoding="utf-8")
-    corpora[s] = (d, recs, groups, truth)
+    if group_copies:
+      recs, groups, truth = plant_groups(pool, args.copies_budget, s, args.seed)
+    else:
+      recs, groups, truth = plant(pool[:args.base_docs * s], args.plant_fraction, args.seed + s)
+    write_corpus(tmp / f"x{s}", recs)
+    corpora[s] = (tmp / f"x{s}", recs, groups, truth)
   rows = []
   try:
     for w in workers:
@@ -209,7 +270,9 @@ def main(argv=None) -> int:
         tp_removed = len(removed & in_group)
         # A group keeps one member, so its removed members are its copies when all are found.
         expected = len(truth)
-        row = {"workers": w, "scale": s, "docs": len(recs), "input_mb": size / 2**20,
+        row = {"workers": w, "scale": 1 if group_copies else s,
+               "group_copies": s if group_copies else None, "docs": len(recs),
+               "input_mb": size / 2**20,
                "planted_copies": len(copies), "true_copies": len(truth),
                "verified_pairs": report["stats"]["dedup/doc/verified_pairs"]["all"],
                "removed": len(removed),
@@ -235,7 +298,7 @@ def main(argv=None) -> int:
     with open(args.json, "w", encoding="utf-8") as f:
       json.dump({"args": vars(args), "rows": rows, "env": env}, f, indent=1)
   if args.plot:
-    plot(rows, args.plot)
+    draw(rows, args.plot)
   return 0
 
 
