@@ -286,11 +286,11 @@ class Generator:
 
 def _cache_sharding(cfg, mesh, rules):
   from baichuan_jax import sharding  # pylint: disable=import-outside-toplevel
-  kv = (jax.sharding.PartitionSpec("activation_batch", "activation_kv_heads",
-                                   "activation_length", "kv"),) * cfg.num_layers
-  coord = jax.sharding.PartitionSpec("activation_batch", "activation_length")
-  logical = KVCache(k=kv, v=kv, positions=coord, segment_ids=coord,
-                    index=jax.sharding.PartitionSpec())
+  # [batch, kv_heads, len, head_dim] per layer; positions / segment ids [batch, len].
+  kv = (sharding.logical_spec("activation_batch", "activation_kv_heads", "activation_length",
+                              "kv"),) * cfg.num_layers
+  coord = sharding.logical_spec("activation_batch", "activation_length")
+  logical = KVCache(k=kv, v=kv, positions=coord, segment_ids=coord, index=sharding.logical_spec())
   return sharding.logical_to_sharding(logical, mesh, rules)
 
 
