@@ -31,28 +31,60 @@ def attention_reference(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: boo
   Returns:
     [batch, seq, heads, head_dim] in q's dtype.
   """
-  b, s, h, d = q.shape
-  kvh = k.shape[2]
-  g = h // kvh
-  scale = d ** -0.5 if sm_scale is None else sm_scale
-  qg = q.reshape(b, s, kvh, g, d)
-  # [batch, kv_heads, groups, q_len, k_len]
-  scores = jnp.einsum("bqhgd,bkhd->bhgqk", qg, k, preferred_element_type=jnp.float32) * scale
+  b, s = q.shape[:2]
+  bias = None
   if alibi_slopes is not None:
     pos = jnp.broadcast_to(jnp.arange(s), (b, s)) if positions is None else positions
     dist = (pos[:, :, None] - pos[:, None, :]).astype(jnp.float32)  # [b, q, k]
-    slopes = alibi_slopes.astype(jnp.float32).reshape(kvh, g)
-    scores = scores - slopes[None, :, :, None, None] * dist[:, None, None]
+    bias = -alibi_slopes.astype(jnp.float32)[None, :, None, None] * dist[:, None]  # [b, h, q, k]
   mask = jnp.ones((b, s, s), bool)
   if causal:
     mask = mask & jnp.tril(jnp.ones((s, s), bool))[None]
   if segment_ids is not None:
     mask = mask & (segment_ids[:, :, None] == segment_ids[:, None, :])
-  scores = jnp.where(mask[:, None, None], scores, -jnp.inf)
-  probs = jax.nn.softmax(scores, axis=-1)
+  out = softmax_attention(q, k, v.astype(jnp.float32), mask, bias, sm_scale=sm_scale,
+                          masked_value=-jnp.inf)
+  return out.astype(q.dtype)
+
+
+def softmax_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
+                      bias: Optional[jax.Array] = None, *, kv_layout: str = "bshd",
+                      sm_scale: Optional[float] = None,
+                      masked_value: float = float(jnp.finfo(jnp.float32).min)) -> jax.Array:
+  """The one jnp attention formula: GQA scores in fp32, bias, mask, softmax, weighted values.
+
+  The model's XLA path (`baichuan_jax.model.attention.xla_attention`, with its cache layout and
+  masks) and `attention_reference` (the kernels' test oracle) both call it.
+
+  Args:
+    q: [batch, q_len, heads, head_dim].
+    k, v: [batch, k_len, kv_heads, head_dim] ("bshd"), or [batch, kv_heads, k_len, head_dim]
+      ("bhsd", the KV cache's layout, read without a transpose); query head h reads kv head
+      h // (heads // kv_heads).
+    mask: bool [batch, q_len, k_len], true where a query may see a key.
+    bias: fp32 [batch, heads, q_len, k_len] added to the scaled scores (ALiBi), or None.
+    sm_scale: score scale (default head_dim ** -0.5).
+    masked_value: score of a masked key (the model uses the fp32 minimum, so a row with no visible
+      key, e.g. an empty cache slot's query, gives finite garbage instead of NaN).
+  Returns:
+    [batch, q_len, heads, head_dim] in v's dtype (the probabilities are cast to it).
+  """
+  kv_spec = "bkhd" if kv_layout == "bshd" else "bhkd"
+  b, sq, h, d = q.shape
+  kvh = k.shape[2] if kv_layout == "bshd" else k.shape[1]
+  g = h // kvh
+  scale = d ** -0.5 if sm_scale is None else sm_scale
+  qg = q.reshape(b, sq, kvh, g, d)
+  # [batch, kv_heads, groups, q_len, k_len]
+  scores = jnp.einsum(f"bqhgd,{kv_spec}->bhgqk", qg, k, preferred_element_type=jnp.float32)
+  scores = scores * scale
+  if bias is not None:
+    scores = scores + bias.reshape(b, kvh, g, sq, -1)
+  scores = jnp.where(mask[:, None, None], scores, masked_value)
+  probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
   # [batch, q_len, kv_heads, groups, head_dim]
-  out = jnp.einsum("bhgqk,bkhd->bqhgd", probs, v.astype(jnp.float32))
-  return out.reshape(b, s, h, d).astype(q.dtype)
+  out = jnp.einsum(f"bhgqk,{kv_spec}->bqhgd", probs, v)
+  return out.reshape(b, sq, h, d)
 
 
 def rms_norm_reference(x: jax.Array, scale: jax.Array, eps: float = 1e-6) -> jax.Array:

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 
 from baichuan_jax.model.positions import alibi_bias
+from kernels_pallas.reference import softmax_attention
 
 
 class AttnContext(NamedTuple):
@@ -71,23 +72,9 @@ def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, ctx: AttnContext,
   """
   if kv_layout not in ("bshd", "bhsd"):
     raise ValueError(f"kv_layout={kv_layout!r} is invalid: allowed 'bshd', 'bhsd'")
-  kv_spec = "bkhd" if kv_layout == "bshd" else "bhkd"
-  b, sq, h, d = q.shape
-  kvh = k.shape[2] if kv_layout == "bshd" else k.shape[1]
-  g = h // kvh
-  qg = q.reshape(b, sq, kvh, g, d)
-  # [batch, kv_heads, groups, q_len, k_len]
-  scores = jnp.einsum(f"bqhgd,{kv_spec}->bhgqk", qg, k, preferred_element_type=jnp.float32)
-  scores = scores * (d ** -0.5)
-  if alibi_slopes is not None:
-    bias = alibi_bias(alibi_slopes, ctx.q_pos, ctx.k_pos)  # [b, h, q, k]
-    scores = scores + bias.reshape(b, kvh, g, sq, -1)
-  mask = attention_mask(ctx)[:, :, None]  # [b, 1, 1, q, k]
-  scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
-  probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-  # [batch, q_len, kv_heads, groups, head_dim]
-  out = jnp.einsum(f"bhgqk,{kv_spec}->bqhgd", probs, v)
-  return out.reshape(b, sq, h, d)
+  bias = None if alibi_slopes is None else alibi_bias(alibi_slopes, ctx.q_pos, ctx.k_pos)
+  mask = attention_mask(ctx)[:, 0]  # [b, q, k]
+  return softmax_attention(q, k, v, mask, bias, kv_layout=kv_layout)
 
 
 def decode_span(ctx: AttnContext, alibi: bool) -> tuple[jax.Array, jax.Array, jax.Array]:
