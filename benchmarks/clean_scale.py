@@ -61,18 +61,24 @@ def plant(recs: list[dict], fraction: float, seed: int):
   rng = np.random.default_rng(seed)
   out, groups, truth = list(recs), [], set()
   for i in np.flatnonzero(rng.random(len(recs)) < fraction):
-    orig = recs[i]
-    members = [orig["id"]]
-    base = set(minhash.shingle_hashes(orig["text"], 5).tolist())
-    for k in range(int(rng.integers(1, 3))):
-      text = mutate(orig["text"], float(rng.choice([0.002, 0.005, 0.01])), rng)
-      cid = f"{orig['id']}-copy{k}"
-      out.append(dict(orig, id=cid, text=text))
-      members.append(cid)
-      if minhash.jaccard(base, set(minhash.shingle_hashes(text, 5).tolist())) >= 0.8:
-        truth.add(cid)
-    groups.append(members)
+    rates = [float(rng.choice([0.002, 0.005, 0.01])) for _ in range(int(rng.integers(1, 3)))]
+    groups.append(add_copies(recs[i], rates, rng, out, truth))
   return out, groups, truth
+
+
+def add_copies(orig: dict, rates, rng, out: list, truth: set) -> list:
+  """Appends one edited copy of `orig` to `out` per character-edit rate in `rates`; adds to `truth`
+  the copies whose exact 5-gram Jaccard with `orig` is >= 0.8. Returns the group's ids."""
+  members = [orig["id"]]
+  base = set(minhash.shingle_hashes(orig["text"], 5).tolist())
+  for k, rate in enumerate(rates):
+    text = mutate(orig["text"], rate, rng)
+    cid = f"{orig['id']}-copy{k}"
+    out.append(dict(orig, id=cid, text=text))
+    members.append(cid)
+    if minhash.jaccard(base, set(minhash.shingle_hashes(text, 5).tolist())) >= 0.8:
+      truth.add(cid)
+  return members
 
 
 def plant_groups(recs: list[dict], budget: int, group_copies: int, seed: int):
@@ -83,17 +89,7 @@ def plant_groups(recs: list[dict], budget: int, group_copies: int, seed: int):
   rng = np.random.default_rng(seed)
   out, groups, truth = list(recs), [], set()
   for i in rng.permutation(len(recs))[:budget // group_copies]:
-    orig = recs[i]
-    members = [orig["id"]]
-    base = set(minhash.shingle_hashes(orig["text"], 5).tolist())
-    for k in range(group_copies):
-      text = mutate(orig["text"], 0.002, rng)
-      cid = f"{orig['id']}-copy{k}"
-      out.append(dict(orig, id=cid, text=text))
-      members.append(cid)
-      if minhash.jaccard(base, set(minhash.shingle_hashes(text, 5).tolist())) >= 0.8:
-        truth.add(cid)
-    groups.append(members)
+    groups.append(add_copies(recs[i], [0.002] * group_copies, rng, out, truth))
   return out, groups, truth
 
 
