@@ -61,18 +61,20 @@ def plant(recs: list[dict], fraction: float, seed: int):
   rng = np.random.default_rng(seed)
   out, groups, truth = list(recs), [], set()
   for i in np.flatnonzero(rng.random(len(recs)) < fraction):
-    rates = [float(rng.choice([0.002, 0.005, 0.01])) for _ in range(int(rng.integers(1, 3)))]
-    groups.append(add_copies(recs[i], rates, rng, out, truth))
+    n = int(rng.integers(1, 3))
+    groups.append(add_copies(recs[i], n, lambda: float(rng.choice([0.002, 0.005, 0.01])), rng, out,
+                             truth))
   return out, groups, truth
 
 
-def add_copies(orig: dict, rates, rng, out: list, truth: set) -> list:
-  """Appends one edited copy of `orig` to `out` per character-edit rate in `rates`; adds to `truth`
-  the copies whose exact 5-gram Jaccard with `orig` is >= 0.8. Returns the group's ids."""
+def add_copies(orig: dict, n: int, rate, rng, out: list, truth: set) -> list:
+  """Appends `n` copies of `orig` to `out`, each with character edits at `rate()` (drawn per copy,
+  just before its edits); adds to `truth` the copies whose exact 5-gram Jaccard with `orig` is
+  >= 0.8. Returns the group's ids."""
   members = [orig["id"]]
   base = set(minhash.shingle_hashes(orig["text"], 5).tolist())
-  for k, rate in enumerate(rates):
-    text = mutate(orig["text"], rate, rng)
+  for k in range(n):
+    text = mutate(orig["text"], rate(), rng)
     cid = f"{orig['id']}-copy{k}"
     out.append(dict(orig, id=cid, text=text))
     members.append(cid)
@@ -89,7 +91,7 @@ def plant_groups(recs: list[dict], budget: int, group_copies: int, seed: int):
   rng = np.random.default_rng(seed)
   out, groups, truth = list(recs), [], set()
   for i in rng.permutation(len(recs))[:budget // group_copies]:
-    groups.append(add_copies(recs[i], [0.002] * group_copies, rng, out, truth))
+    groups.append(add_copies(recs[i], group_copies, lambda: 0.002, rng, out, truth))
   return out, groups, truth
 
 
