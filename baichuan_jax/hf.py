@@ -311,26 +311,34 @@ SPECIAL_TOKENS_MAP = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<un
 # Readers: one per weight file. `tensors` maps name -> (dtype, shape); `read` returns rows.
 
 
+def read_safetensors_header(path: Path) -> tuple[dict, int]:
+  """(header JSON object, byte offset of the tensor data) of a safetensors file; reads only the
+  header, and a length past the file (or over 100 MiB) or a non-object header is a ValueError
+  naming the file."""
+  size = path.stat().st_size
+  with open(path, "rb") as fh:
+    head = fh.read(8)
+    if len(head) < 8:
+      raise ValueError(f"{path}: corrupt safetensors file ({size} bytes, no header)")
+    n = int.from_bytes(head, "little")
+    if n > size - 8 or n > 100 << 20:
+      raise ValueError(f"{path}: corrupt safetensors file (header length {n} > file size {size})")
+    try:
+      header = json.loads(fh.read(n))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+      raise ValueError(f"{path}: corrupt safetensors header ({err})") from None
+  if not isinstance(header, dict):
+    raise ValueError(f"{path}: corrupt safetensors header (not a JSON object)")
+  return header, 8 + n
+
+
 class _SafetensorsFile:
   """Header-validated safetensors file read with positional reads into fresh buffers."""
 
   def __init__(self, path: Path):
     self.path = path
+    header, self.data_start = read_safetensors_header(path)
     size = path.stat().st_size
-    with open(path, "rb") as fh:
-      head = fh.read(8)
-      if len(head) < 8:
-        raise ValueError(f"{path}: corrupt safetensors file ({size} bytes, no header)")
-      n = int.from_bytes(head, "little")
-      if n > size - 8 or n > 100 << 20:
-        raise ValueError(f"{path}: corrupt safetensors file (header length {n} > file size {size})")
-      try:
-        header = json.loads(fh.read(n))
-      except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ValueError(f"{path}: corrupt safetensors header ({err})") from None
-    if not isinstance(header, dict):
-      raise ValueError(f"{path}: corrupt safetensors header (not a JSON object)")
-    self.data_start = 8 + n
     self.tensors: dict[str, tuple[np.dtype, tuple[int, ...]]] = {}
     self._offsets: dict[str, int] = {}
     header.pop("__metadata__", None)

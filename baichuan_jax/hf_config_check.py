@@ -42,7 +42,6 @@ ID_FIELDS = ("pad_token_id", "bos_token_id", "eos_token_id", "user_token_id",
 FLOAT_FIELDS = ("rms_norm_eps", "rope_theta", "z_loss_weight", "initializer_range")
 INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.")
-_HEADER_LIMIT = 100 << 20
 
 
 def _fail(file: Path, field: str, value: Any, allowed: str) -> None:
@@ -111,18 +110,8 @@ def confined_index(root: Union[str, Path]) -> Optional[tuple[Path, dict]]:
 
 def _safetensors_shapes(path: Path) -> dict[str, tuple]:
   """{tensor name: shape} from a safetensors header (reads only the header)."""
-  size = path.stat().st_size
-  with open(path, "rb") as f:
-    head = f.read(8)
-    n = int.from_bytes(head, "little") if len(head) == 8 else -1
-    if n < 0 or n > size - 8 or n > _HEADER_LIMIT:
-      raise ValueError(f"{path}: corrupt safetensors file (header length {n}, file size {size})")
-    try:
-      header = json.loads(f.read(n))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-      raise ValueError(f"{path}: corrupt safetensors header ({e})") from None
-  if not isinstance(header, dict):
-    raise ValueError(f"{path}: corrupt safetensors header (not a JSON object)")
+  from baichuan_jax.hf import read_safetensors_header  # pylint: disable=import-outside-toplevel
+  header, _ = read_safetensors_header(path)
   header.pop("__metadata__", None)
   return {k: tuple(v.get("shape", ())) for k, v in header.items() if isinstance(v, dict)}
 
