@@ -44,7 +44,9 @@ a watchdog thread ends the process at the hard limit, budget + 30 s, after writi
 
 `--small` runs the same code on tiny shapes, with the kernels in Pallas interpret mode, on a CPU
 (tests/test_kernels_gpu_suite.py runs it); its numbers are meaningless, its purpose is that the
-device run has no surprises.
+device run has no surprises. `--preflight` (also on a CPU, ~20 s) exports every program of the
+full run at the device shapes for CUDA (`jax.export`, platforms=["cuda"]): each kernel's Pallas ->
+Triton lowering, the ~1B step and the 7B decode steps, so a lowering error cannot cost GPU time.
 """
 
 from __future__ import annotations
@@ -416,14 +418,51 @@ def model_decode_step(cfg):
   return step, gen_lib
 
 
-def section_decode(suite, backend, dcfg):
+def decode_configs(dcfg) -> dict:
+  """{"xla": cfg, "pallas": cfg}: the decode model (bf16 weights) with each attention_impl."""
   from baichuan_jax import configs
-  from baichuan_jax.model import init_cache
-  import gpu_decode  # benchmarks/gpu_decode.py
-  del backend  # the model resolves attention_impl="pallas" to the platform's kernels itself
-  cfgs = {impl: configs.get(dcfg["preset"], dtype="bfloat16", param_dtype="bfloat16",
+  return {impl: configs.get(dcfg["preset"], dtype="bfloat16", param_dtype="bfloat16",
                             attention_impl=impl, **dcfg["overrides"])
           for impl in ("xla", "pallas")}
+
+
+def decode_state(cfg, gen_lib, batch: int, seed: int, *, ctx: int, max_len: int):
+  """A generate decode state with `ctx` filled slots per row (random bf16 K/V), next slot ctx,
+  and greedy row parameters (penalty 1, still applied as generate does; no stop token)."""
+  from baichuan_jax.model import init_cache
+  d = cfg.hidden_size // cfg.num_heads
+  shape = (batch, cfg.num_kv_heads, max_len, d)
+  fill = jax.jit(lambda key: jax.random.normal(key, shape, jnp.bfloat16))
+  keys = jax.random.split(jax.random.PRNGKey(seed), 2 * cfg.num_layers)
+  slot = jnp.arange(max_len, dtype=jnp.int32)
+  cache = init_cache(cfg, batch, max_len, dtype="bfloat16").replace(
+      k=tuple(fill(keys[i]) for i in range(cfg.num_layers)),
+      v=tuple(fill(keys[cfg.num_layers + i]) for i in range(cfg.num_layers)),
+      positions=jnp.broadcast_to(jnp.where(slot < ctx, slot, 0), (batch, max_len)),
+      segment_ids=jnp.broadcast_to((slot < ctx).astype(jnp.int32), (batch, max_len)),
+      index=jnp.asarray(ctx, jnp.int32))
+  tok = jnp.asarray(np.random.default_rng(seed).integers(3, cfg.vocab_size, size=(batch,)),
+                    jnp.int32)
+  state = gen_lib.DecodeState(
+      cache=cache, out=jnp.zeros((batch, 16), jnp.int32), last=tok,
+      pos=jnp.full((batch,), ctx, jnp.int32), lengths=jnp.ones((batch,), jnp.int32),
+      present=jnp.zeros((batch, cfg.vocab_size), bool).at[jnp.arange(batch), tok].set(True),
+      done=jnp.zeros((batch,), bool), finish=jnp.zeros((batch,), jnp.int32),
+      step=jnp.ones((), jnp.int32))
+  z = lambda dt: jnp.zeros((batch,), dt)
+  rows_p = gen_lib.RowParams(
+      temperature=z(jnp.float32), top_k=z(jnp.int32), top_p=jnp.ones((batch,), jnp.float32),
+      repetition_penalty=jnp.ones((batch,), jnp.float32),
+      max_new=jnp.full((batch,), 1 << 30, jnp.int32),
+      stop_ids=jnp.full((batch, 1), -1, jnp.int32), seeds=z(jnp.uint32))
+  return state, rows_p
+
+
+def section_decode(suite, backend, dcfg):
+  from baichuan_jax import configs
+  import gpu_decode  # benchmarks/gpu_decode.py
+  del backend  # the model resolves attention_impl="pallas" to the platform's kernels itself
+  cfgs = decode_configs(dcfg)
   cfg = cfgs["xla"]
   params = gpu_decode.random_params(cfg)
   ctx, L = dcfg["context"], dcfg["max_len"]
@@ -435,38 +474,11 @@ def section_decode(suite, backend, dcfg):
   for impl, c in cfgs.items():
     fn, gen_lib = model_decode_step(c)
     steps[impl] = jax.jit(fn, donate_argnums=(1,))
+  fresh_state = functools.partial(decode_state, cfg, gen_lib, ctx=ctx, max_len=L)
   rows = suite.result["decode"]
   names = {"xla": "model (attention_impl=xla: XLA attention over all slots, jnp.argmax)",
            "pallas": "kernels (the model's step with attention_impl=pallas: decode_attention "
                      "over filled slots, topk_argmax)"}
-
-  def fresh_state(batch, seed):
-    """A generate decode state with `ctx` filled slots per row (random bf16 K/V), next slot ctx."""
-    shape = (batch, cfg.num_kv_heads, L, d)
-    fill = jax.jit(lambda key: jax.random.normal(key, shape, jnp.bfloat16))
-    keys = jax.random.split(jax.random.PRNGKey(seed), 2 * cfg.num_layers)
-    slot = jnp.arange(L, dtype=jnp.int32)
-    cache = init_cache(cfg, batch, L, dtype="bfloat16").replace(
-        k=tuple(fill(keys[i]) for i in range(cfg.num_layers)),
-        v=tuple(fill(keys[cfg.num_layers + i]) for i in range(cfg.num_layers)),
-        positions=jnp.broadcast_to(jnp.where(slot < ctx, slot, 0), (batch, L)),
-        segment_ids=jnp.broadcast_to((slot < ctx).astype(jnp.int32), (batch, L)),
-        index=jnp.asarray(ctx, jnp.int32))
-    tok = jnp.asarray(np.random.default_rng(seed).integers(3, cfg.vocab_size, size=(batch,)),
-                      jnp.int32)
-    state = gen_lib.DecodeState(
-        cache=cache, out=jnp.zeros((batch, 16), jnp.int32), last=tok,
-        pos=jnp.full((batch,), ctx, jnp.int32), lengths=jnp.ones((batch,), jnp.int32),
-        present=jnp.zeros((batch, cfg.vocab_size), bool).at[jnp.arange(batch), tok].set(True),
-        done=jnp.zeros((batch,), bool), finish=jnp.zeros((batch,), jnp.int32),
-        step=jnp.ones((), jnp.int32))
-    z = lambda dt: jnp.zeros((batch,), dt)
-    rows_p = gen_lib.RowParams(  # greedy, penalty 1 (still applied, as generate does), no stop
-        temperature=z(jnp.float32), top_k=z(jnp.int32), top_p=jnp.ones((batch,), jnp.float32),
-        repetition_penalty=jnp.ones((batch,), jnp.float32),
-        max_new=jnp.full((batch,), 1 << 30, jnp.int32),
-        stop_ids=jnp.full((batch, 1), -1, jnp.int32), seeds=z(jnp.uint32))
-    return state, rows_p
 
   def row_for(path, batch, sec, slots_read):
     kv_bytes = 2 * cfg.num_layers * batch * cfg.num_kv_heads * slots_read * d * 2
@@ -549,6 +561,31 @@ def section_decode(suite, backend, dcfg):
     print("decode", json.dumps(rows[-3:], default=str)[:700], flush=True)
 
 
+# decode_attention settings timed at batch 1 besides the defaults ("splits_scale": twice the
+# default number of key splits).
+DECODE_KERNEL_VARIANTS = [("default", {}), ("block_k 64", {"block_k": 64}),
+                          ("splits x2", {"splits_scale": 2}), ("splits 1", {"num_splits": 1}),
+                          ("8 warps, 3 stages", {"num_warps": 8, "num_stages": 3})]
+
+
+def decode_kernel_settings(variant: dict, batch: int, kv_heads: int) -> dict:
+  """A DECODE_KERNEL_VARIANTS entry as decode_attention keyword arguments."""
+  kw = dict(variant)
+  if kw.pop("splits_scale", None):
+    target = kernels_pallas.decode.GPU_DEFAULTS["target_programs"]
+    kw["num_splits"] = 2 * -(-target // (batch * kv_heads))
+  return kw
+
+
+def decode_kernel_plan(cfg) -> list:
+  """(batch, "full" | "ragged", (variant name, settings)) in the order section_decode_kernel
+  times them: the defaults at every batch, the variants at the first, ragged at the last."""
+  variants = DECODE_KERNEL_VARIANTS
+  plan = [(b, "full", variants[0]) for b in cfg["batches"]]
+  plan += [(cfg["batches"][0], "full", v) for v in variants[1:cfg.get("variants", 5)]]
+  return plan + [(cfg["batches"][-1], "ragged", variants[0])]
+
+
 def section_decode_kernel(suite, backend, cfg):
   """decode_attention alone (one layer's cache) vs the jnp reference: GB/s of filled K/V slots.
 
@@ -560,13 +597,7 @@ def section_decode_kernel(suite, backend, cfg):
   h, kvh, d, L, ctx = cfg["heads"], cfg["kv_heads"], cfg["head_dim"], cfg["max_len"], cfg["context"]
   rows = suite.result["decode_kernel"]
   rng = np.random.default_rng(0)
-  variants = [("default", {})] + [(n, kw) for n, kw in (
-      ("block_k 64", {"block_k": 64}), ("splits x2", {"splits_scale": 2}),
-      ("splits 1", {"num_splits": 1}), ("8 warps, 3 stages", {"num_warps": 8, "num_stages": 3}))]
-  plan = [(b, "full", v) for b in cfg["batches"] for v in variants[:1]]
-  plan += [(cfg["batches"][0], "full", v) for v in variants[1:cfg.get("variants", 5)]]
-  plan += [(cfg["batches"][-1], "ragged", variants[0])]
-  for b, fill, (vname, kw) in plan:
+  for b, fill, (vname, kw) in decode_kernel_plan(cfg):
     if not suite.fits(f"decode_kernel b{b} {fill} {vname}", 5):
       return
     keys = jax.random.split(jax.random.PRNGKey(b), 3)
@@ -576,9 +607,7 @@ def section_decode_kernel(suite, backend, cfg):
     lengths = (np.full(b, ctx + 1) if fill == "full"
                else rng.integers(1, ctx + 1, size=b)).astype(np.int32)
     lengths = jnp.asarray(lengths)
-    kw = dict(kw)
-    if kw.pop("splits_scale", None):
-      kw["num_splits"] = 2 * -(-kernels_pallas.decode.GPU_DEFAULTS["target_programs"] // (b * kvh))
+    kw = decode_kernel_settings(kw, b, kvh)
     slopes = jnp.asarray(alibi_slopes(h))
     filled = 2 * int(np.sum(np.asarray(lengths))) * kvh * d * 2
     row = dict(batch=b, fill=fill, variant=vname, heads=h, kv_heads=kvh, head_dim=d, cache_len=L,
@@ -604,18 +633,21 @@ def section_decode_kernel(suite, backend, cfg):
   suite.write()
 
 
+# Backward tilings timed against the defaults (flash_attention's `tuning` argument).
+TILE_VARIANTS = [
+    ("default", None),
+    ("dq 128x32 / dkdv 32x128, 4 warps", {"blocks": {"dq": (128, 32), "dkdv": (32, 128)}}),
+    ("dq 128x64 / dkdv 64x128, 8 warps", {"blocks": {"dq": (128, 64), "dkdv": (64, 128)},
+                                          "launch": {"bwd": {"num_warps": 8}}}),
+    ("bwd 64x64, 3 stages", {"launch": {"bwd": {"num_stages": 3}}}),
+]
+
+
 def section_tiles(suite, backend, cfg):
   import attention as attn_bench
   attn_bench.BACKEND = backend
   s, b = cfg["seq"], max(1, cfg["tokens"] // cfg["seq"])
-  variants = [
-      ("default", None),
-      ("dq 128x32 / dkdv 32x128, 4 warps", {"blocks": {"dq": (128, 32), "dkdv": (32, 128)}}),
-      ("dq 128x64 / dkdv 64x128, 8 warps", {"blocks": {"dq": (128, 64), "dkdv": (64, 128)},
-                                            "launch": {"bwd": {"num_warps": 8}}}),
-      ("bwd 64x64, 3 stages", {"launch": {"bwd": {"num_stages": 3}}}),
-  ]
-  for name, tuning in [variants[i] for i in cfg.get("variants", range(len(variants)))]:
+  for name, tuning in [TILE_VARIANTS[i] for i in cfg.get("variants", range(len(TILE_VARIANTS)))]:
     if not suite.fits(f"tiles {name}", 10):
       return
     row = attn_bench.bench_one("ours", "fwdbwd", b=b, s=s, h=cfg["heads"], d=cfg["head_dim"],
@@ -625,6 +657,146 @@ def section_tiles(suite, backend, cfg):
     suite.result["tiles"].append(row)
     print("tiles", name, row.get("tflops", row.get("error")), flush=True)
     suite.write()
+
+
+# ----------------------------------------------------------------------------------------------
+# preflight: every device program of the full run, lowered for CUDA on this (CPU) machine
+
+
+def preflight_programs(shapes) -> list:
+  """[(section, name, jitted fn, abstract args)]: the programs the full run compiles, at its
+  shapes, built by the same functions the sections use (the kernels' backend "gpu", the model's
+  attention_impl resolved under `kernels_pallas.lowering_platform("cuda")`)."""
+  import attention as attn_bench  # benchmarks/attention.py
+  import gpu_train_mfu
+  from baichuan_jax import train
+  from baichuan_jax.model import init_params
+  from baichuan_jax.model.positions import alibi_slopes
+  S, bf, f32, i32 = jax.ShapeDtypeStruct, jnp.bfloat16, jnp.float32, jnp.int32
+  progs = []
+  c = shapes["check"]
+  b, s, h, hkv, d = c["b"], c["s"], c["h"], c["hkv"], c["d"]
+  slopes, pos = jnp.asarray(alibi_slopes(h)), jnp.broadcast_to(jnp.arange(s, dtype=i32), (b, s))
+  for name, kw in (("flash alibi", dict(alibi_slopes=slopes)),
+                   ("flash in-kernel rope", dict(positions=pos, rope_theta=1e4))):
+    fn = functools.partial(flash_attention, backend="gpu", **kw)
+
+    def fwd_bwd(q, k, v, ct, fn=fn):
+      o, vjp = jax.vjp(fn, q, k, v)
+      return (o,) + vjp(ct)
+    progs.append(("check", name, jax.jit(fwd_bwd), (S((b, s, h, d), bf), S((b, s, hkv, d), bf),
+                                                    S((b, s, hkv, d), bf), S((b, s, h, d), bf))))
+  db, dh, dkvh, L = c["dec_b"], c["dec_h"], c["dec_kvh"], c["dec_len"]
+  dslopes = jnp.asarray(alibi_slopes(dh))
+  progs.append(("check", "decode attention (starts, ALiBi, GQA)", jax.jit(
+      lambda q, k, v, n, st: decode_attention(q, k, v, n, starts=st, alibi_slopes=dslopes,
+                                              backend="gpu")),
+                (S((db, dh, d), bf), S((db, dkvh, L, d), bf), S((db, dkvh, L, d), bf),
+                 S((db,), i32), S((db,), i32))))
+  logits, present, pen = S((4, c["vocab"]), f32), S((4, c["vocab"]), bool), S((4,), f32)
+  for kk in (1, 8):
+    progs.append(("check", f"top_k k={kk}", jax.jit(
+        functools.partial(top_k, k=kk, backend="gpu")), (logits,)))
+  progs.append(("check", "topk_argmax", jax.jit(functools.partial(topk_argmax, backend="gpu")),
+                (logits,)))
+  progs.append(("check", "top_k k=16 + penalty", jax.jit(
+      lambda x, p, r: top_k(x, 16, present=p, penalty=r, backend="gpu")), (logits, present, pen)))
+  progs.append(("check", "topk_argmax + penalty", jax.jit(
+      lambda x, p, r: topk_argmax(x, present=p, penalty=r, backend="gpu")),
+                (logits, present, pen)))
+
+  attn_bench.BACKEND = "gpu"
+
+  def attention_prog(section, name, cfg, s, alibi, tuning=None):
+    b = max(1, cfg["tokens"] // s)
+    f = attn_bench.make_fn("ours", causal=True, alibi=alibi, s=s, h=cfg["heads"],
+                           d=cfg["head_dim"], dtype=bf, tuning=tuning)
+    x = S((b, s, cfg["heads"], cfg["head_dim"]), bf)
+    grad = attn_bench._grad_fn(f)  # pylint: disable=protected-access
+    return (section, name, jax.jit(grad), (x, x, x, S(x.shape, f32)))
+
+  a = shapes["attn"]
+  for s in a["seqs"]:
+    for alibi in (False, True):
+      progs.append(attention_prog("attention", f"ours fwd+bwd seq {s}{' alibi' if alibi else ''}",
+                                  a, s, alibi))
+  t = shapes["train"]
+  cfg = gpu_train_mfu.model_config(t["impl"], "none", t["seq"], t["layers"], t["hidden"],
+                                   t["heads"])
+  tcfg, mesh = gpu_train_mfu.train_setup(t["batch"], t["seq"])
+  step = train.make_train_step(cfg, tcfg, mesh)
+  progs.append(("train", f"~1B step ({t['impl']}, {t['batch']}x{t['seq']})", step,
+                (train.abstract_train_state(cfg, tcfg, mesh), train.abstract_batch(tcfg, mesh))))
+  dcfg = shapes["decode"]
+  cfgs = decode_configs(dcfg)
+  params = jax.eval_shape(lambda: init_params(cfgs["xla"], jax.random.PRNGKey(0)))
+  for impl, batches in (("xla", dcfg["model_batches"]), ("pallas", dcfg["batches"])):
+    fn, gen_lib = model_decode_step(cfgs[impl])
+    for batch in batches:
+      state = jax.eval_shape(functools.partial(decode_state, cfgs[impl], gen_lib, batch, 0,
+                                               ctx=dcfg["context"], max_len=dcfg["max_len"]))
+      progs.append(("decode", f"model step {impl} batch {batch}",
+                    jax.jit(fn, donate_argnums=(1,)), (params,) + tuple(state)))
+  k = shapes["decode_kernel"]
+  kslopes = jnp.asarray(alibi_slopes(k["heads"]))
+  for batch, fill, (vname, kw) in decode_kernel_plan(k):
+    kw = decode_kernel_settings(kw, batch, k["kv_heads"])
+    cache = S((batch, k["kv_heads"], k["max_len"], k["head_dim"]), bf)
+    progs.append(("decode_kernel", f"batch {batch} {fill} {vname}", jax.jit(
+        lambda q, kc, vc, n, kw=kw: decode_attention(q, kc, vc, n, alibi_slopes=kslopes,
+                                                     backend="gpu", **kw)),
+                  (S((batch, k["heads"], k["head_dim"]), bf), cache, cache, S((batch,), i32))))
+  tl = shapes["tiles"]
+  for name, tuning in TILE_VARIANTS:
+    progs.append(attention_prog("tiles", name, tl, tl["seq"], False, tuning))
+  return progs
+
+
+def preflight(out: Path, shapes=None) -> dict:
+  """Lowers every device program of the full run for CUDA (jax.export, platforms=["cuda"]) on a
+  machine without a GPU: the Pallas -> Triton lowering of every kernel at the device shapes, the
+  ~1B training step and the 7B decode steps. What it cannot see: Triton's own compilation (shared
+  memory, registers), which happens when XLA compiles on the GPU, and cuDNN attention, whose
+  lowering asks the installed cuDNN. Writes gpu_suite_preflight.json / .md; ok only if all lower.
+  """
+  from jax import export
+  from baichuan_jax import train  # noqa: F401  (the train step's mesh context below)
+  import flax.linen as nn
+  triton = "__gpu$xla.gpu.triton"
+  checks = [export.DisabledSafetyCheck.custom_call(triton)]
+  rows = []
+  with kernels_pallas.lowering_platform("cuda"):
+    progs = preflight_programs(shapes or FULL)
+    for section, name, fn, args in progs:
+      t0 = time.perf_counter()
+      row = dict(section=section, program=name)
+      try:
+        if hasattr(fn, "jitted"):  # train.MeshJit: lowered with its mesh and axis rules
+          with jax.set_mesh(fn.mesh), nn.logical_axis_rules(fn.rules):
+            exp = export.export(fn.jitted, platforms=["cuda"], disabled_checks=checks)(*args)
+        else:
+          exp = export.export(fn, platforms=["cuda"], disabled_checks=checks)(*args)
+        text = exp.mlir_module()
+        row.update(ok=True, triton_kernels=text.count(f"stablehlo.custom_call @{triton}("))
+      except Exception as e:  # pylint: disable=broad-except
+        row.update(ok=False, error=f"{type(e).__name__}: {str(e)[:2000]}")
+      row["seconds"] = time.perf_counter() - t0
+      rows.append(row)
+      print(f"preflight {'ok  ' if row['ok'] else 'FAIL'} {section}: {name} "
+            f"({row.get('triton_kernels', '-')} Triton kernels, {row['seconds']:.1f} s)"
+            + ("" if row["ok"] else "\n  " + row["error"][:600]), flush=True)
+  result = dict(ok=all(r["ok"] for r in rows), programs=rows, jax=jax.__version__,
+                not_checked=["cuDNN attention (its lowering asks the installed cuDNN)",
+                             "Triton compilation (shared memory, registers) on the device"])
+  out.mkdir(parents=True, exist_ok=True)
+  (out / "gpu_suite_preflight.json").write_text(json.dumps(result, indent=1))
+  md = ["# gpu_suite preflight (lowered for CUDA on a CPU machine)", "",
+        f"jax {jax.__version__}; {sum(r['ok'] for r in rows)} of {len(rows)} programs lower.", "",
+        "| section | program | Triton kernels | ok |", "|---|---|---|---|"]
+  md += [f"| {r['section']} | {r['program']} | {r.get('triton_kernels', '-')} | "
+         f"{'yes' if r['ok'] else 'NO: ' + r['error'][:120]} |" for r in rows]
+  (out / "gpu_suite_preflight.md").write_text("\n".join(md) + "\n")
+  return result
 
 
 # ----------------------------------------------------------------------------------------------
@@ -768,7 +940,15 @@ def main(argv=None):
   p.add_argument("--sections",
                  default="ceilings,check,attention,train,decode,decode_kernel,tiles",
                  help="comma-separated subset, run in the fixed order above")
+  p.add_argument("--preflight", action="store_true",
+                 help="on a machine without a GPU: lower every program of the full run for CUDA "
+                      "(writes gpu_suite_preflight.json/.md; exit status 1 if one fails)")
   args = p.parse_args(argv)
+  if args.preflight:
+    result = preflight(Path(args.out))
+    if not result["ok"]:
+      sys.exit(1)
+    return result
   sections = args.sections.split(",")
   allowed = ("ceilings", "check", "attention", "train", "decode", "decode_kernel", "tiles")
   for s in sections:

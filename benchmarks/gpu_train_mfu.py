@@ -56,16 +56,21 @@ def matmul_peak(n: int = 8192, iters: int = 20) -> float:
   return 2 * n ** 3 * iters / (time.perf_counter() - t0)
 
 
+def train_setup(batch: int, seq: int):
+  """(train config, one-device mesh) of the timed step: batch x seq tokens, defaults otherwise."""
+  tcfg = train.default_train_config()
+  tcfg.batch_size, tcfg.seq_len = batch, seq
+  tcfg.mesh.data, tcfg.mesh.model = 1, 1
+  tcfg.warmup_steps = 10
+  return tcfg, sharding.make_mesh(tcfg.mesh, jax.devices()[:1])
+
+
 def run_one(impl, remat, batch, seq, steps, warmup, layers, hidden, heads, peaks,
             profile_dir=None):
   """One timed configuration -> a result row. With `profile_dir`, two more steps run under
   `jax.profiler.trace(profile_dir)` after the timing (not counted in it)."""
   cfg = model_config(impl, remat, seq, layers, hidden, heads)
-  tcfg = train.default_train_config()
-  tcfg.batch_size, tcfg.seq_len = batch, seq
-  tcfg.mesh.data, tcfg.mesh.model = 1, 1
-  tcfg.warmup_steps = 10
-  mesh = sharding.make_mesh(tcfg.mesh, jax.devices()[:1])
+  tcfg, mesh = train_setup(batch, seq)
   row = dict(attention_impl=impl, remat_policy=remat, batch=batch, seq=seq,
              params=configs.param_counts(cfg)["total"])
   t0 = time.perf_counter()

@@ -9,6 +9,8 @@ the GPU kernels (see flash_gpu) instead of before the call.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import math
 import os
@@ -62,8 +64,27 @@ DEFAULT_LAUNCH = {"fwd": {"num_warps": None, "num_stages": 3},
 DEFAULT_LAUNCH["dq"] = DEFAULT_LAUNCH["dkdv"] = DEFAULT_LAUNCH["bwd"]
 
 
+_LOWERING_PLATFORM = contextvars.ContextVar("kernels_pallas_lowering_platform", default=None)
+
+
+@contextlib.contextmanager
+def lowering_platform(platform: str):
+  """Within this context "auto" resolves to the kernels of `platform` ("cuda" or "tpu") whatever
+  the default JAX platform is: for tracing a program on a CPU machine and exporting it for that
+  platform (`jax.export.export(..., platforms=[platform])`), e.g. benchmarks/gpu_suite.py
+  --preflight, which lowers every device program of the suite before a GPU is used.
+  """
+  if platform not in ("cuda", "tpu"):
+    raise ValueError(f"platform={platform!r} is invalid: must be 'cuda' or 'tpu'")
+  token = _LOWERING_PLATFORM.set(platform)
+  try:
+    yield
+  finally:
+    _LOWERING_PLATFORM.reset(token)
+
+
 def resolve_backend(backend: str) -> str:
-  """Maps "auto" to the kernels of the default JAX platform.
+  """Maps "auto" to the kernels of the default JAX platform (or of `lowering_platform`).
 
   On CPU, "auto" runs the GPU-style kernels in Pallas interpret mode (so `attention_impl="pallas"`
   really exercises the kernels); set KERNELS_PALLAS_CPU_BACKEND=xla (or tpu_interpret) to change it.
@@ -72,7 +93,7 @@ def resolve_backend(backend: str) -> str:
     raise ValueError(f"backend={backend!r} is invalid: must be one of {BACKENDS}")
   if backend != "auto":
     return backend
-  platform = jax.default_backend()
+  platform = _LOWERING_PLATFORM.get() or jax.default_backend()
   if platform in ("gpu", "cuda", "rocm"):
     return "gpu"
   if platform == "tpu":

@@ -172,6 +172,21 @@ def test_auto_backend_on_cpu(monkeypatch):
     kernels_pallas.resolve_backend("auto")
 
 
+def test_lowering_platform_sets_what_auto_resolves_to(monkeypatch):
+  # For exporting to a platform this machine lacks (gpu_suite.py --preflight); restored after.
+  monkeypatch.delenv(kernels_pallas.attention.CPU_BACKEND_ENV, raising=False)
+  with kernels_pallas.lowering_platform("cuda"):
+    assert kernels_pallas.resolve_backend("auto") == "gpu"
+    assert kernels_pallas.resolve_backend("xla") == "xla"  # an explicit backend stays
+    with kernels_pallas.lowering_platform("tpu"):
+      assert kernels_pallas.resolve_backend("auto") == "tpu"
+    assert kernels_pallas.resolve_backend("auto") == "gpu"
+  assert kernels_pallas.resolve_backend("auto") == "interpret"
+  with pytest.raises(ValueError, match="platform='gpu' is invalid: must be 'cuda' or 'tpu'"):
+    with kernels_pallas.lowering_platform("gpu"):
+      pass
+
+
 def test_bad_inputs_raise_clear_errors():
   q, k, v = _inputs(1, 16, 4, 4, 64, jnp.float32)
   with pytest.raises(ValueError, match="kv_heads=3 is invalid: must divide heads=4"):

@@ -54,3 +54,31 @@ def test_gpu_suite_small_runs_every_section(tmp_path):
   for heading in ("## Kernel checks", "## Attention", "## ~1B training step", "## Decode step",
                   "## Backward tilings"):
     assert heading in md
+
+
+def test_gpu_suite_preflight_lowers_every_device_program_for_cuda(tmp_path):
+  # The full run's programs at the device shapes, exported for CUDA on this CPU machine: the
+  # Pallas -> Triton lowering of every kernel, the ~1B train step and the 7B decode steps.
+  proc = subprocess.run(
+      [sys.executable, str(ROOT / "benchmarks" / "gpu_suite.py"), "--preflight", "--out",
+       str(tmp_path)], capture_output=True, text=True, timeout=600,
+      env={**__import__("os").environ, "JAX_PLATFORMS": "cpu"})
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  result = json.loads((tmp_path / "gpu_suite_preflight.json").read_text())
+  assert result["ok"] and all(r["ok"] for r in result["programs"])
+  by = {(r["section"], r["program"]): r["triton_kernels"] for r in result["programs"]}
+  assert {s for s, _ in by} == {"check", "attention", "train", "decode", "decode_kernel", "tiles"}
+  # flash attention fwd+bwd: the forward, dQ and dK/dV kernels, at every sequence and tiling
+  flash = [n for (s, p), n in by.items() if s in ("attention", "tiles") or "flash" in p]
+  assert len(flash) == 3 * 2 + 4 + 2 and set(flash) == {3}
+  # ~1B step (no remat), the layer scan's body once: attention 3 + two RMSNorms x (fwd, bwd) 4,
+  # and the final norm's fwd + bwd 2.
+  assert by[("train", "~1B step (pallas, 4x4096)")] == 9
+  # 7B pallas decode step, 32 unrolled layers: 2 RMSNorms + decode attention each, the final
+  # norm and the greedy pick; the xla step has no kernel.
+  assert by[("decode", "model step xla batch 1")] == 0
+  for b in (1, 8, 32):
+    assert by[("decode", f"model step pallas batch {b}")] == 32 * 3 + 2
+  assert sum(s == "decode_kernel" for s, _ in by) == 3 + 4 + 1
+  assert "| train | ~1B step (pallas, 4x4096) | 9 | yes |" in (
+      tmp_path / "gpu_suite_preflight.md").read_text()
