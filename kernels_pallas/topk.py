@@ -5,8 +5,8 @@ so the lowest index wins), and `argmax(logits)` what `jnp.argmax` returns (the f
 reads each logit once:
 
 1. a Pallas kernel, grid (batch, vocab_blocks), loads one block of a row's logits, optionally
-   applies the HF repetition penalty there (`present` mask and per-row `penalty`, the same
-   arithmetic as `baichuan_jax.infer.sampling.apply_repetition_penalty`), and extracts the block's
+   applies the HF repetition penalty there (`present` mask and per-row `penalty`: `penalise`,
+   which `baichuan_jax.infer.sampling.apply_repetition_penalty` also calls), and extracts the block's
    top `k_pad` (k rounded up to a power of two) by repeated max + lowest-index selection;
 2. the `[batch, blocks * k_pad]` candidates (about 2k entries at vocab 125,696 and k = 4) are
    merged by a small sort on (value descending, index ascending).
@@ -38,21 +38,29 @@ BLOCK_V = 2048
 _BIG = 2 ** 30
 
 
-def _penalise(x, present, penalty):
-  """HF repetition penalty on fp32 x (same expression as infer.sampling)."""
-  return jnp.where(present, jnp.where(x > 0, x / penalty, x * penalty), x)
+def penalise(x, present, penalty, inv_penalty=None):
+  """HF repetition penalty on fp32 x: where `present`, a positive logit times 1 / penalty, a
+  negative one times penalty (`infer.sampling.apply_repetition_penalty` calls this).
+
+  HF divides by the penalty; a multiply by the reciprocal (computed once per row, outside any
+  kernel) is within 1 ulp of that and, unlike a division, rounds the same everywhere: XLA
+  rewrites x / broadcast(p) into x * (1 / p) on its own, and Triton's fp32 division is the
+  approximate `div.full.f32`. So the kernel below and the jnp path give bit-identical logits.
+  """
+  if inv_penalty is None:
+    inv_penalty = 1.0 / penalty
+  return jnp.where(present, jnp.where(x > 0, x * inv_penalty, x * penalty), x)
 
 
 def _kernel(x_ref, *rest, bv: int, kp: int, has_penalty: bool):
   if has_penalty:
-    present_ref, penalty_ref, val_ref, idx_ref = rest
+    present_ref, penalty_ref, inv_ref, val_ref, idx_ref = rest
   else:
     val_ref, idx_ref = rest
   j = pl.program_id(1)
   x = x_ref[...].astype(jnp.float32)  # [block_v]
-  if has_penalty:
-    pen = jnp.sum(penalty_ref[...])  # [1] -> scalar
-    x = _penalise(x, present_ref[...] != 0, pen)
+  if has_penalty:  # [1] blocks -> scalars; 1 / penalty comes from outside (see `penalise`)
+    x = penalise(x, present_ref[...] != 0, jnp.sum(penalty_ref[...]), jnp.sum(inv_ref[...]))
   local = jnp.arange(bv)
   slot = jnp.arange(kp)
   vals = jnp.full((kp,), -jnp.inf, jnp.float32)
@@ -82,7 +90,7 @@ def _pick_block(vocab: int, want: int) -> int:
 def _reference(logits, k, present, penalty):
   x = logits.astype(jnp.float32)
   if present is not None:
-    x = _penalise(x, present, penalty[:, None].astype(jnp.float32))
+    x = penalise(x, present, penalty[:, None].astype(jnp.float32))
   vals, idx = jax.lax.top_k(x, k)
   return vals, idx.astype(jnp.int32)
 
@@ -139,8 +147,10 @@ def top_k(logits: jax.Array, k: int, *, present: Optional[jax.Array] = None,
   row = pl.BlockSpec((None, bv), lambda bi, j: (bi, j))
   in_specs, args = [row], [x]
   if has_penalty:
-    in_specs += [row, pl.BlockSpec((None, 1), lambda bi, j: (bi, 0))]
-    args += [pres, penalty.astype(jnp.float32)[:, None]]
+    scalar = pl.BlockSpec((None, 1), lambda bi, j: (bi, 0))
+    pen = penalty.astype(jnp.float32)[:, None]
+    in_specs += [row, scalar, scalar]
+    args += [pres, pen, 1.0 / pen]
   out_spec = pl.BlockSpec((None, None, kp), lambda bi, j: (bi, j, 0))
   vals, idx = pl.pallas_call(
       functools.partial(_kernel, bv=bv, kp=kp, has_penalty=has_penalty),
