@@ -43,6 +43,8 @@ setup(
                          # tests/test_notebook.py runs the Colab tour headless.
                          "nbclient>=0.10,<1", "nbformat>=5.9,<6", "ipykernel>=6.29,<8",
                          # tests/test_infer_serve.py talks to the server with the official client.
-                         "openai>=1.40,<3"],
+                         "openai>=1.40,<3",
+                         # tests/test_triton_sm90.py compiles the GPU kernels for sm_90 (no GPU).
+                         "triton>=3.9,<3.10"],
     },
 )

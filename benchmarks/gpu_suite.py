@@ -39,8 +39,12 @@ a watchdog thread ends the process at the hard limit, budget + 30 s, after writi
 7. `decode_kernel`: `decode_attention` alone on one layer's cache (batch 1/8/32, 2,048 filled
    slots; block / split / warp variants at batch 1; ragged lengths at batch 32) against the jnp
    reference, as GB/s of the filled K/V bytes and a fraction of the copy bandwidth.
-8. `tiles`: a few backward tilings (per-kernel dq / dkdv blocks, warps) at seq 4096, to choose
-   `kernels_pallas.attention.default_blocks` from data.
+8. `tiles` (run right after `check`): backward tilings at seq 4096 (per-kernel dQ / dK/dV
+   blocks, warps, stages; TILE_VARIANTS, chosen from benchmarks/triton_sm90.py: every one fits
+   sm_90's shared memory, all but the current default without register spills). The fastest
+   (fwd+bwd) becomes the default of `attention` and `train` for the rest of the run
+   (`kernels_pallas.default_tuning`), recorded as `tuning_used`, so one run reports the best
+   tiling's numbers and how much it gained over the defaults.
 
 `--small` runs the same code on tiny shapes, with the kernels in Pallas interpret mode, on a CPU
 (tests/test_kernels_gpu_suite.py runs it); its numbers are meaningless, its purpose is that the
@@ -107,7 +111,7 @@ SMALL = dict(
 # Estimated seconds per section on the device (compile + timing), used by the budget guard.
 # (The H100 run compiled the ~1B step in ~15 s and ran it at 0.32 s per step.)
 COST = {"env": 2, "ceilings": 15, "check": 45, "attention": 70, "train": 45,
-        "decode_step": 40, "tiles": 40}
+        "decode_step": 40, "tiles": 60}
 
 
 class Suite:
@@ -119,7 +123,8 @@ class Suite:
     self.out = Path(args.out)
     self.out.mkdir(parents=True, exist_ok=True)
     self.result = dict(env={}, ceilings={}, check=[], attention=[], train=[], decode=[],
-                       decode_kernel=[], tiles=[], skipped=[], errors=[], summary={})
+                       decode_kernel=[], tiles=[], skipped=[], errors=[], summary={},
+                       tuning_used=None)
     self.lock = threading.Lock()
 
   def elapsed(self) -> float:
@@ -315,6 +320,8 @@ def section_attention(suite, backend, cfg):
         row = attn_bench.bench_one(impl, mode, b=b, s=s, h=cfg["heads"], d=cfg["head_dim"],
                                    dtype=jnp.bfloat16, causal=True, alibi=alibi,
                                    iters=cfg["iters"])
+        if impl == "ours":
+          row["tiling"] = _tiling(suite)
         rows.append(row)
         print(f"attention {mode} seq={s} {impl}{'+alibi' if alibi else ''}: "
               + (f"{row['tflops']:.1f} TFLOP/s {row['ms']:.3f} ms" if "tflops" in row
@@ -345,12 +352,18 @@ def section_train(suite, cfg):
   finally:
     import shutil
     shutil.rmtree(trace_dir, ignore_errors=True)  # keep $OUT to a few plain files
+  row["tiling"] = _tiling(suite)
   row["command_equivalent"] = (
       f"python3 benchmarks/gpu_train_mfu.py --runs {cfg['impl']}:none:{cfg['batch']} "
       f"--seq {cfg['seq']} --layers {cfg['layers']} --hidden {cfg['hidden']} "
       f"--heads {cfg['heads']} --steps {cfg['steps']} --warmup {cfg['warmup']}")
   suite.result["train"].append(row)
   print("train", json.dumps(row, default=str)[:400], flush=True)
+
+
+def _tiling(suite) -> str:
+  """The backward tiling the attention kernels run with now (the `tiles` section's fastest)."""
+  return (suite.result.get("tuning_used") or {}).get("variant", "default")
 
 
 def _trace_files(trace_dir):
@@ -633,13 +646,29 @@ def section_decode_kernel(suite, backend, cfg):
   suite.write()
 
 
-# Backward tilings timed against the defaults (flash_attention's `tuning` argument).
+# Backward tilings timed against the defaults (flash_attention's `tuning` argument). Compiled for
+# sm_90a with benchmarks/triton_sm90.py (docs/kernels.md, "Backward tiles for Hopper"): the
+# default dK/dV kernel (64 x 64, 4 warps, 2 stages) uses all 255 registers and spills 236 bytes;
+# each variant here fits and spills nothing in either backward kernel. Index 1 is the --small run's.
 TILE_VARIANTS = [
     ("default", None),
-    ("dq 128x32 / dkdv 32x128, 4 warps", {"blocks": {"dq": (128, 32), "dkdv": (32, 128)}}),
-    ("dq 128x64 / dkdv 64x128, 8 warps", {"blocks": {"dq": (128, 64), "dkdv": (64, 128)},
-                                          "launch": {"bwd": {"num_warps": 8}}}),
-    ("bwd 64x64, 3 stages", {"launch": {"bwd": {"num_stages": 3}}}),
+    ("dq 128x32 8w2s / dkdv 32x128 8w1s", {
+        "blocks": {"dq": (128, 32), "dkdv": (32, 128)},
+        "launch": {"dq": {"num_warps": 8, "num_stages": 2},
+                   "dkdv": {"num_warps": 8, "num_stages": 1}}}),
+    ("dq 64x64 4w2s / dkdv 64x64 8w2s", {
+        "launch": {"dq": {"num_warps": 4, "num_stages": 2},
+                   "dkdv": {"num_warps": 8, "num_stages": 2}}}),
+    ("dq 64x64 4w2s / dkdv 64x64 8w3s", {
+        "launch": {"dq": {"num_warps": 4, "num_stages": 2},
+                   "dkdv": {"num_warps": 8, "num_stages": 3}}}),
+    ("dq 128x64 8w2s / dkdv 64x64 8w2s", {
+        "blocks": {"dq": (128, 64), "dkdv": (64, 64)},
+        "launch": {"bwd": {"num_warps": 8, "num_stages": 2}}}),
+    ("dq 128x128 8w1s / dkdv 64x64 8w2s", {
+        "blocks": {"dq": (128, 128), "dkdv": (64, 64)},
+        "launch": {"dq": {"num_warps": 8, "num_stages": 1},
+                   "dkdv": {"num_warps": 8, "num_stages": 2}}}),
 ]
 
 
@@ -657,6 +686,13 @@ def section_tiles(suite, backend, cfg):
     suite.result["tiles"].append(row)
     print("tiles", name, row.get("tflops", row.get("error")), flush=True)
     suite.write()
+  timed = [r for r in suite.result["tiles"] if "ms" in r]
+  default = next((r for r in timed if r["variant"] == "default"), None)
+  if timed:
+    best = min(timed, key=lambda r: r["ms"])
+    suite.result["tuning_used"] = dict(
+        variant=best["variant"], tuning=best.get("tuning"), ms=best["ms"],
+        speedup_over_default=(default["ms"] / best["ms"]) if default else None)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -829,6 +865,7 @@ def summarise(result):
       f"b{r['batch']} {r['fill']} {r['variant']}": r.get("kernel_fraction_of_copy_bw")
       for r in result["decode_kernel"]}
   s["checks_ok"] = all(r.get("ok") for r in result["check"]) if result["check"] else None
+  s["tuning_used"] = result.get("tuning_used")
   del env, ceil
   return s
 
@@ -860,7 +897,9 @@ def markdown(result):
       out.append(f"| {r['kernel']} | {errs} | {r.get('limit', '-')} | {r['ok']} |")
     out.append("")
   if result["attention"]:
+    tiling = (result.get("tuning_used") or {}).get("variant", "default")
     out += ["## Attention (causal, bf16, TFLOP/s; FlashAttention FLOP convention)", "",
+            f"Ours with the backward tiling: {tiling}.", "",
             "| mode | seq | batch | ours | ours+alibi | cudnn | cudnn+alibi (dense bias) |",
             "|---|---|---|---|---|---|---|"]
     keys = sorted({(r["mode"], r["seq"], r["batch"]) for r in result["attention"]})
@@ -918,6 +957,11 @@ def markdown(result):
     for r in result["tiles"]:
       out.append(f"| {r['variant']} | {_f(r.get('tflops'), '{:.0f}')} | {_f(r.get('ms'), '{:.3f}')}"
                  f" |")
+    used = result.get("tuning_used")
+    if used:
+      out += ["", f"Fastest: **{used['variant']}** "
+              f"({_f(used.get('speedup_over_default'), '{:.2f}')}x the default); the attention "
+              "and training sections ran with it."]
     out.append("")
   s = result.get("summary") or {}
   if s:
@@ -938,8 +982,8 @@ def main(argv=None):
   p.add_argument("--budget-s", type=float, default=480.0,
                  help="wall-clock budget in seconds; sections that no longer fit are skipped")
   p.add_argument("--sections",
-                 default="ceilings,check,attention,train,decode,decode_kernel,tiles",
-                 help="comma-separated subset, run in the fixed order above")
+                 default="ceilings,check,tiles,attention,train,decode,decode_kernel",
+                 help="comma-separated subset, run in this fixed order")
   p.add_argument("--preflight", action="store_true",
                  help="on a machine without a GPU: lower every program of the full run for CUDA "
                       "(writes gpu_suite_preflight.json/.md; exit status 1 if one fails)")
@@ -950,7 +994,7 @@ def main(argv=None):
       sys.exit(1)
     return result
   sections = args.sections.split(",")
-  allowed = ("ceilings", "check", "attention", "train", "decode", "decode_kernel", "tiles")
+  allowed = ("ceilings", "check", "tiles", "attention", "train", "decode", "decode_kernel")
   for s in sections:
     if s not in allowed:
       p.error(f"--sections: {s!r} is not one of {allowed}")
@@ -974,6 +1018,8 @@ def main(argv=None):
     plan.append(("ceilings", lambda: section_ceilings(suite), COST["ceilings"]))
   if "check" in sections:
     plan.append(("check", lambda: section_check(suite, backend), COST["check"]))
+  if "tiles" in sections:  # first: its fastest tiling is the default of attention and train
+    plan.append(("tiles", lambda: section_tiles(suite, backend, shapes["tiles"]), 10))
   if "attention" in sections:
     plan.append(("attention", lambda: section_attention(suite, backend, shapes["attn"]), 20))
   if "train" in sections:
@@ -984,14 +1030,14 @@ def main(argv=None):
   if "decode_kernel" in sections:
     plan.append(("decode_kernel",
                  lambda: section_decode_kernel(suite, backend, shapes["decode_kernel"]), 5))
-  if "tiles" in sections:
-    plan.append(("tiles", lambda: section_tiles(suite, backend, shapes["tiles"]), 10))
   for name, fn, cost in plan:
     if not suite.fits(name, cost):
       continue
     t0 = time.perf_counter()
+    tuned = (suite.result["tuning_used"] or {}).get("tuning")
     try:
-      fn()
+      with kernels_pallas.default_tuning(tuned if name in ("attention", "train") else None):
+        fn()
     except Exception as e:  # pylint: disable=broad-except
       suite.error(name, e)
     print(f"section {name}: {time.perf_counter() - t0:.1f} s (elapsed {suite.elapsed():.0f} s, "

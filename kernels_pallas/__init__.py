@@ -12,8 +12,8 @@
 Each kernel has a plain-jnp reference in `kernels_pallas.reference` (top-k: `jax.lax.top_k`).
 """
 
-from kernels_pallas.attention import (BACKENDS, DEFAULT_BLOCKS, default_blocks, flash_attention,
-                                      lowering_platform, resolve_backend)
+from kernels_pallas.attention import (BACKENDS, DEFAULT_BLOCKS, default_blocks, default_tuning,
+                                      flash_attention, lowering_platform, resolve_backend)
 from kernels_pallas.decode import decode_attention
 from kernels_pallas.reference import (attention_reference, decode_attention_reference,
                                       rms_norm_reference, rope_reference)
@@ -22,6 +22,6 @@ from kernels_pallas.topk import argmax as topk_argmax
 from kernels_pallas.topk import top_k
 
 __all__ = ["BACKENDS", "DEFAULT_BLOCKS", "attention_reference", "decode_attention",
-           "decode_attention_reference", "default_blocks", "flash_attention", "lowering_platform",
-           "resolve_backend", "rms_norm", "rms_norm_reference", "rope_reference", "top_k",
-           "topk_argmax"]
+           "decode_attention_reference", "default_blocks", "default_tuning", "flash_attention",
+           "lowering_platform", "resolve_backend", "rms_norm", "rms_norm_reference",
+           "rope_reference", "top_k", "topk_argmax"]

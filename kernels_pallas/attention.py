@@ -83,6 +83,23 @@ def lowering_platform(platform: str):
     _LOWERING_PLATFORM.reset(token)
 
 
+_DEFAULT_TUNING = contextvars.ContextVar("kernels_pallas_default_tuning", default=None)
+
+
+@contextlib.contextmanager
+def default_tuning(tuning: Optional[dict]):
+  """Within this context `flash_attention` calls that pass no `tuning` use this one (same format,
+  validated on entry), e.g. the tiling benchmarks/gpu_suite.py measured fastest, applied to the
+  model's attention in the training step without a config field. Read when a call is traced.
+  """
+  _check_tuning(tuning)
+  token = _DEFAULT_TUNING.set(tuning)
+  try:
+    yield
+  finally:
+    _DEFAULT_TUNING.reset(token)
+
+
 def resolve_backend(backend: str) -> str:
   """Maps "auto" to the kernels of the default JAX platform (or of `lowering_platform`).
 
@@ -306,7 +323,7 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = 
       "launch": {"fwd": {"num_warps": 8, "num_stages": 3}}}; kernels are "fwd", "dq" and "dkdv",
       and "bwd" sets both backward kernels (a "dq"/"dkdv" entry wins over it). "launch" applies
       to the GPU kernels. block_q/block_k, when given, win over "blocks". Defaults:
-      `default_blocks` / DEFAULT_LAUNCH.
+      `default_blocks` / DEFAULT_LAUNCH, or the `default_tuning` context's when one is set.
     rope_theta: if given, q and k are unrotated and RoPE (rotate-half, base rope_theta, angles
       from `positions`, default 0..seq-1) is applied inside the kernels; gradients flow to the
       unrotated q and k. Equal to applying RoPE before the call. On the TPU and XLA backends RoPE
@@ -330,7 +347,7 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = 
     return attention_reference(q, k, v, causal=causal, alibi_slopes=alibi_slopes,
                                segment_ids=segment_ids, positions=positions, sm_scale=scale)
   kind, interpret = _kernel_kind(backend)
-  phase_blocks, launch = _check_tuning(tuning)
+  phase_blocks, launch = _check_tuning(_DEFAULT_TUNING.get() if tuning is None else tuning)
   blocks, seq_pad = _blocks(kind, s, block_q, block_k, phase_blocks, head_dim=d)
   has_alibi = alibi_slopes is not None
   statics = tuple(AttnStatic(causal=causal, sm_scale=scale, seq_len=s, seq_pad=seq_pad,

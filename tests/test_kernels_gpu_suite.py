@@ -12,6 +12,9 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import gpu_suite  # noqa: E402
 
 
 def test_gpu_suite_small_runs_every_section(tmp_path):
@@ -51,6 +54,10 @@ def test_gpu_suite_small_runs_every_section(tmp_path):
   assert "## Decode attention alone" in md
   assert len(result["tiles"]) == 1 and all("ms" in r for r in result["tiles"])
   assert result["tiles"][0]["tuning"]["blocks"]["dq"] == [128, 32]
+  # tiles runs first; its fastest (the only one here) is what attention and train then ran with
+  used = result["tuning_used"]
+  assert used["variant"] == result["tiles"][0]["variant"] and used["speedup_over_default"] is None
+  assert {r["tiling"] for r in ours} == {used["variant"]} == {result["train"][0]["tiling"]}
   for heading in ("## Kernel checks", "## Attention", "## ~1B training step", "## Decode step",
                   "## Backward tilings"):
     assert heading in md
@@ -70,7 +77,7 @@ def test_gpu_suite_preflight_lowers_every_device_program_for_cuda(tmp_path):
   assert {s for s, _ in by} == {"check", "attention", "train", "decode", "decode_kernel", "tiles"}
   # flash attention fwd+bwd: the forward, dQ and dK/dV kernels, at every sequence and tiling
   flash = [n for (s, p), n in by.items() if s in ("attention", "tiles") or "flash" in p]
-  assert len(flash) == 3 * 2 + 4 + 2 and set(flash) == {3}
+  assert len(flash) == 3 * 2 + len(gpu_suite.TILE_VARIANTS) + 2 and set(flash) == {3}
   # ~1B step (no remat), the layer scan's body once: attention 3 + two RMSNorms x (fwd, bwd) 4,
   # and the final norm's fwd + bwd 2.
   assert by[("train", "~1B step (pallas, 4x4096)")] == 9

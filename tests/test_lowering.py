@@ -95,3 +95,42 @@ def test_tensor_parallel_eval_step_has_only_the_megatron_collectives():
   # sum of exponentials and the target's logit (one all-reduce or two).
   rest = [r for r in reduces if r != act]
   assert rest and all(set(re.findall(r"f32\[[\d,]+\]", r)) == {"f32[8,16]"} for r in rest), rest
+
+
+def _launch(module):
+  """{kernel name: (num_warps, num_stages, grid)} of the Triton calls in a module's text."""
+  out = {}
+  for call in _kernel_calls(module, TRITON):
+    get = lambda key: int(re.search(rf"{key} = (\d+) : i32", call).group(1))
+    name = re.search(r'name = "(\w+)"', call).group(1)
+    out[name] = (get("num_warps"), get("num_stages"), (get("grid_x"), get("grid_y"), get("grid_z")))
+  return out
+
+
+def test_default_tuning_reaches_the_kernels_unless_a_call_gives_its_own():
+  import kernels_pallas
+  x = jax.ShapeDtypeStruct((1, 512, 4, 128), jnp.bfloat16)
+
+  def module(tuning=None):
+    f = lambda q, k, v: jax.grad(lambda q, k, v: jnp.sum(flash_attention(
+        q, k, v, backend="gpu", tuning=tuning).astype(jnp.float32)), argnums=(0, 1, 2))(q, k, v)
+    return export.export(jax.jit(f), platforms=["cuda"],
+                         disabled_checks=[export.DisabledSafetyCheck.custom_call(TRITON)])(
+        x, x, x).mlir_module()
+
+  base = _launch(module())
+  # defaults: 64 x 64 backward tiles, 4 warps, 2 stages; grid (batch x heads, ..., 512 / 64)
+  assert base["baichuan_flash_dkdv"][:2] == (4, 2) and base["baichuan_flash_dq"][:2] == (4, 2)
+  tuned = {"blocks": {"dq": (128, 32)}, "launch": {"dkdv": {"num_warps": 8, "num_stages": 3}}}
+  with kernels_pallas.default_tuning(tuned):
+    got = _launch(module())
+    explicit = _launch(module(tuning={"launch": {"bwd": {"num_warps": 2}}}))
+  assert got["baichuan_flash_dkdv"][:2] == (8, 3)
+  assert got["baichuan_flash_dq"][:2] == (4, 2)
+  assert 512 // 128 in got["baichuan_flash_dq"][2] and 512 // 64 in base["baichuan_flash_dq"][2]
+  assert got["baichuan_flash_fwd"] == base["baichuan_flash_fwd"]  # the forward was not tuned
+  assert explicit["baichuan_flash_dkdv"][:2] == (2, 2)  # a call's own tuning wins
+  assert _launch(module()) == base  # restored on exit
+  with pytest.raises(ValueError, match="tuning keys \\['block'\\] are invalid"):
+    with kernels_pallas.default_tuning({"block": {}}):
+      pass

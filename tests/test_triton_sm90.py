@@ -1,0 +1,64 @@
+"""benchmarks/triton_sm90.py: the Pallas GPU kernels compiled for sm_90a on this CPU machine.
+
+Shared memory follows from the tiles by hand: a kernel keeps its resident tiles and `num_stages`
+copies of the tiles it streams, all bf16 at head_dim 128. The forward holds q [block_q, 128] and
+streams K and V [block_k, 128]; dQ holds q and dO [block_q, 128] and streams K and V. And every
+backward tiling that gpu_suite.py times besides the default must fit and not spill.
+"""
+
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+pytest.importorskip("triton")
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import gpu_suite  # noqa: E402
+import triton_sm90  # noqa: E402
+
+import kernels_pallas  # noqa: E402
+from kernels_pallas import flash_attention  # noqa: E402
+
+KIB = 1024
+
+
+def _kernels(tuning=None):
+  x = jax.ShapeDtypeStruct((1, 1024, 4, 128), jnp.bfloat16)
+  f = lambda q, k, v: jax.grad(lambda q, k, v: jnp.sum(flash_attention(
+      q, k, v, backend="gpu", tuning=tuning).astype(jnp.float32)), argnums=(0, 1, 2))(q, k, v)
+  with kernels_pallas.lowering_platform("cuda"):
+    return triton_sm90.triton_kernels(jax.jit(f), (x, x, x))
+
+
+def test_shared_memory_is_the_tiles_times_the_stages():
+  over = {"blocks": {"dq": (128, 128)}, "launch": {"dq": {"num_warps": 8, "num_stages": 3}}}
+  rows = triton_sm90.compile_all(_kernels() + _kernels(over)[1:2])
+  assert all("error" not in r for r in rows), rows
+  tile = lambda rows: rows * 128 * 2  # bytes of a [rows, 128] bf16 tile
+  fwd = [r for r in rows if r["name"] == "baichuan_flash_fwd"][0]
+  assert (fwd["num_warps"], fwd["num_stages"]) == (8, 3)
+  assert fwd["shared_bytes"] == tile(128) + 3 * 2 * tile(128) == 224 * KIB
+  dq = [r for r in rows if r["name"] == "baichuan_flash_dq"]
+  default, big = sorted(dq, key=lambda r: r["shared_bytes"])
+  assert default["shared_bytes"] == 2 * tile(64) + 2 * 2 * tile(64) == 96 * KIB
+  # 128 x 128 dQ tiles with 3 stages need 256 KiB: more than an sm_90 block may have.
+  assert big["shared_bytes"] == 2 * tile(128) + 3 * 2 * tile(128) == 256 * KIB
+  assert big["fits"] is False and default["fits"] is True and fwd["fits"] is True
+  assert all(0 < r["registers"] <= 255 for r in rows)
+
+
+def test_the_suites_backward_tilings_fit_and_do_not_spill():
+  kernels = []
+  for name, tuning in gpu_suite.TILE_VARIANTS[1:]:
+    kernels += [dict(k, variant=name) for k in _kernels(tuning)
+                if k["name"] in ("baichuan_flash_dq", "baichuan_flash_dkdv")]
+  rows = triton_sm90.compile_all(kernels)
+  assert len(rows) == 2 * (len(gpu_suite.TILE_VARIANTS) - 1)
+  bad = [(r["variant"], r["name"], r.get("shared_bytes"), r.get("spill_store_bytes"),
+          r.get("error")) for r in rows if "error" in r or not r["fits"] or r["spills"]]
+  assert bad == []
