@@ -11,8 +11,9 @@ reporting per kernel: shared memory (limit 232,448 bytes = 227 KiB per block on 
 registers per thread (limit 255) and spill stores.
 
 `--sweep` does the same for candidate backward tilings of flash attention (dQ and dK/dV blocks,
-warps, pipeline stages) at seq 4096, head_dim 128, bf16, so that the GPU run only times tilings
-that fit and do not spill (benchmarks/gpu_suite.py, section `tiles`).
+warps, pipeline stages) at seq 4096, head_dim 128, bf16, without and with the in-kernel RoPE of
+the training step, so that the GPU run only times tilings that fit and do not spill
+(benchmarks/gpu_suite.py, section `tiles`).
 
 Caveat: XLA compiles these kernels with the Triton that is built into jaxlib's CUDA plugin, not
 with the `triton` package; the passes are the same project's, but the versions differ, so the
@@ -115,8 +116,9 @@ SWEEP_BLOCKS = [((64, 64), (64, 64)), ((128, 32), (32, 128)), ((128, 64), (64, 1
 SWEEP_LAUNCH = [(4, 1), (4, 2), (4, 3), (8, 1), (8, 2), (8, 3)]
 
 
-def sweep_kernels(seq=4096, heads=32, head_dim=128, tokens=16384) -> list:
-  """(tiling label, kernel) for the dQ and dK/dV kernels of every SWEEP_* combination."""
+def sweep_kernels(seq=4096, heads=32, head_dim=128, tokens=16384, rope=False) -> list:
+  """(tiling label, kernel) for the dQ and dK/dV kernels of every SWEEP_* combination; with
+  `rope`, RoPE applied inside the kernels as in the model's training step."""
   sys.path.insert(0, str(ROOT / "benchmarks"))
   import jax
   import jax.numpy as jnp
@@ -132,13 +134,18 @@ def sweep_kernels(seq=4096, heads=32, head_dim=128, tokens=16384) -> list:
       for warps, stages in SWEEP_LAUNCH:
         tuning = {"blocks": {"dq": dq, "dkdv": dkdv},
                   "launch": {"bwd": {"num_warps": warps, "num_stages": stages}}}
-        f = attn_bench.make_fn("ours", causal=True, alibi=False, s=seq, h=heads, d=head_dim,
-                               dtype=jnp.bfloat16, tuning=tuning)
+        if rope:
+          f = lambda q, k, v, tuning=tuning: kernels_pallas.flash_attention(
+              q, k, v, rope_theta=1e4, backend="gpu", tuning=tuning)
+        else:
+          f = attn_bench.make_fn("ours", causal=True, alibi=False, s=seq, h=heads, d=head_dim,
+                                 dtype=jnp.bfloat16, tuning=tuning)
         grad = attn_bench._grad_fn(f)  # pylint: disable=protected-access
         for k in triton_kernels(jax.jit(grad), (x, x, x, ct)):
           blocks = {"baichuan_flash_dq": dq, "baichuan_flash_dkdv": dkdv}.get(k["name"])
           if blocks is not None:
-            out.append((f"{blocks[0]}x{blocks[1]}, {warps} warps, {stages} stages", k))
+            out.append((f"{'rope, ' if rope else ''}{blocks[0]}x{blocks[1]}, {warps} warps, "
+                        f"{stages} stages", k))
   return out
 
 
@@ -243,7 +250,8 @@ def markdown(result: dict) -> str:
     out.append(f"| {r['section']} | {r['program']} | {r['name']} | {r['num_warps']} | "
                f"{r['num_stages']} | " + _cells(r) + " |")
   if result.get("sweep"):
-    out += ["", "## Backward tilings (seq 4096, head_dim 128, bf16)", "",
+    out += ["", "## Backward tilings (seq 4096, head_dim 128, bf16; without and with in-kernel "
+            "RoPE)", "",
             "| kernel | tiling | shared KiB | registers | spill bytes |", "|---|---|---|---|---|"]
     for r in result["sweep"]:
       out.append(f"| {r['name']} | {r['tiling']} | " + _cells(r) + " |")
@@ -280,7 +288,8 @@ def main(argv=None):
       suite.append(dict(k, section=section, program=program))
   result = dict(triton=version, smem_limit=SMEM_LIMIT, suite=compile_all(suite, args.jobs))
   if args.sweep:
-    sweep = [dict(k, tiling=label) for label, k in sweep_kernels()]
+    sweep = [dict(k, tiling=label) for rope in (False, True)
+             for label, k in sweep_kernels(rope=rope)]
     result["sweep"] = compile_all(sweep, args.jobs)
   md = markdown(result)
   print(md)

@@ -53,8 +53,11 @@ def scores_bias_mask(s: jax.Array, q_idx: jax.Array, k_idx: jax.Array, st: AttnS
     q_seg, k_seg: [block_q, 1] and [1, block_k] segment ids.
     q_pos, k_pos: [block_q, 1] and [1, block_k] positions for the ALiBi distance.
     causal_mask: False for blocks known to lie wholly below the diagonal (saves the compare).
+  The transposed block works the same way (every operation broadcasts): s [block_k, block_q]
+  with the query-side arguments as rows [1, block_q] and the key-side ones as columns
+  [block_k, 1] (the GPU dK/dV kernel).
   Returns:
-    [block_q, block_k] fp32 scores with masked entries set to MASK_VALUE.
+    s's shape, fp32, ALiBi added and masked entries set to MASK_VALUE.
   """
   if st.has_alibi:
     if st.has_positions:

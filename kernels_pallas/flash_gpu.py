@@ -33,7 +33,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from kernels_pallas._common import (AttnStatic, dot_nn, dot_nt, dot_tn, online_softmax_step,
+from kernels_pallas._common import (AttnStatic, dot_nn, dot_nt, online_softmax_step,
                                     scores_bias_mask)
 
 
@@ -272,9 +272,13 @@ def _dkdv_kernel(*refs, st: AttnStatic):
   else:
     ck, sk = _rope_rows(rope, k_start, bk)
     k1, k2 = _rotate(*_halves(k_ref, slice(None)), ck, sk)
-  k_idx = (k_start + jnp.arange(bk))[None, :]
-  k_seg = None if seg_ref is None else _vec(seg_ref, k_start, bk)[None, :]
-  k_pos = None if pos_ref is None else _vec(pos_ref, k_start, bk)[None, :]
+  # Transposed scores [block_k, block_q] (keys as rows): P^T and dS^T are then the left operands
+  # of dV += P^T dO and dK += dS^T Q as they stand, with no transpose of a score block (which
+  # costs Triton a layout conversion through shared memory and registers: on sm_90 the
+  # [block_q, block_k] form used all 255 registers and spilled, benchmarks/triton_sm90.py).
+  k_idx = (k_start + jnp.arange(bk))[:, None]
+  k_seg = None if seg_ref is None else _vec(seg_ref, k_start, bk)[:, None]
+  k_pos = None if pos_ref is None else _vec(pos_ref, k_start, bk)[:, None]
   # Under causal masking, query blocks before this key block's diagonal see none of its keys.
   first_q = jax.lax.div(k_start, bq) if st.causal else 0
 
@@ -285,26 +289,26 @@ def _dkdv_kernel(*refs, st: AttnStatic):
       dk, dv = carry
       q_start = i * bq
       do = do_ref[pl.ds(q_start, bq), g, :]
-      lse = lse_ref[g, pl.ds(q_start, bq)][:, None]
-      delta = delta_ref[g, pl.ds(q_start, bq)][:, None]
+      lse = lse_ref[g, pl.ds(q_start, bq)][None, :]
+      delta = delta_ref[g, pl.ds(q_start, bq)][None, :]
       if rope is None:
         q = q_ref[pl.ds(q_start, bq), g, :]  # [block_q, head_dim]
-        s = dot_nt(q, k)  # [block_q, block_k]
+        s_t = dot_nt(k, q)  # [block_k, block_q]
       else:
         q1, q2 = _rotate(*_halves(q_ref, pl.ds(q_start, bq), g), *_rope_rows(rope, q_start, bq))
-        s = dot_nt(q1, k1) + dot_nt(q2, k2)
-      s = s * st.sm_scale
-      q_seg = None if seg_ref is None else _vec(seg_ref, q_start, bq)[:, None]
-      q_pos = None if pos_ref is None else _vec(pos_ref, q_start, bq)[:, None]
-      s = scores_bias_mask(s, (q_start + jnp.arange(bq))[:, None], k_idx, st, slope=slope,
-                           q_seg=q_seg, k_seg=k_seg, q_pos=q_pos, k_pos=k_pos)
-      p = jnp.exp(s - lse)
-      dv = dv + dot_tn(p.astype(do.dtype), do)
-      ds = p * (dot_nt(do, v) - delta)
+        s_t = dot_nt(k1, q1) + dot_nt(k2, q2)
+      s_t = s_t * st.sm_scale
+      q_seg = None if seg_ref is None else _vec(seg_ref, q_start, bq)[None, :]
+      q_pos = None if pos_ref is None else _vec(pos_ref, q_start, bq)[None, :]
+      s_t = scores_bias_mask(s_t, (q_start + jnp.arange(bq))[None, :], k_idx, st, slope=slope,
+                             q_seg=q_seg, k_seg=k_seg, q_pos=q_pos, k_pos=k_pos)
+      p_t = jnp.exp(s_t - lse)
+      dv = dv + dot_nn(p_t.astype(do.dtype), do)
+      ds_t = p_t * (dot_nt(v, do) - delta)
       if rope is None:
-        dk = dk + dot_tn(ds.astype(q.dtype), q)
+        dk = dk + dot_nn(ds_t.astype(q.dtype), q)
       else:
-        dk = (dk[0] + dot_tn(ds.astype(q1.dtype), q1), dk[1] + dot_tn(ds.astype(q2.dtype), q2))
+        dk = (dk[0] + dot_nn(ds_t.astype(q1.dtype), q1), dk[1] + dot_nn(ds_t.astype(q2.dtype), q2))
       return dk, dv
 
     return jax.lax.fori_loop(first_q, st.seq_pad // bq, q_body, carry)

@@ -69,13 +69,24 @@ def _packed_batch(cfg, b, s):
   return jnp.asarray(tokens), jnp.asarray(pos), jnp.asarray(seg)
 
 
-def test_pallas_model_matches_xla(monkeypatch):
+@pytest.mark.parametrize("position_embedding", ["alibi", "rope"])
+def test_pallas_model_matches_xla(monkeypatch, position_embedding):
   # "auto" must pick the interpret-mode kernels on CPU for this test to exercise them.
   monkeypatch.delenv("KERNELS_PALLAS_CPU_BACKEND", raising=False)
-  # ALiBi (the Baichuan-13B scheme, in-kernel) with GQA and packed rows: every kernel feature the
-  # model uses at once; RoPE only changes q/k before the kernel (covered by the kernel tests).
-  cfgs = {impl: configs.get("tiny", num_layers=2, dtype="float32", position_embedding="alibi",
-                            num_kv_heads=2, attention_impl=impl) for impl in ("xla", "pallas")}
+  # ALiBi (the Baichuan-13B scheme, in-kernel) or RoPE (rotated inside the kernels: head_dim 64)
+  # with GQA and packed rows: every kernel feature the model uses at once.
+  import kernels_pallas
+  seen = []
+  real_flash = kernels_pallas.flash_attention
+
+  def recording(*args, **kwargs):
+    seen.append(kwargs.get("rope_theta"))
+    return real_flash(*args, **kwargs)
+
+  monkeypatch.setattr(kernels_pallas, "flash_attention", recording)
+  cfgs = {impl: configs.get("tiny", num_layers=2, dtype="float32",
+                            position_embedding=position_embedding, num_kv_heads=2,
+                            attention_impl=impl) for impl in ("xla", "pallas")}
   params = init_params(cfgs["xla"], jax.random.PRNGKey(0))
   tokens, positions, segments = _packed_batch(cfgs["xla"], 2, 48)
   mask = (segments[:, 1:] > 0).astype(jnp.float32)
@@ -91,6 +102,8 @@ def test_pallas_model_matches_xla(monkeypatch):
 
   (loss_x, logits_x), grads_x = run("xla")
   (loss_p, logits_p), grads_p = run("pallas")
+  # every trace of the layer body: RoPE goes into the kernel, ALiBi needs no rope_theta
+  assert seen and set(seen) == {cfgs["pallas"].rope_theta if position_embedding == "rope" else None}
   real = np.asarray(segments) > 0
   np.testing.assert_allclose(np.asarray(logits_p)[real], np.asarray(logits_x)[real],
                              atol=2e-4, rtol=2e-4)

@@ -81,7 +81,12 @@ class Attention(nn.Module):
       q = _dense(cfg, (h, d), ("embed", "heads", "kv"), "q_proj")(x)
       kv_new = _dense(cfg, (2, kvh, d), ("embed", None, "kv_heads", "kv"), "kv_proj")(x)
       k, v = kv_new[:, :, 0], kv_new[:, :, 1]
-    if cfg.position_embedding == "rope":
+    # Training / scoring with the Pallas kernels: q and k go in unrotated and the flash kernels
+    # rotate each tile (no RoPE pass over q and k in HBM, forward or backward). A KV cache holds
+    # rotated keys, so cached calls rotate first.
+    rope_in_kernel = (cfg.position_embedding == "rope" and cfg.attention_impl == "pallas"
+                      and kv is None and ROPE_IN_KERNEL and d >= 32 and d & (d - 1) == 0)
+    if cfg.position_embedding == "rope" and not rope_in_kernel:
       q = apply_rope(q, ctx.q_pos, cfg.rope_theta)
       k = apply_rope(k, ctx.q_pos, cfg.rope_theta)
     slopes = jnp.asarray(alibi_slopes(h)) if cfg.position_embedding == "alibi" else None
@@ -92,7 +97,8 @@ class Attention(nn.Module):
     if cfg.attention_impl == "pallas" and kv is None:
       from kernels_pallas import flash_attention  # pylint: disable=import-outside-toplevel
       out = flash_attention(q, k, v, causal=True, alibi_slopes=slopes, segment_ids=ctx.q_seg,
-                            positions=ctx.q_pos)
+                            positions=ctx.q_pos,
+                            rope_theta=cfg.rope_theta if rope_in_kernel else None)
     elif kv is not None and q.shape[1] == 1 and _decode_kernel_applies(cfg, k):
       out = _decode_step_attention(q, k, v, ctx, slopes)
     else:
@@ -102,6 +108,11 @@ class Attention(nn.Module):
     out = _dense(cfg, cfg.hidden_size, ("heads", "kv", "embed"), "o_proj", axis=(-2, -1))(out)
     return out, (None if kv is None else (k, v))
 
+
+# True: with attention_impl="pallas" and RoPE, calls without a KV cache (training, scoring) pass
+# unrotated q, k and rope_theta to `flash_attention`, which rotates inside the kernels (needs a
+# power-of-two head_dim >= 32; otherwise, and when False, RoPE is applied first). Read at trace.
+ROPE_IN_KERNEL = True
 
 # True: every pallas decode step checks that each row's keys are one span (`decode_span`) and
 # takes the XLA path when not (a `lax.cond` per layer). False skips the check and always runs the
