@@ -41,10 +41,10 @@ a watchdog thread ends the process at the hard limit, budget + 30 s, after writi
    reference, as GB/s of the filled K/V bytes and a fraction of the copy bandwidth.
 8. `tiles` (run right after `check`): backward tilings at seq 4096 (per-kernel dQ / dK/dV
    blocks, warps, stages; TILE_VARIANTS, chosen from benchmarks/triton_sm90.py: every one fits
-   sm_90's shared memory and spills no registers). The fastest
-   (fwd+bwd) becomes the default of `attention` and `train` for the rest of the run
-   (`kernels_pallas.default_tuning`), recorded as `tuning_used`, so one run reports the best
-   tiling's numbers and how much it gained over the defaults.
+   sm_90's shared memory and spills no registers). The fastest (fwd+bwd) becomes the default of
+   the `attention` section (`kernels_pallas.default_tuning`), recorded as `tuning_used`, so one
+   run reports the best tiling's numbers and how much it gained over the defaults. (`train`
+   keeps the in-kernel-RoPE defaults, which differ: see kernels_pallas.attention.default_blocks.)
 
 `--small` runs the same code on tiny shapes, with the kernels in Pallas interpret mode, on a CPU
 (tests/test_kernels_gpu_suite.py runs it); its numbers are meaningless, its purpose is that the
@@ -352,7 +352,10 @@ def section_train(suite, cfg):
   finally:
     import shutil
     shutil.rmtree(trace_dir, ignore_errors=True)  # keep $OUT to a few plain files
-  row["tiling"] = _tiling(suite)
+  # The step rotates q, k inside the kernels, whose defaults differ with RoPE (default_blocks /
+  # default_launch, chosen to fit sm_90 without spills); the `tiles` section times the plain
+  # kernels, so its choice is not applied here.
+  row["tiling"] = "default (in-kernel RoPE)"
   row["command_equivalent"] = (
       f"python3 benchmarks/gpu_train_mfu.py --runs {cfg['impl']}:none:{cfg['batch']} "
       f"--seq {cfg['seq']} --layers {cfg['layers']} --hidden {cfg['hidden']} "
@@ -962,7 +965,7 @@ def markdown(result):
     if used:
       out += ["", f"Fastest: **{used['variant']}** "
               f"({_f(used.get('speedup_over_default'), '{:.2f}')}x the default); the attention "
-              "and training sections ran with it."]
+              "section ran with it."]
     out.append("")
   s = result.get("summary") or {}
   if s:
@@ -1037,7 +1040,7 @@ def main(argv=None):
     t0 = time.perf_counter()
     tuned = (suite.result["tuning_used"] or {}).get("tuning")
     try:
-      with kernels_pallas.default_tuning(tuned if name in ("attention", "train") else None):
+      with kernels_pallas.default_tuning(tuned if name == "attention" else None):
         fn()
     except Exception as e:  # pylint: disable=broad-except
       suite.error(name, e)

@@ -39,8 +39,13 @@ DEFAULT_BLOCKS = {
 PHASES = ("fwd", "dq", "dkdv")  # the three kernels; tuning key "bwd" sets both backward kernels
 
 
-def default_blocks(kind: str, head_dim: int, seq_len: int) -> dict:
+def default_blocks(kind: str, head_dim: int, seq_len: int, rope: bool = False) -> dict:
   """(block_q, block_k) per kernel ("fwd", "dq", "dkdv") for a head_dim and sequence length.
+
+  With `rope` (RoPE inside the GPU kernels) at head_dim >= 128 the forward takes 128 x 64 tiles:
+  its key tiles then come with fp32 cos/sin tiles, and 128 x 128 with 3 stages would need
+  352 KiB of shared memory, beyond the 227 KiB of an sm_90 block (benchmarks/triton_sm90.py;
+  128 x 64, 8 warps, 3 stages: 192 KiB, no spills).
 
   GPU: the forward keeps the H100-tuned 128 x 128 tiles. The backward is tiled per kernel: dQ
   keeps a tall query block (its accumulator is [block_q, head_dim]) and walks narrow key blocks;
@@ -55,6 +60,8 @@ def default_blocks(kind: str, head_dim: int, seq_len: int) -> dict:
   out = {"fwd": table["fwd"], "dq": table["bwd"], "dkdv": table["bwd"]}
   if head_dim <= 64 and seq_len >= 1024:
     out["dq"], out["dkdv"] = (128, 64), (64, 128)
+  if rope and head_dim >= 128:
+    out["fwd"] = (128, 64)
   return out
 # Triton launch settings per phase (GPU only), from the same sweep: forward 8 warps and 3 pipeline
 # stages (4 warps for head_dim <= 64, where a row block needs fewer registers); backward 4 warps,
@@ -62,6 +69,19 @@ def default_blocks(kind: str, head_dim: int, seq_len: int) -> dict:
 DEFAULT_LAUNCH = {"fwd": {"num_warps": None, "num_stages": 3},
                   "bwd": {"num_warps": 4, "num_stages": 2}}
 DEFAULT_LAUNCH["dq"] = DEFAULT_LAUNCH["dkdv"] = DEFAULT_LAUNCH["bwd"]
+# With RoPE inside the kernels at head_dim >= 128 the backward kernels hold the rotated halves
+# too: with 4 warps both spill on sm_90 (dQ 144 bytes, dK/dV 488); with 8 warps neither does.
+ROPE_LAUNCH = {"dq": {"num_warps": 8}, "dkdv": {"num_warps": 8}}
+
+
+def default_launch(head_dim: int, rope: bool = False) -> dict:
+  """Triton launch settings per kernel (PHASES): DEFAULT_LAUNCH, with ROPE_LAUNCH on top for
+  in-kernel RoPE at head_dim >= 128."""
+  launch = {ph: dict(DEFAULT_LAUNCH[ph]) for ph in PHASES}
+  if rope and head_dim >= 128:
+    for ph, extra in ROPE_LAUNCH.items():
+      launch[ph].update(extra)
+  return launch
 
 
 _LOWERING_PLATFORM = contextvars.ContextVar("kernels_pallas_lowering_platform", default=None)
@@ -137,7 +157,7 @@ def _check_block(name: str, value: int, kind: str, seq_pad: int) -> None:
 
 
 def _blocks(kind: str, seq_len: int, block_q: Optional[int], block_k: Optional[int],
-            phase_blocks: Optional[dict] = None, head_dim: int = 128):
+            phase_blocks: Optional[dict] = None, head_dim: int = 128, rope: bool = False):
   """(block_q, block_k) per kernel (PHASES) and the padded sequence length they all divide.
 
   Blocks are capped at the (rounded-up) sequence length and then shrunk to divide the padded
@@ -147,7 +167,7 @@ def _blocks(kind: str, seq_len: int, block_q: Optional[int], block_k: Optional[i
     if value is not None:
       _check_block(name, value, kind, -1)
   chosen = {}
-  defaults = default_blocks(kind, head_dim, seq_len)
+  defaults = default_blocks(kind, head_dim, seq_len, rope)
   for phase in PHASES:
     dq, dk = (phase_blocks or {}).get(phase, defaults[phase])
     chosen[phase] = [block_q or dq, block_k or dk]
@@ -192,14 +212,15 @@ def _validate(q, k, v, alibi_slopes, segment_ids, positions, rope_theta=None):
                        "of two >= 32 (apply RoPE before the call instead)")
 
 
-def _check_tuning(tuning: Optional[dict]):
-  """Validates `tuning` -> (per-phase blocks or None, per-phase launch settings)."""
+def _check_tuning(tuning: Optional[dict], head_dim: int = 128, rope: bool = False):
+  """Validates `tuning` -> (per-phase blocks or None, per-phase launch settings over
+  `default_launch(head_dim, rope)`)."""
   tuning = dict(tuning or {})
   unknown = set(tuning) - {"blocks", "launch"}
   if unknown:
     raise ValueError(f"tuning keys {sorted(unknown)} are invalid: allowed are 'blocks', 'launch'")
   blocks = tuning.get("blocks")
-  launch = {ph: dict(DEFAULT_LAUNCH[ph]) for ph in PHASES}
+  launch = default_launch(head_dim, rope)
   for name, table in (("blocks", blocks or {}), ("launch", tuning.get("launch") or {})):
     for phase, value in table.items():
       if phase not in ("fwd", "bwd", "dq", "dkdv"):
@@ -323,7 +344,8 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = 
       "launch": {"fwd": {"num_warps": 8, "num_stages": 3}}}; kernels are "fwd", "dq" and "dkdv",
       and "bwd" sets both backward kernels (a "dq"/"dkdv" entry wins over it). "launch" applies
       to the GPU kernels. block_q/block_k, when given, win over "blocks". Defaults:
-      `default_blocks` / DEFAULT_LAUNCH, or the `default_tuning` context's when one is set.
+      `default_blocks` / `default_launch` (other tiles and warps with in-kernel RoPE), or the
+      `default_tuning` context's when one is set.
     rope_theta: if given, q and k are unrotated and RoPE (rotate-half, base rope_theta, angles
       from `positions`, default 0..seq-1) is applied inside the kernels; gradients flow to the
       unrotated q and k. Equal to applying RoPE before the call. On the TPU and XLA backends RoPE
@@ -347,8 +369,11 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = 
     return attention_reference(q, k, v, causal=causal, alibi_slopes=alibi_slopes,
                                segment_ids=segment_ids, positions=positions, sm_scale=scale)
   kind, interpret = _kernel_kind(backend)
-  phase_blocks, launch = _check_tuning(_DEFAULT_TUNING.get() if tuning is None else tuning)
-  blocks, seq_pad = _blocks(kind, s, block_q, block_k, phase_blocks, head_dim=d)
+  in_kernel_rope = rope_pos is not None and kind == "gpu"
+  phase_blocks, launch = _check_tuning(_DEFAULT_TUNING.get() if tuning is None else tuning,
+                                       head_dim=d, rope=in_kernel_rope)
+  blocks, seq_pad = _blocks(kind, s, block_q, block_k, phase_blocks, head_dim=d,
+                            rope=in_kernel_rope)
   has_alibi = alibi_slopes is not None
   statics = tuple(AttnStatic(causal=causal, sm_scale=scale, seq_len=s, seq_pad=seq_pad,
                              groups=h // k.shape[2], block_q=blocks[phase][0],

@@ -62,3 +62,25 @@ def test_the_suites_backward_tilings_fit_and_do_not_spill():
   bad = [(r["variant"], r["name"], r.get("shared_bytes"), r.get("spill_store_bytes"),
           r.get("error")) for r in rows if "error" in r or not r["fits"] or r["spills"]]
   assert bad == []
+
+
+def test_in_kernel_rope_defaults_fit_and_do_not_spill():
+  # The model's pallas training path (RoPE inside the kernels, packed segments): its defaults
+  # (`default_blocks` / `default_launch` with rope) fit sm_90 and spill nothing; the plain
+  # forward's 128 x 128 x 3-stage tiles would not fit once cos/sin tiles come with the keys.
+  x = jax.ShapeDtypeStruct((1, 1024, 4, 128), jnp.bfloat16)
+  ids = jax.ShapeDtypeStruct((1, 1024), jnp.int32)
+
+  def kernels(tuning=None):
+    f = lambda q, k, v, pos, seg: jax.grad(lambda q, k, v: jnp.sum(flash_attention(
+        q, k, v, segment_ids=seg, positions=pos, rope_theta=1e4, backend="gpu",
+        tuning=tuning).astype(jnp.float32)), argnums=(0, 1, 2))(q, k, v)
+    with kernels_pallas.lowering_platform("cuda"):
+      return triton_sm90.triton_kernels(jax.jit(f), (x, x, x, ids, ids))
+
+  rows = triton_sm90.compile_all(kernels() + kernels({"blocks": {"fwd": (128, 128)}})[:1])
+  assert [r["name"] for r in rows] == ["baichuan_flash_fwd", "baichuan_flash_dq",
+                                       "baichuan_flash_dkdv", "baichuan_flash_fwd"]
+  assert [(r["num_warps"], r["num_stages"]) for r in rows[:3]] == [(8, 3), (8, 2), (8, 2)]
+  assert all(r["fits"] and not r["spills"] for r in rows[:3]), rows[:3]
+  assert rows[3]["fits"] is False and rows[3]["shared_bytes"] > triton_sm90.SMEM_LIMIT
