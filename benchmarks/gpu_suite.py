@@ -45,6 +45,9 @@ a watchdog thread ends the process at the hard limit, budget + 30 s, after writi
    the `attention` section (`kernels_pallas.default_tuning`), recorded as `tuning_used`, so one
    run reports the best tiling's numbers and how much it gained over the defaults. (`train`
    keeps the in-kernel-RoPE defaults, which differ: see kernels_pallas.attention.default_blocks.)
+9. `train rope-first` (last, only if the budget has room): the `train` step again with RoPE
+   applied to q and k before the kernels (`layers.ROPE_IN_KERNEL = False`), no profile; the
+   summary's `train_rope_in_kernel_speedup` is its step time over the in-kernel step's.
 
 `--small` runs the same code on tiny shapes, with the kernels in Pallas interpret mode, on a CPU
 (tests/test_kernels_gpu_suite.py runs it); its numbers are meaningless, its purpose is that the
@@ -111,7 +114,7 @@ SMALL = dict(
 # Estimated seconds per section on the device (compile + timing), used by the budget guard.
 # (The H100 run compiled the ~1B step in ~15 s and ran it at 0.32 s per step.)
 COST = {"env": 2, "ceilings": 15, "check": 45, "attention": 70, "train": 45,
-        "decode_step": 40, "tiles": 60}
+        "decode_step": 40, "tiles": 60, "train_rope_first": 30}
 
 
 class Suite:
@@ -329,8 +332,12 @@ def section_attention(suite, backend, cfg):
       suite.write()
 
 
-def section_train(suite, cfg):
+def section_train(suite, cfg, rope_in_kernel=True):
+  """The ~1B step's MFU. With `rope_in_kernel` (the model's default) also its profile; without,
+  the same step with RoPE applied to q and k before the kernels (`layers.ROPE_IN_KERNEL =
+  False`, the H100 rows' path): the A/B of the in-kernel rotation, run last, if time is left."""
   import gpu_train_mfu  # benchmarks/gpu_train_mfu.py
+  from baichuan_jax.model import layers
   ceil = suite.result["ceilings"]
   peaks = {}
   if ceil.get("matmul_flops"):
@@ -338,9 +345,24 @@ def section_train(suite, cfg):
   if suite.result["env"].get("datasheet_bf16_flops"):
     peaks["datasheet"] = suite.result["env"]["datasheet_bf16_flops"]
   trace_dir = suite.out / "_train_trace"
-  row = gpu_train_mfu.run_one(cfg["impl"], "none", cfg["batch"], cfg["seq"], cfg["steps"],
-                              cfg["warmup"], cfg["layers"], cfg["hidden"], cfg["heads"], peaks,
-                              profile_dir=str(trace_dir))
+  saved, layers.ROPE_IN_KERNEL = layers.ROPE_IN_KERNEL, rope_in_kernel
+  try:
+    row = gpu_train_mfu.run_one(cfg["impl"], "none", cfg["batch"], cfg["seq"], cfg["steps"],
+                                cfg["warmup"], cfg["layers"], cfg["hidden"], cfg["heads"], peaks,
+                                profile_dir=str(trace_dir) if rope_in_kernel else None)
+  finally:
+    layers.ROPE_IN_KERNEL = saved
+  row["rope"] = "in kernel" if rope_in_kernel else "applied first"
+  row["command_equivalent"] = (
+      f"python3 benchmarks/gpu_train_mfu.py --runs {cfg['impl']}:none:{cfg['batch']} "
+      f"--seq {cfg['seq']} --layers {cfg['layers']} --hidden {cfg['hidden']} "
+      f"--heads {cfg['heads']} --steps {cfg['steps']} --warmup {cfg['warmup']}")
+  if not rope_in_kernel:
+    row["tiling"] = "default"
+    row["command_equivalent"] += " (with baichuan_jax.model.layers.ROPE_IN_KERNEL = False)"
+    suite.result["train"].append(row)
+    print("train rope-first", json.dumps(row, default=str)[:400], flush=True)
+    return
   try:  # where the step's time goes: device op time by kernel name, over the 2 traced steps
     row["profile_top_ops_ms_per_step"], row["profile_total_ms_per_step"] = trace_top_ops(
         trace_dir, steps=2)
@@ -356,10 +378,6 @@ def section_train(suite, cfg):
   # default_launch, chosen to fit sm_90 without spills); the `tiles` section times the plain
   # kernels, so its choice is not applied here.
   row["tiling"] = "default (in-kernel RoPE)"
-  row["command_equivalent"] = (
-      f"python3 benchmarks/gpu_train_mfu.py --runs {cfg['impl']}:none:{cfg['batch']} "
-      f"--seq {cfg['seq']} --layers {cfg['layers']} --hidden {cfg['hidden']} "
-      f"--heads {cfg['heads']} --steps {cfg['steps']} --warmup {cfg['warmup']}")
   suite.result["train"].append(row)
   print("train", json.dumps(row, default=str)[:400], flush=True)
 
@@ -846,10 +864,13 @@ def preflight(out: Path, shapes=None) -> dict:
 def summarise(result):
   s = {}
   env, ceil = result["env"], result["ceilings"]
-  for r in result["train"]:
-    if "model_tflops" in r:
-      s["train_mfu_datasheet"] = r.get("mfu_datasheet")
-      s["train_mfu_measured_matmul"] = r.get("mfu_measured_matmul")
+  steps = {r.get("rope"): r for r in result["train"] if "model_tflops" in r}
+  if steps.get("in kernel"):
+    s["train_mfu_datasheet"] = steps["in kernel"].get("mfu_datasheet")
+    s["train_mfu_measured_matmul"] = steps["in kernel"].get("mfu_measured_matmul")
+    if steps.get("applied first"):  # > 1: the in-kernel rotation is faster
+      s["train_rope_in_kernel_speedup"] = (steps["applied first"]["step_s"]
+                                           / steps["in kernel"]["step_s"])
   by = {(r["mode"], r["seq"], r["impl"], r["alibi"]): r for r in result["attention"]}
   ratios, alibi = {}, {}
   for (mode, seq, impl, al), r in by.items():
@@ -918,13 +939,16 @@ def markdown(result):
     out.append("")
   if result["train"]:
     out += ["## ~1B training step", "",
-            "| attention | batch x seq | step s | tokens/s | model TFLOP/s | MFU (datasheet) | "
-            "MFU (measured matmul) | peak GiB |", "|---|---|---|---|---|---|---|---|"]
+            "| attention | RoPE | batch x seq | step s | tokens/s | model TFLOP/s | "
+            "MFU (datasheet) | MFU (measured matmul) | peak GiB |",
+            "|---|---|---|---|---|---|---|---|---|"]
     for r in result["train"]:
       if "error" in r or "step_s" not in r:
-        out.append(f"| {r.get('attention_impl')} | failed: {str(r.get('error'))[:80]} |")
+        out.append(f"| {r.get('attention_impl')} | {r.get('rope', '-')} | "
+                   f"failed: {str(r.get('error'))[:80]} |")
         continue
-      out.append(f"| {r['attention_impl']} | {r['batch']}x{r['seq']} | {r['step_s']:.3f} | "
+      out.append(f"| {r['attention_impl']} | {r.get('rope', '-')} | {r['batch']}x{r['seq']} | "
+                 f"{r['step_s']:.3f} | "
                  f"{r['tokens_per_s']:.0f} | {r['model_tflops']:.0f} | "
                  f"{_f(r.get('mfu_datasheet'), '{:.1%}')} | "
                  f"{_f(r.get('mfu_measured_matmul'), '{:.1%}')} | {r.get('peak_gib', 0):.1f} |")
@@ -1034,6 +1058,10 @@ def main(argv=None):
   if "decode_kernel" in sections:
     plan.append(("decode_kernel",
                  lambda: section_decode_kernel(suite, backend, shapes["decode_kernel"]), 5))
+  if "train" in sections:  # last, the A/B of in-kernel RoPE: only if the budget has room
+    plan.append(("train rope-first",
+                 lambda: section_train(suite, shapes["train"], rope_in_kernel=False),
+                 COST["train_rope_first"]))
   for name, fn, cost in plan:
     if not suite.fits(name, cost):
       continue

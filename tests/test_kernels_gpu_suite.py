@@ -7,9 +7,12 @@ kernels with their references and the model's decode step with attention_impl="p
 """
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -17,12 +20,17 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import gpu_suite  # noqa: E402
 
 
-def test_gpu_suite_small_runs_every_section(tmp_path):
+def _run_suite(flag, out):
+  """gpu_suite.py `flag` --out `out` on the CPU; fails the test with the output's tail."""
   proc = subprocess.run(
-      [sys.executable, str(ROOT / "benchmarks" / "gpu_suite.py"), "--small", "--out",
-       str(tmp_path)], capture_output=True, text=True, timeout=600,
-      env={**__import__("os").environ, "JAX_PLATFORMS": "cpu"})
+      [sys.executable, str(ROOT / "benchmarks" / "gpu_suite.py"), flag, "--out", str(out)],
+      capture_output=True, text=True, timeout=600,
+      env={**os.environ, "JAX_PLATFORMS": "cpu"})
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+def test_gpu_suite_small_runs_every_section(tmp_path):
+  _run_suite("--small", tmp_path)
   result = json.loads((tmp_path / "gpu_suite.json").read_text())
   md = (tmp_path / "gpu_suite.md").read_text()
   assert result["errors"] == [] and result["skipped"] == [], (result["errors"], result["skipped"])
@@ -59,6 +67,12 @@ def test_gpu_suite_small_runs_every_section(tmp_path):
   assert used["variant"] == result["tiles"][0]["variant"] and used["speedup_over_default"] is None
   assert {r["tiling"] for r in ours} == {used["variant"]}
   assert result["train"][0]["tiling"] == "default (in-kernel RoPE)"
+  # last, the same step with RoPE applied first (the A/B), without a profile
+  assert [r["rope"] for r in result["train"]] == ["in kernel", "applied first"]
+  first = result["train"][1]
+  assert first["step_s"] > 0 and "profile_total_ms_per_step" not in first
+  assert result["summary"]["train_rope_in_kernel_speedup"] == pytest.approx(
+      first["step_s"] / result["train"][0]["step_s"])
   for heading in ("## Kernel checks", "## Attention", "## ~1B training step", "## Decode step",
                   "## Backward tilings"):
     assert heading in md
@@ -67,11 +81,7 @@ def test_gpu_suite_small_runs_every_section(tmp_path):
 def test_gpu_suite_preflight_lowers_every_device_program_for_cuda(tmp_path):
   # The full run's programs at the device shapes, exported for CUDA on this CPU machine: the
   # Pallas -> Triton lowering of every kernel, the ~1B train step and the 7B decode steps.
-  proc = subprocess.run(
-      [sys.executable, str(ROOT / "benchmarks" / "gpu_suite.py"), "--preflight", "--out",
-       str(tmp_path)], capture_output=True, text=True, timeout=600,
-      env={**__import__("os").environ, "JAX_PLATFORMS": "cpu"})
-  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  _run_suite("--preflight", tmp_path)
   result = json.loads((tmp_path / "gpu_suite_preflight.json").read_text())
   assert result["ok"] and all(r["ok"] for r in result["programs"])
   by = {(r["section"], r["program"]): r["triton_kernels"] for r in result["programs"]}
