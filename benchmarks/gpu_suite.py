@@ -59,6 +59,7 @@ Triton lowering, the ~1B step and the 7B decode steps, so a lowering error canno
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import gc
 import json
@@ -337,7 +338,6 @@ def section_train(suite, cfg, rope_in_kernel=True):
   the same step with RoPE applied to q and k before the kernels (`layers.ROPE_IN_KERNEL =
   False`, the H100 rows' path): the A/B of the in-kernel rotation, run last, if time is left."""
   import gpu_train_mfu  # benchmarks/gpu_train_mfu.py
-  from baichuan_jax.model import layers
   ceil = suite.result["ceilings"]
   peaks = {}
   if ceil.get("matmul_flops"):
@@ -345,25 +345,30 @@ def section_train(suite, cfg, rope_in_kernel=True):
   if suite.result["env"].get("datasheet_bf16_flops"):
     peaks["datasheet"] = suite.result["env"]["datasheet_bf16_flops"]
   trace_dir = suite.out / "_train_trace"
-  saved, layers.ROPE_IN_KERNEL = layers.ROPE_IN_KERNEL, rope_in_kernel
-  try:
+  with layers_flag("ROPE_IN_KERNEL", rope_in_kernel):
     row = gpu_train_mfu.run_one(cfg["impl"], "none", cfg["batch"], cfg["seq"], cfg["steps"],
                                 cfg["warmup"], cfg["layers"], cfg["hidden"], cfg["heads"], peaks,
                                 profile_dir=str(trace_dir) if rope_in_kernel else None)
-  finally:
-    layers.ROPE_IN_KERNEL = saved
-  row["rope"] = "in kernel" if rope_in_kernel else "applied first"
+  # With RoPE in the kernels their defaults differ (default_blocks / default_launch, chosen to
+  # fit sm_90 without spills); the `tiles` section times the plain kernels, so its choice is not
+  # applied here.
+  row.update(rope="in kernel" if rope_in_kernel else "applied first",
+             tiling="default (in-kernel RoPE)" if rope_in_kernel else "default")
   row["command_equivalent"] = (
       f"python3 benchmarks/gpu_train_mfu.py --runs {cfg['impl']}:none:{cfg['batch']} "
       f"--seq {cfg['seq']} --layers {cfg['layers']} --hidden {cfg['hidden']} "
-      f"--heads {cfg['heads']} --steps {cfg['steps']} --warmup {cfg['warmup']}")
-  if not rope_in_kernel:
-    row["tiling"] = "default"
-    row["command_equivalent"] += " (with baichuan_jax.model.layers.ROPE_IN_KERNEL = False)"
-    suite.result["train"].append(row)
-    print("train rope-first", json.dumps(row, default=str)[:400], flush=True)
-    return
-  try:  # where the step's time goes: device op time by kernel name, over the 2 traced steps
+      f"--heads {cfg['heads']} --steps {cfg['steps']} --warmup {cfg['warmup']}"
+      + ("" if rope_in_kernel else " (with baichuan_jax.model.layers.ROPE_IN_KERNEL = False)"))
+  if rope_in_kernel:
+    _keep_train_profile(suite, row, trace_dir)
+  suite.result["train"].append(row)
+  print(f"train ({row['rope']})", json.dumps(row, default=str)[:400], flush=True)
+
+
+def _keep_train_profile(suite, row, trace_dir):
+  """Where the step's time goes: device op time by kernel name over the 2 traced steps, into
+  `row`; the raw trace copied to $OUT when small enough; the profiler's folder removed."""
+  try:
     row["profile_top_ops_ms_per_step"], row["profile_total_ms_per_step"] = trace_top_ops(
         trace_dir, steps=2)
     files = _trace_files(trace_dir)
@@ -374,12 +379,19 @@ def section_train(suite, cfg, rope_in_kernel=True):
   finally:
     import shutil
     shutil.rmtree(trace_dir, ignore_errors=True)  # keep $OUT to a few plain files
-  # The step rotates q, k inside the kernels, whose defaults differ with RoPE (default_blocks /
-  # default_launch, chosen to fit sm_90 without spills); the `tiles` section times the plain
-  # kernels, so its choice is not applied here.
-  row["tiling"] = "default (in-kernel RoPE)"
-  suite.result["train"].append(row)
-  print("train", json.dumps(row, default=str)[:400], flush=True)
+
+
+@contextlib.contextmanager
+def layers_flag(name: str, value: bool):
+  """Sets `baichuan_jax.model.layers.<name>` (a switch read when a step is traced) for the block
+  and restores the value it had."""
+  from baichuan_jax.model import layers
+  saved = getattr(layers, name)
+  setattr(layers, name, value)
+  try:
+    yield
+  finally:
+    setattr(layers, name, saved)
 
 
 def _tiling(suite) -> str:
@@ -577,19 +589,16 @@ def section_decode(suite, backend, dcfg):
       # lax.cond per layer): what the conditional costs on the device.
       if not suite.fits(f"decode pallas no-check batch {batch}", COST["decode_step"]):
         return
-      from baichuan_jax.model import layers as layers_lib
       try:
-        layers_lib.DECODE_SPAN_CHECK = False  # read when the step is traced (its first call)
-        fn, _ = model_decode_step(cfgs["pallas"])
-        state, rows_p = fresh_state(batch, 2)
-        sec = timed(jax.jit(fn, donate_argnums=(1,)), state, rows_p, dcfg["steps"])
+        with layers_flag("DECODE_SPAN_CHECK", False):  # read when the step is traced (1st call)
+          fn, _ = model_decode_step(cfgs["pallas"])
+          state, rows_p = fresh_state(batch, 2)
+          sec = timed(jax.jit(fn, donate_argnums=(1,)), state, rows_p, dcfg["steps"])
         rows.append(row_for("kernels without the span check (no lax.cond; generate's cache is "
                             "one span per row)", batch, sec, ctx + 1))
         rows[-1].update(attention_impl="pallas", label="pallas_no_span_check")
       except Exception as e:  # pylint: disable=broad-except
         suite.error(f"decode pallas no-check batch {batch}", e)
-      finally:
-        layers_lib.DECODE_SPAN_CHECK = True
       state = None
       suite.write()
     print("decode", json.dumps(rows[-3:], default=str)[:700], flush=True)
