@@ -196,6 +196,27 @@ def test_top_k_fused_repetition_penalty_bf16():
   np.testing.assert_array_equal(np.asarray(greedy), np.asarray(jnp.argmax(want, axis=-1)))
 
 
+def test_top_k_penalty_bit_identical_to_the_jnp_path_over_30_seeds():
+  # The GPU suite's check, on normal (untied) fp32 logits and HF-like penalties: the kernel's
+  # penalised values must be the jitted jnp path's bit for bit, or the pallas decode step can
+  # pick other tokens than the XLA one. (With a division in the kernel, XLA rewriting the jnp
+  # x / p as x * (1 / p) made some seeds differ by 1 ulp.)
+  pen = jnp.asarray([1.05, 1.3, 1.1, 2.0], jnp.float32)
+  kernel = jax.jit(lambda y, present: top_k(y, 16, present=present, penalty=pen,
+                                            backend="interpret", block_v=256))
+  greedy = jax.jit(lambda y, present: topk_argmax(y, present=present, penalty=pen,
+                                                  backend="interpret", block_v=256))
+  ref = jax.jit(lambda y, present: jax.lax.top_k(apply_repetition_penalty(y, present, pen), 16))
+  for seed in range(30):
+    rng = np.random.default_rng(seed)
+    y = jnp.asarray(rng.normal(size=(4, 2048)).astype(np.float32)) * 3
+    present = jnp.asarray(rng.random((4, 2048)) < 0.05)
+    (vals, idx), (want_v, want_i) = kernel(y, present), ref(y, present)
+    np.testing.assert_array_equal(np.asarray(vals), np.asarray(want_v), err_msg=f"seed {seed}")
+    np.testing.assert_array_equal(np.asarray(idx), np.asarray(want_i), err_msg=f"seed {seed}")
+    np.testing.assert_array_equal(np.asarray(greedy(y, present)), np.asarray(want_i[:, 0]))
+
+
 def test_top_k_bad_inputs():
   x = jnp.ones((2, 64))
   with pytest.raises(ValueError, match="k=0 is invalid"):
