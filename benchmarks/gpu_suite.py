@@ -45,9 +45,12 @@ a watchdog thread ends the process at the hard limit, budget + 30 s, after writi
    the `attention` section (`kernels_pallas.default_tuning`), recorded as `tuning_used`, so one
    run reports the best tiling's numbers and how much it gained over the defaults. (`train`
    keeps the in-kernel-RoPE defaults, which differ: see kernels_pallas.attention.default_blocks.)
-9. `train rope-first` (last, only if the budget has room): the `train` step again with RoPE
-   applied to q and k before the kernels (`layers.ROPE_IN_KERNEL = False`), no profile; the
-   summary's `train_rope_in_kernel_speedup` is its step time over the in-kernel step's.
+9. `train` variants (`TRAIN_VARIANTS`), each the `train` step with one change and only if the
+   budget still has room: `batch x2` (8 x 4096, after `decode`: it bears on the MFU aim), then,
+   last, `rope-first` (RoPE applied to q and k before the kernels, `layers.ROPE_IN_KERNEL =
+   False`) and `whole-logit loss` (loss_chunk_size=0 instead of the split loss). The summary's
+   `train_variants` gives each one's tokens/s over the default step's, `train_best` the fastest,
+   and `train_rope_in_kernel_speedup` the rope-first step time over the in-kernel step's.
 
 `--small` runs the same code on tiny shapes, with the kernels in Pallas interpret mode, on a CPU
 (tests/test_kernels_gpu_suite.py runs it); its numbers are meaningless, its purpose is that the
@@ -115,7 +118,7 @@ SMALL = dict(
 # Estimated seconds per section on the device (compile + timing), used by the budget guard.
 # (The H100 run compiled the ~1B step in ~15 s and ran it at 0.32 s per step.)
 COST = {"env": 2, "ceilings": 15, "check": 45, "attention": 70, "train": 45,
-        "decode_step": 40, "tiles": 60, "train_rope_first": 30}
+        "decode_step": 40, "tiles": 60, "train_variant": 30, "train_batch_x2": 40}
 
 
 class Suite:
@@ -333,11 +336,32 @@ def section_attention(suite, backend, cfg):
       suite.write()
 
 
-def section_train(suite, cfg, rope_in_kernel=True):
-  """The ~1B step's MFU. With `rope_in_kernel` (the model's default) also its profile; without,
-  the same step with RoPE applied to q and k before the kernels (`layers.ROPE_IN_KERNEL =
-  False`, the H100 rows' path): the A/B of the in-kernel rotation, run last, if time is left."""
+# The ~1B step's A/Bs: each is the `train` step with one change, run after the aims' sections
+# (each only if the budget still has room, in this order of priority), reported against the
+# default step in `summary.train_variants`.
+TRAIN_VARIANTS = {
+    "default": {},
+    # The H200's 139 GiB hold twice the H100 run's batch without remat (that run peaked at
+    # 47 GiB); the optimizer update and other per-step costs are spread over twice the tokens.
+    "batch x2": dict(batch_mult=2),
+    # RoPE applied to q and k before the kernels (`layers.ROPE_IN_KERNEL = False`): the H100
+    # rows' path, so the run says whether the rotation inside the kernels pays.
+    "rope-first": dict(rope_in_kernel=False),
+    # The output layer and loss on whole [batch, seq, vocab] fp32 logits (loss_chunk_size=0)
+    # instead of the split loss's 1024-position chunks, which recompute the head matmul in the
+    # backward pass: what the split costs in time (it exists to save memory).
+    "whole-logit loss": dict(loss_chunk_size=0),
+}
+
+
+def section_train(suite, cfg, variant="default"):
+  """The ~1B step's MFU (`TRAIN_VARIANTS[variant]` applied); the default step also records its
+  profile."""
   import gpu_train_mfu  # benchmarks/gpu_train_mfu.py
+  change = TRAIN_VARIANTS[variant]
+  rope_in_kernel = change.get("rope_in_kernel", True)
+  batch = cfg["batch"] * change.get("batch_mult", 1)
+  chunk = change.get("loss_chunk_size")
   ceil = suite.result["ceilings"]
   peaks = {}
   if ceil.get("matmul_flops"):
@@ -345,24 +369,29 @@ def section_train(suite, cfg, rope_in_kernel=True):
   if suite.result["env"].get("datasheet_bf16_flops"):
     peaks["datasheet"] = suite.result["env"]["datasheet_bf16_flops"]
   trace_dir = suite.out / "_train_trace"
+  profile = variant == "default"
   with layers_flag("ROPE_IN_KERNEL", rope_in_kernel):
-    row = gpu_train_mfu.run_one(cfg["impl"], "none", cfg["batch"], cfg["seq"], cfg["steps"],
+    row = gpu_train_mfu.run_one(cfg["impl"], "none", batch, cfg["seq"], cfg["steps"],
                                 cfg["warmup"], cfg["layers"], cfg["hidden"], cfg["heads"], peaks,
-                                profile_dir=str(trace_dir) if rope_in_kernel else None)
+                                profile_dir=str(trace_dir) if profile else None,
+                                loss_chunk_size=chunk)
   # With RoPE in the kernels their defaults differ (default_blocks / default_launch, chosen to
   # fit sm_90 without spills); the `tiles` section times the plain kernels, so its choice is not
   # applied here.
-  row.update(rope="in kernel" if rope_in_kernel else "applied first",
-             tiling="default (in-kernel RoPE)" if rope_in_kernel else "default")
+  row.update(variant=variant, rope="in kernel" if rope_in_kernel else "applied first",
+             tiling="default (in-kernel RoPE)" if rope_in_kernel else "default",
+             loss_path="whole logits" if row.get("loss_chunk_size") == 0
+             else f"split ({row.get('loss_chunk_size')}-position chunks)")
   row["command_equivalent"] = (
-      f"python3 benchmarks/gpu_train_mfu.py --runs {cfg['impl']}:none:{cfg['batch']} "
+      f"python3 benchmarks/gpu_train_mfu.py --runs {cfg['impl']}:none:{batch} "
       f"--seq {cfg['seq']} --layers {cfg['layers']} --hidden {cfg['hidden']} "
       f"--heads {cfg['heads']} --steps {cfg['steps']} --warmup {cfg['warmup']}"
+      + ("" if chunk is None else f" --loss-chunk {chunk}")
       + ("" if rope_in_kernel else " (with baichuan_jax.model.layers.ROPE_IN_KERNEL = False)"))
-  if rope_in_kernel:
+  if profile:
     _keep_train_profile(suite, row, trace_dir)
   suite.result["train"].append(row)
-  print(f"train ({row['rope']})", json.dumps(row, default=str)[:400], flush=True)
+  print(f"train ({variant})", json.dumps(row, default=str)[:400], flush=True)
 
 
 def _keep_train_profile(suite, row, trace_dir):
@@ -790,10 +819,15 @@ def preflight_programs(shapes) -> list:
   t = shapes["train"]
   cfg = gpu_train_mfu.model_config(t["impl"], "none", t["seq"], t["layers"], t["hidden"],
                                    t["heads"])
-  tcfg, mesh = gpu_train_mfu.train_setup(t["batch"], t["seq"])
-  step = train.make_train_step(cfg, tcfg, mesh)
-  progs.append(("train", f"~1B step ({t['impl']}, {t['batch']}x{t['seq']})", step,
-                (train.abstract_train_state(cfg, tcfg, mesh), train.abstract_batch(tcfg, mesh))))
+  # The default step and the variants that change its program's shapes or loss (rope-first
+  # changes a trace-time switch only: the plain kernels, as the check and attention sections).
+  for suffix, batch, chunk in (("", t["batch"], None), (" batch x2", 2 * t["batch"], None),
+                               (" whole-logit loss", t["batch"], 0)):
+    tcfg, mesh = gpu_train_mfu.train_setup(batch, t["seq"], chunk)
+    step = train.make_train_step(cfg, tcfg, mesh)
+    progs.append(("train", f"~1B step ({t['impl']}, {batch}x{t['seq']}){suffix}", step,
+                  (train.abstract_train_state(cfg, tcfg, mesh),
+                   train.abstract_batch(tcfg, mesh))))
   dcfg = shapes["decode"]
   cfgs = decode_configs(dcfg)
   params = jax.eval_shape(lambda: init_params(cfgs["xla"], jax.random.PRNGKey(0)))
@@ -873,13 +907,22 @@ def preflight(out: Path, shapes=None) -> dict:
 def summarise(result):
   s = {}
   env, ceil = result["env"], result["ceilings"]
-  steps = {r.get("rope"): r for r in result["train"] if "model_tflops" in r}
-  if steps.get("in kernel"):
-    s["train_mfu_datasheet"] = steps["in kernel"].get("mfu_datasheet")
-    s["train_mfu_measured_matmul"] = steps["in kernel"].get("mfu_measured_matmul")
-    if steps.get("applied first"):  # > 1: the in-kernel rotation is faster
-      s["train_rope_in_kernel_speedup"] = (steps["applied first"]["step_s"]
-                                           / steps["in kernel"]["step_s"])
+  steps = {r.get("variant"): r for r in result["train"] if "model_tflops" in r}
+  base = steps.get("default")
+  if base:
+    s["train_mfu_datasheet"] = base.get("mfu_datasheet")
+    s["train_mfu_measured_matmul"] = base.get("mfu_measured_matmul")
+    if steps.get("rope-first"):  # > 1: the in-kernel rotation is faster
+      s["train_rope_in_kernel_speedup"] = steps["rope-first"]["step_s"] / base["step_s"]
+    # tokens/s of each variant over the default's (> 1: the variant is faster)
+    s["train_variants"] = {
+        name: dict(tokens_per_s_over_default=r["tokens_per_s"] / base["tokens_per_s"],
+                   mfu_datasheet=r.get("mfu_datasheet"), peak_gib=r.get("peak_gib"))
+        for name, r in steps.items() if name != "default"}
+  if steps:
+    best = max(steps, key=lambda n: steps[n]["tokens_per_s"])
+    s["train_best"] = dict(variant=best, mfu_datasheet=steps[best].get("mfu_datasheet"),
+                           mfu_measured_matmul=steps[best].get("mfu_measured_matmul"))
   by = {(r["mode"], r["seq"], r["impl"], r["alibi"]): r for r in result["attention"]}
   ratios, alibi = {}, {}
   for (mode, seq, impl, al), r in by.items():
@@ -948,15 +991,17 @@ def markdown(result):
     out.append("")
   if result["train"]:
     out += ["## ~1B training step", "",
-            "| attention | RoPE | batch x seq | step s | tokens/s | model TFLOP/s | "
-            "MFU (datasheet) | MFU (measured matmul) | peak GiB |",
-            "|---|---|---|---|---|---|---|---|---|"]
+            "| variant | attention | RoPE | loss | batch x seq | step s | tokens/s | "
+            "model TFLOP/s | MFU (datasheet) | MFU (measured matmul) | peak GiB |",
+            "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["train"]:
       if "error" in r or "step_s" not in r:
-        out.append(f"| {r.get('attention_impl')} | {r.get('rope', '-')} | "
-                   f"failed: {str(r.get('error'))[:80]} |")
+        out.append(f"| {r.get('variant', '-')} | {r.get('attention_impl')} | "
+                   f"{r.get('rope', '-')} | {r.get('loss_path', '-')} | {r.get('batch')}x"
+                   f"{r.get('seq')} | failed: {str(r.get('error'))[:80]} |")
         continue
-      out.append(f"| {r['attention_impl']} | {r.get('rope', '-')} | {r['batch']}x{r['seq']} | "
+      out.append(f"| {r.get('variant', '-')} | {r['attention_impl']} | {r.get('rope', '-')} | "
+                 f"{r.get('loss_path', '-')} | {r['batch']}x{r['seq']} | "
                  f"{r['step_s']:.3f} | "
                  f"{r['tokens_per_s']:.0f} | {r['model_tflops']:.0f} | "
                  f"{_f(r.get('mfu_datasheet'), '{:.1%}')} | "
@@ -1064,13 +1109,16 @@ def main(argv=None):
   if "decode" in sections:
     plan.append(("decode", lambda: section_decode(suite, backend, shapes["decode"]),
                  COST["decode_step"] * 2))
+  variant = lambda name: (f"train {name}",  # noqa: E731
+                           lambda: section_train(suite, shapes["train"], name),
+                           COST["train_batch_x2" if name == "batch x2" else "train_variant"])
+  if "train" in sections:  # the larger batch bears on the MFU aim: before the kernel tuning
+    plan.append(variant("batch x2"))
   if "decode_kernel" in sections:
     plan.append(("decode_kernel",
                  lambda: section_decode_kernel(suite, backend, shapes["decode_kernel"]), 5))
-  if "train" in sections:  # last, the A/B of in-kernel RoPE: only if the budget has room
-    plan.append(("train rope-first",
-                 lambda: section_train(suite, shapes["train"], rope_in_kernel=False),
-                 COST["train_rope_first"]))
+  if "train" in sections:  # last, the A/Bs that decide defaults: only if the budget has room
+    plan += [variant("rope-first"), variant("whole-logit loss")]
   for name, fn, cost in plan:
     if not suite.fits(name, cost):
       continue

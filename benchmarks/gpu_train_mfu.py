@@ -56,22 +56,28 @@ def matmul_peak(n: int = 8192, iters: int = 20) -> float:
   return 2 * n ** 3 * iters / (time.perf_counter() - t0)
 
 
-def train_setup(batch: int, seq: int):
-  """(train config, one-device mesh) of the timed step: batch x seq tokens, defaults otherwise."""
+def train_setup(batch: int, seq: int, loss_chunk_size: int | None = None):
+  """(train config, one-device mesh) of the timed step: batch x seq tokens, defaults otherwise
+  (`loss_chunk_size`: positions per chunk of the split output-layer loss, 0 = whole logits;
+  None keeps the default, 1024)."""
   tcfg = train.default_train_config()
   tcfg.batch_size, tcfg.seq_len = batch, seq
+  if loss_chunk_size is not None:
+    tcfg.loss_chunk_size = loss_chunk_size
   tcfg.mesh.data, tcfg.mesh.model = 1, 1
   tcfg.warmup_steps = 10
   return tcfg, sharding.make_mesh(tcfg.mesh, jax.devices()[:1])
 
 
 def run_one(impl, remat, batch, seq, steps, warmup, layers, hidden, heads, peaks,
-            profile_dir=None):
+            profile_dir=None, loss_chunk_size=None):
   """One timed configuration -> a result row. With `profile_dir`, two more steps run under
-  `jax.profiler.trace(profile_dir)` after the timing (not counted in it)."""
+  `jax.profiler.trace(profile_dir)` after the timing (not counted in it); `loss_chunk_size` as
+  for `train_setup`."""
   cfg = model_config(impl, remat, seq, layers, hidden, heads)
-  tcfg, mesh = train_setup(batch, seq)
+  tcfg, mesh = train_setup(batch, seq, loss_chunk_size)
   row = dict(attention_impl=impl, remat_policy=remat, batch=batch, seq=seq,
+             loss_chunk_size=int(tcfg.loss_chunk_size),
              params=configs.param_counts(cfg)["total"])
   t0 = time.perf_counter()
   state = train.create_train_state(cfg, tcfg, mesh)
@@ -94,6 +100,7 @@ def run_one(impl, remat, batch, seq, steps, warmup, layers, hidden, heads, peaks
       state, m = step(state, data)
     jax.block_until_ready(m)
     sec = (time.perf_counter() - t0) / steps
+    loss = float(m["loss"])  # after 1 + warmup + steps updates, whether or not profiled
     if profile_dir:
       with jax.profiler.trace(profile_dir, create_perfetto_trace=True):
         for _ in range(2):
@@ -104,7 +111,7 @@ def run_one(impl, remat, batch, seq, steps, warmup, layers, hidden, heads, peaks
     return row
   flops = configs.flops_per_token(cfg, seq)
   tok_s = batch * seq / sec
-  row.update(step_s=sec, tokens_per_s=tok_s, loss=float(m["loss"]),
+  row.update(step_s=sec, tokens_per_s=tok_s, loss=loss,
              model_tflops=flops["total"] * tok_s / 1e12,
              flops_per_token=flops)
   for name, peak in peaks.items():
@@ -125,6 +132,9 @@ def main(argv=None):
   p.add_argument("--heads", type=int, default=16)
   p.add_argument("--steps", type=int, default=10, help="timed steps per run")
   p.add_argument("--warmup", type=int, default=2)
+  p.add_argument("--loss-chunk", type=int, default=None,
+                 help="positions per chunk of the split output-layer loss (0: whole logits; "
+                      "default: the train config's 1024)")
   p.add_argument("--matmul-size", type=int, default=8192, help="n of the n x n x n peak probe")
   p.add_argument("--out", default=None, help="write the results as JSON here")
   args = p.parse_args(argv)
@@ -147,7 +157,7 @@ def main(argv=None):
   rows = []
   for impl, remat, batch in runs:
     row = run_one(impl, remat, batch, args.seq, args.steps, args.warmup, args.layers,
-                  args.hidden, args.heads, peaks)
+                  args.hidden, args.heads, peaks, loss_chunk_size=args.loss_chunk)
     rows.append(row)
     print(json.dumps(row), flush=True)
     if args.out:

@@ -67,12 +67,31 @@ def test_gpu_suite_small_runs_every_section(tmp_path):
   assert used["variant"] == result["tiles"][0]["variant"] and used["speedup_over_default"] is None
   assert {r["tiling"] for r in ours} == {used["variant"]}
   assert result["train"][0]["tiling"] == "default (in-kernel RoPE)"
-  # last, the same step with RoPE applied first (the A/B), without a profile
-  assert [r["rope"] for r in result["train"]] == ["in kernel", "applied first"]
-  first = result["train"][1]
-  assert first["step_s"] > 0 and "profile_total_ms_per_step" not in first
-  assert result["summary"]["train_rope_in_kernel_speedup"] == pytest.approx(
-      first["step_s"] / result["train"][0]["step_s"])
+  # the A/B variants of the step: batch x2 after decode; rope-first and whole-logit loss last;
+  # only the default step is profiled
+  train = {r["variant"]: r for r in result["train"]}
+  assert [r["variant"] for r in result["train"]] == [
+      "default", "batch x2", "rope-first", "whole-logit loss"]
+  assert all(r["step_s"] > 0 for r in result["train"])
+  assert [("profile_total_ms_per_step" in r) for r in result["train"]] == [True, False, False,
+                                                                          False]
+  assert train["batch x2"]["batch"] == 2 * train["default"]["batch"] == 4
+  assert train["rope-first"]["rope"] == "applied first"
+  assert (train["whole-logit loss"]["loss_chunk_size"], train["default"]["loss_chunk_size"]) == (
+      0, 1024)
+  # Same data, init and steps: the whole-logit loss is the split loss up to rounding (at seq 32
+  # the split path still runs: one 32-position chunk through its custom VJP).
+  assert train["whole-logit loss"]["loss"] == pytest.approx(train["default"]["loss"], rel=1e-5)
+  assert train["whole-logit loss"]["loss"] != train["batch x2"]["loss"]
+  summary = result["summary"]
+  assert summary["train_rope_in_kernel_speedup"] == pytest.approx(
+      train["rope-first"]["step_s"] / train["default"]["step_s"])
+  assert summary["train_variants"]["batch x2"]["tokens_per_s_over_default"] == pytest.approx(
+      train["batch x2"]["tokens_per_s"] / train["default"]["tokens_per_s"])
+  assert set(summary["train_variants"]) == {"batch x2", "rope-first", "whole-logit loss"}
+  best = max(train, key=lambda n: train[n]["tokens_per_s"])
+  assert summary["train_best"]["variant"] == best
+  assert "| whole-logit loss | xla | in kernel | whole logits | 2x32 |" in md
   for heading in ("## Kernel checks", "## Attention", "## ~1B training step", "## Decode step",
                   "## Backward tilings"):
     assert heading in md
@@ -92,6 +111,11 @@ def test_gpu_suite_preflight_lowers_every_device_program_for_cuda(tmp_path):
   # ~1B step (no remat), the layer scan's body once: attention 3 + two RMSNorms x (fwd, bwd) 4,
   # and the final norm's fwd + bwd 2.
   assert by[("train", "~1B step (pallas, 4x4096)")] == 9
+  # the suite's variants with another program: twice the batch, and the loss on whole logits
+  # (no kernel there: the same 9)
+  assert by[("train", "~1B step (pallas, 8x4096) batch x2")] == 9
+  assert by[("train", "~1B step (pallas, 4x4096) whole-logit loss")] == 9
+  assert sum(s == "train" for s, _ in by) == 3
   # 7B pallas decode step, 32 unrolled layers: 2 RMSNorms + decode attention each, the final
   # norm and the greedy pick; the xla step has no kernel.
   assert by[("decode", "model step xla batch 1")] == 0
