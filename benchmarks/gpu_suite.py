@@ -398,8 +398,10 @@ def _keep_train_profile(suite, row, trace_dir):
   """Where the step's time goes: device op time by kernel name over the 2 traced steps, into
   `row`; the raw trace copied to $OUT when small enough; the profiler's folder removed."""
   try:
-    row["profile_top_ops_ms_per_step"], row["profile_total_ms_per_step"] = trace_top_ops(
-        trace_dir, steps=2)
+    prof = trace_top_ops(trace_dir, steps=2)
+    row.update(profile_top_ops_ms_per_step=prof["top"], profile_total_ms_per_step=prof["total_ms"],
+               profile_buckets_ms_per_step=prof["buckets"], profile_source=prof["source"],
+               profile_lines_ms_per_step=prof["lines_ms"])
     files = _trace_files(trace_dir)
     if files and files[0].stat().st_size < 15 * 2 ** 20:  # what comes back from $OUT: <= 16 MB
       (suite.out / "train_trace.json.gz").write_bytes(files[0].read_bytes())
@@ -434,11 +436,34 @@ def _trace_files(trace_dir):
   return files or sorted(Path(trace_dir).glob("**/perfetto_trace.json.gz"))
 
 
-def trace_top_ops(trace_dir, steps, top=25):
-  """(top op kinds -> ms per step, total op ms per step) from a jax.profiler perfetto trace.
+# Kernel-name buckets of the step's profile, tried in order (case-insensitive search); what
+# matches none counts as "other". cuBLAS / CUTLASS kernels are named sm90_xmma_*, nvjet_*,
+# cutlass_*, *gemm*; XLA names its generated kernels after their fusions (loop_*_fusion,
+# input_reduce_fusion, ...); the Pallas kernels carry the names given to pallas_call.
+PROFILE_BUCKETS = (
+    ("matmul (cuBLAS / CUTLASS / XLA gemm)", r"gemm|xmma|nvjet|cutlass|cublas|wgmma|^dot"),
+    ("flash attention (Pallas)", r"baichuan_flash"),
+    ("RMSNorm (Pallas)", r"baichuan_rms_norm"),
+    ("other Pallas kernels", r"baichuan_"),
+    ("memcpy / memset", r"memcpy|memset"),
+    ("copies / transposes", r"copy|transpose"),
+    ("reductions (XLA input fusions)", r"reduce|input_"),
+    ("elementwise (XLA loop fusions)", r"loop_|fusion"),
+)
 
-  Uses the events of the device processes (names with "GPU" / "/device:"; on a CPU, every
-  non-runtime event), op names stripped of numeric suffixes (fusion.12 -> fusion).
+
+def trace_top_ops(trace_dir, steps, top=25):
+  """Device time per step by op kind and by bucket, from a jax.profiler perfetto trace.
+
+  On a GPU the device process ("/device:GPU:0") has kernel lines ("Stream #N ...") and derived
+  lines ("XLA Modules", "XLA Ops") that cover the same time again, so only one kind of line is
+  summed: the kernel lines when there are any, else "XLA Ops", else every device line but
+  "XLA Modules" (on a CPU: every non-runtime host event). Op names are stripped of numeric
+  suffixes (fusion.12 -> fusion). Returns a dict: `top` (the `top` largest kinds, ms per step),
+  `total_ms` (of the summed line kind), `buckets` (ms per step per PROFILE_BUCKETS entry, and
+  "other"; they add up to total_ms), `source` (which lines were summed) and `lines_ms` (every
+  device line's total, for cross-checks: the "XLA Modules" line is the step's wall time on the
+  device).
   """
   import gzip
   import re
@@ -448,22 +473,40 @@ def trace_top_ops(trace_dir, steps, top=25):
   with gzip.open(files[0]) as f:
     trace = json.load(f)
   events = trace["traceEvents"] if isinstance(trace, dict) else trace
-  names = {e["pid"]: e.get("args", {}).get("name", "") for e in events
+  procs = {e["pid"]: e.get("args", {}).get("name", "") for e in events
            if e.get("ph") == "M" and e.get("name") == "process_name"}
-  device = {pid for pid, n in names.items() if "GPU" in n or "/device:" in n}
-  host_noise = re.compile(r"^\$|Thunk|Pjit|Execute|copy_to_host|^end: |PjRt|TfrtCpu")
+  threads = {(e["pid"], e.get("tid")): e.get("args", {}).get("name", "") for e in events
+             if e.get("ph") == "M" and e.get("name") == "thread_name"}
+  device = {pid for pid, n in procs.items() if "GPU" in n or "/device:" in n}
+  spans = [e for e in events if e.get("ph") == "X" and (not device or e.get("pid") in device)]
+  line = lambda e: threads.get((e.get("pid"), e.get("tid")), str(e.get("tid")))  # noqa: E731
+  lines_ms = {}
+  for e in spans:
+    lines_ms[line(e)] = lines_ms.get(line(e), 0.0) + e.get("dur", 0) / 1e3 / steps
+  if device:
+    streams = {n for n in lines_ms if n.startswith("Stream")}
+    use = (streams, "kernel lines (Stream #...)") if streams else (
+        ({"XLA Ops"}, "XLA Ops line") if "XLA Ops" in lines_ms else
+        (set(lines_ms) - {"XLA Modules"}, "every device line but XLA Modules"))
+    spans = [e for e in spans if line(e) in use[0]]
+    source = use[1]
+  else:
+    host_noise = re.compile(r"^\$|Thunk|Pjit|Execute|copy_to_host|^end: |PjRt|TfrtCpu")
+    spans = [e for e in spans if not host_noise.search(e.get("name", ""))]
+    source = "host events (no device process: a CPU run)"
   kinds = {}
-  for e in events:
-    if e.get("ph") != "X":
-      continue
-    if device and e.get("pid") not in device:
-      continue
-    if not device and host_noise.search(e.get("name", "")):
-      continue
+  for e in spans:
     kind = re.sub(r"[._]?\d+$", "", e.get("name", ""))
     kinds[kind] = kinds.get(kind, 0.0) + e.get("dur", 0) / 1e3 / steps
-  ordered = dict(sorted(kinds.items(), key=lambda kv: -kv[1])[:top])
-  return ordered, float(sum(kinds.values()))
+  buckets = {name: 0.0 for name, _ in PROFILE_BUCKETS}
+  buckets["other"] = 0.0
+  for kind, ms in kinds.items():
+    name = next((n for n, pat in PROFILE_BUCKETS if re.search(pat, kind, re.IGNORECASE)),
+                "other")
+    buckets[name] += ms
+  return dict(top=dict(sorted(kinds.items(), key=lambda kv: -kv[1])[:top]),
+              total_ms=float(sum(kinds.values())), buckets=buckets, source=source,
+              lines_ms=lines_ms)
 
 
 # --- decode ------------------------------------------------------------------------------------
@@ -1010,10 +1053,19 @@ def markdown(result):
     for r in result["train"]:
       top = r.get("profile_top_ops_ms_per_step")
       if top:
-        out += [f"Profile (2 traced steps; device events summed, "
-                f"{r['profile_total_ms_per_step']:.1f} ms per step in all; raw trace "
-                "train_trace.json.gz):", "", "| op kind | ms per step |", "|---|---|"]
+        total = r["profile_total_ms_per_step"]
+        out += [f"Profile of the {r.get('variant', 'default')} step (2 traced steps; "
+                f"{r.get('profile_source', 'device events')} summed: {total:.1f} ms per step "
+                f"against a {r['step_s'] * 1e3:.1f} ms step; raw trace train_trace.json.gz):",
+                "", "| bucket | ms per step | share |", "|---|---|---|"]
+        out += [f"| {k} | {v:.2f} | {v / total if total else 0:.1%} |"
+                for k, v in (r.get("profile_buckets_ms_per_step") or {}).items()]
+        out += ["", "| op kind | ms per step |", "|---|---|"]
         out += [f"| `{k[:90]}` | {v:.2f} |" for k, v in top.items()]
+        lines = r.get("profile_lines_ms_per_step") or {}
+        if lines:
+          out += ["", "Device time per trace line (ms per step): " + ", ".join(
+              f"{k[:40]} {v:.1f}" for k, v in sorted(lines.items(), key=lambda kv: -kv[1])[:8])]
         out.append("")
   if result["decode"]:
     out += [f"## Decode step (one token per row, {result['decode'][0]['context']} filled slots "

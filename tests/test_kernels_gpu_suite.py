@@ -45,6 +45,9 @@ def test_gpu_suite_small_runs_every_section(tmp_path):
   assert all("error" in r for r in result["attention"] if r["impl"] == "cudnn")
   assert result["train"][0]["step_s"] > 0 and result["train"][0]["mfu_measured_matmul"] > 0
   assert result["train"][0]["profile_total_ms_per_step"] > 0  # the traced steps were summarised
+  assert sum(result["train"][0]["profile_buckets_ms_per_step"].values()) == pytest.approx(
+      result["train"][0]["profile_total_ms_per_step"])
+  assert result["train"][0]["profile_source"].startswith("host events")
   assert (tmp_path / "train_trace.json.gz").exists()
   assert not (tmp_path / "_train_trace").exists()
   paths = {(r["path"].split(" ")[0], r["batch"]) for r in result["decode"]}
@@ -124,3 +127,52 @@ def test_gpu_suite_preflight_lowers_every_device_program_for_cuda(tmp_path):
   assert sum(s == "decode_kernel" for s, _ in by) == 3 + 4 + 1
   assert "| train | ~1B step (pallas, 4x4096) | 9 | yes |" in (
       tmp_path / "gpu_suite_preflight.md").read_text()
+
+
+def _write_trace(folder, spans):
+  """A jax.profiler-shaped perfetto trace: a GPU device process with kernel lines and the
+  derived "XLA Modules" / "XLA Ops" lines, and a host process. spans: (line, name, dur in us)."""
+  import gzip
+  lines = sorted({ln for ln, _, _ in spans})
+  tid = {ln: i + 1 for i, ln in enumerate(lines)}
+  events = [{"ph": "M", "pid": 7, "name": "process_name", "args": {"name": "/device:GPU:0"}},
+            {"ph": "M", "pid": 9, "name": "process_name", "args": {"name": "/host:CPU"}},
+            {"ph": "X", "pid": 9, "tid": 1, "name": "PjitFunction(step)", "ts": 0, "dur": 9e6}]
+  events += [{"ph": "M", "pid": 7, "tid": tid[ln], "name": "thread_name", "args": {"name": ln}}
+             for ln in lines]
+  events += [{"ph": "X", "pid": 7, "tid": tid[ln], "name": name, "ts": i * 10, "dur": dur}
+             for i, (ln, name, dur) in enumerate(spans)]
+  path = folder / "plugins" / "profile" / "run" / "host.trace.json.gz"
+  path.parent.mkdir(parents=True)
+  with gzip.open(path, "wt") as f:
+    json.dump({"traceEvents": events}, f)
+
+
+def test_profile_sums_one_kind_of_device_line_and_buckets_kernel_names(tmp_path):
+  compute, copy = "Stream #13(Compute)", "Stream #14(MemcpyDtoD)"
+  kernels = [(compute, "sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n", 100_000),
+             (compute, "nvjet_hsh_256x128_64x4_2x1_v_bz_coopA_NTN", 50_000),
+             (compute, "baichuan_flash_fwd", 20_000), (compute, "baichuan_flash_dkdv", 30_000),
+             (compute, "baichuan_rms_norm_bwd", 5_000),
+             (compute, "loop_multiply_fusion_3", 10_000), (compute, "loop_multiply_fusion_4", 4_000),
+             (compute, "input_reduce_fusion_1", 6_000), (compute, "loop_transpose_fusion", 8_000),
+             (copy, "Memcpy DtoD (Device -> Device)", 2_000)]
+  # The derived lines repeat the same time (module: the whole step; ops: per HLO op).
+  derived = [("XLA Modules", "jit_step(123)", 240_000), ("XLA Ops", "fusion.12", 235_000)]
+  _write_trace(tmp_path, kernels + derived)
+  prof = gpu_suite.trace_top_ops(tmp_path, steps=2)
+  assert prof["source"] == "kernel lines (Stream #...)"
+  assert prof["total_ms"] == pytest.approx(235 / 2)  # the kernels only, per step; no host span
+  assert prof["buckets"] == pytest.approx({
+      "matmul (cuBLAS / CUTLASS / XLA gemm)": 75.0, "flash attention (Pallas)": 25.0,
+      "RMSNorm (Pallas)": 2.5, "other Pallas kernels": 0.0, "memcpy / memset": 1.0,
+      "copies / transposes": 4.0, "reductions (XLA input fusions)": 3.0,
+      "elementwise (XLA loop fusions)": 7.0, "other": 0.0})
+  assert sum(prof["buckets"].values()) == pytest.approx(prof["total_ms"])
+  assert prof["top"]["loop_multiply_fusion"] == pytest.approx(7.0)  # numeric suffixes merged
+  assert prof["lines_ms"]["XLA Modules"] == pytest.approx(120.0)
+  # Without kernel lines the "XLA Ops" line is summed (not also "XLA Modules").
+  _write_trace(tmp_path / "ops", derived)
+  prof = gpu_suite.trace_top_ops(tmp_path / "ops", steps=2)
+  assert prof["source"] == "XLA Ops line" and prof["total_ms"] == pytest.approx(117.5)
+  assert prof["buckets"]["elementwise (XLA loop fusions)"] == pytest.approx(117.5)
