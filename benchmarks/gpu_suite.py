@@ -118,7 +118,8 @@ SMALL = dict(
 # Estimated seconds per section on the device (compile + timing), used by the budget guard.
 # (The H100 run compiled the ~1B step in ~15 s and ran it at 0.32 s per step.)
 COST = {"env": 2, "ceilings": 15, "check": 45, "attention": 70, "train": 45,
-        "decode_step": 40, "tiles": 60, "train_variant": 30, "train_batch_x2": 40}
+        "decode_step": 40, "tiles": 60,
+        "train batch x2": 40, "train rope-first": 30, "train whole-logit loss": 30}
 
 
 class Suite:
@@ -354,14 +355,19 @@ TRAIN_VARIANTS = {
 }
 
 
+def train_variant(cfg, variant):
+  """(rope_in_kernel, batch, loss_chunk_size or None for the default) of `TRAIN_VARIANTS[variant]`
+  applied to the shapes `cfg`."""
+  change = TRAIN_VARIANTS[variant]
+  return (change.get("rope_in_kernel", True), cfg["batch"] * change.get("batch_mult", 1),
+          change.get("loss_chunk_size"))
+
+
 def section_train(suite, cfg, variant="default"):
   """The ~1B step's MFU (`TRAIN_VARIANTS[variant]` applied); the default step also records its
   profile."""
   import gpu_train_mfu  # benchmarks/gpu_train_mfu.py
-  change = TRAIN_VARIANTS[variant]
-  rope_in_kernel = change.get("rope_in_kernel", True)
-  batch = cfg["batch"] * change.get("batch_mult", 1)
-  chunk = change.get("loss_chunk_size")
+  rope_in_kernel, batch, chunk = train_variant(cfg, variant)
   ceil = suite.result["ceilings"]
   peaks = {}
   if ceil.get("matmul_flops"):
@@ -482,7 +488,8 @@ def trace_top_ops(trace_dir, steps, top=25):
   line = lambda e: threads.get((e.get("pid"), e.get("tid")), str(e.get("tid")))  # noqa: E731
   lines_ms = {}
   for e in spans:
-    lines_ms[line(e)] = lines_ms.get(line(e), 0.0) + e.get("dur", 0) / 1e3 / steps
+    ln = line(e)
+    lines_ms[ln] = lines_ms.get(ln, 0.0) + e.get("dur", 0) / 1e3 / steps
   if device:
     streams = {n for n in lines_ms if n.startswith("Stream")}
     use = (streams, "kernel lines (Stream #...)") if streams else (
@@ -864,10 +871,13 @@ def preflight_programs(shapes) -> list:
                                    t["heads"])
   # The default step and the variants that change its program's shapes or loss (rope-first
   # changes a trace-time switch only: the plain kernels, as the check and attention sections).
-  for suffix, batch, chunk in (("", t["batch"], None), (" batch x2", 2 * t["batch"], None),
-                               (" whole-logit loss", t["batch"], 0)):
+  for name in TRAIN_VARIANTS:
+    rope_in_kernel, batch, chunk = train_variant(t, name)
+    if not rope_in_kernel:
+      continue
     tcfg, mesh = gpu_train_mfu.train_setup(batch, t["seq"], chunk)
     step = train.make_train_step(cfg, tcfg, mesh)
+    suffix = "" if name == "default" else f" {name}"
     progs.append(("train", f"~1B step ({t['impl']}, {batch}x{t['seq']}){suffix}", step,
                   (train.abstract_train_state(cfg, tcfg, mesh),
                    train.abstract_batch(tcfg, mesh))))
@@ -1163,7 +1173,7 @@ def main(argv=None):
                  COST["decode_step"] * 2))
   variant = lambda name: (f"train {name}",  # noqa: E731
                            lambda: section_train(suite, shapes["train"], name),
-                           COST["train_batch_x2" if name == "batch x2" else "train_variant"])
+                           COST[f"train {name}"])
   if "train" in sections:  # the larger batch bears on the MFU aim: before the kernel tuning
     plan.append(variant("batch x2"))
   if "decode_kernel" in sections:
