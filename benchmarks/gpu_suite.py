@@ -342,8 +342,9 @@ def section_attention(suite, backend, cfg):
 # default step in `summary.train_variants`.
 TRAIN_VARIANTS = {
     "default": {},
-    # The H200's 139 GiB hold twice the H100 run's batch without remat (that run peaked at
-    # 47 GiB); the optimizer update and other per-step costs are spread over twice the tokens.
+    # Twice the H100 run's batch, no remat: expected (not yet seen) to fit the H200's 139 GiB
+    # (that run peaked at 47 GiB); the optimizer update and other per-step costs are spread
+    # over twice the tokens. The row reports the peak memory (or the error, if it did not fit).
     "batch x2": dict(batch_mult=2),
     # RoPE applied to q and k before the kernels (`layers.ROPE_IN_KERNEL = False`): the H100
     # rows' path, so the run says whether the rotation inside the kernels pays.
