@@ -25,7 +25,9 @@ a watchdog thread ends the process at the hard limit, budget + 30 s, after writi
    the ALiBi overhead.
 5. `train`: the ~1B (1.17B) Baichuan-7B-shaped training step (benchmarks/gpu_train_mfu.py,
    attention_impl=pallas, no remat, batch 4 x 4096) MFU against the datasheet and the measured
-   matmul peak.
+   matmul peak; its device-time profile by kernel bucket; and the optimizer update alone on the
+   step's own state (`gpu_train_mfu.optimizer_update_timing`: as the step runs it, with the
+   NaN/inf guard, and as plain optax) against its least traffic at the measured copy rate.
 6. `decode`: 7B-shaped (Baichuan2-7B, random bf16 weights) single-token decode step with 2,048
    filled cache slots per row (cache of 2,176): `infer.generate`'s own greedy step (its host-loop
    step: `BaichuanLM(unroll_layers=True)` on the KV cache, then `sampling.next_token`) with
@@ -117,7 +119,7 @@ SMALL = dict(
 )
 # Estimated seconds per section on the device (compile + timing), used by the budget guard.
 # (The H100 run compiled the ~1B step in ~15 s and ran it at 0.32 s per step.)
-COST = {"env": 2, "ceilings": 15, "check": 45, "attention": 70, "train": 45,
+COST = {"env": 2, "ceilings": 15, "check": 45, "attention": 70, "train": 55,
         "decode_step": 40, "tiles": 60,
         "train batch x2": 40, "train rope-first": 30, "train whole-logit loss": 30}
 
@@ -381,7 +383,7 @@ def section_train(suite, cfg, variant="default"):
     row = gpu_train_mfu.run_one(cfg["impl"], "none", batch, cfg["seq"], cfg["steps"],
                                 cfg["warmup"], cfg["layers"], cfg["hidden"], cfg["heads"], peaks,
                                 profile_dir=str(trace_dir) if profile else None,
-                                loss_chunk_size=chunk)
+                                loss_chunk_size=chunk, optimizer_probe=profile)
   # With RoPE in the kernels their defaults differ (default_blocks / default_launch, chosen to
   # fit sm_90 without spills); the `tiles` section times the plain kernels, so its choice is not
   # applied here.
@@ -397,6 +399,11 @@ def section_train(suite, cfg, variant="default"):
       + ("" if rope_in_kernel else " (with baichuan_jax.model.layers.ROPE_IN_KERNEL = False)"))
   if profile:
     _keep_train_profile(suite, row, trace_dir)
+    if "optimizer_error" in row:
+      suite.result["errors"].append(f"train optimizer update: {row['optimizer_error']}")
+    if row.get("optimizer_min_bytes") and ceil.get("copy_bandwidth"):
+      # the update's least traffic at the copy rate measured in this run: its time floor
+      row["optimizer_bound_ms"] = row["optimizer_min_bytes"] / ceil["copy_bandwidth"] * 1e3
   suite.result["train"].append(row)
   print(f"train ({variant})", json.dumps(row, default=str)[:400], flush=True)
 
@@ -882,6 +889,11 @@ def preflight_programs(shapes) -> list:
     progs.append(("train", f"~1B step ({t['impl']}, {batch}x{t['seq']}){suffix}", step,
                   (train.abstract_train_state(cfg, tcfg, mesh),
                    train.abstract_batch(tcfg, mesh))))
+  # the optimizer update alone on the default step's state (XLA only: no kernel)
+  tcfg, mesh = gpu_train_mfu.train_setup(t["batch"], t["seq"])
+  abstract = train.abstract_train_state(cfg, tcfg, mesh)
+  for name, fn in zip(("guarded", "plain"), gpu_train_mfu.optimizer_programs(tcfg)):
+    progs.append(("train", f"optimizer update ({name})", fn, (abstract, abstract.params)))
   dcfg = shapes["decode"]
   cfgs = decode_configs(dcfg)
   params = jax.eval_shape(lambda: init_params(cfgs["xla"], jax.random.PRNGKey(0)))
@@ -969,6 +981,13 @@ def summarise(result):
     if steps.get("rope-first"):  # > 1: the in-kernel rotation is faster
       s["train_rope_in_kernel_speedup"] = steps["rope-first"]["step_s"] / base["step_s"]
     # tokens/s of each variant over the default's (> 1: the variant is faster)
+    if "optimizer_guarded_ms" in base:  # the AdamW update alone, on the default step's state
+      s["train_optimizer"] = dict(
+          guarded_ms=base["optimizer_guarded_ms"], plain_ms=base["optimizer_plain_ms"],
+          guard_ms=base["optimizer_guard_ms"], bound_ms=base.get("optimizer_bound_ms"),
+          share_of_step=base["optimizer_share_of_step"],
+          guarded_over_bound=(base["optimizer_guarded_ms"] / base["optimizer_bound_ms"]
+                              if base.get("optimizer_bound_ms") else None))
     s["train_variants"] = {
         name: dict(tokens_per_s_over_default=r["tokens_per_s"] / base["tokens_per_s"],
                    mfu_datasheet=r.get("mfu_datasheet"), peak_gib=r.get("peak_gib"))
@@ -1061,6 +1080,18 @@ def markdown(result):
                  f"{_f(r.get('mfu_datasheet'), '{:.1%}')} | "
                  f"{_f(r.get('mfu_measured_matmul'), '{:.1%}')} | {r.get('peak_gib', 0):.1f} |")
     out.append("")
+    for r in result["train"]:
+      if "optimizer_guarded_ms" in r:
+        out += [f"Optimizer update alone on the {r.get('variant', 'default')} step's state "
+                f"(1e-3 gradients): **{r['optimizer_guarded_ms']:.2f} ms** as the step runs it "
+                f"(clip, AdamW, NaN/inf guard and select; "
+                f"{r['optimizer_share_of_step']:.1%} of the step), "
+                f"{r['optimizer_plain_ms']:.2f} ms as plain optax (the guard: "
+                f"{r['optimizer_guard_ms']:.2f} ms); least traffic "
+                f"{r['optimizer_min_bytes'] / 1e9:.2f} GB = "
+                f"{_f(r.get('optimizer_bound_ms'), '{:.2f}')} ms at the measured copy rate.", ""]
+      elif "optimizer_error" in r:
+        out += [f"Optimizer update alone: failed: {r['optimizer_error'][:120]}", ""]
     for r in result["train"]:
       top = r.get("profile_top_ops_ms_per_step")
       if top:

@@ -32,6 +32,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from baichuan_jax import configs, sharding, train  # noqa: E402
+from timing import median_seconds  # noqa: E402  (benchmarks/timing.py)
 
 DATASHEET_PEAK = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 
@@ -69,11 +70,63 @@ def train_setup(batch: int, seq: int, loss_chunk_size: int | None = None):
   return tcfg, sharding.make_mesh(tcfg.mesh, jax.devices()[:1])
 
 
+def optimizer_programs(tcfg):
+  """(guarded, plain): the optimizer update alone as two jitted `fn(state, grads)`, neither
+  donating its input.
+  - `guarded` -> the new TrainState: what the training step runs after the backward pass
+    (`train.step.guarded_update`: global norm, clip, AdamW with decoupled weight decay, the
+    finiteness checks of the loss, the gradient norm, the new params and the new moments, and
+    the select that keeps the old state on a bad step);
+  - `plain` -> (new params, new optimizer state): the same optax chain (`train.make_optimizer`)
+    and `optax.apply_updates`, unguarded.
+  """
+  import optax
+
+  from baichuan_jax.train import step as step_lib
+  opt, schedule = train.make_optimizer(tcfg), train.lr_schedule(tcfg)
+
+  def guarded(s, g):
+    return step_lib.guarded_update(s, g, {"loss": jnp.float32(1.0)}, s.rng, opt, schedule)[0]
+
+  def plain(s, g):
+    updates, new_opt = opt.update(g, s.opt_state, s.params)
+    return optax.apply_updates(s.params, updates), new_opt
+
+  return jax.jit(guarded), jax.jit(plain)
+
+
+def optimizer_update_timing(state, tcfg, iters: int = 10) -> dict:
+  """The optimizer update alone (`optimizer_programs`), on the step's own state (its fp32 params
+  and AdamW moments), both programs on the same gradients (a constant 1e-3 tree, an argument,
+  not a compile-time constant).
+
+  `min_bytes` is the least traffic any implementation needs: the gradients read twice (once for
+  the clipping norm, once by the update), params and floating-point optimizer state read and
+  written once (32 bytes per fp32 parameter). Returns ms per update of each, their difference
+  (the guard's cost), `min_bytes`, and the largest |difference| between the two new param trees.
+  """
+  guarded_j, plain_j = optimizer_programs(tcfg)
+  grads = jax.jit(lambda p: jax.tree.map(lambda x: jnp.full_like(x, 1e-3), p))(state.params)
+  nbytes = lambda tree: sum(x.nbytes for x in jax.tree.leaves(tree)  # noqa: E731
+                            if jnp.issubdtype(x.dtype, jnp.inexact))
+  row = dict(optimizer_min_bytes=2 * nbytes(grads) + 2 * nbytes(state.params)
+             + 2 * nbytes(state.opt_state),
+             optimizer_guarded_ms=median_seconds(guarded_j, state, grads, iters=iters) * 1e3,
+             optimizer_plain_ms=median_seconds(plain_j, state, grads, iters=iters) * 1e3)
+  row["optimizer_guard_ms"] = row["optimizer_guarded_ms"] - row["optimizer_plain_ms"]
+  new_g, (new_p, _) = guarded_j(state, grads), plain_j(state, grads)
+  row["optimizer_guarded_vs_plain_max_abs_diff"] = float(max(
+      jnp.max(jnp.abs(a - b)) for a, b in zip(jax.tree.leaves(new_g.params),
+                                              jax.tree.leaves(new_p))))
+  return row
+
+
 def run_one(impl, remat, batch, seq, steps, warmup, layers, hidden, heads, peaks,
-            profile_dir=None, loss_chunk_size=None):
+            profile_dir=None, loss_chunk_size=None, optimizer_probe=False):
   """One timed configuration -> a result row. With `profile_dir`, two more steps run under
   `jax.profiler.trace(profile_dir)` after the timing (not counted in it); `loss_chunk_size` as
-  for `train_setup`."""
+  for `train_setup`; with `optimizer_probe`, the row also holds `optimizer_update_timing` on the
+  step's state and `optimizer_share_of_step` (the guarded update's time over the step's)."""
   cfg = model_config(impl, remat, seq, layers, hidden, heads)
   tcfg, mesh = train_setup(batch, seq, loss_chunk_size)
   row = dict(attention_impl=impl, remat_policy=remat, batch=batch, seq=seq,
@@ -109,6 +162,12 @@ def run_one(impl, remat, batch, seq, steps, warmup, layers, hidden, heads, peaks
   except Exception as e:  # pylint: disable=broad-except
     row["error"] = str(e).split("\n")[0][:300]
     return row
+  if optimizer_probe:
+    try:
+      row.update(optimizer_update_timing(state, tcfg))
+      row["optimizer_share_of_step"] = row["optimizer_guarded_ms"] / (sec * 1e3)
+    except Exception as e:  # pylint: disable=broad-except
+      row["optimizer_error"] = str(e).split("\n")[0][:300]
   flops = configs.flops_per_token(cfg, seq)
   tok_s = batch * seq / sec
   row.update(step_s=sec, tokens_per_s=tok_s, loss=loss,
@@ -135,6 +194,9 @@ def main(argv=None):
   p.add_argument("--loss-chunk", type=int, default=None,
                  help="positions per chunk of the split output-layer loss (0: whole logits; "
                       "default: the train config's 1024)")
+  p.add_argument("--optimizer", action="store_true",
+                 help="also time the optimizer update alone on each run's state (guarded, as "
+                      "the step runs it, and plain optax), against its least traffic")
   p.add_argument("--matmul-size", type=int, default=8192, help="n of the n x n x n peak probe")
   p.add_argument("--out", default=None, help="write the results as JSON here")
   args = p.parse_args(argv)
@@ -157,7 +219,8 @@ def main(argv=None):
   rows = []
   for impl, remat, batch in runs:
     row = run_one(impl, remat, batch, args.seq, args.steps, args.warmup, args.layers,
-                  args.hidden, args.heads, peaks, loss_chunk_size=args.loss_chunk)
+                  args.hidden, args.heads, peaks, loss_chunk_size=args.loss_chunk,
+                  optimizer_probe=args.optimizer)
     rows.append(row)
     print(json.dumps(row), flush=True)
     if args.out:

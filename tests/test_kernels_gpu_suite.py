@@ -49,6 +49,19 @@ def test_gpu_suite_small_runs_every_section(tmp_path):
       result["train"][0]["profile_total_ms_per_step"])
   assert result["train"][0]["profile_source"].startswith("host events")
   assert (tmp_path / "train_trace.json.gz").exists()
+  # the optimizer update alone, on the default step's state: least traffic of 32 bytes per fp32
+  # parameter (grads read twice, params and both AdamW moments read and written once)
+  base = result["train"][0]
+  assert base["optimizer_min_bytes"] == 32 * base["params"]
+  assert base["optimizer_bound_ms"] == pytest.approx(
+      base["optimizer_min_bytes"] / result["ceilings"]["copy_bandwidth"] * 1e3)
+  assert base["optimizer_guarded_ms"] > 0 and base["optimizer_plain_ms"] > 0
+  assert base["optimizer_share_of_step"] == pytest.approx(
+      base["optimizer_guarded_ms"] / (base["step_s"] * 1e3))
+  assert base["optimizer_guarded_vs_plain_max_abs_diff"] <= 1e-6  # a good step: same update
+  assert result["summary"]["train_optimizer"]["guard_ms"] == pytest.approx(
+      base["optimizer_guarded_ms"] - base["optimizer_plain_ms"])
+  assert "Optimizer update alone on the default step's state" in md
   assert not (tmp_path / "_train_trace").exists()
   paths = {(r["path"].split(" ")[0], r["batch"]) for r in result["decode"]}
   assert paths == {("model", 1), ("kernels", 1)}
@@ -78,6 +91,7 @@ def test_gpu_suite_small_runs_every_section(tmp_path):
   assert all(r["step_s"] > 0 for r in result["train"])
   assert [("profile_total_ms_per_step" in r) for r in result["train"]] == [True, False, False,
                                                                           False]
+  assert [("optimizer_guarded_ms" in r) for r in result["train"]] == [True, False, False, False]
   assert train["batch x2"]["batch"] == 2 * train["default"]["batch"] == 4
   assert train["rope-first"]["rope"] == "applied first"
   assert (train["whole-logit loss"]["loss_chunk_size"], train["default"]["loss_chunk_size"]) == (
@@ -118,7 +132,9 @@ def test_gpu_suite_preflight_lowers_every_device_program_for_cuda(tmp_path):
   # (no kernel there: the same 9)
   assert by[("train", "~1B step (pallas, 8x4096) batch x2")] == 9
   assert by[("train", "~1B step (pallas, 4x4096) whole-logit loss")] == 9
-  assert sum(s == "train" for s, _ in by) == 3
+  assert sum(s == "train" and p.startswith("~1B step") for s, p in by) == 3
+  # the optimizer update alone, as the step runs it and as plain optax: XLA only
+  assert [by[("train", f"optimizer update ({n})")] for n in ("guarded", "plain")] == [0, 0]
   # 7B pallas decode step, 32 unrolled layers: 2 RMSNorms + decode attention each, the final
   # norm and the greedy pick; the xla step has no kernel.
   assert by[("decode", "model step xla batch 1")] == 0
