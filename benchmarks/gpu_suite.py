@@ -50,9 +50,12 @@ a watchdog thread ends the process at the hard limit, budget + 30 s, after writi
 9. `train` variants (`TRAIN_VARIANTS`), each the `train` step with one change and only if the
    budget still has room: `batch x2` (8 x 4096, after `decode`: it bears on the MFU aim), then,
    last, `rope-first` (RoPE applied to q and k before the kernels, `layers.ROPE_IN_KERNEL =
-   False`) and `whole-logit loss` (loss_chunk_size=0 instead of the split loss). The summary's
-   `train_variants` gives each one's tokens/s over the default step's, `train_best` the fastest,
-   and `train_rope_in_kernel_speedup` the rope-first step time over the in-kernel step's.
+   False`), `whole-logit loss` (loss_chunk_size=0 instead of the split loss) and `xla RMSNorm`
+   (the jnp norm, which XLA fuses with the residual add, instead of the Pallas kernel:
+   `layers.FUSED_RMS_NORM = False`). The summary's `train_variants` gives each one's tokens/s
+   over the default step's, `train_best` the fastest, `train_rope_in_kernel_speedup` the
+   rope-first step time over the in-kernel step's and `train_fused_rms_norm_speedup` the
+   xla-RMSNorm step time over the kernel step's.
 
 `--small` runs the same code on tiny shapes, with the kernels in Pallas interpret mode, on a CPU
 (tests/test_kernels_gpu_suite.py runs it); its numbers are meaningless, its purpose is that the
@@ -121,7 +124,8 @@ SMALL = dict(
 # (The H100 run compiled the ~1B step in ~15 s and ran it at 0.32 s per step.)
 COST = {"env": 2, "ceilings": 15, "check": 45, "attention": 70, "train": 55,
         "decode_step": 40, "tiles": 60,
-        "train batch x2": 40, "train rope-first": 30, "train whole-logit loss": 30}
+        "train batch x2": 40, "train rope-first": 30, "train whole-logit loss": 30,
+        "train xla RMSNorm": 30}
 
 
 class Suite:
@@ -350,19 +354,25 @@ TRAIN_VARIANTS = {
     "batch x2": dict(batch_mult=2),
     # RoPE applied to q and k before the kernels (`layers.ROPE_IN_KERNEL = False`): the H100
     # rows' path, so the run says whether the rotation inside the kernels pays.
-    "rope-first": dict(rope_in_kernel=False),
+    "rope-first": dict(flags=dict(ROPE_IN_KERNEL=False)),
     # The output layer and loss on whole [batch, seq, vocab] fp32 logits (loss_chunk_size=0)
     # instead of the split loss's 1024-position chunks, which recompute the head matmul in the
     # backward pass: what the split costs in time (it exists to save memory).
     "whole-logit loss": dict(loss_chunk_size=0),
+    # RMSNorm as the jnp formula instead of the Pallas kernel (`layers.FUSED_RMS_NORM = False`):
+    # XLA can then fuse each norm with the residual add before it and the casts around it, which
+    # a kernel call prevents; on the H100 the kernel's backward alone was 1.25x slower than XLA's
+    # fusion (docs/kernels.md). Says whether the step keeps the kernel.
+    "xla RMSNorm": dict(flags=dict(FUSED_RMS_NORM=False)),
 }
 
 
 def train_variant(cfg, variant):
-  """(rope_in_kernel, batch, loss_chunk_size or None for the default) of `TRAIN_VARIANTS[variant]`
-  applied to the shapes `cfg`."""
+  """(flags, batch, loss_chunk_size or None for the default) of `TRAIN_VARIANTS[variant]` applied
+  to the shapes `cfg`; flags: the `baichuan_jax.model.layers` trace-time switches it changes,
+  {name: value} (empty for the default)."""
   change = TRAIN_VARIANTS[variant]
-  return (change.get("rope_in_kernel", True), cfg["batch"] * change.get("batch_mult", 1),
+  return (dict(change.get("flags", {})), cfg["batch"] * change.get("batch_mult", 1),
           change.get("loss_chunk_size"))
 
 
@@ -370,7 +380,8 @@ def section_train(suite, cfg, variant="default"):
   """The ~1B step's MFU (`TRAIN_VARIANTS[variant]` applied); the default step also records its
   profile."""
   import gpu_train_mfu  # benchmarks/gpu_train_mfu.py
-  rope_in_kernel, batch, chunk = train_variant(cfg, variant)
+  flags, batch, chunk = train_variant(cfg, variant)
+  rope_in_kernel = flags.get("ROPE_IN_KERNEL", True)
   ceil = suite.result["ceilings"]
   peaks = {}
   if ceil.get("matmul_flops"):
@@ -379,7 +390,7 @@ def section_train(suite, cfg, variant="default"):
     peaks["datasheet"] = suite.result["env"]["datasheet_bf16_flops"]
   trace_dir = suite.out / "_train_trace"
   profile = variant == "default"
-  with layers_flag("ROPE_IN_KERNEL", rope_in_kernel):
+  with layers_flags(flags):
     row = gpu_train_mfu.run_one(cfg["impl"], "none", batch, cfg["seq"], cfg["steps"],
                                 cfg["warmup"], cfg["layers"], cfg["hidden"], cfg["heads"], peaks,
                                 profile_dir=str(trace_dir) if profile else None,
@@ -390,13 +401,15 @@ def section_train(suite, cfg, variant="default"):
   row.update(variant=variant, rope="in kernel" if rope_in_kernel else "applied first",
              tiling="default (in-kernel RoPE)" if rope_in_kernel else "default",
              loss_path="whole logits" if row.get("loss_chunk_size") == 0
-             else f"split ({row.get('loss_chunk_size')}-position chunks)")
+             else f"split ({row.get('loss_chunk_size')}-position chunks)",
+             rms_norm="Pallas kernel" if cfg["impl"] == "pallas" and flags.get(
+                 "FUSED_RMS_NORM", True) else "XLA (jnp formula)")
   row["command_equivalent"] = (
       f"python3 benchmarks/gpu_train_mfu.py --runs {cfg['impl']}:none:{batch} "
       f"--seq {cfg['seq']} --layers {cfg['layers']} --hidden {cfg['hidden']} "
       f"--heads {cfg['heads']} --steps {cfg['steps']} --warmup {cfg['warmup']}"
       + ("" if chunk is None else f" --loss-chunk {chunk}")
-      + ("" if rope_in_kernel else " (with baichuan_jax.model.layers.ROPE_IN_KERNEL = False)"))
+      + "".join(f" (with baichuan_jax.model.layers.{k} = {v})" for k, v in flags.items()))
   if profile:
     _keep_train_profile(suite, row, trace_dir)
     if "optimizer_error" in row:
@@ -427,16 +440,18 @@ def _keep_train_profile(suite, row, trace_dir):
 
 
 @contextlib.contextmanager
-def layers_flag(name: str, value: bool):
-  """Sets `baichuan_jax.model.layers.<name>` (a switch read when a step is traced) for the block
-  and restores the value it had."""
+def layers_flags(flags: dict):
+  """Sets each `baichuan_jax.model.layers.<name>` of `flags` ({name: value}; switches read when
+  a step is traced) for the block and restores the values they had."""
   from baichuan_jax.model import layers
-  saved = getattr(layers, name)
-  setattr(layers, name, value)
+  saved = {name: getattr(layers, name) for name in flags}
+  for name, value in flags.items():
+    setattr(layers, name, value)
   try:
     yield
   finally:
-    setattr(layers, name, saved)
+    for name, value in saved.items():
+      setattr(layers, name, value)
 
 
 def _tiling(suite) -> str:
@@ -677,7 +692,7 @@ def section_decode(suite, backend, dcfg):
       if not suite.fits(f"decode pallas no-check batch {batch}", COST["decode_step"]):
         return
       try:
-        with layers_flag("DECODE_SPAN_CHECK", False):  # read when the step is traced (1st call)
+        with layers_flags({"DECODE_SPAN_CHECK": False}):  # read when the step is traced (1st call)
           fn, _ = model_decode_step(cfgs["pallas"])
           state, rows_p = fresh_state(batch, 2)
           sec = timed(jax.jit(fn, donate_argnums=(1,)), state, rows_p, dcfg["steps"])
@@ -818,8 +833,9 @@ def section_tiles(suite, backend, cfg):
 
 
 def preflight_programs(shapes) -> list:
-  """[(section, name, jitted fn, abstract args)]: the programs the full run compiles, at its
-  shapes, built by the same functions the sections use (the kernels' backend "gpu", the model's
+  """[(section, name, jitted fn, abstract args[, layers flags])]: the programs the full run
+  compiles, at its shapes, built by the same functions the sections use (a train variant's
+  `baichuan_jax.model.layers` switches, read when the program is traced, come fifth) (the kernels' backend "gpu", the model's
   attention_impl resolved under `kernels_pallas.lowering_platform("cuda")`)."""
   import attention as attn_bench  # benchmarks/attention.py
   import gpu_train_mfu
@@ -877,18 +893,16 @@ def preflight_programs(shapes) -> list:
   t = shapes["train"]
   cfg = gpu_train_mfu.model_config(t["impl"], "none", t["seq"], t["layers"], t["hidden"],
                                    t["heads"])
-  # The default step and the variants that change its program's shapes or loss (rope-first
-  # changes a trace-time switch only: the plain kernels, as the check and attention sections).
+  # The default step and every variant, each lowered with its own trace-time switches set (a
+  # variant's kernel count shows the switch took effect in the program the run compiles).
   for name in TRAIN_VARIANTS:
-    rope_in_kernel, batch, chunk = train_variant(t, name)
-    if not rope_in_kernel:
-      continue
+    flags, batch, chunk = train_variant(t, name)
     tcfg, mesh = gpu_train_mfu.train_setup(batch, t["seq"], chunk)
     step = train.make_train_step(cfg, tcfg, mesh)
     suffix = "" if name == "default" else f" {name}"
     progs.append(("train", f"~1B step ({t['impl']}, {batch}x{t['seq']}){suffix}", step,
                   (train.abstract_train_state(cfg, tcfg, mesh),
-                   train.abstract_batch(tcfg, mesh))))
+                   train.abstract_batch(tcfg, mesh)), flags))
   # the optimizer update alone on the default step's state (XLA only: no kernel)
   tcfg, mesh = gpu_train_mfu.train_setup(t["batch"], t["seq"])
   abstract = train.abstract_train_state(cfg, tcfg, mesh)
@@ -934,14 +948,15 @@ def preflight(out: Path, shapes=None) -> dict:
   rows = []
   with kernels_pallas.lowering_platform("cuda"):
     progs = preflight_programs(shapes or FULL)
-    for section, name, fn, args in progs:
+    for section, name, fn, args, *flags in progs:
       t0 = time.perf_counter()
       row = dict(section=section, program=name)
       try:
-        if hasattr(fn, "jitted"):  # train.MeshJit: lowered with its mesh and axis rules
-          with jax.set_mesh(fn.mesh), nn.logical_axis_rules(fn.rules):
-            exp = export.export(fn.jitted, platforms=["cuda"], disabled_checks=checks)(*args)
-        else:
+        with layers_flags(flags[0] if flags else {}), contextlib.ExitStack() as ctx:
+          if hasattr(fn, "jitted"):  # train.MeshJit: lowered with its mesh and axis rules
+            ctx.enter_context(jax.set_mesh(fn.mesh))
+            ctx.enter_context(nn.logical_axis_rules(fn.rules))
+            fn = fn.jitted
           exp = export.export(fn, platforms=["cuda"], disabled_checks=checks)(*args)
         text = exp.mlir_module()
         row.update(ok=True, triton_kernels=text.count(f"stablehlo.custom_call @{triton}("))
@@ -980,6 +995,8 @@ def summarise(result):
     s["train_mfu_measured_matmul"] = base.get("mfu_measured_matmul")
     if steps.get("rope-first"):  # > 1: the in-kernel rotation is faster
       s["train_rope_in_kernel_speedup"] = steps["rope-first"]["step_s"] / base["step_s"]
+    if steps.get("xla RMSNorm"):  # > 1: the Pallas RMSNorm kernel makes the step faster
+      s["train_fused_rms_norm_speedup"] = steps["xla RMSNorm"]["step_s"] / base["step_s"]
     # tokens/s of each variant over the default's (> 1: the variant is faster)
     if "optimizer_guarded_ms" in base:  # the AdamW update alone, on the default step's state
       s["train_optimizer"] = dict(
@@ -1065,8 +1082,8 @@ def markdown(result):
   if result["train"]:
     out += ["## ~1B training step", "",
             "| variant | attention | RoPE | loss | batch x seq | step s | tokens/s | "
-            "model TFLOP/s | MFU (datasheet) | MFU (measured matmul) | peak GiB |",
-            "|---|---|---|---|---|---|---|---|---|---|---|"]
+            "model TFLOP/s | MFU (datasheet) | MFU (measured matmul) | peak GiB | RMSNorm |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["train"]:
       if "error" in r or "step_s" not in r:
         out.append(f"| {r.get('variant', '-')} | {r.get('attention_impl')} | "
@@ -1078,7 +1095,8 @@ def markdown(result):
                  f"{r['step_s']:.3f} | "
                  f"{r['tokens_per_s']:.0f} | {r['model_tflops']:.0f} | "
                  f"{_f(r.get('mfu_datasheet'), '{:.1%}')} | "
-                 f"{_f(r.get('mfu_measured_matmul'), '{:.1%}')} | {r.get('peak_gib', 0):.1f} |")
+                 f"{_f(r.get('mfu_measured_matmul'), '{:.1%}')} | {r.get('peak_gib', 0):.1f} | "
+                 f"{r.get('rms_norm', '-')} |")
     out.append("")
     for r in result["train"]:
       if "optimizer_guarded_ms" in r:
@@ -1212,7 +1230,7 @@ def main(argv=None):
     plan.append(("decode_kernel",
                  lambda: section_decode_kernel(suite, backend, shapes["decode_kernel"]), 5))
   if "train" in sections:  # last, the A/Bs that decide defaults: only if the budget has room
-    plan += [variant("rope-first"), variant("whole-logit loss")]
+    plan += [variant("rope-first"), variant("whole-logit loss"), variant("xla RMSNorm")]
   for name, fn, cost in plan:
     if not suite.fits(name, cost):
       continue

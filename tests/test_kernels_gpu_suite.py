@@ -87,11 +87,10 @@ def test_gpu_suite_small_runs_every_section(tmp_path):
   # only the default step is profiled
   train = {r["variant"]: r for r in result["train"]}
   assert [r["variant"] for r in result["train"]] == [
-      "default", "batch x2", "rope-first", "whole-logit loss"]
+      "default", "batch x2", "rope-first", "whole-logit loss", "xla RMSNorm"]
   assert all(r["step_s"] > 0 for r in result["train"])
-  assert [("profile_total_ms_per_step" in r) for r in result["train"]] == [True, False, False,
-                                                                          False]
-  assert [("optimizer_guarded_ms" in r) for r in result["train"]] == [True, False, False, False]
+  assert [("profile_total_ms_per_step" in r) for r in result["train"]] == [True] + [False] * 4
+  assert [("optimizer_guarded_ms" in r) for r in result["train"]] == [True] + [False] * 4
   assert train["batch x2"]["batch"] == 2 * train["default"]["batch"] == 4
   assert train["rope-first"]["rope"] == "applied first"
   assert (train["whole-logit loss"]["loss_chunk_size"], train["default"]["loss_chunk_size"]) == (
@@ -105,7 +104,13 @@ def test_gpu_suite_small_runs_every_section(tmp_path):
       train["rope-first"]["step_s"] / train["default"]["step_s"])
   assert summary["train_variants"]["batch x2"]["tokens_per_s_over_default"] == pytest.approx(
       train["batch x2"]["tokens_per_s"] / train["default"]["tokens_per_s"])
-  assert set(summary["train_variants"]) == {"batch x2", "rope-first", "whole-logit loss"}
+  assert set(summary["train_variants"]) == {"batch x2", "rope-first", "whole-logit loss",
+                                            "xla RMSNorm"}
+  # (the small step runs attention_impl="xla", whose norm is the jnp formula either way; the
+  # preflight shows the device step's switch taking effect)
+  assert {r["rms_norm"] for r in result["train"]} == {"XLA (jnp formula)"}
+  assert summary["train_fused_rms_norm_speedup"] == pytest.approx(
+      train["xla RMSNorm"]["step_s"] / train["default"]["step_s"])
   best = max(train, key=lambda n: train[n]["tokens_per_s"])
   assert summary["train_best"]["variant"] == best
   assert "| whole-logit loss | xla | in kernel | whole logits | 2x32 |" in md
@@ -132,7 +137,11 @@ def test_gpu_suite_preflight_lowers_every_device_program_for_cuda(tmp_path):
   # (no kernel there: the same 9)
   assert by[("train", "~1B step (pallas, 8x4096) batch x2")] == 9
   assert by[("train", "~1B step (pallas, 4x4096) whole-logit loss")] == 9
-  assert sum(s == "train" and p.startswith("~1B step") for s, p in by) == 3
+  # rope-first: the same 9 kernels, RoPE applied before them; xla RMSNorm: the attention
+  # kernels alone (each variant lowered with its switch set: it took effect in the program)
+  assert by[("train", "~1B step (pallas, 4x4096) rope-first")] == 9
+  assert by[("train", "~1B step (pallas, 4x4096) xla RMSNorm")] == 3
+  assert sum(s == "train" and p.startswith("~1B step") for s, p in by) == 5
   # the optimizer update alone, as the step runs it and as plain optax: XLA only
   assert [by[("train", f"optimizer update ({n})")] for n in ("guarded", "plain")] == [0, 0]
   # 7B pallas decode step, 32 unrolled layers: 2 RMSNorms + decode attention each, the final

@@ -114,3 +114,37 @@ def test_pallas_model_matches_xla(monkeypatch, position_embedding):
     scale = float(jnp.max(jnp.abs(gx))) + 1e-12
     np.testing.assert_allclose(np.asarray(gp) / scale, np.asarray(gx) / scale, atol=2e-4,
                                err_msg=jax.tree_util.keystr(path))
+
+
+def test_fused_rms_norm_switch(monkeypatch):
+  # layers.FUSED_RMS_NORM=False (the gpu_suite's "xla RMSNorm" A/B of the training step) keeps
+  # the attention kernels and runs every RMSNorm as the jnp formula: the same loss and gradients,
+  # and no RMSNorm kernel in the traced step.
+  monkeypatch.delenv("KERNELS_PALLAS_CPU_BACKEND", raising=False)
+  from baichuan_jax.model import layers
+  cfg = configs.get("tiny", num_layers=2, dtype="float32", attention_impl="pallas")
+  params = init_params(cfg, jax.random.PRNGKey(0))
+  tokens, positions, segments = _packed_batch(cfg, 2, 48)
+
+  def value_and_grad():  # a new model and new functions: the switch is read when traced
+    model = BaichuanLM(cfg)
+
+    def loss(p):
+      logits = model.apply({"params": p}, tokens, positions=positions, segment_ids=segments)
+      return jnp.mean(jax.nn.log_softmax(logits) * (segments[..., None] > 0))
+    return jax.value_and_grad(loss)
+
+  runs = {}
+  for fused in (True, False):
+    monkeypatch.setattr(layers, "FUSED_RMS_NORM", fused)
+    text = str(jax.make_jaxpr(value_and_grad())(params))
+    runs[fused] = (text.count("name=baichuan_rms_norm"), text.count("name=baichuan_flash"),
+                   jax.jit(value_and_grad())(params))
+  # the layer body is traced once (the layer scan): its 2 norms and the final norm, each a
+  # forward and a backward kernel, are no longer called; the 3 attention kernels stay
+  assert (runs[True][0], runs[False][0]) == (2 * (2 + 1), 0)
+  assert runs[True][1] == runs[False][1] == 3
+  (lt, gt), (lf, gf) = runs[True][2], runs[False][2]
+  np.testing.assert_allclose(float(lf), float(lt), rtol=1e-6)
+  for a, b in zip(jax.tree.leaves(gf), jax.tree.leaves(gt)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-7)

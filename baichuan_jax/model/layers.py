@@ -40,7 +40,7 @@ class RMSNorm(nn.Module):
     cfg = self.config
     scale = self.param("weight", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
                        (x.shape[-1],), dtype_of(cfg.param_dtype))
-    if cfg.attention_impl == "pallas":
+    if cfg.attention_impl == "pallas" and FUSED_RMS_NORM:
       from kernels_pallas import rms_norm as fused_rms_norm  # pylint: disable=import-outside-toplevel
       return fused_rms_norm(x, scale, eps=cfg.rms_norm_eps)
     return rms_norm(x, scale, cfg.rms_norm_eps)
@@ -113,6 +113,11 @@ class Attention(nn.Module):
 # unrotated q, k and rope_theta to `flash_attention`, which rotates inside the kernels (needs a
 # power-of-two head_dim >= 32; otherwise, and when False, RoPE is applied first). Read at trace.
 ROPE_IN_KERNEL = True
+
+# True: with attention_impl="pallas", RMSNorm runs as the fused Pallas kernel; False: as the
+# jnp formula, which XLA fuses with its neighbours (the residual add, the casts). Read at trace;
+# benchmarks/gpu_suite.py times the ~1B training step both ways.
+FUSED_RMS_NORM = True
 
 # True: every pallas decode step checks that each row's keys are one span (`decode_span`) and
 # takes the XLA path when not (a `lax.cond` per layer). False skips the check and always runs the
