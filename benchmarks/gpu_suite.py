@@ -7,7 +7,9 @@ script), so that a rerun still fits a 15-minute device allowance:
   JAX_PLATFORMS=cuda XLA_PYTHON_CLIENT_MEM_FRACTION=.92 python3 benchmarks/gpu_suite.py --out $OUT
 
 writes `$OUT/gpu_suite.json` (every row, the environment, the command) and `$OUT/gpu_suite.md`
-(the tables) after every section, so a run cut short still leaves what it measured. Sections, in
+(the tables, headed by the issue's four aims judged: `summary.aims`, "not measured" where a
+section was skipped or failed) after every section, so a run cut short still leaves what it
+measured. Sections, in
 order (each is skipped, with a note, when its estimated cost no longer fits the remaining budget;
 a watchdog thread ends the process at the hard limit, budget + 30 s, after writing the files):
 
@@ -834,9 +836,10 @@ def section_tiles(suite, backend, cfg):
 
 def preflight_programs(shapes) -> list:
   """[(section, name, jitted fn, abstract args[, layers flags])]: the programs the full run
-  compiles, at its shapes, built by the same functions the sections use (a train variant's
-  `baichuan_jax.model.layers` switches, read when the program is traced, come fifth) (the kernels' backend "gpu", the model's
-  attention_impl resolved under `kernels_pallas.lowering_platform("cuda")`)."""
+  compiles, at its shapes, built by the same functions the sections use (the kernels' backend
+  "gpu", the model's attention_impl resolved under `kernels_pallas.lowering_platform("cuda")`).
+  A train variant's `baichuan_jax.model.layers` switches, read when the program is traced, come
+  fifth."""
   import attention as attn_bench  # benchmarks/attention.py
   import gpu_train_mfu
   from baichuan_jax import train
@@ -1033,8 +1036,44 @@ def summarise(result):
       for r in result["decode_kernel"]}
   s["checks_ok"] = all(r.get("ok") for r in result["check"]) if result["check"] else None
   s["tuning_used"] = result.get("tuning_used")
+  s["aims"] = aim_verdicts(result, s)
   del env, ceil
   return s
+
+
+def aim_verdicts(result, s) -> list:
+  """The issue's four aims, each as {aim, limit, value, met, detail}: `met` is None when the run
+  did not measure it (a section skipped or failed, cuDNN absent, or no fwd+bwd rows as in
+  --small), never a guess. Attention aims take the worst sequence length of the fwd+bwd rows."""
+  def verdict(aim, limit, value, ok, detail):
+    return dict(aim=aim, limit=limit, value=value,
+                met=None if value is None else bool(ok(value)), detail=detail)
+
+  best = s.get("train_best") or {}
+  out = [verdict("~1B training step MFU (datasheet peak), default step", ">= 0.55",
+                 s.get("train_mfu_datasheet"), lambda v: v >= 0.55,
+                 f"vs measured matmul {_f(s.get('train_mfu_measured_matmul'), '{:.1%}')}; "
+                 f"fastest variant {best.get('variant')}: "
+                 f"{_f(best.get('mfu_datasheet'), '{:.1%}')} of the datasheet")]
+  seqs = sorted({r["seq"] for r in result["attention"] if r["mode"] == "fwdbwd"})
+  ratios = s.get("attention_ours_over_cudnn_speed") or {}
+  alibi = s.get("alibi_overhead") or {}
+  keys = [f"fwdbwd {q}" for q in seqs]
+  have = lambda d: bool(keys) and all(k in d for k in keys)  # noqa: E731
+  out.append(verdict("flash attention fwd+bwd speed / cuDNN's (causal, hd 128), worst seq",
+                     ">= 0.9", min(ratios[k] for k in keys) if have(ratios) else None,
+                     lambda v: v >= 0.9, ", ".join(f"{k}: {ratios[k]:.2f}" for k in keys
+                                                   if k in ratios) or "not measured"))
+  out.append(verdict("ALiBi overhead over no bias (ours, fwd+bwd), worst seq", "<= 0.10",
+                     max(alibi[k] for k in keys) if have(alibi) else None, lambda v: v <= 0.10,
+                     ", ".join(f"{k}: {alibi[k]:+.1%}" for k in keys if k in alibi)
+                     or "not measured"))
+  dec = s.get("decode_fraction_of_limit") or {}
+  out.append(verdict("7B decode, batch 1, 2k context: fraction of the weight + cache bandwidth "
+                     "limit (attention_impl=pallas)", ">= 0.70", dec.get("pallas b1"),
+                     lambda v: v >= 0.70,
+                     ", ".join(f"{k}: {v:.1%}" for k, v in dec.items() if v is not None)))
+  return out
 
 
 def _f(x, fmt="{:.1f}"):
@@ -1057,6 +1096,14 @@ def markdown(result):
             f"TFLOP/s** (datasheet {_f((env.get('datasheet_bf16_flops') or 0) / 1e12, '{:.0f}')}"
             f"); copy **{ceil['copy_bandwidth'] / 1e12:.2f} TB/s** read+write (datasheet "
             f"{_f((env.get('datasheet_bandwidth') or 0) / 1e12, '{:.2f}')}).", ""]
+  aims = (result.get("summary") or {}).get("aims")
+  if aims:  # the issue's four aims first; the tables below are their evidence
+    out += ["## Aims", "", "| aim | limit | measured | met | detail |", "|---|---|---|---|---|"]
+    for a in aims:
+      met = {True: "**yes**", False: "**no**", None: "not measured"}[a["met"]]
+      out.append(f"| {a['aim']} | {a['limit']} | {_f(a['value'], '{:.3f}')} | {met} | "
+                 f"{a['detail']} |")
+    out.append("")
   if result["check"]:
     out += ["## Kernel checks", "", "| kernel | errors (rel. L2) | limit | ok |", "|---|---|---|---|"]
     for r in result["check"]:

@@ -114,6 +114,17 @@ def test_gpu_suite_small_runs_every_section(tmp_path):
   best = max(train, key=lambda n: train[n]["tokens_per_s"])
   assert summary["train_best"]["variant"] == best
   assert "| whole-logit loss | xla | in kernel | whole logits | 2x32 |" in md
+  # the four aims' verdicts: measured ones judged against their limits, the rest "not measured"
+  aims = {a["aim"].split(" ")[0]: a for a in summary["aims"]}
+  assert list(aims) == ["~1B", "flash", "ALiBi", "7B"]
+  mfu = train["default"]["mfu_datasheet"] if "mfu_datasheet" in train["default"] else None
+  assert aims["~1B"]["value"] == mfu and aims["~1B"]["met"] == (None if mfu is None else mfu >= .55)
+  # --small times the forward only and has no cuDNN: neither attention aim is judged
+  assert aims["flash"]["met"] is None and aims["ALiBi"]["met"] is None
+  frac = next(r["fraction_of_limit"] for r in result["decode"]
+              if r["label"] == "pallas" and r["batch"] == 1)
+  assert aims["7B"]["value"] == frac and aims["7B"]["met"] == (frac >= 0.70)
+  assert "## Aims" in md and md.count("| not measured |") >= 2
   for heading in ("## Kernel checks", "## Attention", "## ~1B training step", "## Decode step",
                   "## Backward tilings"):
     assert heading in md
