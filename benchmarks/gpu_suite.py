@@ -59,6 +59,11 @@ a watchdog thread ends the process at the hard limit, budget + 30 s, after writi
    rope-first step time over the in-kernel step's and `train_fused_rms_norm_speedup` the
    xla-RMSNorm step time over the kernel step's.
 
+After a device run, `benchmarks/gpu_apply.py gpu_suite.json --write` turns the tiles and train
+A/Bs into the project's defaults by rule (the fastest tiling into
+`kernels_pallas.attention.MEASURED_TUNING`, `layers.ROPE_IN_KERNEL`, `layers.FUSED_RMS_NORM`);
+every train row records the `layers_switches` it ran with, which is what that tool compares.
+
 `--small` runs the same code on tiny shapes, with the kernels in Pallas interpret mode, on a CPU
 (tests/test_kernels_gpu_suite.py runs it); its numbers are meaningless, its purpose is that the
 device run has no surprises. `--preflight` (also on a CPU, ~20 s) exports every program of the
@@ -369,6 +374,10 @@ TRAIN_VARIANTS = {
 }
 
 
+# The `baichuan_jax.model.layers` switches the train A/Bs flip, recorded in every train row.
+TRAIN_SWITCHES = ("ROPE_IN_KERNEL", "FUSED_RMS_NORM")
+
+
 def train_variant(cfg, variant):
   """(flags, batch, loss_chunk_size or None for the default) of `TRAIN_VARIANTS[variant]` applied
   to the shapes `cfg`; flags: the `baichuan_jax.model.layers` trace-time switches it changes,
@@ -382,8 +391,8 @@ def section_train(suite, cfg, variant="default"):
   """The ~1B step's MFU (`TRAIN_VARIANTS[variant]` applied); the default step also records its
   profile."""
   import gpu_train_mfu  # benchmarks/gpu_train_mfu.py
+  from baichuan_jax.model import layers
   flags, batch, chunk = train_variant(cfg, variant)
-  rope_in_kernel = flags.get("ROPE_IN_KERNEL", True)
   ceil = suite.result["ceilings"]
   peaks = {}
   if ceil.get("matmul_flops"):
@@ -393,6 +402,9 @@ def section_train(suite, cfg, variant="default"):
   trace_dir = suite.out / "_train_trace"
   profile = variant == "default"
   with layers_flags(flags):
+    # the switches this arm runs with (the module's defaults where the variant sets none), so
+    # an A/B row says what it compared even after benchmarks/gpu_apply.py changed a default
+    switches = {name: getattr(layers, name) for name in TRAIN_SWITCHES}
     row = gpu_train_mfu.run_one(cfg["impl"], "none", batch, cfg["seq"], cfg["steps"],
                                 cfg["warmup"], cfg["layers"], cfg["hidden"], cfg["heads"], peaks,
                                 profile_dir=str(trace_dir) if profile else None,
@@ -400,12 +412,16 @@ def section_train(suite, cfg, variant="default"):
   # With RoPE in the kernels their defaults differ (default_blocks / default_launch, chosen to
   # fit sm_90 without spills); the `tiles` section times the plain kernels, so its choice is not
   # applied here.
-  row.update(variant=variant, rope="in kernel" if rope_in_kernel else "applied first",
-             tiling="default (in-kernel RoPE)" if rope_in_kernel else "default",
+  rope_in_kernel = switches["ROPE_IN_KERNEL"]
+  row.update(variant=variant, layers_switches=switches,
+             rope="in kernel" if rope_in_kernel else "applied first",
+             tiling="default (in-kernel RoPE)" if rope_in_kernel else (
+                 "MEASURED_TUNING" if kernels_pallas.attention.measured_tuning(
+                     "gpu", cfg["hidden"] // cfg["heads"], cfg["seq"]) else "default"),
              loss_path="whole logits" if row.get("loss_chunk_size") == 0
              else f"split ({row.get('loss_chunk_size')}-position chunks)",
-             rms_norm="Pallas kernel" if cfg["impl"] == "pallas" and flags.get(
-                 "FUSED_RMS_NORM", True) else "XLA (jnp formula)")
+             rms_norm="Pallas kernel" if cfg["impl"] == "pallas" and switches[
+                 "FUSED_RMS_NORM"] else "XLA (jnp formula)")
   row["command_equivalent"] = (
       f"python3 benchmarks/gpu_train_mfu.py --runs {cfg['impl']}:none:{batch} "
       f"--seq {cfg['seq']} --layers {cfg['layers']} --hidden {cfg['hidden']} "

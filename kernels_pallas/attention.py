@@ -84,6 +84,26 @@ def default_launch(head_dim: int, rope: bool = False) -> dict:
   return launch
 
 
+# Backward tilings measured fastest on Hopper (sm_90) by benchmarks/gpu_suite.py's `tiles` section
+# (seq 4096, causal, bf16, no RoPE), per head_dim, used by `flash_attention` calls that pass no
+# `tuning` (and run outside `default_tuning`) for the GPU kernels without in-kernel RoPE at
+# seq_len >= "min_seq" (the suite's `attention` section measured it at 2k to 8k). Written by
+# `benchmarks/gpu_apply.py --write` from a run's gpu_suite.json, only when the tiling beat the
+# defaults above by the apply's margin; empty: the defaults above hold everywhere.
+# BEGIN MEASURED_TUNING (benchmarks/gpu_apply.py rewrites this block)
+MEASURED_TUNING = {}
+# END MEASURED_TUNING
+
+
+def measured_tuning(kind: str, head_dim: int, seq_len: int, rope: bool = False) -> Optional[dict]:
+  """The MEASURED_TUNING tiling for a call of these kernels ("gpu" kind, no in-kernel RoPE,
+  a measured head_dim, seq_len >= its "min_seq"), else None (the defaults)."""
+  entry = MEASURED_TUNING.get(head_dim) if kind == "gpu" and not rope else None
+  if entry is None or seq_len < entry.get("min_seq", 0):
+    return None
+  return entry["tuning"]
+
+
 _LOWERING_PLATFORM = contextvars.ContextVar("kernels_pallas_lowering_platform", default=None)
 
 
@@ -344,8 +364,9 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = 
       "launch": {"fwd": {"num_warps": 8, "num_stages": 3}}}; kernels are "fwd", "dq" and "dkdv",
       and "bwd" sets both backward kernels (a "dq"/"dkdv" entry wins over it). "launch" applies
       to the GPU kernels. block_q/block_k, when given, win over "blocks". Defaults:
-      `default_blocks` / `default_launch` (other tiles and warps with in-kernel RoPE), or the
-      `default_tuning` context's when one is set.
+      the `default_tuning` context's when one is set, else the Hopper-measured MEASURED_TUNING
+      where it applies (`measured_tuning`), else `default_blocks` / `default_launch` (other
+      tiles and warps with in-kernel RoPE).
     rope_theta: if given, q and k are unrotated and RoPE (rotate-half, base rope_theta, angles
       from `positions`, default 0..seq-1) is applied inside the kernels; gradients flow to the
       unrotated q and k. Equal to applying RoPE before the call. On the TPU and XLA backends RoPE
@@ -370,8 +391,9 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = 
                                segment_ids=segment_ids, positions=positions, sm_scale=scale)
   kind, interpret = _kernel_kind(backend)
   in_kernel_rope = rope_pos is not None and kind == "gpu"
-  phase_blocks, launch = _check_tuning(_DEFAULT_TUNING.get() if tuning is None else tuning,
-                                       head_dim=d, rope=in_kernel_rope)
+  if tuning is None:
+    tuning = _DEFAULT_TUNING.get() or measured_tuning(kind, d, s, in_kernel_rope)
+  phase_blocks, launch = _check_tuning(tuning, head_dim=d, rope=in_kernel_rope)
   blocks, seq_pad = _blocks(kind, s, block_q, block_k, phase_blocks, head_dim=d,
                             rope=in_kernel_rope)
   has_alibi = alibi_slopes is not None

@@ -128,6 +128,16 @@ def test_gpu_suite_small_runs_every_section(tmp_path):
   for heading in ("## Kernel checks", "## Attention", "## ~1B training step", "## Decode step",
                   "## Backward tilings"):
     assert heading in md
+  # each arm records the switches it ran with: what benchmarks/gpu_apply.py compares
+  assert train["default"]["layers_switches"] == {"ROPE_IN_KERNEL": True, "FUSED_RMS_NORM": True}
+  assert train["rope-first"]["layers_switches"]["ROPE_IN_KERNEL"] is False
+  assert train["xla RMSNorm"]["layers_switches"]["FUSED_RMS_NORM"] is False
+  # gpu_apply reads this very file: it reports, and refuses to write a --small run's times
+  import gpu_apply
+  decisions = gpu_apply.decide(gpu_apply.load_results(tmp_path / "gpu_suite.json"))
+  assert [d["setting"].rsplit(".", 1)[1] for d in decisions if d["writes"]] == [
+      "MEASURED_TUNING", "ROPE_IN_KERNEL", "FUSED_RMS_NORM"]
+  assert any("--small" in r for r in gpu_apply.write_refusals(result))
 
 
 def test_gpu_suite_preflight_lowers_every_device_program_for_cuda(tmp_path):

@@ -1,0 +1,317 @@
+"""Turns one benchmarks/gpu_suite.py run into the project's GPU defaults, by rule, not by hand.
+
+  python3 benchmarks/gpu_apply.py docs/results/gpu_suite_h200.json            # the decisions
+  python3 benchmarks/gpu_apply.py docs/results/gpu_suite_h200.json --write    # and the edits
+
+The suite's A/Bs decide four things; this prints each decision with its evidence and, with
+`--write`, edits the constants in the sources (and prints the diff), so what a GPU run found
+becomes the default the same way every time:
+
+* the backward tiling of the attention kernels without in-kernel RoPE at head_dim 128
+  (`kernels_pallas.attention.MEASURED_TUNING`): the `tiles` section's fastest fwd+bwd tiling at
+  seq 4096, kept only when it beat the defaults by at least `--min-gain`; used from seq 2048 up
+  (the `attention` section ran it at 2k, 4k and 8k);
+* `baichuan_jax.model.layers.ROPE_IN_KERNEL`: the `rope-first` train A/B (RoPE in the kernels or
+  applied to q and k first);
+* `baichuan_jax.model.layers.FUSED_RMS_NORM`: the `xla RMSNorm` train A/B (the Pallas RMSNorm
+  kernel or the jnp formula XLA fuses with its neighbours);
+* reported only, never written: the decode kernel's settings (`kernels_pallas.decode.
+  GPU_DEFAULTS`; its variants are timed at batch 1 only), the whole-logit loss and batch x2
+  train variants (memory trade-offs, config fields rather than defaults) and the decode span
+  check (`layers.DECODE_SPAN_CHECK`, a correctness guard whatever it costs).
+
+A switch changes only when the faster arm wins by at least `--min-gain` (default 3%, above the
+run-to-run spread of the H100 rows in docs/gpu.md); a tie keeps what is there. `--write` refuses
+a run made with `--small` (interpret mode on a CPU: its times mean nothing) and a run whose
+kernel checks did not all pass (a wrong kernel's speed is no evidence), naming the reason, and
+leaves every file as it was. `--copy-to docs/results/gpu_suite_h200` also copies the run's
+gpu_suite.json / .md next to the docs, the record the edits cite.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import difflib
+import json
+import pprint
+import re
+import shutil
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+ATTENTION = "kernels_pallas/attention.py"
+LAYERS = "baichuan_jax/model/layers.py"
+TUNING_BEGIN = "# BEGIN MEASURED_TUNING"
+TUNING_END = "# END MEASURED_TUNING"
+MIN_SEQ = 2048  # the attention section's shortest sequence, where the tiling was also run
+# The train A/B that flips each switch, and the value its variant sets.
+SWITCH_VARIANTS = {"ROPE_IN_KERNEL": ("rope-first", False),
+                   "FUSED_RMS_NORM": ("xla RMSNorm", False)}
+
+
+class ApplyError(ValueError):
+  """A results file or source file this tool cannot use; the message names it and why."""
+
+
+def load_results(path) -> dict:
+  path = Path(path)
+  try:
+    result = json.loads(path.read_text())
+  except FileNotFoundError:
+    raise ApplyError(f"{path}: no such file (a gpu_suite.py run writes $OUT/gpu_suite.json)")
+  except json.JSONDecodeError as e:
+    raise ApplyError(f"{path}: not JSON ({e})") from None
+  missing = [k for k in ("env", "train", "tiles", "summary") if k not in result]
+  if missing:
+    raise ApplyError(f"{path}: not a gpu_suite.json (missing {', '.join(missing)})")
+  return result
+
+
+def write_refusals(result) -> list:
+  """Why this run must not set defaults (empty: it may)."""
+  out = []
+  if result["env"].get("small"):
+    out.append("the run used --small (tiny shapes, interpret mode): its times mean nothing")
+  ok = result["summary"].get("checks_ok")
+  if ok is not True:
+    failed = [r.get("kernel", "?") for r in result.get("check", []) if not r.get("ok")]
+    out.append("the kernel checks " + ("did not run" if ok is None else
+                                       f"failed ({', '.join(failed)})")
+               + ": a kernel that is wrong has no speed worth keeping")
+  return out
+
+
+# ----------------------------------------------------------------------------------------------
+# what the sources hold now
+
+
+def _read(root, rel) -> str:
+  path = Path(root) / rel
+  if not path.is_file():
+    raise ApplyError(f"{path}: missing (run from a baichuan-jax checkout or pass --root)")
+  return path.read_text()
+
+
+def _switch_pattern(name):
+  return re.compile(rf"^{name} = (True|False)$", re.M)
+
+
+def current_switch(root, name) -> bool:
+  found = _switch_pattern(name).findall(_read(root, LAYERS))
+  if len(found) != 1:
+    raise ApplyError(f"{Path(root) / LAYERS}: expected one line '{name} = True|False', "
+                     f"found {len(found)}")
+  return found[0] == "True"
+
+
+def _tuning_block(text, path):
+  start, end = text.find(TUNING_BEGIN), text.find(TUNING_END)
+  if start < 0 or end < start:
+    raise ApplyError(f"{path}: the '{TUNING_BEGIN}' ... '{TUNING_END}' block is missing")
+  body_start = text.index("\n", start) + 1
+  return body_start, end
+
+
+def current_tuning(root) -> dict:
+  text = _read(root, ATTENTION)
+  a, b = _tuning_block(text, Path(root) / ATTENTION)
+  body = text[a:b].strip()
+  if not body.startswith("MEASURED_TUNING = "):
+    raise ApplyError(f"{Path(root) / ATTENTION}: the block must hold 'MEASURED_TUNING = {{...}}'")
+  try:
+    return ast.literal_eval(body[len("MEASURED_TUNING = "):])
+  except (ValueError, SyntaxError) as e:
+    raise ApplyError(f"{Path(root) / ATTENTION}: MEASURED_TUNING is not a literal ({e})") from None
+
+
+# ----------------------------------------------------------------------------------------------
+# decisions
+
+
+def _decision(setting, current, proposed, evidence, write=True):
+  return dict(setting=setting, current=current, proposed=proposed,
+              change=write and proposed != current, writes=write, evidence=evidence)
+
+
+def decide_tiling(result, root, min_gain) -> dict:
+  cur = current_tuning(root)
+  used = result.get("tuning_used") or {}
+  rows = {r.get("variant"): r for r in result["tiles"] if "ms" in r}
+  best = rows.get(used.get("variant"))
+  if not used or best is None or "default" not in rows:
+    return _decision("kernels_pallas.attention.MEASURED_TUNING", cur, cur,
+                     "not measured (the tiles section did not time the default and a variant)")
+  d = int(best["head_dim"])
+  gain = rows["default"]["ms"] / best["ms"] - 1
+  evidence = (f"tiles at seq {best['seq']}, head_dim {d}: fastest {used['variant']!r} "
+              f"{best['ms']:.3f} ms vs default {rows['default']['ms']:.3f} ms ({gain:+.1%})")
+  proposed = cur
+  if used["variant"] != "default" and gain >= min_gain:
+    tuning = {part: {ph: (tuple(v) if part == "blocks" else dict(v)) for ph, v in table.items()}
+              for part, table in (best.get("tuning") or {}).items()}
+    env = result["env"]
+    proposed = dict(cur)
+    proposed[d] = dict(tuning=tuning, min_seq=MIN_SEQ, variant=used["variant"],
+                       speedup_over_default=round(1 + gain, 4),
+                       measured=f"{env.get('device')}, {env.get('date_utc')} UTC, "
+                                f"git {env.get('git_commit')}")
+  elif used["variant"] == "default":
+    evidence += "; the defaults are fastest"
+  else:
+    evidence += f"; below the {min_gain:.0%} margin, kept"
+  return _decision("kernels_pallas.attention.MEASURED_TUNING", cur, proposed, evidence)
+
+
+def decide_switch(result, root, name, min_gain) -> dict:
+  cur = current_switch(root, name)
+  variant, variant_value = SWITCH_VARIANTS[name]
+  steps = {r.get("variant"): r for r in result["train"] if r.get("step_s")}
+  base, other = steps.get("default"), steps.get(variant)
+  setting = f"baichuan_jax.model.layers.{name}"
+  if base is None or other is None:
+    return _decision(setting, cur, cur, f"not measured (train 'default' and {variant!r} rows "
+                                        "with step times are both needed)")
+  # each arm's value as recorded (rows before the switches were recorded: True and the variant's)
+  v_base = (base.get("layers_switches") or {}).get(name, True)
+  v_other = (other.get("layers_switches") or {}).get(name, variant_value)
+  evidence = (f"train step {base['step_s']:.4f} s with {name}={v_base} (default) vs "
+              f"{other['step_s']:.4f} s with {name}={v_other} ({variant!r})")
+  if v_base == v_other:
+    return _decision(setting, cur, cur, evidence + "; both arms ran with the same value: no A/B")
+  fast, slow = sorted([(base["step_s"], v_base), (other["step_s"], v_other)])
+  gain = slow[0] / fast[0] - 1
+  proposed = fast[1] if gain >= min_gain else cur
+  evidence += f"; {name}={fast[1]} faster by {gain:.1%}"
+  if gain < min_gain:
+    evidence += f", below the {min_gain:.0%} margin, kept"
+  return _decision(setting, cur, proposed, evidence)
+
+
+def report_only(result) -> list:
+  """Decisions this tool never writes, with their evidence."""
+  out = []
+  rows = [r for r in result.get("decode_kernel", []) if r.get("kernel_us") and r["fill"] == "full"]
+  b1 = {r["variant"]: r for r in rows if r["batch"] == min((x["batch"] for x in rows), default=0)}
+  if "default" in b1:
+    best = min(b1.values(), key=lambda r: r["kernel_us"])
+    gain = b1["default"]["kernel_us"] / best["kernel_us"] - 1
+    out.append(_decision("kernels_pallas.decode.GPU_DEFAULTS", "default", best["variant"],
+                         f"decode_attention at batch {best['batch']}: fastest {best['variant']!r} "
+                         f"{best['kernel_us']:.1f} us vs default {b1['default']['kernel_us']:.1f}"
+                         f" us ({gain:+.1%}); variants timed at batch 1 only", write=False))
+  steps = {r.get("variant"): r for r in result["train"] if r.get("tokens_per_s")}
+  base = steps.get("default")
+  for variant, what in (("whole-logit loss", "loss_chunk_size=0 (config)"),
+                        ("batch x2", "batch 8 x 4096 (config)")):
+    if base and variant in steps:
+      r = steps[variant]
+      out.append(_decision(what, "as is", "as is",
+                           f"{variant!r}: {r['tokens_per_s'] / base['tokens_per_s']:.3f}x the "
+                           f"default's tokens/s, peak {r.get('peak_gib', '?')} GiB", write=False))
+  dec = {(r.get("label"), r.get("batch")): r for r in result.get("decode", [])}
+  b = next((r for (label, _), r in dec.items() if label == "pallas_no_span_check"), None)
+  a = dec.get(("pallas", b and b.get("batch")))
+  if a and b:
+    out.append(_decision("baichuan_jax.model.layers.DECODE_SPAN_CHECK", True, True,
+                         f"batch {b.get('batch')}: {a.get('tokens_per_s', 0):.1f} tok/s with the "
+                         f"check, {b.get('tokens_per_s', 0):.1f} without (kept: a guard)",
+                         write=False))
+  return out
+
+
+def decide(result, root=ROOT, min_gain=0.03) -> list:
+  if not 0 <= min_gain < 1:
+    raise ApplyError(f"min_gain={min_gain} is invalid: must be in [0, 1)")
+  return ([decide_tiling(result, root, min_gain)]
+          + [decide_switch(result, root, n, min_gain) for n in SWITCH_VARIANTS]
+          + report_only(result))
+
+
+# ----------------------------------------------------------------------------------------------
+# edits
+
+
+def edited_sources(decisions, root=ROOT) -> dict:
+  """{relative path: (old text, new text)} for the decisions that change something."""
+  texts = {}
+  for dcs in decisions:
+    if not dcs["change"]:
+      continue
+    setting = dcs["setting"]
+    rel = ATTENTION if setting.endswith("MEASURED_TUNING") else LAYERS
+    if rel not in texts:
+      texts[rel] = [_read(root, rel)] * 2
+    text = texts[rel][1]
+    if rel == ATTENTION:
+      a, b = _tuning_block(text, Path(root) / rel)
+      body = "MEASURED_TUNING = " + pprint.pformat(dcs["proposed"], width=80, sort_dicts=True)
+      texts[rel][1] = text[:a] + body.replace("\n", "\n" + " " * 18) + "\n" + text[b:]
+    else:
+      name = setting.rsplit(".", 1)[1]
+      texts[rel][1] = _switch_pattern(name).sub(f"{name} = {dcs['proposed']}", text, count=1)
+  return {rel: tuple(pair) for rel, pair in texts.items()}
+
+
+def apply(decisions, root=ROOT) -> str:
+  """Writes the edits; returns their unified diff."""
+  edits = edited_sources(decisions, root)
+  diff = []
+  for rel, (old, new) in edits.items():
+    (Path(root) / rel).write_text(new)
+    diff += difflib.unified_diff(old.splitlines(True), new.splitlines(True), f"a/{rel}", f"b/{rel}")
+  return "".join(diff)
+
+
+def _show(value) -> str:
+  """A setting's value for the table: a MEASURED_TUNING as its tilings' names per head_dim."""
+  if isinstance(value, dict):
+    return ", ".join(f"head_dim {hd}: {e.get('variant', 'measured')}"
+                     for hd, e in sorted(value.items())) or "{} (the code's defaults)"
+  return str(value)
+
+
+def table(decisions) -> str:
+  lines = ["| setting | now | measured choice | action | evidence |", "|---|---|---|---|---|"]
+  for d in decisions:
+    action = ("change" if d["change"] else "keep") if d["writes"] else "report only"
+    lines.append(f"| {d['setting']} | {_show(d['current'])} | {_show(d['proposed'])} | {action} "
+                 f"| {d['evidence']} |")
+  return "\n".join(lines)
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+  p.add_argument("results", help="a gpu_suite.json (benchmarks/gpu_suite.py --out DIR writes it)")
+  p.add_argument("--write", action="store_true", help="edit the sources (default: only print)")
+  p.add_argument("--min-gain", type=float, default=0.03,
+                 help="least speed-up a change must show, as a fraction (default 0.03)")
+  p.add_argument("--copy-to", metavar="PREFIX",
+                 help="also copy the run's gpu_suite.json/.md to PREFIX.json/.md")
+  p.add_argument("--root", default=str(ROOT), help="the checkout to edit (default: this one)")
+  args = p.parse_args(argv)
+  try:
+    result = load_results(args.results)
+    decisions = decide(result, args.root, args.min_gain)
+    print(table(decisions))
+    if args.write:
+      refusals = write_refusals(result)
+      if refusals:
+        raise ApplyError(f"{args.results}: not written: " + "; ".join(refusals))
+      diff = apply(decisions, args.root)
+      print("\n" + (diff or "nothing to change: the sources already hold the measured choices"))
+    if args.copy_to:
+      src = Path(args.results)
+      for ext in (".json", ".md"):
+        if src.with_suffix(ext).is_file():
+          shutil.copyfile(src.with_suffix(ext), args.copy_to + ext)
+          print(f"copied {src.with_suffix(ext)} -> {args.copy_to + ext}")
+  except ApplyError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

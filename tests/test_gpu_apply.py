@@ -1,0 +1,178 @@
+"""benchmarks/gpu_apply.py: a gpu_suite run's A/Bs turned into source defaults, by rule.
+
+The results are hand-built in gpu_suite.json's layout (the suite's own `summarise` adds the
+summary), with step times chosen so each rule's outcome is known in advance; the edits go to a
+copy of the two source files, which are then read back (and the edited kernel module imported).
+"""
+
+import importlib.util
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import gpu_apply  # noqa: E402
+import gpu_suite  # noqa: E402
+import kernels_pallas  # noqa: E402
+from kernels_pallas import attention_reference, flash_attention  # noqa: E402
+
+TILING = {"blocks": {"dq": [128, 64], "dkdv": [64, 128]},
+          "launch": {"bwd": {"num_warps": 8, "num_stages": 2}}}
+
+
+def _result(tile_ms=(10.0, 9.2), rope=(0.300, 0.285), rms=0.297, small=False,
+            checks_ok=True, rope_arms=(True, False)):
+  """A gpu_suite.json: tiles default / one variant (ms), train default and rope-first step
+  seconds (`rope`, the default first) and the xla RMSNorm step's (`rms`), kernel checks
+  passing or not."""
+  def train(variant, step_s, switches):
+    return dict(variant=variant, step_s=step_s, tokens_per_s=16384 / step_s, model_tflops=1.0,
+                mfu_datasheet=0.4, layers_switches=switches, peak_gib=50.0)
+  tiles = [dict(variant="default", ms=tile_ms[0], seq=4096, head_dim=128),
+           dict(variant="dq 128x64 8w2s / dkdv 64x128 8w2s", ms=tile_ms[1], seq=4096,
+                head_dim=128, tuning=TILING)]
+  best = min(tiles, key=lambda r: r["ms"])
+  result = dict(
+      env=dict(small=small, device="NVIDIA H200", date_utc="2026-12-03 06:00", git_commit="abc"),
+      ceilings={}, attention=[], decode=[], decode_kernel=[], tiles=tiles,
+      tuning_used=dict(variant=best["variant"], tuning=best.get("tuning"), ms=best["ms"]),
+      check=[dict(kernel="flash attention", ok=checks_ok)],
+      train=[train("default", rope[0], dict(ROPE_IN_KERNEL=rope_arms[0], FUSED_RMS_NORM=True)),
+             train("rope-first", rope[1], dict(ROPE_IN_KERNEL=rope_arms[1], FUSED_RMS_NORM=True)),
+             train("xla RMSNorm", rms, dict(ROPE_IN_KERNEL=True, FUSED_RMS_NORM=False))])
+  result["summary"] = gpu_suite.summarise(result)
+  return result
+
+
+def _checkout(tmp_path):
+  """A copy of the two files gpu_apply edits, laid out as in the repository."""
+  root = tmp_path / "root"
+  for rel in (gpu_apply.ATTENTION, gpu_apply.LAYERS):
+    (root / rel).parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(ROOT / rel, root / rel)
+  return root
+
+
+def _write(tmp_path, result):
+  path = tmp_path / "gpu_suite.json"
+  path.write_text(json.dumps(result))
+  return path
+
+
+def _import_attention(path):
+  spec = importlib.util.spec_from_file_location("_applied_attention", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def test_write_sets_the_winners_and_keeps_the_ties(tmp_path, capsys):
+  # tiling 10 -> 9.2 ms (+8.7%) and rope-first 0.300 -> 0.285 s (+5.3%) pass the 3% margin;
+  # xla RMSNorm 0.300 -> 0.297 s (+1.0%) does not.
+  root = _checkout(tmp_path)
+  path = _write(tmp_path, _result())
+  assert gpu_apply.main([str(path), "--write", "--root", str(root)]) == 0
+  out = capsys.readouterr().out
+  assert "ROPE_IN_KERNEL = False" in out and "+ROPE_IN_KERNEL = False" in out
+  assert gpu_apply.current_switch(root, "ROPE_IN_KERNEL") is False
+  assert gpu_apply.current_switch(root, "FUSED_RMS_NORM") is True
+  entry = gpu_apply.current_tuning(root)[128]
+  assert entry["tuning"] == {"blocks": {"dq": (128, 64), "dkdv": (64, 128)},
+                             "launch": {"bwd": {"num_warps": 8, "num_stages": 2}}}
+  assert entry["min_seq"] == 2048 and entry["speedup_over_default"] == pytest.approx(10 / 9.2,
+                                                                                     abs=1e-4)
+  # the edited module imports, and its lookup honours kind, RoPE and the shortest sequence
+  mod = _import_attention(root / gpu_apply.ATTENTION)
+  assert mod.measured_tuning("gpu", 128, 4096) == entry["tuning"]
+  assert mod.measured_tuning("gpu", 128, 1024) is None
+  assert mod.measured_tuning("gpu", 128, 4096, rope=True) is None
+  assert mod.measured_tuning("tpu", 128, 4096) is None
+  assert mod.measured_tuning("gpu", 64, 4096) is None
+  blocks, launch = mod._check_tuning(entry["tuning"])
+  assert blocks == {"dq": (128, 64), "dkdv": (64, 128)} and launch["dq"]["num_warps"] == 8
+  # only the lines the decisions name changed
+  old = (ROOT / gpu_apply.LAYERS).read_text().splitlines()
+  new = (root / gpu_apply.LAYERS).read_text().splitlines()
+  assert [(a, b) for a, b in zip(old, new) if a != b] == [("ROPE_IN_KERNEL = True",
+                                                           "ROPE_IN_KERNEL = False")]
+  # applying the same run again changes nothing
+  before = {rel: (root / rel).read_text() for rel in (gpu_apply.ATTENTION, gpu_apply.LAYERS)}
+  decisions = gpu_apply.decide(gpu_apply.load_results(path), root)
+  assert not any(d["change"] for d in decisions), decisions
+  assert gpu_apply.apply(decisions, root) == ""
+  assert before == {rel: (root / rel).read_text() for rel in before}
+
+
+def test_below_margin_and_same_arms_change_nothing(tmp_path):
+  root = _checkout(tmp_path)
+  # tiling +2%, rope-first 2% faster: both under the 3% margin
+  result = _result(tile_ms=(10.0, 9.8), rope=(0.300, 0.294))
+  decisions = {d["setting"]: d for d in gpu_apply.decide(result, root)}
+  assert not any(d["change"] for d in decisions.values())
+  assert "below the 3% margin" in decisions["kernels_pallas.attention.MEASURED_TUNING"]["evidence"]
+  # with --min-gain 0.01 the same run flips both
+  decisions = {d["setting"]: d for d in gpu_apply.decide(result, root, min_gain=0.01)}
+  assert decisions["baichuan_jax.model.layers.ROPE_IN_KERNEL"]["proposed"] is False
+  assert 128 in decisions["kernels_pallas.attention.MEASURED_TUNING"]["proposed"]
+  # the default tiling fastest: kept
+  d = gpu_apply.decide_tiling(_result(tile_ms=(9.0, 9.5)), root, 0.03)
+  assert not d["change"] and "defaults are fastest" in d["evidence"]
+  # both arms ran with the same value (the variant no longer flips the default): no A/B
+  d = gpu_apply.decide_switch(_result(rope=(0.3, 0.2), rope_arms=(False, False)), root,
+                              "ROPE_IN_KERNEL", 0.03)
+  assert not d["change"] and "no A/B" in d["evidence"]
+
+
+@pytest.mark.parametrize("kw, reason", [(dict(small=True), "--small"),
+                                        (dict(checks_ok=False), "checks failed")])
+def test_write_refuses_untrustworthy_runs(tmp_path, capsys, kw, reason):
+  root = _checkout(tmp_path)
+  before = {rel: (root / rel).read_text() for rel in (gpu_apply.ATTENTION, gpu_apply.LAYERS)}
+  path = _write(tmp_path, _result(**kw))
+  assert gpu_apply.main([str(path), "--write", "--root", str(root)]) == 2
+  err = capsys.readouterr().err
+  assert str(path) in err and reason in err and "not written" in err
+  assert before == {rel: (root / rel).read_text() for rel in before}
+
+
+def test_bad_results_files_are_named(tmp_path, capsys):
+  bad = tmp_path / "bad.json"
+  bad.write_text("{not json")
+  partial = tmp_path / "partial.json"
+  partial.write_text(json.dumps({"env": {}}))
+  for path, msg in ((tmp_path / "absent.json", "no such file"), (bad, "not JSON"),
+                    (partial, "missing train, tiles, summary")):
+    assert gpu_apply.main([str(path)]) == 2
+    err = capsys.readouterr().err
+    assert str(path) in err and msg in err, err
+
+
+def test_flash_attention_uses_measured_tuning(monkeypatch):
+  # A MEASURED_TUNING entry reaches the kernels when the call passes no tuning (and not with
+  # in-kernel RoPE or below min_seq), and the result still equals the reference.
+  att = kernels_pallas.attention
+  seen = []
+  real_blocks = att._blocks
+  monkeypatch.setattr(att, "_blocks", lambda *a, **k: seen.append(a[4]) or real_blocks(*a, **k))
+  tuning = {"blocks": {"dq": (32, 16), "dkdv": (16, 32)}}
+  monkeypatch.setattr(att, "MEASURED_TUNING", {32: dict(tuning=tuning, min_seq=64)})
+  ks = jax.random.split(jax.random.PRNGKey(0), 3)
+  q, k, v = (jax.random.normal(x, (1, 64, 2, 32), jnp.float32) for x in ks)
+  out = flash_attention(q, k, v, backend="interpret")
+  assert seen[-1] == {"dq": (32, 16), "dkdv": (16, 32)}
+  np.testing.assert_allclose(np.asarray(out), np.asarray(attention_reference(q, k, v)),
+                             atol=2e-5)
+  flash_attention(q[:, :48], k[:, :48], v[:, :48], backend="interpret")  # seq 48 < min_seq
+  assert seen[-1] is None
+  flash_attention(q, k, v, backend="interpret", rope_theta=1e4)  # in-kernel RoPE
+  assert seen[-1] is None
+  flash_attention(q, k, v, backend="interpret", tuning={})  # an explicit tuning wins
+  assert seen[-1] is None
