@@ -61,13 +61,18 @@ def _dense_alibi(slopes, s, dtype):
 BACKEND = "gpu"  # --backend; "interpret" runs a tiny smoke test of this script on CPU
 
 
-def make_fn(impl, *, causal, alibi, s, h, d, dtype, tuning=None):
-  """Returns f(q, k, v) -> out for one implementation, or raises NotImplementedError."""
+def make_fn(impl, *, causal, alibi, s, h, d, dtype, tuning=None, rope=False):
+  """Returns f(q, k, v) -> out for one implementation, or raises NotImplementedError.
+  `rope` (ours only): q and k unrotated, RoPE (base 10,000, positions 0..s-1) inside the
+  kernels, as the model's training step runs them."""
   slopes = jnp.asarray(alibi_slopes(h)) if alibi else None
   scale = d ** -0.5
+  if rope and impl != "ours":
+    raise NotImplementedError("RoPE inside the kernels is ours only")
   if impl == "ours":
     return lambda q, k, v: flash_attention(q, k, v, causal=causal, alibi_slopes=slopes,
-                                           backend=BACKEND, tuning=tuning)
+                                           backend=BACKEND, tuning=tuning,
+                                           rope_theta=1e4 if rope else None)
   if impl == "xla":
     return lambda q, k, v: attention_reference(q, k, v, causal=causal, alibi_slopes=slopes)
   if impl == "cudnn":
@@ -114,14 +119,17 @@ def inputs(b, s, h, d, dtype, seed):
       jax.random.normal(kc, shape, jnp.float32)]
 
 
-def bench_one(impl, mode, *, b, s, h, d, dtype, causal, alibi, iters, tuning=None):
-  """One row of results (TFLOP/s, ms, peak bytes) or an error string."""
+def bench_one(impl, mode, *, b, s, h, d, dtype, causal, alibi, iters, tuning=None, rope=False):
+  """One row of results (TFLOP/s, ms, peak bytes) or an error string (`rope`: see make_fn)."""
   row = dict(impl=impl, mode=mode, batch=b, seq=s, heads=h, head_dim=d, causal=causal,
              alibi=alibi, dtype=jnp.dtype(dtype).name)
+  if rope:
+    row["rope"] = "in kernel"
   if tuning:
     row["tuning"] = json.loads(json.dumps(tuning))  # tuples -> lists
   try:
-    f = make_fn(impl, causal=causal, alibi=alibi, s=s, h=h, d=d, dtype=dtype, tuning=tuning)
+    f = make_fn(impl, causal=causal, alibi=alibi, s=s, h=h, d=d, dtype=dtype, tuning=tuning,
+                rope=rope)
   except NotImplementedError as e:
     row["error"] = f"n/a ({e})"
     return row

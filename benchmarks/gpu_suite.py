@@ -43,24 +43,26 @@ a watchdog thread ends the process at the hard limit, budget + 30 s, after writi
 7. `decode_kernel`: `decode_attention` alone on one layer's cache (batch 1/8/32, 2,048 filled
    slots; block / split / warp variants at batch 1; ragged lengths at batch 32) against the jnp
    reference, as GB/s of the filled K/V bytes and a fraction of the copy bandwidth.
-8. `tiles` (run right after `check`): backward tilings at seq 4096 (per-kernel dQ / dK/dV
-   blocks, warps, stages; TILE_VARIANTS, chosen from benchmarks/triton_sm90.py: every one fits
-   sm_90's shared memory and spills no registers). The fastest (fwd+bwd) becomes the default of
-   the `attention` section (`kernels_pallas.default_tuning`), recorded as `tuning_used`, so one
-   run reports the best tiling's numbers and how much it gained over the defaults. (`train`
-   keeps the in-kernel-RoPE defaults, which differ: see kernels_pallas.attention.default_blocks.)
+8. `tiles` (run right after `check`) and `tiles rope` (after it, when `train` runs): backward
+   tilings at seq 4096 (per-kernel dQ / dK/dV blocks, warps, stages; TILE_VARIANTS for the
+   plain kernels, TILE_VARIANTS_ROPE for those with RoPE inside, the training step's; chosen
+   with benchmarks/triton_sm90.py: every one fits sm_90's shared memory and spills no
+   registers). Each path's fastest (fwd+bwd) is set in `kernels_pallas.attention.
+   MEASURED_TUNING` for the rest of the run (this process only), so the `attention` section
+   and rope-first run the plain winner and the in-kernel-RoPE train steps the rope winner;
+   recorded as `tuning_used` / `tuning_used_rope` with their gain over the defaults.
 9. `train` variants (`TRAIN_VARIANTS`), each the `train` step with one change and only if the
    budget still has room: `batch x2` (8 x 4096, after `decode`: it bears on the MFU aim), then,
    last, `rope-first` (RoPE applied to q and k before the kernels, `layers.ROPE_IN_KERNEL =
-   False`), `whole-logit loss` (loss_chunk_size=0 instead of the split loss) and `xla RMSNorm`
-   (the jnp norm, which XLA fuses with the residual add, instead of the Pallas kernel:
-   `layers.FUSED_RMS_NORM = False`). The summary's `train_variants` gives each one's tokens/s
+   False`), `xla RMSNorm` (the jnp norm, which XLA fuses with the residual add, instead of the
+   Pallas kernel: `layers.FUSED_RMS_NORM = False`) and `whole-logit loss` (loss_chunk_size=0
+   instead of the split loss; last, as it decides no default). The summary's `train_variants` gives each one's tokens/s
    over the default step's, `train_best` the fastest, `train_rope_in_kernel_speedup` the
    rope-first step time over the in-kernel step's and `train_fused_rms_norm_speedup` the
    xla-RMSNorm step time over the kernel step's.
 
 After a device run, `benchmarks/gpu_apply.py gpu_suite.json --write` turns the tiles and train
-A/Bs into the project's defaults by rule (the fastest tiling into
+A/Bs into the project's defaults by rule (each path's fastest tiling into
 `kernels_pallas.attention.MEASURED_TUNING`, `layers.ROPE_IN_KERNEL`, `layers.FUSED_RMS_NORM`);
 every train row records the `layers_switches` it ran with, which is what that tool compares.
 
@@ -75,6 +77,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import functools
 import gc
 import json
@@ -145,7 +148,7 @@ class Suite:
     self.out.mkdir(parents=True, exist_ok=True)
     self.result = dict(env={}, ceilings={}, check=[], attention=[], train=[], decode=[],
                        decode_kernel=[], tiles=[], skipped=[], errors=[], summary={},
-                       tuning_used=None)
+                       tuning_used=None, tuning_used_rope=None)
     self.lock = threading.Lock()
 
   def elapsed(self) -> float:
@@ -342,7 +345,7 @@ def section_attention(suite, backend, cfg):
                                    dtype=jnp.bfloat16, causal=True, alibi=alibi,
                                    iters=cfg["iters"])
         if impl == "ours":
-          row["tiling"] = _tiling(suite)
+          row["tiling"] = _tiling(suite.result)
         rows.append(row)
         print(f"attention {mode} seq={s} {impl}{'+alibi' if alibi else ''}: "
               + (f"{row['tflops']:.1f} TFLOP/s {row['ms']:.3f} ms" if "tflops" in row
@@ -409,15 +412,14 @@ def section_train(suite, cfg, variant="default"):
                                 cfg["warmup"], cfg["layers"], cfg["hidden"], cfg["heads"], peaks,
                                 profile_dir=str(trace_dir) if profile else None,
                                 loss_chunk_size=chunk, optimizer_probe=profile)
-  # With RoPE in the kernels their defaults differ (default_blocks / default_launch, chosen to
-  # fit sm_90 without spills); the `tiles` section times the plain kernels, so its choice is not
-  # applied here.
+  # Each path's kernels run with the `tiles` section's fastest for that path (in-kernel RoPE or
+  # plain); with xla attention no kernel runs.
   rope_in_kernel = switches["ROPE_IN_KERNEL"]
   row.update(variant=variant, layers_switches=switches,
              rope="in kernel" if rope_in_kernel else "applied first",
-             tiling="default (in-kernel RoPE)" if rope_in_kernel else (
-                 "MEASURED_TUNING" if kernels_pallas.attention.measured_tuning(
-                     "gpu", cfg["hidden"] // cfg["heads"], cfg["seq"]) else "default"),
+             tiling=(_tiling(suite.result, rope_in_kernel)
+                     + (" (in-kernel RoPE)" if rope_in_kernel else "")
+                     if cfg["impl"] == "pallas" else "n/a (xla attention)"),
              loss_path="whole logits" if row.get("loss_chunk_size") == 0
              else f"split ({row.get('loss_chunk_size')}-position chunks)",
              rms_norm="Pallas kernel" if cfg["impl"] == "pallas" and switches[
@@ -472,9 +474,14 @@ def layers_flags(flags: dict):
       setattr(layers, name, value)
 
 
-def _tiling(suite) -> str:
-  """The backward tiling the attention kernels run with now (the `tiles` section's fastest)."""
-  return (suite.result.get("tuning_used") or {}).get("variant", "default")
+_PATHS = {"plain": "plain", "rope": "in-kernel RoPE"}
+
+
+def _tiling(result, rope=False) -> str:
+  """The tiling the attention kernels of one path (`rope`: RoPE inside) run with now: the
+  `tiles` section's fastest for it, "default" when the defaults won or it was not timed."""
+  return (result.get("tuning_used_rope" if rope else "tuning_used") or {}).get(
+      "variant", "default")
 
 
 def _trace_files(trace_dir):
@@ -823,27 +830,54 @@ TILE_VARIANTS = [
 ]
 
 
-def section_tiles(suite, backend, cfg):
+# The same for the kernels with RoPE inside (the model's training path, `layers.ROPE_IN_KERNEL`),
+# whose defaults are 8 warps (`ROPE_LAUNCH`). Every one compiles for sm_90a within the shared
+# memory and spills nothing (docs/results/triton_sm90.md, "rope" rows); the wider dK/dV blocks
+# spill with RoPE (the rotated halves of K come with them), so dK/dV stays 64 x 64.
+TILE_VARIANTS_ROPE = [
+    ("default", None),
+    ("dq 128x64 8w2s / dkdv 64x64 8w2s", {"blocks": {"dq": (128, 64)}}),
+    ("dq 128x32 8w2s / dkdv 64x64 8w3s", {"blocks": {"dq": (128, 32)},
+                                          "launch": {"dkdv": {"num_stages": 3}}}),
+    ("dq 64x64 8w3s / dkdv 64x64 8w1s", {"launch": {"dq": {"num_stages": 3},
+                                                    "dkdv": {"num_stages": 1}}}),
+]
+
+
+def tile_variants(rope: bool) -> list:
+  return TILE_VARIANTS_ROPE if rope else TILE_VARIANTS
+
+
+def section_tiles(suite, backend, cfg, rope=False):
+  """Times the backward tilings (`rope`: with RoPE inside the kernels) and makes the fastest
+  the tiling of that kernel path for the rest of the run (MEASURED_TUNING, in this process)."""
   import attention as attn_bench
   attn_bench.BACKEND = backend
   s, b = cfg["seq"], max(1, cfg["tokens"] // cfg["seq"])
-  for name, tuning in [TILE_VARIANTS[i] for i in cfg.get("variants", range(len(TILE_VARIANTS)))]:
-    if not suite.fits(f"tiles {name}", 10):
-      return
+  variants = tile_variants(rope)
+  path = "rope" if rope else "plain"
+  rows = []
+  for name, tuning in [variants[i] for i in cfg.get("variants", range(len(variants)))]:
+    if not suite.fits(f"tiles {path} {name}", 10):
+      break
     row = attn_bench.bench_one("ours", "fwdbwd", b=b, s=s, h=cfg["heads"], d=cfg["head_dim"],
                                dtype=jnp.bfloat16, causal=True, alibi=False, iters=cfg["iters"],
-                               tuning=tuning)
-    row["variant"] = name
+                               tuning=tuning, rope=rope)
+    row.update(variant=name, path=path)
+    rows.append(row)
     suite.result["tiles"].append(row)
-    print("tiles", name, row.get("tflops", row.get("error")), flush=True)
+    print("tiles", path, name, row.get("tflops", row.get("error")), flush=True)
     suite.write()
-  timed = [r for r in suite.result["tiles"] if "ms" in r]
+  timed = [r for r in rows if "ms" in r]
   default = next((r for r in timed if r["variant"] == "default"), None)
   if timed:
     best = min(timed, key=lambda r: r["ms"])
-    suite.result["tuning_used"] = dict(
+    suite.result["tuning_used_rope" if rope else "tuning_used"] = dict(
         variant=best["variant"], tuning=best.get("tuning"), ms=best["ms"],
         speedup_over_default=(default["ms"] / best["ms"]) if default else None)
+    if best["variant"] != "default":  # the later sections run with it (min_seq 0: every length)
+      table = kernels_pallas.attention.MEASURED_TUNING.setdefault(path, {})
+      table[cfg["head_dim"]] = dict(tuning=best["tuning"], min_seq=0, variant=best["variant"])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -896,10 +930,10 @@ def preflight_programs(shapes) -> list:
 
   attn_bench.BACKEND = "gpu"
 
-  def attention_prog(section, name, cfg, s, alibi, tuning=None):
+  def attention_prog(section, name, cfg, s, alibi, tuning=None, rope=False):
     b = max(1, cfg["tokens"] // s)
     f = attn_bench.make_fn("ours", causal=True, alibi=alibi, s=s, h=cfg["heads"],
-                           d=cfg["head_dim"], dtype=bf, tuning=tuning)
+                           d=cfg["head_dim"], dtype=bf, tuning=tuning, rope=rope)
     x = S((b, s, cfg["heads"], cfg["head_dim"]), bf)
     grad = attn_bench._grad_fn(f)  # pylint: disable=protected-access
     return (section, name, jax.jit(grad), (x, x, x, S(x.shape, f32)))
@@ -947,8 +981,10 @@ def preflight_programs(shapes) -> list:
                                                      backend="gpu", **kw)),
                   (S((batch, k["heads"], k["head_dim"]), bf), cache, cache, S((batch,), i32))))
   tl = shapes["tiles"]
-  for name, tuning in TILE_VARIANTS:
-    progs.append(attention_prog("tiles", name, tl, tl["seq"], False, tuning))
+  for rope in (False, True):
+    for name, tuning in tile_variants(rope):
+      progs.append(attention_prog("tiles", f"{_PATHS['rope' if rope else 'plain']} {name}", tl,
+                                  tl["seq"], False, tuning, rope))
   return progs
 
 
@@ -1052,6 +1088,7 @@ def summarise(result):
       for r in result["decode_kernel"]}
   s["checks_ok"] = all(r.get("ok") for r in result["check"]) if result["check"] else None
   s["tuning_used"] = result.get("tuning_used")
+  s["tuning_used_rope"] = result.get("tuning_used_rope")
   s["aims"] = aim_verdicts(result, s)
   del env, ceil
   return s
@@ -1127,7 +1164,7 @@ def markdown(result):
       out.append(f"| {r['kernel']} | {errs} | {r.get('limit', '-')} | {r['ok']} |")
     out.append("")
   if result["attention"]:
-    tiling = (result.get("tuning_used") or {}).get("variant", "default")
+    tiling = _tiling(result)
     out += ["## Attention (causal, bf16, TFLOP/s; FlashAttention FLOP convention)", "",
             f"Ours with the backward tiling: {tiling}.", "",
             "| mode | seq | batch | ours | ours+alibi | cudnn | cudnn+alibi (dense bias) |",
@@ -1210,15 +1247,18 @@ def markdown(result):
                  f"{_f(r.get('xla_us'))} | {_f(r.get('xla_filled_gb_s'))} |")
     out.append("")
   if result["tiles"]:
-    out += ["## Backward tilings (fwd+bwd TFLOP/s)", "", "| variant | TFLOP/s | ms |", "|---|---|---|"]
+    out += ["## Backward tilings (fwd+bwd TFLOP/s)", "", "| kernels | variant | TFLOP/s | ms |",
+            "|---|---|---|---|"]
     for r in result["tiles"]:
-      out.append(f"| {r['variant']} | {_f(r.get('tflops'), '{:.0f}')} | {_f(r.get('ms'), '{:.3f}')}"
-                 f" |")
-    used = result.get("tuning_used")
-    if used:
-      out += ["", f"Fastest: **{used['variant']}** "
-              f"({_f(used.get('speedup_over_default'), '{:.2f}')}x the default); the attention "
-              "section ran with it."]
+      out.append(f"| {_PATHS[r.get('path', 'plain')]} | {r['variant']} | "
+                 f"{_f(r.get('tflops'), '{:.0f}')} | {_f(r.get('ms'), '{:.3f}')} |")
+    for key, path, who in (("tuning_used", "plain", "the attention section and rope-first"),
+                           ("tuning_used_rope", "rope", "the in-kernel-RoPE train steps")):
+      used = result.get(key)
+      if used:
+        out += ["", f"Fastest {_PATHS[path]}: **{used['variant']}** "
+                f"({_f(used.get('speedup_over_default'), '{:.2f}')}x the default); {who} ran "
+                "with it."]
     out.append("")
   s = result.get("summary") or {}
   if s:
@@ -1275,8 +1315,11 @@ def main(argv=None):
     plan.append(("ceilings", lambda: section_ceilings(suite), COST["ceilings"]))
   if "check" in sections:
     plan.append(("check", lambda: section_check(suite, backend), COST["check"]))
-  if "tiles" in sections:  # first: its fastest tiling is the default of attention and train
+  if "tiles" in sections:  # first: the fastest tilings are what attention and train run with
     plan.append(("tiles", lambda: section_tiles(suite, backend, shapes["tiles"]), 10))
+    if "train" in sections:  # the training path's kernels (RoPE inside)
+      plan.append(("tiles rope", lambda: section_tiles(suite, backend, shapes["tiles"], True),
+                   10))
   if "attention" in sections:
     plan.append(("attention", lambda: section_attention(suite, backend, shapes["attn"]), 20))
   if "train" in sections:
@@ -1293,22 +1336,26 @@ def main(argv=None):
     plan.append(("decode_kernel",
                  lambda: section_decode_kernel(suite, backend, shapes["decode_kernel"]), 5))
   if "train" in sections:  # last, the A/Bs that decide defaults: only if the budget has room
-    plan += [variant("rope-first"), variant("whole-logit loss"), variant("xla RMSNorm")]
-  for name, fn, cost in plan:
-    if not suite.fits(name, cost):
-      continue
-    t0 = time.perf_counter()
-    tuned = (suite.result["tuning_used"] or {}).get("tuning")
-    try:
-      with kernels_pallas.default_tuning(tuned if name == "attention" else None):
+    plan += [variant("rope-first"), variant("xla RMSNorm"), variant("whole-logit loss")]
+  # the `tiles` sections set this run's fastest tilings in MEASURED_TUNING (this process only)
+  measured = copy.deepcopy(kernels_pallas.attention.MEASURED_TUNING)
+  try:
+    for name, fn, cost in plan:
+      if not suite.fits(name, cost):
+        continue
+      t0 = time.perf_counter()
+      try:
         fn()
-    except Exception as e:  # pylint: disable=broad-except
-      suite.error(name, e)
-    print(f"section {name}: {time.perf_counter() - t0:.1f} s (elapsed {suite.elapsed():.0f} s, "
-          f"process CPU {time.process_time():.0f} s)", flush=True)
-    suite.result["summary"] = summarise(suite.result)
-    suite.write()
-    gc.collect()  # free the section's device buffers before the next one allocates
+      except Exception as e:  # pylint: disable=broad-except
+        suite.error(name, e)
+      print(f"section {name}: {time.perf_counter() - t0:.1f} s (elapsed {suite.elapsed():.0f} s, "
+            f"process CPU {time.process_time():.0f} s)", flush=True)
+      suite.result["summary"] = summarise(suite.result)
+      suite.write()
+      gc.collect()  # free the section's device buffers before the next one allocates
+  finally:
+    kernels_pallas.attention.MEASURED_TUNING.clear()
+    kernels_pallas.attention.MEASURED_TUNING.update(measured)
   print(markdown(suite.result), flush=True)
   return suite.result
 

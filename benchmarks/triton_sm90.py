@@ -100,12 +100,13 @@ def suite_kernels() -> list:
   import kernels_pallas
   out = []
   with kernels_pallas.lowering_platform("cuda"):
-    for section, name, fn, args in gpu_suite.preflight_programs(gpu_suite.FULL):
-      if hasattr(fn, "jitted"):  # train.MeshJit
-        with jax.set_mesh(fn.mesh), nn.logical_axis_rules(fn.rules):
-          kernels = triton_kernels(fn.jitted, args)
-      else:
-        kernels = triton_kernels(fn, args)
+    for section, name, fn, args, *flags in gpu_suite.preflight_programs(gpu_suite.FULL):
+      with gpu_suite.layers_flags(flags[0] if flags else {}):  # a train variant's switches
+        if hasattr(fn, "jitted"):  # train.MeshJit
+          with jax.set_mesh(fn.mesh), nn.logical_axis_rules(fn.rules):
+            kernels = triton_kernels(fn.jitted, args)
+        else:
+          kernels = triton_kernels(fn, args)
       out += [(section, name, k) for k in kernels]
   return out
 

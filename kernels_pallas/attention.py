@@ -84,21 +84,25 @@ def default_launch(head_dim: int, rope: bool = False) -> dict:
   return launch
 
 
-# Backward tilings measured fastest on Hopper (sm_90) by benchmarks/gpu_suite.py's `tiles` section
-# (seq 4096, causal, bf16, no RoPE), per head_dim, used by `flash_attention` calls that pass no
-# `tuning` (and run outside `default_tuning`) for the GPU kernels without in-kernel RoPE at
-# seq_len >= "min_seq" (the suite's `attention` section measured it at 2k to 8k). Written by
-# `benchmarks/gpu_apply.py --write` from a run's gpu_suite.json, only when the tiling beat the
+# Tilings measured fastest on Hopper (sm_90) by benchmarks/gpu_suite.py's `tiles` section (fwd+bwd
+# at seq 4096, causal, bf16), per kernel path ("plain": without in-kernel RoPE, the attention
+# benchmarks' and the rope-first path; "rope": RoPE inside the kernels, the model's training
+# path) and head_dim: {path: {head_dim: {"tuning": ..., "min_seq": ..., ...}}}. Used by
+# `flash_attention` calls that pass no `tuning` (and run outside `default_tuning`) for the GPU
+# kernels at seq_len >= "min_seq" (the suite also ran it at 2k to 8k). Written by
+# `benchmarks/gpu_apply.py --write` from a run's gpu_suite.json, only when a tiling beat the
 # defaults above by the apply's margin; empty: the defaults above hold everywhere.
 # BEGIN MEASURED_TUNING (benchmarks/gpu_apply.py rewrites this block)
 MEASURED_TUNING = {}
 # END MEASURED_TUNING
+TUNING_PATHS = ("plain", "rope")
 
 
 def measured_tuning(kind: str, head_dim: int, seq_len: int, rope: bool = False) -> Optional[dict]:
-  """The MEASURED_TUNING tiling for a call of these kernels ("gpu" kind, no in-kernel RoPE,
-  a measured head_dim, seq_len >= its "min_seq"), else None (the defaults)."""
-  entry = MEASURED_TUNING.get(head_dim) if kind == "gpu" and not rope else None
+  """The MEASURED_TUNING tiling for a call of these kernels ("gpu" kind; `rope`: RoPE inside
+  them; a measured head_dim; seq_len >= its "min_seq"), else None (the defaults)."""
+  table = MEASURED_TUNING.get("rope" if rope else "plain", {}) if kind == "gpu" else {}
+  entry = table.get(head_dim)
   if entry is None or seq_len < entry.get("min_seq", 0):
     return None
   return entry["tuning"]

@@ -76,18 +76,23 @@ def test_gpu_suite_small_runs_every_section(tmp_path):
                                                     if r["variant"] == "default")
   assert dk[0]["filled_bytes"] == 2 * 3 * 41 * 2 * 32 * 2  # K and V, 3 rows x 41 slots, bf16
   assert "## Decode attention alone" in md
-  assert len(result["tiles"]) == 1 and all("ms" in r for r in result["tiles"])
+  # one tiling per kernel path here: plain, then with RoPE inside the kernels
+  assert [r["path"] for r in result["tiles"]] == ["plain", "rope"]
+  assert all("ms" in r for r in result["tiles"])
   assert result["tiles"][0]["tuning"]["blocks"]["dq"] == [128, 32]
+  assert result["tiles"][1]["tuning"]["blocks"]["dq"] == [128, 64]
+  assert result["tiles"][1]["rope"] == "in kernel" and "rope" not in result["tiles"][0]
   # tiles runs first; its fastest (the only one here) is what attention then ran with
   used = result["tuning_used"]
   assert used["variant"] == result["tiles"][0]["variant"] and used["speedup_over_default"] is None
+  assert result["tuning_used_rope"]["variant"] == result["tiles"][1]["variant"]
   assert {r["tiling"] for r in ours} == {used["variant"]}
-  assert result["train"][0]["tiling"] == "default (in-kernel RoPE)"
+  assert result["train"][0]["tiling"] == "n/a (xla attention)"  # --small's step runs xla
   # the A/B variants of the step: batch x2 after decode; rope-first and whole-logit loss last;
   # only the default step is profiled
   train = {r["variant"]: r for r in result["train"]}
   assert [r["variant"] for r in result["train"]] == [
-      "default", "batch x2", "rope-first", "whole-logit loss", "xla RMSNorm"]
+      "default", "batch x2", "rope-first", "xla RMSNorm", "whole-logit loss"]
   assert all(r["step_s"] > 0 for r in result["train"])
   assert [("profile_total_ms_per_step" in r) for r in result["train"]] == [True] + [False] * 4
   assert [("optimizer_guarded_ms" in r) for r in result["train"]] == [True] + [False] * 4
@@ -136,7 +141,7 @@ def test_gpu_suite_small_runs_every_section(tmp_path):
   import gpu_apply
   decisions = gpu_apply.decide(gpu_apply.load_results(tmp_path / "gpu_suite.json"))
   assert [d["setting"].rsplit(".", 1)[1] for d in decisions if d["writes"]] == [
-      "MEASURED_TUNING", "ROPE_IN_KERNEL", "FUSED_RMS_NORM"]
+      "MEASURED_TUNING['plain']", "MEASURED_TUNING['rope']", "ROPE_IN_KERNEL", "FUSED_RMS_NORM"]
   assert any("--small" in r for r in gpu_apply.write_refusals(result))
 
 
@@ -150,7 +155,9 @@ def test_gpu_suite_preflight_lowers_every_device_program_for_cuda(tmp_path):
   assert {s for s, _ in by} == {"check", "attention", "train", "decode", "decode_kernel", "tiles"}
   # flash attention fwd+bwd: the forward, dQ and dK/dV kernels, at every sequence and tiling
   flash = [n for (s, p), n in by.items() if s in ("attention", "tiles") or "flash" in p]
-  assert len(flash) == 3 * 2 + len(gpu_suite.TILE_VARIANTS) + 2 and set(flash) == {3}
+  assert len(flash) == (3 * 2 + len(gpu_suite.TILE_VARIANTS) + len(gpu_suite.TILE_VARIANTS_ROPE)
+                        + 2) and set(flash) == {3}
+  assert len(by) == 43
   # ~1B step (no remat), the layer scan's body once: attention 3 + two RMSNorms x (fwd, bwd) 4,
   # and the final norm's fwd + bwd 2.
   assert by[("train", "~1B step (pallas, 4x4096)")] == 9

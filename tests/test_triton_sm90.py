@@ -3,7 +3,8 @@
 Shared memory follows from the tiles by hand: a kernel keeps its resident tiles and `num_stages`
 copies of the tiles it streams, all bf16 at head_dim 128. The forward holds q [block_q, 128] and
 streams K and V [block_k, 128]; dQ holds q and dO [block_q, 128] and streams K and V. And every
-backward tiling that gpu_suite.py times besides the default must fit and not spill.
+backward tiling that gpu_suite.py times besides the default (plain and with RoPE inside the
+kernels) must fit and not spill.
 """
 
 import sys
@@ -27,10 +28,11 @@ from kernels_pallas import flash_attention  # noqa: E402
 KIB = 1024
 
 
-def _kernels(tuning=None):
+def _kernels(tuning=None, rope=False):
   x = jax.ShapeDtypeStruct((1, 1024, 4, 128), jnp.bfloat16)
   f = lambda q, k, v: jax.grad(lambda q, k, v: jnp.sum(flash_attention(
-      q, k, v, backend="gpu", tuning=tuning).astype(jnp.float32)), argnums=(0, 1, 2))(q, k, v)
+      q, k, v, backend="gpu", tuning=tuning, rope_theta=1e4 if rope else None).astype(
+          jnp.float32)), argnums=(0, 1, 2))(q, k, v)
   with kernels_pallas.lowering_platform("cuda"):
     return triton_sm90.triton_kernels(jax.jit(f), (x, x, x))
 
@@ -52,13 +54,15 @@ def test_shared_memory_is_the_tiles_times_the_stages():
   assert all(0 < r["registers"] <= 255 for r in rows)
 
 
-def test_the_suites_backward_tilings_fit_and_do_not_spill():
+@pytest.mark.parametrize("rope", [False, True], ids=["plain", "in-kernel rope"])
+def test_the_suites_backward_tilings_fit_and_do_not_spill(rope):
   kernels = []
-  for name, tuning in gpu_suite.TILE_VARIANTS[1:]:
-    kernels += [dict(k, variant=name) for k in _kernels(tuning)
+  variants = gpu_suite.tile_variants(rope)
+  for name, tuning in variants[1:]:
+    kernels += [dict(k, variant=name) for k in _kernels(tuning, rope)
                 if k["name"] in ("baichuan_flash_dq", "baichuan_flash_dkdv")]
   rows = triton_sm90.compile_all(kernels)
-  assert len(rows) == 2 * (len(gpu_suite.TILE_VARIANTS) - 1)
+  assert len(rows) == 2 * (len(variants) - 1)
   bad = [(r["variant"], r["name"], r.get("shared_bytes"), r.get("spill_store_bytes"),
           r.get("error")) for r in rows if "error" in r or not r["fits"] or r["spills"]]
   assert bad == []
