@@ -123,7 +123,7 @@ SMALL = dict(
     matmul_n=256, copy_gib=1 / 64,
     check=dict(b=1, s=64, h=2, hkv=1, d=32, dec_b=3, dec_h=4, dec_kvh=2, dec_len=128, vocab=1000),
     attn=dict(seqs=(64,), tokens=64, heads=2, head_dim=32, iters=2, modes=("fwd",)),
-    train=dict(batch=2, seq=32, layers=1, hidden=64, heads=2, steps=2, warmup=1, impl="xla"),
+    train=dict(batch=2, seq=32, layers=1, hidden=64, heads=2, steps=2, warmup=1, impl="pallas"),
     decode=dict(preset="tiny", overrides=dict(num_layers=1), context=20, max_len=32,
                 batches=(1,), model_batches=(1,), steps=2),
     decode_kernel=dict(heads=4, kv_heads=2, head_dim=32, context=40, max_len=64, batches=(3,),

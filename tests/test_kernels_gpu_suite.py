@@ -87,7 +87,9 @@ def test_gpu_suite_small_runs_every_section(tmp_path):
   assert used["variant"] == result["tiles"][0]["variant"] and used["speedup_over_default"] is None
   assert result["tuning_used_rope"]["variant"] == result["tiles"][1]["variant"]
   assert {r["tiling"] for r in ours} == {used["variant"]}
-  assert result["train"][0]["tiling"] == "n/a (xla attention)"  # --small's step runs xla
+  # the step runs attention_impl="pallas" (interpret mode here): each path's tiling labelled
+  assert result["train"][0]["tiling"] == result["tuning_used_rope"]["variant"] + (
+      " (in-kernel RoPE)")
   # the A/B variants of the step: batch x2 after decode; rope-first and whole-logit loss last;
   # only the default step is profiled
   train = {r["variant"]: r for r in result["train"]}
@@ -111,14 +113,17 @@ def test_gpu_suite_small_runs_every_section(tmp_path):
       train["batch x2"]["tokens_per_s"] / train["default"]["tokens_per_s"])
   assert set(summary["train_variants"]) == {"batch x2", "rope-first", "whole-logit loss",
                                             "xla RMSNorm"}
-  # (the small step runs attention_impl="xla", whose norm is the jnp formula either way; the
-  # preflight shows the device step's switch taking effect)
-  assert {r["rms_norm"] for r in result["train"]} == {"XLA (jnp formula)"}
+  assert train["rope-first"]["tiling"] == result["tuning_used"]["variant"]
+  assert {n: r["rms_norm"] for n, r in train.items()} == {
+      n: "XLA (jnp formula)" if n == "xla RMSNorm" else "Pallas kernel" for n in train}
+  # the same data, init and steps: RoPE first and the jnp RMSNorm change only the rounding
+  for name in ("rope-first", "xla RMSNorm"):
+    assert train[name]["loss"] == pytest.approx(train["default"]["loss"], rel=1e-4), name
   assert summary["train_fused_rms_norm_speedup"] == pytest.approx(
       train["xla RMSNorm"]["step_s"] / train["default"]["step_s"])
   best = max(train, key=lambda n: train[n]["tokens_per_s"])
   assert summary["train_best"]["variant"] == best
-  assert "| whole-logit loss | xla | in kernel | whole logits | 2x32 |" in md
+  assert "| whole-logit loss | pallas | in kernel | whole logits | 2x32 |" in md
   # the four aims' verdicts: measured ones judged against their limits, the rest "not measured"
   aims = {a["aim"].split(" ")[0]: a for a in summary["aims"]}
   assert list(aims) == ["~1B", "flash", "ALiBi", "7B"]
