@@ -18,8 +18,9 @@ becomes the default the same way every time:
   kernel or the jnp formula XLA fuses with its neighbours);
 * reported only, never written: the decode kernel's settings (`kernels_pallas.decode.
   GPU_DEFAULTS`; its variants are timed at batch 1 only), the whole-logit loss and batch x2
-  train variants (memory trade-offs, config fields rather than defaults) and the decode span
-  check (`layers.DECODE_SPAN_CHECK`, a correctness guard whatever it costs).
+  train variants (memory trade-offs, config fields rather than defaults), the decode span
+  check (`layers.DECODE_SPAN_CHECK`, a correctness guard whatever it costs) and the budget
+  guard's section estimates (`gpu_suite.COST`) against the run's `section_times`.
 
 A setting changes only when the faster arm wins by at least `--min-gain` (default 3%: on the
 H100 a re-timed attention point differed by several percent between runs, docs/kernels.md); a
@@ -216,6 +217,15 @@ def report_only(result) -> list:
       out.append(_decision(what, "as is", "as is",
                            f"{variant!r}: {r['tokens_per_s'] / base['tokens_per_s']:.3f}x the "
                            f"default's tokens/s, peak {r.get('peak_gib', '?')} GiB", write=False))
+  times = result.get("section_times") or []
+  if times:  # the budget guard's estimates against the run: what to set gpu_suite.COST from
+    off = [f"{t['section']} {t['seconds']:.0f} s (est. {t['estimate_s']:.0f})" for t in times
+           if not 0.5 <= t["seconds"] / max(t["estimate_s"], 1e-9) <= 1.5]
+    total = sum(t["seconds"] for t in times)
+    out.append(_decision("benchmarks/gpu_suite.py COST", "as is", "as is",
+                         f"sections took {total:.0f} s in all (estimates "
+                         f"{sum(t['estimate_s'] for t in times):.0f} s); off by more than 1.5x: "
+                         + (", ".join(off) or "none"), write=False))
   dec = {(r.get("label"), r.get("batch")): r for r in result.get("decode", [])}
   b = next((r for (label, _), r in dec.items() if label == "pallas_no_span_check"), None)
   a = dec.get(("pallas", b and b.get("batch")))

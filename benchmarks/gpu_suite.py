@@ -148,8 +148,9 @@ class Suite:
     self.out.mkdir(parents=True, exist_ok=True)
     self.result = dict(env={}, ceilings={}, check=[], attention=[], train=[], decode=[],
                        decode_kernel=[], tiles=[], skipped=[], errors=[], summary={},
-                       tuning_used=None, tuning_used_rope=None)
+                       tuning_used=None, tuning_used_rope=None, section_times=[])
     self.lock = threading.Lock()
+    self.estimated = 0.0  # the estimates of the items the current section ran (fits() True)
 
   def elapsed(self) -> float:
     return time.perf_counter() - self.t0
@@ -163,6 +164,7 @@ class Suite:
       self.result["skipped"].append(note)
       print(note, flush=True)
       return False
+    self.estimated += cost
     return True
 
   def error(self, name: str, exc: BaseException):
@@ -1260,6 +1262,12 @@ def markdown(result):
                 f"({_f(used.get('speedup_over_default'), '{:.2f}')}x the default); {who} ran "
                 "with it."]
     out.append("")
+  if result.get("section_times"):
+    out += ["## Section times (the budget guard's estimates, COST, against this run)", "",
+            "| section | seconds | estimate s |", "|---|---|---|"]
+    out += [f"| {t['section']} | {t['seconds']:.1f} | {t['estimate_s']:.0f} |"
+            for t in result["section_times"]]
+    out.append("")
   s = result.get("summary") or {}
   if s:
     out += ["## Summary", "", "```", json.dumps(s, indent=1, default=str), "```", ""]
@@ -1343,11 +1351,16 @@ def main(argv=None):
     for name, fn, cost in plan:
       if not suite.fits(name, cost):
         continue
-      t0 = time.perf_counter()
+      t0, suite.estimated = time.perf_counter(), 0.0
       try:
         fn()
       except Exception as e:  # pylint: disable=broad-except
         suite.error(name, e)
+      # what it took against the budget guard's estimate (its items' where it has items), so
+      # COST can be set from a device run
+      suite.result["section_times"].append(dict(
+          section=name, seconds=round(time.perf_counter() - t0, 1),
+          estimate_s=suite.estimated or cost))
       print(f"section {name}: {time.perf_counter() - t0:.1f} s (elapsed {suite.elapsed():.0f} s, "
             f"process CPU {time.process_time():.0f} s)", flush=True)
       suite.result["summary"] = summarise(suite.result)

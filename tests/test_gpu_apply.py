@@ -54,6 +54,8 @@ def _result(tile_ms=(10.0, 9.2), rope=(0.300, 0.285), rms=0.297, small=False,
       train=[train("default", rope[0], dict(ROPE_IN_KERNEL=rope_arms[0], FUSED_RMS_NORM=True)),
              train("rope-first", rope[1], dict(ROPE_IN_KERNEL=rope_arms[1], FUSED_RMS_NORM=True)),
              train("xla RMSNorm", rms, dict(ROPE_IN_KERNEL=True, FUSED_RMS_NORM=False))])
+  result["section_times"] = [dict(section="tiles", seconds=61.0, estimate_s=60),
+                             dict(section="train", seconds=140.0, estimate_s=55)]
   result["summary"] = gpu_suite.summarise(result)
   return result
 
@@ -108,6 +110,9 @@ def test_write_sets_the_winners_and_keeps_the_ties(tmp_path, capsys):
   assert mod.measured_tuning("gpu", 64, 4096) is None
   blocks, launch = mod._check_tuning(entry["tuning"])
   assert blocks == {"dq": (128, 64), "dkdv": (64, 128)} and launch["dq"]["num_warps"] == 8
+  # reported, never written: the guard's estimates against the run (train 2.5x its estimate)
+  assert "| benchmarks/gpu_suite.py COST | as is | as is | report only | sections took 201 s in " \
+         "all (estimates 115 s); off by more than 1.5x: train 140 s (est. 55) |" in out
   # only the lines the decisions name changed
   old = (ROOT / gpu_apply.LAYERS).read_text().splitlines()
   new = (root / gpu_apply.LAYERS).read_text().splitlines()

@@ -138,6 +138,12 @@ def test_gpu_suite_small_runs_every_section(tmp_path):
   for heading in ("## Kernel checks", "## Attention", "## ~1B training step", "## Decode step",
                   "## Backward tilings"):
     assert heading in md
+  # every section's time next to the guard's estimate (--small still adds up the estimates)
+  times = {t["section"]: t for t in result["section_times"]}
+  assert list(times)[:5] == ["env", "ceilings", "check", "tiles", "tiles rope"]
+  assert times["tiles"]["estimate_s"] == 10 and times["tiles rope"]["estimate_s"] == 10
+  assert times["train"]["estimate_s"] == gpu_suite.COST["train"]
+  assert all(t["seconds"] >= 0 for t in times.values()) and "## Section times" in md
   # each arm records the switches it ran with: what benchmarks/gpu_apply.py compares
   assert train["default"]["layers_switches"] == {"ROPE_IN_KERNEL": True, "FUSED_RMS_NORM": True}
   assert train["rope-first"]["layers_switches"]["ROPE_IN_KERNEL"] is False
