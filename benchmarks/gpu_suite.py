@@ -38,7 +38,8 @@ a watchdog thread ends the process at the hard limit, budget + 30 s, after writi
    `kernels_pallas.decode_attention` over each row's filled slots, `topk_argmax` with the
    repetition penalty inside) at batch 1, 8 and 32, whose logits are first checked against (a);
    at batch 1 also (c) = (b) without the per-layer span check (`layers.DECODE_SPAN_CHECK`, a
-   `lax.cond` per layer), to see what the conditional costs. The limit is the measured copy
+   `lax.cond` per layer), to see what the conditional costs (`decode no-check`, the run's last
+   section: it decides nothing, so it yields to everything else). The limit is the measured copy
    bandwidth over the bytes a step must read (matmul weights + the filled K/V slots).
 7. `decode_kernel`: `decode_attention` alone on one layer's cache (batch 1/8/32, 2,048 filled
    slots; block / split / warp variants at batch 1; ragged lengths at batch 32) against the jnp
@@ -633,7 +634,9 @@ def decode_state(cfg, gen_lib, batch: int, seed: int, *, ctx: int, max_len: int)
   return state, rows_p
 
 
-def section_decode(suite, backend, dcfg):
+def section_decode(suite, backend, dcfg, span_check_ab=False):
+  """The 7B decode step, xla and pallas, at each batch (`span_check_ab`: instead, the pallas
+  step at the first batch without the per-layer span check, a late section of its own)."""
   from baichuan_jax import configs
   import gpu_decode  # benchmarks/gpu_decode.py
   del backend  # the model resolves attention_impl="pallas" to the platform's kernels itself
@@ -677,6 +680,24 @@ def section_decode(suite, backend, dcfg):
     jax.block_until_ready(state)
     return (time.perf_counter() - t0) / n
 
+  if span_check_ab:
+    # The pallas step without the per-layer span check (`layers.DECODE_SPAN_CHECK`, a lax.cond
+    # per layer): what the conditional costs on the device.
+    batch = min(dcfg["batches"])
+    if not suite.fits(f"decode pallas no-check batch {batch}", COST["decode_step"]):
+      return
+    try:
+      with layers_flags({"DECODE_SPAN_CHECK": False}):  # read when the step is traced (1st call)
+        fn, _ = model_decode_step(cfgs["pallas"])
+        state, rows_p = fresh_state(batch, 2)
+        sec = timed(jax.jit(fn, donate_argnums=(1,)), state, rows_p, dcfg["steps"])
+      rows.append(row_for("kernels without the span check (no lax.cond; generate's cache is "
+                          "one span per row)", batch, sec, ctx + 1))
+      rows[-1].update(attention_impl="pallas", label="pallas_no_span_check")
+    except Exception as e:  # pylint: disable=broad-except
+      suite.error(f"decode pallas no-check batch {batch}", e)
+    suite.write()
+    return
   checked = False
   for batch in sorted(set(dcfg["batches"]) | set(dcfg["model_batches"])):
     if not checked:  # the two paths on the same cache contents (the timed executables)
@@ -711,23 +732,6 @@ def section_decode(suite, backend, dcfg):
         rows[-1].update(attention_impl=impl, label=impl)
       except Exception as e:  # pylint: disable=broad-except
         suite.error(f"decode {impl} batch {batch}", e)
-      state = None
-      suite.write()
-    if first and batch in dcfg["batches"]:
-      # The same pallas step without the per-layer span check (`layers.DECODE_SPAN_CHECK`, a
-      # lax.cond per layer): what the conditional costs on the device.
-      if not suite.fits(f"decode pallas no-check batch {batch}", COST["decode_step"]):
-        return
-      try:
-        with layers_flags({"DECODE_SPAN_CHECK": False}):  # read when the step is traced (1st call)
-          fn, _ = model_decode_step(cfgs["pallas"])
-          state, rows_p = fresh_state(batch, 2)
-          sec = timed(jax.jit(fn, donate_argnums=(1,)), state, rows_p, dcfg["steps"])
-        rows.append(row_for("kernels without the span check (no lax.cond; generate's cache is "
-                            "one span per row)", batch, sec, ctx + 1))
-        rows[-1].update(attention_impl="pallas", label="pallas_no_span_check")
-      except Exception as e:  # pylint: disable=broad-except
-        suite.error(f"decode pallas no-check batch {batch}", e)
       state = None
       suite.write()
     print("decode", json.dumps(rows[-3:], default=str)[:700], flush=True)
@@ -1345,6 +1349,9 @@ def main(argv=None):
                  lambda: section_decode_kernel(suite, backend, shapes["decode_kernel"]), 5))
   if "train" in sections:  # last, the A/Bs that decide defaults: only if the budget has room
     plan += [variant("rope-first"), variant("xla RMSNorm"), variant("whole-logit loss")]
+  if "decode" in sections:  # what the decode span check costs: reported, decides nothing
+    plan.append(("decode no-check", lambda: section_decode(suite, backend, shapes["decode"],
+                                                           span_check_ab=True), 5))
   # the `tiles` sections set this run's fastest tilings in MEASURED_TUNING (this process only)
   measured = copy.deepcopy(kernels_pallas.attention.MEASURED_TUNING)
   try:

@@ -143,6 +143,9 @@ def test_gpu_suite_small_runs_every_section(tmp_path):
   assert list(times)[:5] == ["env", "ceilings", "check", "tiles", "tiles rope"]
   assert times["tiles"]["estimate_s"] == 10 and times["tiles rope"]["estimate_s"] == 10
   assert times["train"]["estimate_s"] == gpu_suite.COST["train"]
+  # the decode span check's A/B decides nothing: it runs last
+  assert list(times)[-1] == "decode no-check"
+  assert [r["label"] for r in result["decode"]][-1] == "pallas_no_span_check"
   assert all(t["seconds"] >= 0 for t in times.values()) and "## Section times" in md
   # each arm records the switches it ran with: what benchmarks/gpu_apply.py compares
   assert train["default"]["layers_switches"] == {"ROPE_IN_KERNEL": True, "FUSED_RMS_NORM": True}
