@@ -196,7 +196,7 @@ def decide_switch(result, root, name, min_gain) -> dict:
   return _decision(setting, cur, proposed, evidence)
 
 
-def report_only(result) -> list:
+def report_only(result, min_gain=0.03) -> list:
   """Decisions this tool never writes, with their evidence."""
   out = []
   rows = [r for r in result.get("decode_kernel", []) if r.get("kernel_us") and r["fill"] == "full"]
@@ -204,10 +204,12 @@ def report_only(result) -> list:
   if "default" in b1:
     best = min(b1.values(), key=lambda r: r["kernel_us"])
     gain = b1["default"]["kernel_us"] / best["kernel_us"] - 1
-    out.append(_decision("kernels_pallas.decode.GPU_DEFAULTS", "default", best["variant"],
+    choice = best["variant"] if gain >= min_gain else "default"
+    out.append(_decision("kernels_pallas.decode.GPU_DEFAULTS", "default", choice,
                          f"decode_attention at batch {best['batch']}: fastest {best['variant']!r} "
                          f"{best['kernel_us']:.1f} us vs default {b1['default']['kernel_us']:.1f}"
-                         f" us ({gain:+.1%}); variants timed at batch 1 only", write=False))
+                         f" us ({gain:+.1%}); the variants are timed at this batch only",
+                         write=False))
   steps = {r.get("variant"): r for r in result["train"] if r.get("tokens_per_s")}
   base = steps.get("default")
   for variant, what in (("whole-logit loss", "loss_chunk_size=0 (config)"),
@@ -242,7 +244,7 @@ def decide(result, root=ROOT, min_gain=0.03) -> list:
     raise ApplyError(f"min_gain={min_gain} is invalid: must be in [0, 1)")
   return ([decide_tiling(result, root, min_gain, rope) for rope in (False, True)]
           + [decide_switch(result, root, n, min_gain) for n in SWITCH_VARIANTS]
-          + report_only(result))
+          + report_only(result, min_gain))
 
 
 # ----------------------------------------------------------------------------------------------
