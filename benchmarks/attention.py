@@ -63,16 +63,22 @@ BACKEND = "gpu"  # --backend; "interpret" runs a tiny smoke test of this script 
 
 def make_fn(impl, *, causal, alibi, s, h, d, dtype, tuning=None, rope=False):
   """Returns f(q, k, v) -> out for one implementation, or raises NotImplementedError.
-  `rope` (ours only): q and k unrotated, RoPE (base 10,000, positions 0..s-1) inside the
-  kernels, as the model's training step runs them."""
+  `rope` (ours only): as the model's training step runs the kernels: q and k unrotated, RoPE
+  (base 10,000) inside them, with positions 0..s-1 and segment ids (one segment per row)."""
   slopes = jnp.asarray(alibi_slopes(h)) if alibi else None
   scale = d ** -0.5
   if rope and impl != "ours":
     raise NotImplementedError("RoPE inside the kernels is ours only")
+  if impl == "ours" and rope:
+    def f(q, k, v):
+      ids = jnp.broadcast_to(jnp.arange(q.shape[1], dtype=jnp.int32), q.shape[:2])
+      return flash_attention(q, k, v, causal=causal, alibi_slopes=slopes, backend=BACKEND,
+                             tuning=tuning, rope_theta=1e4, positions=ids,
+                             segment_ids=jnp.ones_like(ids))
+    return f
   if impl == "ours":
     return lambda q, k, v: flash_attention(q, k, v, causal=causal, alibi_slopes=slopes,
-                                           backend=BACKEND, tuning=tuning,
-                                           rope_theta=1e4 if rope else None)
+                                           backend=BACKEND, tuning=tuning)
   if impl == "xla":
     return lambda q, k, v: attention_reference(q, k, v, causal=causal, alibi_slopes=slopes)
   if impl == "cudnn":

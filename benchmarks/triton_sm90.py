@@ -119,7 +119,8 @@ SWEEP_LAUNCH = [(4, 1), (4, 2), (4, 3), (8, 1), (8, 2), (8, 3)]
 
 def sweep_kernels(seq=4096, heads=32, head_dim=128, tokens=16384, rope=False) -> list:
   """(tiling label, kernel) for the dQ and dK/dV kernels of every SWEEP_* combination; with
-  `rope`, RoPE applied inside the kernels as in the model's training step."""
+  `rope`, the kernels as the model's training step runs them (RoPE inside, positions and
+  segment ids: benchmarks/attention.py make_fn)."""
   sys.path.insert(0, str(ROOT / "benchmarks"))
   import jax
   import jax.numpy as jnp
@@ -135,12 +136,8 @@ def sweep_kernels(seq=4096, heads=32, head_dim=128, tokens=16384, rope=False) ->
       for warps, stages in SWEEP_LAUNCH:
         tuning = {"blocks": {"dq": dq, "dkdv": dkdv},
                   "launch": {"bwd": {"num_warps": warps, "num_stages": stages}}}
-        if rope:
-          f = lambda q, k, v, tuning=tuning: kernels_pallas.flash_attention(
-              q, k, v, rope_theta=1e4, backend="gpu", tuning=tuning)
-        else:
-          f = attn_bench.make_fn("ours", causal=True, alibi=False, s=seq, h=heads, d=head_dim,
-                                 dtype=jnp.bfloat16, tuning=tuning)
+        f = attn_bench.make_fn("ours", causal=True, alibi=False, s=seq, h=heads, d=head_dim,
+                               dtype=jnp.bfloat16, tuning=tuning, rope=rope)
         grad = attn_bench._grad_fn(f)  # pylint: disable=protected-access
         for k in triton_kernels(jax.jit(grad), (x, x, x, ct)):
           blocks = {"baichuan_flash_dq": dq, "baichuan_flash_dkdv": dkdv}.get(k["name"])

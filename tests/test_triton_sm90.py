@@ -19,6 +19,7 @@ pytest.importorskip("triton")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+import attention as attn_bench  # noqa: E402  (benchmarks/attention.py)
 import gpu_suite  # noqa: E402
 import triton_sm90  # noqa: E402
 
@@ -29,10 +30,14 @@ KIB = 1024
 
 
 def _kernels(tuning=None, rope=False):
+  """The kernels of flash fwd+bwd; `rope`: as the training step runs them (RoPE inside, with
+  positions and segment ids), through the suite's own benchmark function."""
   x = jax.ShapeDtypeStruct((1, 1024, 4, 128), jnp.bfloat16)
-  f = lambda q, k, v: jax.grad(lambda q, k, v: jnp.sum(flash_attention(
-      q, k, v, backend="gpu", tuning=tuning, rope_theta=1e4 if rope else None).astype(
-          jnp.float32)), argnums=(0, 1, 2))(q, k, v)
+  attn_bench.BACKEND = "gpu"
+  fn = attn_bench.make_fn("ours", causal=True, alibi=False, s=1024, h=4, d=128,
+                          dtype=jnp.bfloat16, tuning=tuning, rope=rope)
+  f = lambda q, k, v: jax.grad(lambda q, k, v: jnp.sum(fn(q, k, v).astype(jnp.float32)),
+                               argnums=(0, 1, 2))(q, k, v)
   with kernels_pallas.lowering_platform("cuda"):
     return triton_sm90.triton_kernels(jax.jit(f), (x, x, x))
 
