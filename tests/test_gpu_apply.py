@@ -206,3 +206,20 @@ def test_flash_attention_uses_measured_tuning(monkeypatch):
       q, k, v, backend="xla", rope_theta=1e4)), atol=2e-5)
   flash_attention(q, k, v, backend="interpret", tuning={})  # an explicit tuning wins
   assert seen[-1] is None
+
+
+def test_copy_to_keeps_the_runs_files(tmp_path):
+  # --copy-to puts the run's json and markdown next to the docs, byte for byte, without
+  # writing anything else (a --small run may be copied; only --write refuses it)
+  run = tmp_path / "out"
+  run.mkdir()
+  path = _write(run, _result(small=True))
+  (run / "gpu_suite.md").write_text("# gpu_suite results\n")
+  root = _checkout(tmp_path)
+  before = {rel: (root / rel).read_text() for rel in (gpu_apply.ATTENTION, gpu_apply.LAYERS)}
+  prefix = tmp_path / "docs" / "gpu_suite_h200"
+  prefix.parent.mkdir()
+  assert gpu_apply.main([str(path), "--copy-to", str(prefix), "--root", str(root)]) == 0
+  assert (tmp_path / "docs" / "gpu_suite_h200.json").read_bytes() == path.read_bytes()
+  assert (tmp_path / "docs" / "gpu_suite_h200.md").read_text() == "# gpu_suite results\n"
+  assert before == {rel: (root / rel).read_text() for rel in before}
