@@ -177,6 +177,9 @@ def test_bad_results_files_are_named(tmp_path, capsys):
     assert gpu_apply.main([str(path)]) == 2
     err = capsys.readouterr().err
     assert str(path) in err and msg in err, err
+  good = _write(tmp_path, _result())
+  assert gpu_apply.main([str(good), "--min-gain", "1.5"]) == 2
+  assert "min_gain=1.5 is invalid: must be in [0, 1)" in capsys.readouterr().err
 
 
 def test_flash_attention_uses_measured_tuning(monkeypatch):
