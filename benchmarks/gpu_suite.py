@@ -57,10 +57,10 @@ a watchdog thread ends the process at the hard limit, budget + 30 s, after writi
    last, `rope-first` (RoPE applied to q and k before the kernels, `layers.ROPE_IN_KERNEL =
    False`), `xla RMSNorm` (the jnp norm, which XLA fuses with the residual add, instead of the
    Pallas kernel: `layers.FUSED_RMS_NORM = False`) and `whole-logit loss` (loss_chunk_size=0
-   instead of the split loss; last, as it decides no default). The summary's `train_variants` gives each one's tokens/s
-   over the default step's, `train_best` the fastest, `train_rope_in_kernel_speedup` the
-   rope-first step time over the in-kernel step's and `train_fused_rms_norm_speedup` the
-   xla-RMSNorm step time over the kernel step's.
+   instead of the split loss; last, as it decides no default). The summary's `train_variants`
+   gives each one's tokens/s over the default step's, `train_best` the fastest,
+   `train_rope_in_kernel_speedup` the rope-first step time over the in-kernel step's and
+   `train_fused_rms_norm_speedup` the xla-RMSNorm step time over the kernel step's.
 
 After a device run, `benchmarks/gpu_apply.py gpu_suite.json --write` turns the tiles and train
 A/Bs into the project's defaults by rule (each path's fastest tiling into
@@ -838,8 +838,9 @@ TILE_VARIANTS = [
 
 # The same for the kernels with RoPE inside (the model's training path, `layers.ROPE_IN_KERNEL`),
 # whose defaults are 8 warps (`ROPE_LAUNCH`). Every one compiles for sm_90a within the shared
-# memory and spills nothing (docs/results/triton_sm90.md, "rope" rows); the wider dK/dV blocks
-# spill with RoPE (the rotated halves of K come with them), so dK/dV stays 64 x 64.
+# memory and spills nothing (docs/results/triton_sm90.md, "rope" rows; tests/test_triton_sm90.py
+# with positions and segment ids, as the training step runs them); every wider dK/dV block
+# spills with RoPE there, so dK/dV stays 64 x 64.
 TILE_VARIANTS_ROPE = [
     ("default", None),
     ("dq 128x64 8w2s / dkdv 64x64 8w2s", {"blocks": {"dq": (128, 64)}}),
