@@ -10,7 +10,9 @@ writes `$OUT/gpu_suite.json` (every row, the environment, the command) and `$OUT
 (the tables, headed by the issue's four aims judged: `summary.aims`, "not measured" where a
 section was skipped or failed) after every section, so a run cut short still leaves what it
 measured. Sections, in
-order (each is skipped, with a note, when its estimated cost no longer fits the remaining budget;
+order (each is skipped, with a note, when its estimated cost, scaled by how the finished
+sections' times compared with their estimates (`Suite.guard_scale`), no longer fits the
+remaining budget;
 a watchdog thread ends the process at the hard limit, budget + 30 s, after writing the files):
 
 1. `env`: device, driver (nvidia-smi), Python / jax / jaxlib / flax / triton versions, argv.
@@ -156,12 +158,28 @@ class Suite:
   def elapsed(self) -> float:
     return time.perf_counter() - self.t0
 
+  def guard_scale(self) -> float:
+    """How the estimates compare with this run so far: the finished sections' seconds over
+    their estimates (once those add up to >= 30 s; 1 before), clamped to [0.4, 1.5]. Estimates
+    are guesses until a device run calibrates COST, so the guard learns them within the run:
+    a faster device fits more of the plan, a slower one skips sooner rather than meet the
+    watchdog mid-section. 0 with --small (on a CPU the device estimates mean nothing)."""
+    if self.args.small:
+      return 0.0
+    done = [t for t in self.result["section_times"] if t["estimate_s"] > 0]
+    est = sum(t["estimate_s"] for t in done)
+    if est < 30:
+      return 1.0
+    return min(1.5, max(0.4, sum(t["seconds"] for t in done) / est))
+
   def fits(self, name: str, cost: float) -> bool:
-    """True if `cost` seconds still fit the budget; otherwise records the skip."""
-    scale = 1.0 if not self.args.small else 0.0  # on CPU the device estimates mean nothing
+    """True if `cost` seconds (scaled by `guard_scale`) still fit the budget; otherwise records
+    the skip."""
+    scale = self.guard_scale()
     left = self.args.budget_s - self.elapsed()
     if cost * scale > left:
-      note = f"{name}: skipped at {self.elapsed():.0f} s (needs ~{cost:.0f} s, {left:.0f} s left)"
+      note = (f"{name}: skipped at {self.elapsed():.0f} s (needs ~{cost * scale:.0f} s: "
+              f"estimate {cost:.0f} s x {scale:.2f}; {left:.0f} s left)")
       self.result["skipped"].append(note)
       print(note, flush=True)
       return False
@@ -1368,7 +1386,7 @@ def main(argv=None):
       # COST can be set from a device run
       suite.result["section_times"].append(dict(
           section=name, seconds=round(time.perf_counter() - t0, 1),
-          estimate_s=suite.estimated or cost))
+          estimate_s=suite.estimated or cost, guard_scale=round(suite.guard_scale(), 3)))
       print(f"section {name}: {time.perf_counter() - t0:.1f} s (elapsed {suite.elapsed():.0f} s, "
             f"process CPU {time.process_time():.0f} s)", flush=True)
       suite.result["summary"] = summarise(suite.result)

@@ -147,6 +147,7 @@ def test_gpu_suite_small_runs_every_section(tmp_path):
   assert list(times)[-1] == "decode no-check"
   assert [r["label"] for r in result["decode"]][-1] == "pallas_no_span_check"
   assert all(t["seconds"] >= 0 for t in times.values()) and "## Section times" in md
+  assert {t["guard_scale"] for t in times.values()} == {0.0}  # --small: the guard stands aside
   # each arm records the switches it ran with: what benchmarks/gpu_apply.py compares
   assert train["default"]["layers_switches"] == {"ROPE_IN_KERNEL": True, "FUSED_RMS_NORM": True}
   assert train["rope-first"]["layers_switches"]["ROPE_IN_KERNEL"] is False
@@ -243,3 +244,25 @@ def test_profile_sums_one_kind_of_device_line_and_buckets_kernel_names(tmp_path)
   prof = gpu_suite.trace_top_ops(tmp_path / "ops", steps=2)
   assert prof["source"] == "XLA Ops line" and prof["total_ms"] == pytest.approx(117.5)
   assert prof["buckets"]["elementwise (XLA loop fusions)"] == pytest.approx(117.5)
+
+
+def test_budget_guard_learns_the_estimates_within_the_run(tmp_path):
+  # The guard scales every estimate by the finished sections' seconds over their estimates
+  # (clamped to [0.4, 1.5]; 1 until those estimates add up to 30 s; 0 with --small).
+  from types import SimpleNamespace
+  suite = gpu_suite.Suite(SimpleNamespace(budget_s=100.0, small=False, out=str(tmp_path)),
+                          gpu_suite.FULL)
+  times = suite.result["section_times"]
+  assert suite.guard_scale() == 1.0
+  times.append(dict(section="env", seconds=1.0, estimate_s=2))
+  assert suite.guard_scale() == 1.0  # 2 s of estimates: too little to learn from
+  times.append(dict(section="check", seconds=30.0, estimate_s=60))
+  assert suite.guard_scale() == pytest.approx(31 / 62)
+  assert suite.fits("a", 190) and not suite.fits("b", 210)  # 95 and 105 s against ~100 left
+  assert len(suite.result["skipped"]) == 1 and "estimate 210 s x 0.50" in suite.result["skipped"][0]
+  times[-1]["seconds"] = 3.0  # far faster than estimated: clamped at 0.4
+  assert suite.guard_scale() == 0.4
+  times[-1]["seconds"] = 600.0  # far slower: clamped at 1.5
+  assert suite.guard_scale() == 1.5 and not suite.fits("c", 70)
+  suite.args.small = True
+  assert suite.guard_scale() == 0.0 and suite.fits("d", 1e9)
