@@ -861,7 +861,8 @@ TILE_VARIANTS = [
 # spills with RoPE there, so dK/dV stays 64 x 64.
 TILE_VARIANTS_ROPE = [
     ("default", None),
-    ("dq 128x64 8w2s / dkdv 64x64 8w2s", {"blocks": {"dq": (128, 64)}}),
+    ("dq 128x64 8w1s / dkdv 64x64 8w2s", {"blocks": {"dq": (128, 64)},
+                                          "launch": {"dq": {"num_stages": 1}}}),
     ("dq 128x32 8w2s / dkdv 64x64 8w3s", {"blocks": {"dq": (128, 32)},
                                           "launch": {"dkdv": {"num_stages": 3}}}),
     ("dq 64x64 8w3s / dkdv 64x64 8w1s", {"launch": {"dq": {"num_stages": 3},

@@ -41,7 +41,7 @@ def _result(tile_ms=(10.0, 9.2), rope=(0.300, 0.285), rms=0.297, small=False,
            dict(variant="dq 128x64 8w2s / dkdv 64x128 8w2s", ms=tile_ms[1], seq=4096,
                 head_dim=128, tuning=TILING, path="plain"),
            dict(variant="default", ms=rope_tile_ms[0], seq=4096, head_dim=128, path="rope"),
-           dict(variant="dq 128x64 8w2s / dkdv 64x64 8w2s", ms=rope_tile_ms[1], seq=4096,
+           dict(variant="dq 128x64 8w1s / dkdv 64x64 8w2s", ms=rope_tile_ms[1], seq=4096,
                 head_dim=128, tuning={"blocks": {"dq": [128, 64]}}, path="rope")]
   best, best_rope = (min((r for r in tiles if r["path"] == p), key=lambda r: r["ms"])
                      for p in ("plain", "rope"))
