@@ -49,9 +49,8 @@ LAYERS = "baichuan_jax/model/layers.py"
 TUNING_BEGIN = "# BEGIN MEASURED_TUNING"
 TUNING_END = "# END MEASURED_TUNING"
 MIN_SEQ = 2048  # the attention section's shortest sequence, where the tiling was also run
-# The train A/B that flips each switch, and the value its variant sets.
-SWITCH_VARIANTS = {"ROPE_IN_KERNEL": ("rope-first", False),
-                   "FUSED_RMS_NORM": ("xla RMSNorm", False)}
+# The train A/B (gpu_suite.TRAIN_VARIANTS) that flips each switch.
+SWITCH_VARIANTS = {"ROPE_IN_KERNEL": "rope-first", "FUSED_RMS_NORM": "xla RMSNorm"}
 
 
 class ApplyError(ValueError):
@@ -173,16 +172,16 @@ def decide_tiling(result, root, min_gain, rope=False) -> dict:
 
 def decide_switch(result, root, name, min_gain) -> dict:
   cur = current_switch(root, name)
-  variant, variant_value = SWITCH_VARIANTS[name]
+  variant = SWITCH_VARIANTS[name]
   steps = {r.get("variant"): r for r in result["train"] if r.get("step_s")}
   base, other = steps.get("default"), steps.get(variant)
   setting = f"baichuan_jax.model.layers.{name}"
-  if base is None or other is None:
+  if base is None or other is None or any(name not in r.get("layers_switches", {})
+                                          for r in (base, other)):
     return _decision(setting, cur, cur, f"not measured (train 'default' and {variant!r} rows "
-                                        "with step times are both needed)")
-  # each arm's value as recorded (rows before the switches were recorded: True and the variant's)
-  v_base = (base.get("layers_switches") or {}).get(name, True)
-  v_other = (other.get("layers_switches") or {}).get(name, variant_value)
+                                        f"with step times and the {name} they ran are needed)")
+  # each arm's value as it ran (the suite records it in every train row)
+  v_base, v_other = base["layers_switches"][name], other["layers_switches"][name]
   evidence = (f"train step {base['step_s']:.4f} s with {name}={v_base} (default) vs "
               f"{other['step_s']:.4f} s with {name}={v_other} ({variant!r})")
   if v_base == v_other:

@@ -95,7 +95,6 @@ def default_launch(head_dim: int, rope: bool = False) -> dict:
 # BEGIN MEASURED_TUNING (benchmarks/gpu_apply.py rewrites this block)
 MEASURED_TUNING = {}
 # END MEASURED_TUNING
-TUNING_PATHS = ("plain", "rope")
 
 
 def measured_tuning(kind: str, head_dim: int, seq_len: int, rope: bool = False) -> Optional[dict]:

@@ -153,6 +153,11 @@ def test_below_margin_and_same_arms_change_nothing(tmp_path):
   d = gpu_apply.decide_switch(_result(rope=(0.3, 0.2), rope_arms=(False, False)), root,
                               "ROPE_IN_KERNEL", 0.03)
   assert not d["change"] and "no A/B" in d["evidence"]
+  # an arm without its recorded switch is no evidence: not guessed
+  result = _result(rope=(0.3, 0.2))
+  del result["train"][1]["layers_switches"]
+  d = gpu_apply.decide_switch(result, root, "ROPE_IN_KERNEL", 0.03)
+  assert not d["change"] and d["evidence"].startswith("not measured")
 
 
 @pytest.mark.parametrize("kw, reason", [(dict(small=True), "--small"),
