@@ -16,11 +16,15 @@ becomes the default the same way every time:
   applied to q and k first);
 * `baichuan_jax.model.layers.FUSED_RMS_NORM`: the `xla RMSNorm` train A/B (the Pallas RMSNorm
   kernel or the jnp formula XLA fuses with its neighbours);
+* `benchmarks/gpu_suite.py` COST, the budget guard's estimates: each rescaled by its sections'
+  seconds over the estimates the run used (`section_times`, `cost`) plus 10%, where the run
+  missed it by more than 15% (sections with an error are left out: their time is no measure),
+  so a rerun skips what it must and nothing more; applied whatever `--min-gain`;
 * reported only, never written: the decode kernel's settings (`kernels_pallas.decode.
   GPU_DEFAULTS`; its variants are timed at batch 1 only), the whole-logit loss and batch x2
   train variants (memory trade-offs, config fields rather than defaults), the decode span
-  check (`layers.DECODE_SPAN_CHECK`, a correctness guard whatever it costs) and the budget
-  guard's section estimates (`gpu_suite.COST`) against the run's `section_times`.
+  check (`layers.DECODE_SPAN_CHECK`, a correctness guard whatever it costs) and the sections
+  whose time was off the budget guard's estimate by more than 1.5x.
 
 A setting changes only when the faster arm wins by at least `--min-gain` (default 3%: on the
 H100 a re-timed attention point differed by several percent between runs, docs/kernels.md); a
@@ -37,6 +41,7 @@ import argparse
 import ast
 import difflib
 import json
+import math
 import pprint
 import re
 import shutil
@@ -46,6 +51,16 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 ATTENTION = "kernels_pallas/attention.py"
 LAYERS = "baichuan_jax/model/layers.py"
+SUITE = "benchmarks/gpu_suite.py"
+COST_BEGIN, COST_END = "# BEGIN COST", "# END COST"
+COST_CHANGE = 0.15  # an estimate the run's time missed by more than 15% is rescaled ...
+COST_MARGIN = 1.1  # ... to that time plus 10%
+# The COST entries each of the suite's sections spends ("train <variant>" sections: their own).
+COST_KEYS = {"env": ("env",), "ceilings": ("ceilings",), "check": ("check",),
+             "tiles": ("tiles item",), "tiles rope": ("tiles item",),
+             "attention": ("attention item",), "train": ("train",),
+             "decode": ("decode_step", "decode first step"),
+             "decode_kernel": ("decode_kernel item",), "decode no-check": ("decode_step",)}
 TUNING_BEGIN = "# BEGIN MEASURED_TUNING"
 TUNING_END = "# END MEASURED_TUNING"
 MIN_SEQ = 2048  # the attention section's shortest sequence, where the tiling was also run
@@ -109,11 +124,7 @@ def current_switch(root, name) -> bool:
 
 
 def _tuning_block(text, path):
-  start, end = text.find(TUNING_BEGIN), text.find(TUNING_END)
-  if start < 0 or end < start:
-    raise ApplyError(f"{path}: the '{TUNING_BEGIN}' ... '{TUNING_END}' block is missing")
-  body_start = text.index("\n", start) + 1
-  return body_start, end
+  return _block(text, path, TUNING_BEGIN, TUNING_END)
 
 
 def current_tuning(root) -> dict:
@@ -126,6 +137,28 @@ def current_tuning(root) -> dict:
     return ast.literal_eval(body[len("MEASURED_TUNING = "):])
   except (ValueError, SyntaxError) as e:
     raise ApplyError(f"{Path(root) / ATTENTION}: MEASURED_TUNING is not a literal ({e})") from None
+
+
+def _block(text, path, begin, end):
+  start, stop = text.find(begin), text.find(end)
+  if start < 0 or stop < start:
+    raise ApplyError(f"{path}: the '{begin}' ... '{end}' block is missing")
+  return text.index("\n", start) + 1, stop
+
+
+def current_cost(root) -> dict:
+  """gpu_suite.COST as the sources hold it."""
+  text = _read(root, SUITE)
+  a, b = _block(text, Path(root) / SUITE, COST_BEGIN, COST_END)
+  body = text[a:b].strip()
+  try:
+    if not body.startswith("COST = "):
+      raise ValueError("no 'COST = {...}'")
+    cost = ast.literal_eval(body[len("COST = "):])
+  except (ValueError, SyntaxError) as e:
+    raise ApplyError(f"{Path(root) / SUITE}: the COST block must hold one literal "
+                     f"'COST = {{...}}' ({e})") from None
+  return cost
 
 
 # ----------------------------------------------------------------------------------------------
@@ -195,6 +228,38 @@ def decide_switch(result, root, name, min_gain) -> dict:
   return _decision(setting, cur, proposed, evidence)
 
 
+def decide_cost(result, root) -> dict:
+  """gpu_suite.COST rescaled by the run's section_times against the estimates it ran with."""
+  cur = current_cost(root)
+  ran, setting = result.get("cost"), "gpu_suite.COST"
+  times = result.get("section_times") or []
+  if not ran or not times:
+    return _decision(setting, cur, cur, "not measured (the run recorded no section_times or no "
+                                        "cost, the estimates its guard used)")
+  spent, left_out = {}, []
+  for t in times:
+    name = t["section"]
+    keys = COST_KEYS.get(name) or ((name,) if name.startswith("train ") else ())
+    if t.get("errors"):  # the errors the section recorded: its time is no measure
+      left_out.append(name)
+      continue
+    for key in keys:
+      sec, est = spent.get(key, (0.0, 0.0))
+      spent[key] = (sec + t["seconds"], est + t["estimate_s"])
+  proposed, moved = dict(cur), []
+  for key, (sec, est) in sorted(spent.items()):
+    if key not in ran or key not in cur or est <= 0:
+      continue
+    if abs(sec / est - 1) > COST_CHANGE:  # the run's time over the estimate it ran with
+      proposed[key] = max(1, math.ceil(round(ran[key] * sec / est * COST_MARGIN, 6)))
+      moved.append(f"{key} {cur[key]} -> {proposed[key]} ({sec:.0f} s against {est:.0f} s)")
+  evidence = (f"{len(spent)} estimates timed; those off by more than {COST_CHANGE:.0%} rescaled "
+              f"to the time (+{COST_MARGIN - 1:.0%}): " + ("; ".join(moved) or "none"))
+  if left_out:
+    evidence += "; left out (an error in the section): " + ", ".join(left_out)
+  return _decision(setting, cur, proposed, evidence)
+
+
 def report_only(result, min_gain=0.03) -> list:
   """Decisions this tool never writes, with their evidence."""
   out = []
@@ -243,7 +308,7 @@ def decide(result, root=ROOT, min_gain=0.03) -> list:
     raise ApplyError(f"min_gain={min_gain} is invalid: must be in [0, 1)")
   return ([decide_tiling(result, root, min_gain, rope) for rope in (False, True)]
           + [decide_switch(result, root, n, min_gain) for n in SWITCH_VARIANTS]
-          + report_only(result, min_gain))
+          + [decide_cost(result, root)] + report_only(result, min_gain))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -257,10 +322,16 @@ def edited_sources(decisions, root=ROOT) -> dict:
     if not dcs["change"]:
       continue
     setting = dcs["setting"]
-    rel = ATTENTION if ".MEASURED_TUNING[" in setting else LAYERS
+    rel = (ATTENTION if ".MEASURED_TUNING[" in setting else SUITE if setting == "gpu_suite.COST"
+           else LAYERS)
     if rel not in texts:
       texts[rel] = [_read(root, rel)] * 2
-    if rel == ATTENTION:  # every path's decision goes into the one literal
+    if rel == SUITE:
+      text = texts[rel][1]
+      a, b = _block(text, Path(root) / SUITE, COST_BEGIN, COST_END)
+      body = "COST = " + pprint.pformat(dcs["proposed"], width=80, sort_dicts=True)
+      texts[rel][1] = text[:a] + body.replace("\n", "\n" + " " * 7) + "\n" + text[b:]
+    elif rel == ATTENTION:  # every path's decision goes into the one literal
       tuning = current_tuning(root) if tuning is None else tuning
       tuning[setting.split("[")[1].strip("]'\"")] = dcs["proposed"]
     else:
@@ -287,6 +358,8 @@ def apply(decisions, root=ROOT) -> str:
 
 def _show(value) -> str:
   """A setting's value for the table: a MEASURED_TUNING path as its tilings' names."""
+  if isinstance(value, dict) and all(isinstance(v, (int, float)) for v in value.values()):
+    return f"{len(value)} estimates"  # COST: which moved is in the evidence
   if isinstance(value, dict):
     return ", ".join(f"head_dim {hd}: {e.get('variant', 'measured')}"
                      for hd, e in sorted(value.items())) or "{} (the code's defaults)"

@@ -133,12 +133,26 @@ SMALL = dict(
                        iters=1, variants=2),
     tiles=dict(seq=64, tokens=64, heads=2, head_dim=32, iters=1, variants=(1,)),
 )
-# Estimated seconds per section on the device (compile + timing), used by the budget guard.
-# (The H100 run compiled the ~1B step in ~15 s and ran it at 0.32 s per step.)
-COST = {"env": 2, "ceilings": 15, "check": 45, "attention": 70, "train": 55,
-        "decode_step": 40, "tiles": 60,
-        "train batch x2": 40, "train rope-first": 30, "train whole-logit loss": 30,
-        "train xla RMSNorm": 30}
+# Estimated device seconds (compile + timing) of each section, or of each item of the sections
+# that run items ("... item", "decode_step": one step program of `decode`), used by the budget
+# guard. Guesses until a device run: the H100 run compiled the ~1B step in ~15 s and ran it at
+# 0.32 s per step. `benchmarks/gpu_apply.py --write` rescales them from a run's section_times
+# (the block below is what it edits).
+# BEGIN COST
+COST = {'attention item': 6,
+        'ceilings': 15,
+        'check': 45,
+        'decode first step': 10,
+        'decode_kernel item': 5,
+        'decode_step': 40,
+        'env': 2,
+        'tiles item': 10,
+        'train': 55,
+        'train batch x2': 40,
+        'train rope-first': 30,
+        'train whole-logit loss': 30,
+        'train xla RMSNorm': 30}
+# END COST
 
 
 class Suite:
@@ -151,7 +165,8 @@ class Suite:
     self.out.mkdir(parents=True, exist_ok=True)
     self.result = dict(env={}, ceilings={}, check=[], attention=[], train=[], decode=[],
                        decode_kernel=[], tiles=[], skipped=[], errors=[], summary={},
-                       tuning_used=None, tuning_used_rope=None, section_times=[])
+                       tuning_used=None, tuning_used_rope=None, section_times=[],
+                       cost=dict(COST))  # the estimates this run's guard used
     self.lock = threading.Lock()
     self.estimated = 0.0  # the estimates of the items the current section ran (fits() True)
 
@@ -360,7 +375,7 @@ def section_attention(suite, backend, cfg):
       for impl, alibi in (("ours", False), ("ours", True), ("cudnn", False), ("cudnn", True)):
         if mode == "fwd" and alibi and impl == "cudnn":
           continue
-        if not suite.fits(f"attention {mode} seq {s} {impl}", 6):
+        if not suite.fits(f"attention {mode} seq {s} {impl}", COST["attention item"]):
           return
         row = attn_bench.bench_one(impl, mode, b=b, s=s, h=cfg["heads"], d=cfg["head_dim"],
                                    dtype=jnp.bfloat16, causal=True, alibi=alibi,
@@ -736,7 +751,8 @@ def section_decode(suite, backend, dcfg, span_check_ab=False):
       checked = True
       suite.write()
     first = batch == min(set(dcfg["batches"]) | set(dcfg["model_batches"]))
-    cost = 10 if first else COST["decode_step"]  # the check compiled the first batch's steps
+    # the check compiled the first batch's steps
+    cost = COST["decode first step"] if first else COST["decode_step"]
     for impl, wanted, slots_read in (("xla", dcfg["model_batches"], L),
                                      ("pallas", dcfg["batches"], ctx + 1)):
       if batch not in wanted:
@@ -792,7 +808,7 @@ def section_decode_kernel(suite, backend, cfg):
   rows = suite.result["decode_kernel"]
   rng = np.random.default_rng(0)
   for b, fill, (vname, kw) in decode_kernel_plan(cfg):
-    if not suite.fits(f"decode_kernel b{b} {fill} {vname}", 5):
+    if not suite.fits(f"decode_kernel b{b} {fill} {vname}", COST["decode_kernel item"]):
       return
     keys = jax.random.split(jax.random.PRNGKey(b), 3)
     q = jax.random.normal(keys[0], (b, h, d), jnp.bfloat16)
@@ -884,7 +900,7 @@ def section_tiles(suite, backend, cfg, rope=False):
   path = "rope" if rope else "plain"
   rows = []
   for name, tuning in [variants[i] for i in cfg.get("variants", range(len(variants)))]:
-    if not suite.fits(f"tiles {path} {name}", 10):
+    if not suite.fits(f"tiles {path} {name}", COST["tiles item"]):
       break
     row = attn_bench.bench_one("ours", "fwdbwd", b=b, s=s, h=cfg["heads"], d=cfg["head_dim"],
                                dtype=jnp.bfloat16, causal=True, alibi=False, iters=cfg["iters"],
@@ -1348,12 +1364,14 @@ def main(argv=None):
   if "check" in sections:
     plan.append(("check", lambda: section_check(suite, backend), COST["check"]))
   if "tiles" in sections:  # first: the fastest tilings are what attention and train run with
-    plan.append(("tiles", lambda: section_tiles(suite, backend, shapes["tiles"]), 10))
+    plan.append(("tiles", lambda: section_tiles(suite, backend, shapes["tiles"]),
+                 COST["tiles item"]))
     if "train" in sections:  # the training path's kernels (RoPE inside)
       plan.append(("tiles rope", lambda: section_tiles(suite, backend, shapes["tiles"], True),
-                   10))
+                   COST["tiles item"]))
   if "attention" in sections:
-    plan.append(("attention", lambda: section_attention(suite, backend, shapes["attn"]), 20))
+    plan.append(("attention", lambda: section_attention(suite, backend, shapes["attn"]),
+                 COST["attention item"]))
   if "train" in sections:
     plan.append(("train", lambda: section_train(suite, shapes["train"]), COST["train"]))
   if "decode" in sections:
@@ -1366,12 +1384,14 @@ def main(argv=None):
     plan.append(variant("batch x2"))
   if "decode_kernel" in sections:
     plan.append(("decode_kernel",
-                 lambda: section_decode_kernel(suite, backend, shapes["decode_kernel"]), 5))
+                 lambda: section_decode_kernel(suite, backend, shapes["decode_kernel"]),
+                 COST["decode_kernel item"]))
   if "train" in sections:  # last, the A/Bs that decide defaults: only if the budget has room
     plan += [variant("rope-first"), variant("xla RMSNorm"), variant("whole-logit loss")]
   if "decode" in sections:  # what the decode span check costs: reported, decides nothing
     plan.append(("decode no-check", lambda: section_decode(suite, backend, shapes["decode"],
-                                                           span_check_ab=True), 5))
+                                                           span_check_ab=True),
+                 COST["decode_step"]))
   # the `tiles` sections set this run's fastest tilings in MEASURED_TUNING (this process only)
   measured = copy.deepcopy(kernels_pallas.attention.MEASURED_TUNING)
   try:
@@ -1379,15 +1399,17 @@ def main(argv=None):
       if not suite.fits(name, cost):
         continue
       t0, suite.estimated = time.perf_counter(), 0.0
+      errors_before = len(suite.result["errors"])
       try:
         fn()
       except Exception as e:  # pylint: disable=broad-except
         suite.error(name, e)
       # what it took against the budget guard's estimate (its items' where it has items), so
-      # COST can be set from a device run
+      # COST can be set from a device run (gpu_apply leaves out sections with errors)
       suite.result["section_times"].append(dict(
           section=name, seconds=round(time.perf_counter() - t0, 1),
-          estimate_s=suite.estimated or cost, guard_scale=round(suite.guard_scale(), 3)))
+          estimate_s=suite.estimated or cost, guard_scale=round(suite.guard_scale(), 3),
+          errors=len(suite.result["errors"]) - errors_before))
       print(f"section {name}: {time.perf_counter() - t0:.1f} s (elapsed {suite.elapsed():.0f} s, "
             f"process CPU {time.process_time():.0f} s)", flush=True)
       suite.result["summary"] = summarise(suite.result)

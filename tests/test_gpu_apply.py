@@ -61,9 +61,9 @@ def _result(tile_ms=(10.0, 9.2), rope=(0.300, 0.285), rms=0.297, small=False,
 
 
 def _checkout(tmp_path):
-  """A copy of the two files gpu_apply edits, laid out as in the repository."""
+  """A copy of the files gpu_apply edits, laid out as in the repository."""
   root = tmp_path / "root"
-  for rel in (gpu_apply.ATTENTION, gpu_apply.LAYERS):
+  for rel in (gpu_apply.ATTENTION, gpu_apply.LAYERS, gpu_apply.SUITE):
     (root / rel).parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(ROOT / rel, root / rel)
   return root
@@ -158,6 +158,53 @@ def test_below_margin_and_same_arms_change_nothing(tmp_path):
   del result["train"][1]["layers_switches"]
   d = gpu_apply.decide_switch(result, root, "ROPE_IN_KERNEL", 0.03)
   assert not d["change"] and d["evidence"].startswith("not measured")
+
+
+def test_write_rescales_the_budget_estimates_from_the_run(tmp_path, capsys):
+  # Hand-worked: each COST entry times its sections' seconds over the estimates the run used,
+  # plus 10%, rounded up, where the run missed the estimate by more than 15%.
+  root = _checkout(tmp_path)
+  result = _result()
+  ran = dict(gpu_suite.COST)
+  result["cost"] = ran
+  result["errors"] = ["train rope-first: RuntimeError: out of memory"]
+  result["section_times"] = [
+      dict(section="tiles", seconds=61.0, estimate_s=60),  # tiles: 105 s / 100 s: kept
+      dict(section="tiles rope", seconds=44.0, estimate_s=40),
+      dict(section="attention", seconds=90.0, estimate_s=120),  # 0.75: 6 x 0.75 x 1.1 -> 5
+      dict(section="train", seconds=140.0, estimate_s=55),  # 55 x 140 / 55 x 1.1 = 154
+      # decode_step: (50 + 30) / (90 + 40) -> 40 x 0.615 x 1.1 = 27.1 -> 28;
+      # decode first step: 50 / 90 -> 10 x 0.556 x 1.1 = 6.1 -> 7
+      dict(section="decode", seconds=50.0, estimate_s=90),
+      dict(section="decode no-check", seconds=30.0, estimate_s=40),
+      dict(section="train rope-first", seconds=3.0, estimate_s=30, errors=1),  # left out
+      dict(section="train xla RMSNorm", seconds=31.0, estimate_s=30)]  # within 15%: kept
+  d = gpu_apply.decide_cost(result, root)
+  assert d["change"] and d["writes"]
+  want = dict(ran, **{"attention item": 5, "train": 154, "decode_step": 28,
+                      "decode first step": 7})
+  assert d["proposed"] == want
+  assert "left out (an error in the section): train rope-first" in d["evidence"]
+  assert "train 55 -> 154 (140 s against 55 s)" in d["evidence"]
+  path = _write(tmp_path, result)
+  assert gpu_apply.main([str(path), "--write", "--root", str(root)]) == 0
+  assert "+        'train': 154," in capsys.readouterr().out
+  assert gpu_apply.current_cost(root) == want
+  # only the block changed, and the edited suite still compiles
+  old = (ROOT / gpu_apply.SUITE).read_text().splitlines()
+  new = (root / gpu_apply.SUITE).read_text().splitlines()
+  assert len(old) == len(new) and sum(a != b for a, b in zip(old, new)) == 4
+  compile((root / gpu_apply.SUITE).read_text(), gpu_apply.SUITE, "exec")
+  # the same run again: nothing moves (the rescaling starts from the run's own estimates)
+  assert not any(x["change"] for x in gpu_apply.decide(gpu_apply.load_results(path), root))
+  # a run that recorded no estimates: not measured
+  del result["cost"]
+  assert gpu_apply.decide_cost(result, root)["evidence"].startswith("not measured")
+  # a suite whose COST block is gone is named
+  suite = root / gpu_apply.SUITE
+  suite.write_text(suite.read_text().replace(gpu_apply.COST_END, "# (end)"))
+  with pytest.raises(gpu_apply.ApplyError, match="gpu_suite.py: the '# BEGIN COST'"):
+    gpu_apply.current_cost(root)
 
 
 @pytest.mark.parametrize("kw, reason", [(dict(small=True), "--small"),

@@ -156,7 +156,8 @@ def test_gpu_suite_small_runs_every_section(tmp_path):
   import gpu_apply
   decisions = gpu_apply.decide(gpu_apply.load_results(tmp_path / "gpu_suite.json"))
   assert [d["setting"].rsplit(".", 1)[1] for d in decisions if d["writes"]] == [
-      "MEASURED_TUNING['plain']", "MEASURED_TUNING['rope']", "ROPE_IN_KERNEL", "FUSED_RMS_NORM"]
+      "MEASURED_TUNING['plain']", "MEASURED_TUNING['rope']", "ROPE_IN_KERNEL", "FUSED_RMS_NORM",
+      "COST"]
   assert any("--small" in r for r in gpu_apply.write_refusals(result))
 
 
