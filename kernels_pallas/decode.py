@@ -203,7 +203,8 @@ def _tpu_call(q4, k_cache, v_cache, starts, lengths, slopes, *, bk, sm_scale):
   def kv_map(bi, hk, j, starts_ref, lengths_ref):
     first, end = _row_blocks(starts_ref[bi], lengths_ref[bi], bk)
     # Outside [first, end) re-point at a block already fetched: the pipeline skips the copy.
-    return (bi, hk, jnp.clip(j, first, jnp.maximum(end - 1, first)), 0)
+    # A row starting at max_len (nothing filled) has first == L // bk: kept inside the cache.
+    return (bi, hk, jnp.minimum(jnp.clip(j, first, jnp.maximum(end - 1, first)), L // bk - 1), 0)
 
   q_spec = pl.BlockSpec((None, None, gp, d), lambda bi, hk, j, *_: (bi, hk, 0, 0))
   kv_spec = pl.BlockSpec((None, None, bk, d), kv_map)
@@ -295,8 +296,12 @@ def decode_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, lengt
       GPU_DEFAULTS["target_programs"] programs in all, at most the number of blocks).
     num_warps, num_stages: Triton launch settings (GPU only).
   Returns:
-    Like q (same shape and dtype).
+    Like q (same shape and dtype). The kernels multiply in the cache's dtype: an fp32 q over a
+    bf16 cache is rounded to bf16 first (as the model's bf16 decode step has it), so it agrees
+    with the fp32 reference to bf16 precision (~1e-3 relative), not to fp32.
   """
+  lengths = jnp.asarray(lengths)  # a list or NumPy array is fine too
+  starts = None if starts is None else jnp.asarray(starts)
   _validate(q, k_cache, v_cache, lengths, starts, alibi_slopes)
   shape4 = q.ndim == 4
   q3 = q[:, 0] if shape4 else q

@@ -2,7 +2,10 @@
 
 `top_k(logits, k)` returns what `jax.lax.top_k` returns (values largest first, ties in index order,
 so the lowest index wins), and `argmax(logits)` what `jnp.argmax` returns (the first maximum), but
-reads each logit once:
+reads each logit once. Every backend reads -0.0 as +0.0 (`_unsigned_zero`): `lax.top_k` ranks
++0.0 above -0.0, while `jnp.argmax` and torch's argmax (the HF greedy pick) take them as equal,
+so without this the kernel and the jnp path could pick different tokens on a row whose maximum
+is a zero:
 
 1. a Pallas kernel, grid (batch, vocab_blocks), loads one block of a row's logits, optionally
    applies the HF repetition penalty there (`present` mask and per-row `penalty`: `penalise`,
@@ -28,6 +31,7 @@ from typing import Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
@@ -52,6 +56,11 @@ def penalise(x, present, penalty, inv_penalty=None):
   return jnp.where(present, jnp.where(x > 0, x * inv_penalty, x * penalty), x)
 
 
+def _unsigned_zero(x):
+  """x with -0.0 as +0.0, so equal values tie (and resolve by index) on every backend."""
+  return jnp.where(x == 0, jnp.zeros_like(x), x)
+
+
 def _kernel(x_ref, *rest, bv: int, kp: int, has_penalty: bool):
   if has_penalty:
     present_ref, penalty_ref, inv_ref, val_ref, idx_ref = rest
@@ -61,6 +70,7 @@ def _kernel(x_ref, *rest, bv: int, kp: int, has_penalty: bool):
   x = x_ref[...].astype(jnp.float32)  # [block_v]
   if has_penalty:  # [1] blocks -> scalars; 1 / penalty comes from outside (see `penalise`)
     x = penalise(x, present_ref[...] != 0, jnp.sum(penalty_ref[...]), jnp.sum(inv_ref[...]))
+  x = _unsigned_zero(x)
   local = jnp.arange(bv)
   slot = jnp.arange(kp)
   vals = jnp.full((kp,), -jnp.inf, jnp.float32)
@@ -91,7 +101,7 @@ def _reference(logits, k, present, penalty):
   x = logits.astype(jnp.float32)
   if present is not None:
     x = penalise(x, present, penalty[:, None].astype(jnp.float32))
-  vals, idx = jax.lax.top_k(x, k)
+  vals, idx = jax.lax.top_k(_unsigned_zero(x), k)
   return vals, idx.astype(jnp.int32)
 
 
@@ -113,11 +123,14 @@ def top_k(logits: jax.Array, k: int, *, present: Optional[jax.Array] = None,
       BLOCK_V, halved until it divides vocab).
   Returns:
     (values [batch, k] fp32, indices [batch, k] int32), as `jax.lax.top_k` of the fp32
-    (penalised) logits: largest first, equal values in increasing index order.
+    (penalised) logits with -0.0 read as +0.0: largest first, equal values in increasing index
+    order.
   """
   if logits.ndim != 2:
     raise ValueError(f"logits.shape={logits.shape} is invalid: must be [batch, vocab]")
   b, vocab = logits.shape
+  if isinstance(k, (int, np.integer)) and not isinstance(k, bool):
+    k = int(k)  # a NumPy integer is as good as an int (it must be static)
   if not isinstance(k, int) or not 1 <= k <= vocab:
     raise ValueError(f"k={k!r} is invalid: must be an int in [1, vocab={vocab}]")
   if (present is None) != (penalty is None):

@@ -115,6 +115,14 @@ def test_tpu_decode_bf16_mha():
                 lengths=[50, 128], alibi=True, block_k=32)
 
 
+def test_decode_row_starting_at_the_cache_end_gets_zeros():
+  # starts == max_len (and beyond: clipped) fills nothing: zeros, as lengths <= starts, on both
+  # kernels; the TPU kernel's block map once pointed one block past the cache for such a row.
+  for backend in ("interpret", "tpu_interpret"):
+    _check_decode(backend, b=3, h=4, kvh=2, max_len=64, d=32, dtype=jnp.float32,
+                  lengths=[64, 64, 30], starts=[64, 0, 70], block_k=16, poison=True)
+
+
 def test_decode_matches_model_cache_attention():
   """The kernel agrees with the model's own cached-decode attention (xla_attention, "bhsd")."""
   from baichuan_jax.model.attention import AttnContext, xla_attention
@@ -150,6 +158,13 @@ def test_decode_bad_inputs_raise_clear_errors():
     decode_attention(q[..., :24], k[..., :24], v[..., :24], lengths, backend="interpret")
   with pytest.raises(ValueError, match=r"alibi_slopes.shape=\(3,\)"):
     decode_attention(q, k, v, lengths, alibi_slopes=jnp.ones(3))
+  with pytest.raises(ValueError, match=r"lengths \(shape \(2,\), dtype float32\) is invalid"):
+    decode_attention(q, k, v, [1.0, 2.0])
+  # lengths and starts as lists or NumPy arrays: the same as jax arrays
+  np.testing.assert_array_equal(
+      np.asarray(decode_attention(q, k, v, [1, 2], starts=np.array([0, 1]), backend="interpret")),
+      np.asarray(decode_attention(q, k, v, lengths, starts=jnp.asarray([0, 1]),
+                                  backend="interpret")))
   # The xla backend takes any cache length and is the reference.
   out = decode_attention(q, k[:, :, :60], v[:, :, :60], lengths, backend="xla")
   np.testing.assert_array_equal(
@@ -180,6 +195,21 @@ def test_top_k_matches_lax_top_k_with_ties(vocab, block_v):
   np.testing.assert_array_equal(
       np.asarray(topk_argmax(x, backend="interpret", block_v=block_v)),
       np.asarray(jnp.argmax(x, axis=-1)))
+
+
+@pytest.mark.parametrize("backend", ["interpret", "xla"])
+def test_top_k_reads_negative_zero_as_zero(backend):
+  # lax.top_k ranks +0.0 above -0.0 (it would give 1, 3, 0); jnp.argmax and the HF greedy pick
+  # take them as equal (first maximum: 0). Every backend reads -0.0 as +0.0: zeros tie and
+  # resolve by index, the same token whichever path runs.
+  row = np.array([-0.0, 0.0, -1.0, 0.0, -0.0, -2.0, -3.0] + [-5.0] * 25, np.float32)
+  x = jnp.asarray(np.stack([row, row[::-1]]))
+  vals, idx = top_k(x, 3, backend=backend, block_v=16)
+  assert np.asarray(idx).tolist() == [[0, 1, 3], [27, 28, 30]]
+  assert not np.signbit(np.asarray(vals)).any()  # the zeros come back as +0.0
+  greedy = topk_argmax(x, backend=backend, block_v=16)
+  np.testing.assert_array_equal(np.asarray(greedy), np.asarray(jnp.argmax(x, axis=-1)))
+  assert np.asarray(jax.lax.top_k(x, 3)[1])[0].tolist() == [1, 3, 0]  # why: the raw order
 
 
 def test_top_k_fused_repetition_penalty_bf16():
@@ -225,6 +255,10 @@ def test_top_k_bad_inputs():
     top_k(x, 2, present=jnp.ones((2, 64), bool))
   with pytest.raises(ValueError, match=r"logits.shape=\(64,\)"):
     top_k(jnp.ones(64), 1)
+  with pytest.raises(ValueError, match="k=2.0 is invalid: must be an int"):
+    top_k(x, 2.0)
+  # a NumPy integer k is an int
+  assert top_k(x, np.int64(3), backend="interpret")[1].shape == (2, 3)
 
 
 # ----------------------------------------------------------------------------------------------
