@@ -61,14 +61,16 @@ def _dense_alibi(slopes, s, dtype):
 BACKEND = "gpu"  # --backend; "interpret" runs a tiny smoke test of this script on CPU
 
 
-def make_fn(impl, *, causal, alibi, s, h, d, dtype, tuning=None, rope=False):
+def make_fn(impl, *, causal, alibi, s, h, d, dtype, tuning=None, rope=False, segments=False):
   """Returns f(q, k, v) -> out for one implementation, or raises NotImplementedError.
   `rope` (ours only): as the model's training step runs the kernels: q and k unrotated, RoPE
-  (base 10,000) inside them, with positions 0..s-1 and segment ids (one segment per row)."""
+  (base 10,000) inside them, with positions 0..s-1 and segment ids (one segment per row).
+  `segments` (ours only): the plain kernels with those segment ids, as the training step runs
+  them with RoPE applied first (`layers.ROPE_IN_KERNEL = False`)."""
   slopes = jnp.asarray(alibi_slopes(h)) if alibi else None
   scale = d ** -0.5
-  if rope and impl != "ours":
-    raise NotImplementedError("RoPE inside the kernels is ours only")
+  if (rope or segments) and impl != "ours":
+    raise NotImplementedError("RoPE inside the kernels and segment ids are ours only")
   if impl == "ours" and rope:
     def f(q, k, v):
       ids = jnp.broadcast_to(jnp.arange(q.shape[1], dtype=jnp.int32), q.shape[:2])
@@ -76,6 +78,10 @@ def make_fn(impl, *, causal, alibi, s, h, d, dtype, tuning=None, rope=False):
                              tuning=tuning, rope_theta=1e4, positions=ids,
                              segment_ids=jnp.ones_like(ids))
     return f
+  if impl == "ours" and segments:
+    return lambda q, k, v: flash_attention(q, k, v, causal=causal, alibi_slopes=slopes,
+                                           backend=BACKEND, tuning=tuning,
+                                           segment_ids=jnp.ones(q.shape[:2], jnp.int32))
   if impl == "ours":
     return lambda q, k, v: flash_attention(q, k, v, causal=causal, alibi_slopes=slopes,
                                            backend=BACKEND, tuning=tuning)

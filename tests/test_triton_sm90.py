@@ -29,13 +29,15 @@ from kernels_pallas import flash_attention  # noqa: E402
 KIB = 1024
 
 
-def _kernels(tuning=None, rope=False, shape=(1, 1024, 4, 128)):
+def _kernels(tuning=None, rope=False, shape=(1, 1024, 4, 128), segments=False):
   """The kernels of flash fwd+bwd; `rope`: as the training step runs them (RoPE inside, with
-  positions and segment ids), through the suite's own benchmark function."""
+  positions and segment ids), `segments`: plain with segment ids (the training step with RoPE
+  applied first), through the suite's own benchmark function."""
   x = jax.ShapeDtypeStruct(shape, jnp.bfloat16)
   attn_bench.BACKEND = "gpu"
   fn = attn_bench.make_fn("ours", causal=True, alibi=False, s=shape[1], h=shape[2], d=shape[3],
-                          dtype=jnp.bfloat16, tuning=tuning, rope=rope)
+                          dtype=jnp.bfloat16, tuning=tuning, rope=rope,
+                          segments=segments and not rope)
   f = lambda q, k, v: jax.grad(lambda q, k, v: jnp.sum(fn(q, k, v).astype(jnp.float32)),
                                argnums=(0, 1, 2))(q, k, v)
   with kernels_pallas.lowering_platform("cuda"):
@@ -59,16 +61,18 @@ def test_shared_memory_is_the_tiles_times_the_stages():
   assert all(0 < r["registers"] <= 255 for r in rows)
 
 
-@pytest.mark.parametrize("rope", [False, True], ids=["plain", "in-kernel rope"])
-def test_the_suites_backward_tilings_fit_and_do_not_spill(rope):
+@pytest.mark.parametrize("rope, segments", [(False, False), (False, True), (True, True)],
+                         ids=["plain", "plain with segment ids", "in-kernel rope"])
+def test_the_suites_backward_tilings_fit_and_do_not_spill(rope, segments):
   # at the shapes the suite times them (register allocation differs with them: dQ 128 x 64
-  # with 2 stages and RoPE spills 8 bytes at seq 4096 x 32 heads, none at 1024 x 4)
+  # with 2 stages and RoPE spills 8 bytes at seq 4096 x 32 heads, none at 1024 x 4); the plain
+  # ones also with segment ids, as the rope-first train arm runs the plain winner
   t = gpu_suite.FULL["tiles"]
   shape = (t["tokens"] // t["seq"], t["seq"], t["heads"], t["head_dim"])
   kernels = []
   variants = gpu_suite.tile_variants(rope)
   for name, tuning in variants[1:]:
-    kernels += [dict(k, variant=name) for k in _kernels(tuning, rope, shape)
+    kernels += [dict(k, variant=name) for k in _kernels(tuning, rope, shape, segments)
                 if k["name"] in ("baichuan_flash_dq", "baichuan_flash_dkdv")]
   rows = triton_sm90.compile_all(kernels)
   assert len(rows) == 2 * (len(variants) - 1)
