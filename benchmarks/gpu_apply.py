@@ -74,15 +74,28 @@ class ApplyError(ValueError):
 
 def load_results(path) -> dict:
   path = Path(path)
+  if path.is_dir():
+    raise ApplyError(f"{path}: a folder; pass the gpu_suite.json in it"
+                     + (f" ({path / 'gpu_suite.json'})" if (path / "gpu_suite.json").is_file()
+                        else ""))
   try:
     result = json.loads(path.read_text())
   except FileNotFoundError:
     raise ApplyError(f"{path}: no such file (a gpu_suite.py run writes $OUT/gpu_suite.json)")
-  except json.JSONDecodeError as e:
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
     raise ApplyError(f"{path}: not JSON ({e})") from None
+  if not isinstance(result, dict):
+    raise ApplyError(f"{path}: not a gpu_suite.json (a JSON {type(result).__name__}, not an "
+                     "object)")
   missing = [k for k in ("env", "train", "tiles", "summary") if k not in result]
   if missing:
     raise ApplyError(f"{path}: not a gpu_suite.json (missing {', '.join(missing)})")
+  wrong = [f"{k} (a {type(result[k]).__name__})" for k, want in (
+      ("env", dict), ("train", list), ("tiles", list), ("summary", dict))
+           if not isinstance(result[k], want)]
+  if wrong:
+    raise ApplyError(f"{path}: not a gpu_suite.json (env and summary must be objects, train "
+                     f"and tiles lists: {', '.join(wrong)})")
   return result
 
 

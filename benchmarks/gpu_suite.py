@@ -84,6 +84,7 @@ import copy
 import functools
 import gc
 import json
+import math
 import os
 import platform
 import subprocess
@@ -1298,9 +1299,10 @@ def markdown(result):
                            ("tuning_used_rope", "rope", "the in-kernel-RoPE train steps")):
       used = result.get(key)
       if used:
+        gain = used.get("speedup_over_default")
         out += ["", f"Fastest {_PATHS[path]}: **{used['variant']}** "
-                f"({_f(used.get('speedup_over_default'), '{:.2f}')}x the default); {who} ran "
-                "with it."]
+                + ("(the default was not timed)" if gain is None else f"({gain:.2f}x the default)")
+                + f"; {who} ran with it."]
     out.append("")
   if result.get("section_times"):
     out += ["## Section times (the budget guard's estimates, COST, against this run)", "",
@@ -1338,6 +1340,8 @@ def main(argv=None):
     if not result["ok"]:
       sys.exit(1)
     return result
+  if not (math.isfinite(args.budget_s) and args.budget_s > 0):
+    p.error(f"--budget-s {args.budget_s}: must be a positive number of seconds")
   sections = args.sections.split(",")
   allowed = ("ceilings", "check", "tiles", "attention", "train", "decode", "decode_kernel")
   for s in sections:
@@ -1418,6 +1422,8 @@ def main(argv=None):
   finally:
     kernels_pallas.attention.MEASURED_TUNING.clear()
     kernels_pallas.attention.MEASURED_TUNING.update(measured)
+  suite.result["summary"] = summarise(suite.result)
+  suite.write()  # also when every section was skipped: the file says so
   print(markdown(suite.result), flush=True)
   return suite.result
 

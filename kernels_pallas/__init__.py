@@ -17,11 +17,11 @@ from kernels_pallas.attention import (BACKENDS, DEFAULT_BLOCKS, default_blocks, 
 from kernels_pallas.decode import decode_attention
 from kernels_pallas.reference import (attention_reference, decode_attention_reference,
                                       rms_norm_reference, rope_reference)
-from kernels_pallas.rms_norm import rms_norm
+from kernels_pallas.rms_norm import rms_norm, rms_norm_kernel_fits
 from kernels_pallas.topk import argmax as topk_argmax
 from kernels_pallas.topk import top_k
 
 __all__ = ["BACKENDS", "DEFAULT_BLOCKS", "attention_reference", "decode_attention",
            "decode_attention_reference", "default_blocks", "default_tuning", "flash_attention",
            "lowering_platform", "resolve_backend", "rms_norm", "rms_norm_reference",
-           "rope_reference", "top_k", "topk_argmax"]
+           "rms_norm_kernel_fits", "rope_reference", "top_k", "topk_argmax"]

@@ -150,6 +150,14 @@ def _rms_bwd(kind, interpret, rows, eps, res, dy):
 _rms.defvjp(_rms_fwd, _rms_bwd)
 
 
+def rms_norm_kernel_fits(hidden: int, backend: str = "auto") -> bool:
+  """Whether `rms_norm` runs a kernel for rows of `hidden` values: the GPU kernel walks the row
+  in power-of-two column chunks of at least 16, so hidden must be a multiple of 16 there (the
+  TPU kernel takes whole rows of any size). The model uses the jnp formula where it does not."""
+  backend = resolve_backend(backend)
+  return backend not in ("gpu", "interpret") or (hidden > 0 and hidden % 16 == 0)
+
+
 def rms_norm(x: jax.Array, scale: jax.Array, *, eps: float = 1e-6, backend: str = "auto",
              block_rows: int | None = None) -> jax.Array:
   """Fused RMSNorm: x / sqrt(mean(x^2) + eps) * scale, statistics in fp32.
@@ -159,9 +167,12 @@ def rms_norm(x: jax.Array, scale: jax.Array, *, eps: float = 1e-6, backend: str 
     scale: [hidden].
     eps: added to the mean square (Baichuan: 1e-6).
     backend: as for `flash_attention` ("auto", "gpu", "tpu", "interpret", "tpu_interpret", "xla").
-    block_rows: rows per program (default DEFAULT_BLOCK_ROWS: 2 on GPU, 64 on TPU).
+    block_rows: rows per program (default DEFAULT_BLOCK_ROWS: 2 on GPU, 64 on TPU; a power of
+      two on GPU, a multiple of 8 on TPU).
   Returns:
-    Same shape and dtype as x; differentiable in x and scale.
+    Same shape and dtype as x; differentiable in x and scale. On GPU (and "interpret") hidden
+    must be a multiple of 16 (`rms_norm_kernel_fits`). An x with no rows returns the empty
+    result of the jnp formula.
   """
   if x.ndim < 1 or scale.shape != (x.shape[-1],):
     raise ValueError(f"scale.shape={scale.shape} is invalid: must be [hidden={x.shape[-1:]}] "
@@ -174,12 +185,16 @@ def rms_norm(x: jax.Array, scale: jax.Array, *, eps: float = 1e-6, backend: str 
   hidden = x.shape[-1]
   x2 = x.reshape(-1, hidden)
   n = x2.shape[0]
-  rows = block_rows or DEFAULT_BLOCK_ROWS[kind]
-  if kind == "gpu" and (rows & (rows - 1) or hidden & -hidden < 16):
-    raise ValueError(f"block_rows={rows}, hidden={hidden} are invalid for the GPU kernel: "
-                     "block_rows must be a power of two and hidden a multiple of 16")
-  if kind == "tpu" and rows % 8:
-    raise ValueError(f"block_rows={rows} is invalid for the TPU kernel: must be a multiple of 8")
+  rows = DEFAULT_BLOCK_ROWS[kind] if block_rows is None else block_rows
+  if not isinstance(rows, int) or rows <= 0 or (kind == "gpu" and rows & (rows - 1)) or (
+      kind == "tpu" and rows % 8):
+    raise ValueError(f"block_rows={rows!r} is invalid for the {kind.upper()} kernel: must be "
+                     + ("a power of two" if kind == "gpu" else "a positive multiple of 8"))
+  if not rms_norm_kernel_fits(hidden, backend):
+    raise ValueError(f"hidden={hidden} (x.shape[-1]) is invalid for the GPU kernel: must be a "
+                     "multiple of 16 (or use backend='xla')")
+  if n == 0:  # no rows: nothing to launch
+    return rms_norm_reference(x, scale, eps)
   rows = min(rows, -(-n // 8) * 8)  # tiny inputs: one block
   if kind == "gpu":
     rows = 1 << (rows - 1).bit_length()

@@ -224,8 +224,18 @@ def test_bad_results_files_are_named(tmp_path, capsys):
   bad.write_text("{not json")
   partial = tmp_path / "partial.json"
   partial.write_text(json.dumps({"env": {}}))
+  scalar = tmp_path / "scalar.json"
+  scalar.write_text("5")
+  typed = tmp_path / "typed.json"
+  typed.write_text(json.dumps({"env": {}, "train": {}, "tiles": [], "summary": 3}))
+  folder = tmp_path / "run"
+  folder.mkdir()
+  (folder / "gpu_suite.json").write_text("{}")
   for path, msg in ((tmp_path / "absent.json", "no such file"), (bad, "not JSON"),
-                    (partial, "missing train, tiles, summary")):
+                    (partial, "missing train, tiles, summary"),
+                    (scalar, "a JSON int, not an object"),
+                    (typed, "train (a dict), summary (a int)"),
+                    (folder, "a folder; pass the gpu_suite.json in it")):
     assert gpu_apply.main([str(path)]) == 2
     err = capsys.readouterr().err
     assert str(path) in err and msg in err, err

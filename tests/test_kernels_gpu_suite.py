@@ -267,3 +267,27 @@ def test_budget_guard_learns_the_estimates_within_the_run(tmp_path):
   assert suite.guard_scale() == 1.5 and not suite.fits("c", 70)
   suite.args.small = True
   assert suite.guard_scale() == 0.0 and suite.fits("d", 1e9)
+
+
+@pytest.mark.parametrize("budget", ["0", "-100", "nan", "inf"])
+def test_bad_budget_is_refused(tmp_path, capsys, budget):
+  # a budget that is not a positive number of seconds would skip everything (or, as nan,
+  # disable the watchdog): refused before anything runs, nothing written
+  with pytest.raises(SystemExit) as e:
+    gpu_suite.main(["--small", "--out", str(tmp_path / "o"), "--budget-s", budget])
+  assert e.value.code == 2
+  assert f"--budget-s {float(budget)}: must be a positive number of seconds" in \
+      capsys.readouterr().err
+  assert not (tmp_path / "o").exists()
+
+
+def test_a_run_with_every_section_skipped_still_writes_its_files(tmp_path):
+  # (--small's guard takes no time for its estimates, so 1 ms of budget skips everything, or
+  # everything after `env` if that starts within the first millisecond)
+  result = gpu_suite.main(["--small", "--out", str(tmp_path), "--budget-s", "0.001"])
+  assert {t["section"] for t in result["section_times"]} <= {"env"}
+  assert len(result["skipped"]) >= 10
+  written = json.loads((tmp_path / "gpu_suite.json").read_text())
+  assert written["skipped"] == result["skipped"]
+  assert all(a["met"] is None for a in written["summary"]["aims"])
+  assert "| not measured |" in (tmp_path / "gpu_suite.md").read_text()

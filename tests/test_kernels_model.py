@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import kernels_pallas
 from kernels_pallas import rms_norm, rms_norm_reference
 
 from baichuan_jax import configs, losses
@@ -46,6 +47,44 @@ def test_rms_norm_kernel_matches_reference(backend, dtype, tol):
 def test_rms_norm_rejects_bad_scale():
   with pytest.raises(ValueError, match=r"scale.shape=\(3,\) is invalid"):
     rms_norm(jnp.ones((2, 4)), jnp.ones(3), backend="interpret")
+  # the shapes a kernel does not take are named for what they are
+  with pytest.raises(ValueError, match=r"hidden=200 \(x.shape\[-1\]\) is invalid for the GPU "
+                                       "kernel: must be a multiple of 16"):
+    rms_norm(jnp.ones((2, 200)), jnp.ones(200), backend="interpret")
+  for backend, rows, allowed in (("interpret", 3, "a power of two"),
+                                 ("tpu_interpret", -8, "a positive multiple of 8"),
+                                 ("interpret", 0, "a power of two")):
+    with pytest.raises(ValueError, match=f"block_rows={rows} is invalid .* must be {allowed}"):
+      rms_norm(jnp.ones((2, 64)), jnp.ones(64), backend=backend, block_rows=rows)
+  # the TPU kernel takes any hidden size: 200 = 8 x 25
+  assert not kernels_pallas.rms_norm_kernel_fits(200, "interpret")
+  assert kernels_pallas.rms_norm_kernel_fits(200, "tpu_interpret")
+  _check_rms_norm("tpu_interpret", jnp.float32, (5, 200), 1e-5)
+
+
+@pytest.mark.parametrize("backend", ["interpret", "tpu_interpret"])
+def test_rms_norm_of_no_rows(backend):
+  x, w = jnp.ones((2, 0, 64)), jnp.ones(64)
+  y, (dx, dw) = jax.value_and_grad(lambda x, w: rms_norm(x, w, backend=backend).sum(),
+                                   argnums=(0, 1))(x, w)
+  assert float(y) == 0.0 and dx.shape == x.shape and dw.shape == (64,)
+  np.testing.assert_array_equal(np.asarray(dw), np.zeros(64))
+
+
+def test_model_with_a_hidden_size_the_gpu_norm_kernel_does_not_take():
+  # hidden 200 is a valid config (4 heads of 50) but no multiple of 16: the pallas model keeps
+  # its attention kernels and normalises with the jnp formula; logits equal the xla model's
+  cfg = configs.get("tiny", hidden_size=200, num_heads=4, num_kv_heads=4, intermediate_size=96,
+                    num_layers=1, dtype="float32", attention_impl="pallas")
+  params = init_params(cfg, jax.random.PRNGKey(0))
+  tokens = jnp.asarray(np.random.default_rng(0).integers(3, cfg.vocab_size, size=(2, 24)))
+  text = str(jax.make_jaxpr(lambda p: BaichuanLM(cfg).apply({"params": p}, tokens))(params))
+  assert "name=baichuan_rms_norm" not in text
+  got = BaichuanLM(cfg).apply({"params": params}, tokens)
+  want = BaichuanLM(configs.get("tiny", hidden_size=200, num_heads=4, num_kv_heads=4,
+                                intermediate_size=96, num_layers=1, dtype="float32",
+                                attention_impl="xla")).apply({"params": params}, tokens)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-4, rtol=2e-4)
 
 
 @pytest.mark.gpu

@@ -41,8 +41,10 @@ class RMSNorm(nn.Module):
     scale = self.param("weight", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
                        (x.shape[-1],), dtype_of(cfg.param_dtype))
     if cfg.attention_impl == "pallas" and FUSED_RMS_NORM:
-      from kernels_pallas import rms_norm as fused_rms_norm  # pylint: disable=import-outside-toplevel
-      return fused_rms_norm(x, scale, eps=cfg.rms_norm_eps)
+      # pylint: disable-next=import-outside-toplevel
+      from kernels_pallas import rms_norm as fused_rms_norm, rms_norm_kernel_fits
+      if rms_norm_kernel_fits(x.shape[-1]):  # else (hidden not a multiple of 16 on GPU): jnp
+        return fused_rms_norm(x, scale, eps=cfg.rms_norm_eps)
     return rms_norm(x, scale, cfg.rms_norm_eps)
 
 
@@ -114,8 +116,9 @@ class Attention(nn.Module):
 # power-of-two head_dim >= 32; otherwise, and when False, RoPE is applied first). Read at trace.
 ROPE_IN_KERNEL = True
 
-# True: with attention_impl="pallas", RMSNorm runs as the fused Pallas kernel; False: as the
-# jnp formula, which XLA fuses with its neighbours (the residual add, the casts). Read at trace;
+# True: with attention_impl="pallas", RMSNorm runs as the fused Pallas kernel (where it takes the
+# hidden size: `kernels_pallas.rms_norm_kernel_fits`); False: as the jnp formula, which XLA
+# fuses with its neighbours (the residual add, the casts). Read at trace;
 # benchmarks/gpu_suite.py times the ~1B training step both ways.
 FUSED_RMS_NORM = True
 
