@@ -207,11 +207,37 @@ class Suite:
     self.result["errors"].append(msg)
     print("ERROR", msg, flush=True)
 
-  def write(self):
+  def _report_failure(self, what: str, exc: BaseException):
+    """A failure of the report itself, recorded once: it must not end the run."""
+    import traceback
+    where = traceback.extract_tb(exc.__traceback__)[-1]
+    msg = (f"{what}: {type(exc).__name__}: {str(exc)[:200]} (at {Path(where.filename).name}:"
+           f"{where.lineno})")
+    if msg not in self.result["errors"]:
+      self.result["errors"].append(msg)
+      print("ERROR", msg, flush=True)
+
+  def write(self, summary: bool = False):
+    """Writes gpu_suite.json and .md (`summary`: recomputes the summary first). A summary or
+    markdown that fails on some unforeseen row is an error in the file, not the end of the run:
+    the JSON keeps every row, and the sections still to come still run."""
     with self.lock:
+      if summary:
+        try:
+          self.result["summary"] = summarise(self.result)
+        except Exception as e:  # pylint: disable=broad-except
+          self._report_failure("summary", e)
       self.result["elapsed_s"] = self.elapsed()
       (self.out / "gpu_suite.json").write_text(json.dumps(self.result, indent=1, default=str))
-      (self.out / "gpu_suite.md").write_text(markdown(self.result))
+      try:
+        self.markdown_text = markdown(self.result)
+      except Exception as e:  # pylint: disable=broad-except
+        self._report_failure("markdown", e)
+        self.markdown_text = ("# gpu_suite results\n\nThe markdown report failed ("
+                              + self.result["errors"][-1] + "); gpu_suite.json beside this file "
+                              "holds every result.\n")
+        (self.out / "gpu_suite.json").write_text(json.dumps(self.result, indent=1, default=str))
+      (self.out / "gpu_suite.md").write_text(self.markdown_text)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1356,8 +1382,7 @@ def main(argv=None):
   def watchdog():  # the hard stop: a compile can outlast any estimate
     time.sleep(args.budget_s + 30)
     suite.result["errors"].append(f"watchdog: stopped at {suite.elapsed():.0f} s")
-    suite.result["summary"] = summarise(suite.result)
-    suite.write()
+    suite.write(summary=True)
     print("watchdog: budget exceeded, results written, exiting", flush=True)
     os._exit(3)
 
@@ -1416,15 +1441,13 @@ def main(argv=None):
           errors=len(suite.result["errors"]) - errors_before))
       print(f"section {name}: {time.perf_counter() - t0:.1f} s (elapsed {suite.elapsed():.0f} s, "
             f"process CPU {time.process_time():.0f} s)", flush=True)
-      suite.result["summary"] = summarise(suite.result)
-      suite.write()
+      suite.write(summary=True)
       gc.collect()  # free the section's device buffers before the next one allocates
   finally:
     kernels_pallas.attention.MEASURED_TUNING.clear()
     kernels_pallas.attention.MEASURED_TUNING.update(measured)
-  suite.result["summary"] = summarise(suite.result)
-  suite.write()  # also when every section was skipped: the file says so
-  print(markdown(suite.result), flush=True)
+  suite.write(summary=True)  # also when every section was skipped: the file says so
+  print(suite.markdown_text, flush=True)
   return suite.result
 
 

@@ -291,3 +291,26 @@ def test_a_run_with_every_section_skipped_still_writes_its_files(tmp_path):
   assert written["skipped"] == result["skipped"]
   assert all(a["met"] is None for a in written["summary"]["aims"])
   assert "| not measured |" in (tmp_path / "gpu_suite.md").read_text()
+
+
+def test_a_report_that_fails_does_not_end_the_run(tmp_path, monkeypatch):
+  # The one device run must not be lost to a formatting bug on some unforeseen row: a summary
+  # or markdown that raises is recorded as an error (once), the JSON keeps every row, and the
+  # markdown says where the results are.
+  from types import SimpleNamespace
+  suite = gpu_suite.Suite(SimpleNamespace(budget_s=100.0, small=True, out=str(tmp_path)),
+                          gpu_suite.SMALL)
+  suite.result["train"].append(dict(variant="default", step_s=None))  # an odd row
+  def broken(result):
+    raise TypeError("unsupported format string passed to NoneType.__format__")
+  monkeypatch.setattr(gpu_suite, "markdown", broken)
+  monkeypatch.setattr(gpu_suite, "summarise", broken)
+  for _ in range(2):
+    suite.write(summary=True)
+  errors = suite.result["errors"]
+  assert len(errors) == 2 and errors[0].startswith("summary: TypeError: unsupported format")
+  assert errors[1].startswith("markdown: TypeError") and "test_kernels_gpu_suite.py:" in errors[1]
+  written = json.loads((tmp_path / "gpu_suite.json").read_text())
+  assert written["train"] == [dict(variant="default", step_s=None)] and written["errors"] == errors
+  md = (tmp_path / "gpu_suite.md").read_text()
+  assert "The markdown report failed (markdown: TypeError" in md and "gpu_suite.json" in md
