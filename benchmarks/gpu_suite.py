@@ -1347,6 +1347,27 @@ def markdown(result):
 # ----------------------------------------------------------------------------------------------
 
 
+WATCHDOG_GRACE_S = 30.0  # past the budget before the watchdog ends the process
+
+
+def start_watchdog(suite, seconds):
+  """The hard stop: a compile can outlast any estimate. After `seconds` the watchdog records
+  the stop, writes the files and ends the process with status 3 -- unless the returned event
+  is set first (main sets it when the plan is done, so an in-process caller lives on)."""
+  finished = threading.Event()
+
+  def watchdog():
+    if finished.wait(seconds):
+      return
+    suite.result["errors"].append(f"watchdog: stopped at {suite.elapsed():.0f} s")
+    suite.write(summary=True)
+    print("watchdog: budget exceeded, results written, exiting", flush=True)
+    os._exit(3)
+
+  threading.Thread(target=watchdog, daemon=True, name="gpu_suite watchdog").start()
+  return finished
+
+
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
   p.add_argument("--out", required=True, help="folder for gpu_suite.json and gpu_suite.md")
@@ -1379,14 +1400,7 @@ def main(argv=None):
     p.error("no GPU: this suite measures a GPU (JAX_PLATFORMS=cuda); use --small on a CPU")
   suite = Suite(args, shapes)
 
-  def watchdog():  # the hard stop: a compile can outlast any estimate
-    time.sleep(args.budget_s + 30)
-    suite.result["errors"].append(f"watchdog: stopped at {suite.elapsed():.0f} s")
-    suite.write(summary=True)
-    print("watchdog: budget exceeded, results written, exiting", flush=True)
-    os._exit(3)
-
-  threading.Thread(target=watchdog, daemon=True).start()
+  finished = start_watchdog(suite, args.budget_s + WATCHDOG_GRACE_S)
   plan = [("env", lambda: section_env(suite), COST["env"])]
   if "ceilings" in sections:
     plan.append(("ceilings", lambda: section_ceilings(suite), COST["ceilings"]))
@@ -1444,6 +1458,7 @@ def main(argv=None):
       suite.write(summary=True)
       gc.collect()  # free the section's device buffers before the next one allocates
   finally:
+    finished.set()  # the watchdog must not end a caller that goes on (a test, a notebook)
     kernels_pallas.attention.MEASURED_TUNING.clear()
     kernels_pallas.attention.MEASURED_TUNING.update(measured)
   suite.write(summary=True)  # also when every section was skipped: the file says so

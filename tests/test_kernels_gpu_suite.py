@@ -293,6 +293,37 @@ def test_a_run_with_every_section_skipped_still_writes_its_files(tmp_path):
   assert "| not measured |" in (tmp_path / "gpu_suite.md").read_text()
 
 
+def test_the_watchdog_stands_down_when_main_returns(tmp_path, monkeypatch):
+  # main() called in-process (tests, a notebook) must not leave a timer that later ends the
+  # caller: CI's pytest was killed with status 3 half an hour after the run above returned.
+  import threading
+  import time
+  exits = []
+  monkeypatch.setattr(gpu_suite, "WATCHDOG_GRACE_S", 0.2)
+  monkeypatch.setattr(gpu_suite.os, "_exit", exits.append)
+  gpu_suite.main(["--small", "--out", str(tmp_path), "--budget-s", "0.001"])
+  time.sleep(0.6)
+  assert exits == []
+  assert not [t for t in threading.enumerate() if t.name == "gpu_suite watchdog"]
+
+
+def test_the_watchdog_ends_a_run_that_overruns(tmp_path, monkeypatch):
+  # the hard stop itself: it records the stop, writes the files, and exits with status 3
+  from types import SimpleNamespace
+  import time
+  exits = []
+  monkeypatch.setattr(gpu_suite.os, "_exit", exits.append)
+  suite = gpu_suite.Suite(SimpleNamespace(budget_s=1.0, small=True, out=str(tmp_path)),
+                          gpu_suite.SMALL)
+  gpu_suite.start_watchdog(suite, 0.1)
+  deadline = time.time() + 10
+  while not exits and time.time() < deadline:
+    time.sleep(0.05)
+  assert exits == [3]
+  written = json.loads((tmp_path / "gpu_suite.json").read_text())
+  assert [e for e in written["errors"] if e.startswith("watchdog: stopped at")]
+
+
 def test_a_report_that_fails_does_not_end_the_run(tmp_path, monkeypatch):
   # The one device run must not be lost to a formatting bug on some unforeseen row: a summary
   # or markdown that raises is recorded as an error (once), the JSON keeps every row, and the
