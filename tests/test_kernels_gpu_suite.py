@@ -298,13 +298,24 @@ def test_the_watchdog_stands_down_when_main_returns(tmp_path, monkeypatch):
   # caller: CI's pytest was killed with status 3, 30 s after a 1 ms-budget run returned.
   import threading
   import time
-  exits = []
-  monkeypatch.setattr(gpu_suite, "WATCHDOG_GRACE_S", 0.2)
+  events, exits = [], []
+  start = gpu_suite.start_watchdog
+
+  def recorded(suite, seconds):
+    assert seconds == pytest.approx(0.001 + gpu_suite.WATCHDOG_GRACE_S)
+    events.append(start(suite, 3600.0))  # the real thread, but not firing during this test
+    return events[-1]
+
+  monkeypatch.setattr(gpu_suite, "start_watchdog", recorded)
   monkeypatch.setattr(gpu_suite.os, "_exit", exits.append)
   gpu_suite.main(["--small", "--out", str(tmp_path), "--budget-s", "0.001"])
-  time.sleep(0.6)
-  assert exits == []
+  assert len(events) == 1 and events[0].is_set()
+  deadline = time.time() + 10
+  while ([t for t in threading.enumerate() if t.name == "gpu_suite watchdog"]
+         and time.time() < deadline):
+    time.sleep(0.05)
   assert not [t for t in threading.enumerate() if t.name == "gpu_suite watchdog"]
+  assert exits == []
 
 
 def test_the_watchdog_ends_a_run_that_overruns(tmp_path, monkeypatch):
