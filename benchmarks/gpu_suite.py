@@ -1400,7 +1400,6 @@ def main(argv=None):
     p.error("no GPU: this suite measures a GPU (JAX_PLATFORMS=cuda); use --small on a CPU")
   suite = Suite(args, shapes)
 
-  finished = start_watchdog(suite, args.budget_s + WATCHDOG_GRACE_S)
   plan = [("env", lambda: section_env(suite), COST["env"])]
   if "ceilings" in sections:
     plan.append(("ceilings", lambda: section_ceilings(suite), COST["ceilings"]))
@@ -1437,6 +1436,7 @@ def main(argv=None):
                  COST["decode_step"]))
   # the `tiles` sections set this run's fastest tilings in MEASURED_TUNING (this process only)
   measured = copy.deepcopy(kernels_pallas.attention.MEASURED_TUNING)
+  finished = start_watchdog(suite, args.budget_s + WATCHDOG_GRACE_S)  # stood down in finally
   try:
     for name, fn, cost in plan:
       if not suite.fits(name, cost):

@@ -297,7 +297,6 @@ def test_the_watchdog_stands_down_when_main_returns(tmp_path, monkeypatch):
   # main() called in-process (tests, a notebook) must not leave a timer that later ends the
   # caller: CI's pytest was killed with status 3, 30 s after a 1 ms-budget run returned.
   import threading
-  import time
   events, exits = [], []
   start = gpu_suite.start_watchdog
 
@@ -310,10 +309,9 @@ def test_the_watchdog_stands_down_when_main_returns(tmp_path, monkeypatch):
   monkeypatch.setattr(gpu_suite.os, "_exit", exits.append)
   gpu_suite.main(["--small", "--out", str(tmp_path), "--budget-s", "0.001"])
   assert len(events) == 1 and events[0].is_set()
-  deadline = time.time() + 10
-  while ([t for t in threading.enumerate() if t.name == "gpu_suite watchdog"]
-         and time.time() < deadline):
-    time.sleep(0.05)
+  for t in threading.enumerate():
+    if t.name == "gpu_suite watchdog":
+      t.join(timeout=10)
   assert not [t for t in threading.enumerate() if t.name == "gpu_suite watchdog"]
   assert exits == []
 
