@@ -121,6 +121,13 @@ def optimizer_update_timing(state, tcfg, iters: int = 10) -> dict:
   return row
 
 
+def peak_text(row) -> str:
+  """A row's peak GiB as text: its own peak, or "<= X" when an earlier run had set a higher one."""
+  if row.get("peak_gib") is not None:
+    return f"{row['peak_gib']:.1f}"
+  return f"<= {row['peak_gib_at_most']:.1f}" if row.get("peak_gib_at_most") else "-"
+
+
 def run_one(impl, remat, batch, seq, steps, warmup, layers, hidden, heads, peaks,
             profile_dir=None, loss_chunk_size=None, optimizer_probe=False):
   """One timed configuration -> a result row. With `profile_dir`, two more steps run under
@@ -132,6 +139,8 @@ def run_one(impl, remat, batch, seq, steps, warmup, layers, hidden, heads, peaks
   row = dict(attention_impl=impl, remat_policy=remat, batch=batch, seq=seq,
              loss_chunk_size=int(tcfg.loss_chunk_size),
              params=configs.param_counts(cfg)["total"])
+  # The device's peak is the process's (it cannot be reset): a row owns it only if it rose.
+  peak_before = (jax.devices()[0].memory_stats() or {}).get("peak_bytes_in_use", 0)
   t0 = time.perf_counter()
   state = train.create_train_state(cfg, tcfg, mesh)
   step = train.make_train_step(cfg, tcfg, mesh)
@@ -176,7 +185,13 @@ def run_one(impl, remat, batch, seq, steps, warmup, layers, hidden, heads, peaks
   for name, peak in peaks.items():
     row[f"mfu_{name}"] = flops["total"] * tok_s / peak
   stats = jax.devices()[0].memory_stats() or {}
-  row["peak_gib"] = stats.get("peak_bytes_in_use", 0) / 2 ** 30
+  peak = stats.get("peak_bytes_in_use", 0)
+  if not stats:  # no memory statistics on this backend (the CPU)
+    row["peak_gib"] = None
+  elif peak > peak_before or not peak_before:  # this configuration set the process's peak
+    row["peak_gib"] = peak / 2 ** 30
+  else:  # an earlier, larger configuration did: this one's peak is at most that
+    row["peak_gib"], row["peak_gib_at_most"] = None, peak_before / 2 ** 30
   del state
   return row
 
@@ -237,7 +252,7 @@ def main(argv=None):
     print(f"| {r['attention_impl']} | {r['remat_policy']} | {r['batch']}x{r['seq']} | "
           f"{r['step_s']:.3f} | {r['tokens_per_s']:.0f} | {r['model_tflops']:.0f} | "
           f"{r.get('mfu_datasheet', float('nan')):.1%} | {r['mfu_measured_matmul']:.1%} | "
-          f"{r['peak_gib']:.1f} |")
+          f"{peak_text(r)} |")
 
 
 if __name__ == "__main__":

@@ -129,6 +129,44 @@ def test_holes_in_a_row_keep_the_xla_path(model):
   np.testing.assert_array_equal(got, want)
 
 
+def _count_conds(jaxpr) -> int:
+  """`cond` equations in `jaxpr` and every sub-jaxpr (pjit bodies, branches)."""
+  n = 0
+  for eqn in jaxpr.eqns:
+    n += eqn.primitive.name == "cond"
+    for v in eqn.params.values():
+      for sub in (v if isinstance(v, (tuple, list)) else [v]):
+        inner = getattr(sub, "jaxpr", None)
+        if inner is not None:
+          n += _count_conds(getattr(inner, "jaxpr", inner))
+  return n
+
+
+def test_the_span_check_is_one_cond_per_step(model, monkeypatch):
+  """The unrolled decode step checks the spans once for the whole stack: one `lax.cond` (not one
+  per layer: each makes a GPU wait on the host), whose branches hold every layer; without the
+  check, none."""
+  from baichuan_jax.model import layers
+  xla, pallas, params = model
+  state = _prefilled(xla, params)
+  args = (params, state.last[:, None], state.pos[:, None], jnp.ones((3, 1), jnp.int32),
+          state.cache)
+  step = functools.partial(gen_lib.forward_last, pallas, unroll=True)
+  jaxpr = jax.make_jaxpr(step)(*args).jaxpr
+  assert pallas.num_layers == 2 and _count_conds(jaxpr) == 1
+  (cond,) = [e for e in jaxpr.eqns if e.primitive.name == "cond"]
+  # both branches run the whole stack (each layer's two fused RMSNorm kernels), one of them
+  # also the decode-attention kernel of every layer
+  calls = sorted(str(b.jaxpr).count("pallas_call") for b in cond.params["branches"])
+  assert calls == [2 * pallas.num_layers, 3 * pallas.num_layers]
+  monkeypatch.setattr(layers, "DECODE_SPAN_CHECK", False)
+  step = functools.partial(gen_lib.forward_last, pallas, unroll=True)  # traced anew (no cache)
+  assert _count_conds(jax.make_jaxpr(step)(*args).jaxpr) == 0
+  want, _ = jax.jit(functools.partial(gen_lib.forward_last, xla, unroll=True))(*args)
+  got, _ = jax.jit(step)(*args)
+  np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-4)
+
+
 def _engine_run(cfg, params, do_sample):
   """Three requests joining a 3-slot engine at steps 0, 2 and 3; returns every step's tokens and
   the final state."""

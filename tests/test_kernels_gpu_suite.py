@@ -39,6 +39,12 @@ def test_gpu_suite_small_runs_every_section(tmp_path):
   names = [r["kernel"] for r in result["check"]]
   assert len(names) == 4 and all(r["ok"] for r in result["check"]), result["check"]
   assert any("model's cached step" in n for n in names)
+  # the decode step's logits are judged against an fp32 step: the pallas path may be at most
+  # 1.5x (+1e-3) as far from it as the xla path, which is bf16 rounding alone
+  step_check = next(r for r in result["check"] if "model's cached step" in r["kernel"])
+  errs = step_check["rel_l2"]
+  assert step_check["limit"] == pytest.approx(1.5 * errs["xla_logits"] + 1e-3)
+  assert 0 < errs["xla_logits"] < 0.05 and 0 < errs["logits"] <= step_check["limit"]
   ours = [r for r in result["attention"] if r["impl"] == "ours"]
   assert len(ours) == 2 and all("ms" in r for r in ours)
   # cuDNN has no CPU implementation: its rows carry the error instead of a time.
@@ -91,14 +97,20 @@ def test_gpu_suite_small_runs_every_section(tmp_path):
   assert result["train"][0]["tiling"] == result["tuning_used_rope"]["variant"] + (
       " (in-kernel RoPE)")
   # the A/B variants of the step: batch x2 after decode; rope-first and whole-logit loss last;
-  # only the default step is profiled
+  # the default step and the rope-first one are profiled, each trace kept in a file of its own
   train = {r["variant"]: r for r in result["train"]}
   assert [r["variant"] for r in result["train"]] == [
-      "default", "batch x2", "rope-first", "xla RMSNorm", "whole-logit loss"]
+      "default", "batch x2", "rope-first", "rope-first batch x2", "xla RMSNorm",
+      "whole-logit loss"]
   assert all(r["step_s"] > 0 for r in result["train"])
-  assert [("profile_total_ms_per_step" in r) for r in result["train"]] == [True] + [False] * 4
-  assert [("optimizer_guarded_ms" in r) for r in result["train"]] == [True] + [False] * 4
+  assert [r.get("profile_trace_file") for r in result["train"]] == [
+      "train_trace.json.gz", None, "train_trace_rope_first.json.gz", None, None, None]
+  assert all((tmp_path / n).exists() for n in gpu_suite.PROFILED_VARIANTS.values())
+  assert [("optimizer_guarded_ms" in r) for r in result["train"]] == [True] + [False] * 5
   assert train["batch x2"]["batch"] == 2 * train["default"]["batch"] == 4
+  assert train["rope-first batch x2"]["batch"] == 4
+  assert train["rope-first batch x2"]["rope"] == "applied first"
+  assert "raw trace train_trace_rope_first.json.gz" in md
   assert train["rope-first"]["rope"] == "applied first"
   assert (train["whole-logit loss"]["loss_chunk_size"], train["default"]["loss_chunk_size"]) == (
       0, 1024)
@@ -111,8 +123,8 @@ def test_gpu_suite_small_runs_every_section(tmp_path):
       train["rope-first"]["step_s"] / train["default"]["step_s"])
   assert summary["train_variants"]["batch x2"]["tokens_per_s_over_default"] == pytest.approx(
       train["batch x2"]["tokens_per_s"] / train["default"]["tokens_per_s"])
-  assert set(summary["train_variants"]) == {"batch x2", "rope-first", "whole-logit loss",
-                                            "xla RMSNorm"}
+  assert set(summary["train_variants"]) == {"batch x2", "rope-first", "rope-first batch x2",
+                                            "whole-logit loss", "xla RMSNorm"}
   assert train["rope-first"]["tiling"] == result["tuning_used"]["variant"]
   assert {n: r["rms_norm"] for n, r in train.items()} == {
       n: "XLA (jnp formula)" if n == "xla RMSNorm" else "Pallas kernel" for n in train}
@@ -173,7 +185,7 @@ def test_gpu_suite_preflight_lowers_every_device_program_for_cuda(tmp_path):
   flash = [n for (s, p), n in by.items() if s in ("attention", "tiles") or "flash" in p]
   assert len(flash) == (3 * 2 + len(gpu_suite.TILE_VARIANTS) + len(gpu_suite.TILE_VARIANTS_ROPE)
                         + 2) and set(flash) == {3}
-  assert len(by) == 43
+  assert len(by) == 44
   # ~1B step (no remat), the layer scan's body once: attention 3 + two RMSNorms x (fwd, bwd) 4,
   # and the final norm's fwd + bwd 2.
   assert by[("train", "~1B step (pallas, 4x4096)")] == 9
@@ -184,15 +196,17 @@ def test_gpu_suite_preflight_lowers_every_device_program_for_cuda(tmp_path):
   # rope-first: the same 9 kernels, RoPE applied before them; xla RMSNorm: the attention
   # kernels alone (each variant lowered with its switch set: it took effect in the program)
   assert by[("train", "~1B step (pallas, 4x4096) rope-first")] == 9
+  assert by[("train", "~1B step (pallas, 8x4096) rope-first batch x2")] == 9
   assert by[("train", "~1B step (pallas, 4x4096) xla RMSNorm")] == 3
-  assert sum(s == "train" and p.startswith("~1B step") for s, p in by) == 5
+  assert sum(s == "train" and p.startswith("~1B step") for s, p in by) == 6
   # the optimizer update alone, as the step runs it and as plain optax: XLA only
   assert [by[("train", f"optimizer update ({n})")] for n in ("guarded", "plain")] == [0, 0]
   # 7B pallas decode step, 32 unrolled layers: 2 RMSNorms + decode attention each, the final
-  # norm and the greedy pick; the xla step has no kernel.
+  # norm and the greedy pick, plus the span check's other branch (the stack on the XLA
+  # attention path: each layer's 2 RMSNorms); the xla step has no kernel.
   assert by[("decode", "model step xla batch 1")] == 0
   for b in (1, 8, 32):
-    assert by[("decode", f"model step pallas batch {b}")] == 32 * 3 + 2
+    assert by[("decode", f"model step pallas batch {b}")] == 32 * 3 + 2 + 32 * 2
   assert sum(s == "decode_kernel" for s, _ in by) == 3 + 4 + 1
   assert "| train | ~1B step (pallas, 4x4096) | 9 | yes |" in (
       tmp_path / "gpu_suite_preflight.md").read_text()

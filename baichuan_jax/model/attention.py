@@ -28,6 +28,11 @@ class AttnContext(NamedTuple):
   # (one slot per row: continuous batching, where each row holds a request of its own length),
   # or None without a cache.
   cache_index: Optional[jax.Array] = None
+  # Decode steps of the unrolled stack only (`layers.checked_decode_stack`): the span check ran
+  # once for the whole stack, so each layer skips its own. (starts, lengths): every row passed,
+  # the kernel reads these spans; (): some row failed, every layer takes the XLA path; None
+  # (everything else): each layer decides for itself.
+  decode_span: Optional[tuple] = None
 
 
 def attention_mask(ctx: AttnContext) -> jax.Array:

@@ -101,7 +101,8 @@ class Attention(nn.Module):
       out = flash_attention(q, k, v, causal=True, alibi_slopes=slopes, segment_ids=ctx.q_seg,
                             positions=ctx.q_pos,
                             rope_theta=cfg.rope_theta if rope_in_kernel else None)
-    elif kv is not None and q.shape[1] == 1 and _decode_kernel_applies(cfg, k):
+    elif (kv is not None and q.shape[1] == 1 and ctx.decode_span != ()
+          and _decode_kernel_applies(cfg, k)):
       out = _decode_step_attention(q, k, v, ctx, slopes)
     else:
       out = xla_attention(q, k.astype(q.dtype), v.astype(q.dtype), ctx, slopes,
@@ -123,9 +124,12 @@ ROPE_IN_KERNEL = True
 FUSED_RMS_NORM = True
 
 # True: every pallas decode step checks that each row's keys are one span (`decode_span`) and
-# takes the XLA path when not (a `lax.cond` per layer). False skips the check and always runs the
-# kernel on the span; only for caches built as `infer.generate` and `infer.engine` build them
-# (benchmarks/gpu_suite.py times both, to measure what the conditional costs on a GPU).
+# takes the XLA path when not: one `lax.cond` around the whole unrolled stack
+# (`checked_decode_stack`; the layer scan, which decode steps do not use, keeps one per layer).
+# False skips the check and always runs the kernel on the span; only for caches built as
+# `infer.generate` and `infer.engine` build them (benchmarks/gpu_suite.py times both, to measure
+# what the conditional costs on a GPU: 0.84 ms of a 6.96 ms 7B step on an H200 with a cond per
+# layer, 32 of them, each of which makes the device wait on the host).
 DECODE_SPAN_CHECK = True
 
 
@@ -142,6 +146,23 @@ def _decode_kernel_applies(cfg, k_cache: jax.Array) -> bool:
   return decode_kernel_fits(k_cache.shape[2], k_cache.shape[3])
 
 
+def checked_decode_stack(cfg, ctx: AttnContext, k_cache: jax.Array, q_len: int, run):
+  """`run(ctx)` (the unrolled decoder stack on that context) under one span check.
+
+  For a pallas decode step (one query per row, a cache the kernel takes) with DECODE_SPAN_CHECK,
+  the span is checked once (`decode_span`: every layer sees the same context) and one
+  `lax.cond` runs the stack with each layer's kernel on that span, or with every layer on the
+  XLA path when some row fails, the same choice each layer would make. Anything else: `run(ctx)`
+  as it is.
+  """
+  if not (DECODE_SPAN_CHECK and q_len == 1 and ctx.decode_span is None
+          and _decode_kernel_applies(cfg, k_cache)):
+    return run(ctx)
+  starts, lengths, ok = decode_span(ctx, cfg.position_embedding == "alibi")
+  return jax.lax.cond(ok, lambda: run(ctx._replace(decode_span=(starts, lengths))),
+                      lambda: run(ctx._replace(decode_span=())))
+
+
 def _decode_step_attention(q, k_cache, v_cache, ctx: AttnContext, slopes):
   """One decode token per row with `kernels_pallas.decode_attention` over each row's filled span.
 
@@ -151,12 +172,16 @@ def _decode_step_attention(q, k_cache, v_cache, ctx: AttnContext, slopes):
   the result is the XLA path's wherever the kernel could differ.
   """
   from kernels_pallas import decode_attention  # pylint: disable=import-outside-toplevel
-  starts, lengths, ok = decode_span(ctx, slopes is not None)
+  if ctx.decode_span:  # the stack checked the span (`checked_decode_stack`)
+    starts, lengths = ctx.decode_span
+    ok = None
+  else:
+    starts, lengths, ok = decode_span(ctx, slopes is not None)
   kernel = lambda: decode_attention(q, k_cache, v_cache, lengths, starts=starts,
                                     alibi_slopes=slopes).astype(q.dtype)
   xla = lambda: xla_attention(q, k_cache.astype(q.dtype), v_cache.astype(q.dtype), ctx, slopes,
                               kv_layout="bhsd")
-  return jax.lax.cond(ok, kernel, xla) if DECODE_SPAN_CHECK else kernel()
+  return jax.lax.cond(ok, kernel, xla) if DECODE_SPAN_CHECK and ok is not None else kernel()
 
 
 class MLP(nn.Module):

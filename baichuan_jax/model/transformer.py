@@ -13,7 +13,8 @@ import ml_collections
 
 from baichuan_jax import configs
 from baichuan_jax.model.attention import AttnContext, write_cache
-from baichuan_jax.model.layers import MLP, Attention, RMSNorm, dtype_of, head_logits
+from baichuan_jax.model.layers import (MLP, Attention, RMSNorm, checked_decode_stack, dtype_of,
+                                       head_logits)
 
 REMAT_POLICIES = {
     "full": None,  # save nothing: recompute the whole block in the backward pass
@@ -132,15 +133,23 @@ def _unrolled_layers(cfg, stacked, x, ctx, kv):
     raise ValueError("unroll_layers=True needs the model's `layers` parameters")
   per_layer = _is_split(stacked)
   layer = DecoderLayer(cfg, parent=None)  # unbound: applied to explicit per-layer parameters
-  ks, vs = ([], []) if kv is None else (list(kv[0]), list(kv[1]))
-  for i in range(cfg.num_layers):
-    params_i = (stacked[f"{SPLIT_PREFIX}{i}"] if per_layer
-                else jax.tree.map(lambda a, i=i: a[i], stacked))
-    kv_i = None if kv is None else (ks[i], vs[i])
-    x, kv_i = layer.apply({"params": params_i}, x, ctx, kv_i)
-    if kv is not None:
-      ks[i], vs[i] = kv_i
-  return x, (None if kv is None else (tuple(ks), tuple(vs)))
+
+  def run(ctx):
+    h = x
+    ks, vs = ([], []) if kv is None else (list(kv[0]), list(kv[1]))
+    for i in range(cfg.num_layers):
+      params_i = (stacked[f"{SPLIT_PREFIX}{i}"] if per_layer
+                  else jax.tree.map(lambda a, i=i: a[i], stacked))
+      kv_i = None if kv is None else (ks[i], vs[i])
+      h, kv_i = layer.apply({"params": params_i}, h, ctx, kv_i)
+      if kv is not None:
+        ks[i], vs[i] = kv_i
+    return h, (None if kv is None else (tuple(ks), tuple(vs)))
+
+  if kv is None:
+    return run(ctx)
+  # a decode step checks its cache's spans once for the whole stack, not once per layer
+  return checked_decode_stack(cfg, ctx, kv[0][0], x.shape[1], run)
 
 
 SPLIT_PREFIX = "layer_"
