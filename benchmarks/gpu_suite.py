@@ -52,16 +52,17 @@ a watchdog thread ends the process at the hard limit, budget + 30 s, after writi
    with benchmarks/triton_sm90.py: every one fits sm_90's shared memory and spills no
    registers). Each path's fastest (fwd+bwd) is set in `kernels_pallas.attention.
    MEASURED_TUNING` for the rest of the run (this process only), so the `attention` section
-   and rope-first run the plain winner and the in-kernel-RoPE train steps the rope winner;
+   and the RoPE-first train steps run the plain winner, the in-kernel-RoPE ones the rope winner;
    recorded as `tuning_used` / `tuning_used_rope` with their gain over the defaults.
 9. `train` variants (`TRAIN_VARIANTS`), each the `train` step with one change and only if the
    budget still has room: `batch x2` (8 x 4096, after `decode`: it bears on the MFU aim), then,
-   last, `rope-first` (RoPE applied to q and k before the kernels, `layers.ROPE_IN_KERNEL =
-   False`), `xla RMSNorm` (the jnp norm, which XLA fuses with the residual add, instead of the
+   last, the RoPE A/B's other arm: `rope-first` (RoPE applied to q and k before the kernels,
+   `layers.ROPE_IN_KERNEL = False`) or `rope in kernel` (True), whichever the defaults do not
+   already run (the default since the H200's first run: RoPE first), `xla RMSNorm` (the jnp norm, which XLA fuses with the residual add, instead of the
    Pallas kernel: `layers.FUSED_RMS_NORM = False`) and `whole-logit loss` (loss_chunk_size=0
    instead of the split loss; last, as it decides no default). The summary's `train_variants`
    gives each one's tokens/s over the default step's, `train_best` the fastest,
-   `train_rope_in_kernel_speedup` the rope-first step time over the in-kernel step's and
+   `train_rope_in_kernel_speedup` the RoPE-first step time over the in-kernel step's and
    `train_fused_rms_norm_speedup` the xla-RMSNorm step time over the kernel step's.
 
 After a device run, `benchmarks/gpu_apply.py gpu_suite.json --write` turns the tiles and train
@@ -140,20 +141,20 @@ SMALL = dict(
 # 0.32 s per step. `benchmarks/gpu_apply.py --write` rescales them from a run's section_times
 # (the block below is what it edits).
 # BEGIN COST
-COST = {'attention item': 6,
-        'ceilings': 15,
-        'check': 45,
-        'decode first step': 10,
-        'decode_kernel item': 5,
-        'decode_step': 40,
-        'env': 2,
-        'tiles item': 10,
-        'train': 55,
-        'train batch x2': 40,
-        'train rope-first': 30,
-        'train rope-first batch x2': 40,
-        'train whole-logit loss': 30,
-        'train xla RMSNorm': 30}
+COST = {'attention item': 2,
+        'ceilings': 6,
+        'check': 30,
+        'decode first step': 8,
+        'decode_kernel item': 2,
+        'decode_step': 27,
+        'env': 1,
+        'tiles item': 2,
+        'train': 23,
+        'train batch x2': 20,
+        'train rope-first': 9,
+        'train rope in kernel': 9,
+        'train whole-logit loss': 16,
+        'train xla RMSNorm': 10}
 # END COST
 
 
@@ -429,9 +430,11 @@ TRAIN_VARIANTS = {
     # RoPE applied to q and k before the kernels (`layers.ROPE_IN_KERNEL = False`): the H100
     # rows' path, so the run says whether the rotation inside the kernels pays.
     "rope-first": dict(flags=dict(ROPE_IN_KERNEL=False)),
-    # Both of the above: the H200's first run found RoPE applied first 1.23x faster than in the
-    # kernels, so this is what the step gets at twice the batch once that becomes the default.
-    "rope-first batch x2": dict(batch_mult=2, flags=dict(ROPE_IN_KERNEL=False)),
+    # RoPE rotated inside the flash kernels (`layers.ROPE_IN_KERNEL = True`): the other arm of
+    # the same A/B, for when RoPE first is the default (it is since the H200's first run, where
+    # it was 1.23x faster). Of the two arms, the one the defaults already run is left out of the
+    # plan (`redundant_variant`).
+    "rope in kernel": dict(flags=dict(ROPE_IN_KERNEL=True)),
     # The output layer and loss on whole [batch, seq, vocab] fp32 logits (loss_chunk_size=0)
     # instead of the split loss's 1024-position chunks, which recompute the head matmul in the
     # backward pass: what the split costs in time (it exists to save memory).
@@ -446,6 +449,28 @@ TRAIN_VARIANTS = {
 
 # The `baichuan_jax.model.layers` switches the train A/Bs flip, recorded in every train row.
 TRAIN_SWITCHES = ("ROPE_IN_KERNEL", "FUSED_RMS_NORM")
+
+
+def redundant_variant(variant) -> bool:
+  """True for a train variant whose only change is switches the defaults already have (the
+  arm of an A/B that is the default step itself): it is not run."""
+  from baichuan_jax.model import layers
+  change = TRAIN_VARIANTS[variant]
+  flags = change.get("flags", {})
+  return (bool(flags) and set(change) == {"flags"}
+          and all(getattr(layers, k) == v for k, v in flags.items()))
+
+
+def rope_in_kernel_speedup(steps):
+  """The RoPE-first step's time over the in-kernel-RoPE step's (> 1: rotating inside the
+  kernels is faster), from the default row and whichever RoPE arm ran against it (`steps`:
+  {variant: row}); None without both arms."""
+  base = steps.get("default")
+  other = steps.get("rope-first") or steps.get("rope in kernel")
+  if not base or not other:
+    return None
+  arms = {r["layers_switches"]["ROPE_IN_KERNEL"]: r["step_s"] for r in (base, other)}
+  return arms[False] / arms[True] if len(arms) == 2 else None
 
 
 def train_variant(cfg, variant):
@@ -509,11 +534,8 @@ def section_train(suite, cfg, variant="default"):
   print(f"train ({variant})", json.dumps(row, default=str)[:400], flush=True)
 
 
-# The train variants whose steps are profiled, and the file each one's raw trace is saved as:
-# the default, and the step with RoPE applied first (the faster arm on the H200's first run, so
-# where its time goes is what the next change works on).
-PROFILED_VARIANTS = {"default": "train_trace.json.gz",
-                     "rope-first": "train_trace_rope_first.json.gz"}
+# The train variants whose steps are profiled, and the file each one's raw trace is saved as.
+PROFILED_VARIANTS = {"default": "train_trace.json.gz"}
 
 
 def _keep_train_profile(suite, row, trace_dir, name="train_trace.json.gz"):
@@ -1052,7 +1074,7 @@ def preflight_programs(shapes) -> list:
                                    t["heads"])
   # The default step and every variant, each lowered with its own trace-time switches set (a
   # variant's kernel count shows the switch took effect in the program the run compiles).
-  for name in TRAIN_VARIANTS:
+  for name in (n for n in TRAIN_VARIANTS if not redundant_variant(n)):  # what the run runs
     flags, batch, chunk = train_variant(t, name)
     tcfg, mesh = gpu_train_mfu.train_setup(batch, t["seq"], chunk)
     step = train.make_train_step(cfg, tcfg, mesh)
@@ -1152,8 +1174,8 @@ def summarise(result):
   if base:
     s["train_mfu_datasheet"] = base.get("mfu_datasheet")
     s["train_mfu_measured_matmul"] = base.get("mfu_measured_matmul")
-    if steps.get("rope-first"):  # > 1: the in-kernel rotation is faster
-      s["train_rope_in_kernel_speedup"] = steps["rope-first"]["step_s"] / base["step_s"]
+    if rope_in_kernel_speedup(steps) is not None:  # > 1: the in-kernel rotation is faster
+      s["train_rope_in_kernel_speedup"] = rope_in_kernel_speedup(steps)
     if steps.get("xla RMSNorm"):  # > 1: the Pallas RMSNorm kernel makes the step faster
       s["train_fused_rms_norm_speedup"] = steps["xla RMSNorm"]["step_s"] / base["step_s"]
     # tokens/s of each variant over the default's (> 1: the variant is faster)
@@ -1359,7 +1381,8 @@ def markdown(result):
     for r in result["tiles"]:
       out.append(f"| {_PATHS[r.get('path', 'plain')]} | {r['variant']} | "
                  f"{_f(r.get('tflops'), '{:.0f}')} | {_f(r.get('ms'), '{:.3f}')} |")
-    for key, path, who in (("tuning_used", "plain", "the attention section and rope-first"),
+    for key, path, who in (("tuning_used", "plain",
+                            "the attention section and the RoPE-first train steps"),
                            ("tuning_used_rope", "rope", "the in-kernel-RoPE train steps")):
       used = result.get(key)
       if used:
@@ -1467,8 +1490,8 @@ def main(argv=None):
                  lambda: section_decode_kernel(suite, backend, shapes["decode_kernel"]),
                  COST["decode_kernel item"]))
   if "train" in sections:  # last, the A/Bs that decide defaults: only if the budget has room
-    plan += [variant("rope-first"), variant("rope-first batch x2"), variant("xla RMSNorm"),
-             variant("whole-logit loss")]
+    plan += [variant(name) for name in ("rope-first", "rope in kernel", "xla RMSNorm",
+                                        "whole-logit loss") if not redundant_variant(name)]
   if "decode" in sections:  # what the decode span check costs: reported, decides nothing
     plan.append(("decode no-check", lambda: section_decode(suite, backend, shapes["decode"],
                                                            span_check_ab=True),

@@ -51,8 +51,9 @@ def default_blocks(kind: str, head_dim: int, seq_len: int, rope: bool = False) -
   keeps a tall query block (its accumulator is [block_q, head_dim]) and walks narrow key blocks;
   dK/dV the transpose (accumulators [block_k, head_dim] x 2). At head_dim 128 both stay at the
   H100-measured 64 x 64 (larger accumulators spill registers); at head_dim <= 64 the accumulators
-  are half as large, so the long side doubles to 128 for sequences >= 1024. Not yet measured on
-  Hopper: benchmarks/gpu_suite.py times these against the alternatives. TPU: DEFAULT_BLOCKS.
+  are half as large, so the long side doubles to 128 for sequences >= 1024. On an H200
+  (2026-12-04, benchmarks/gpu_suite.py) the head_dim-128 defaults were the fastest of six
+  backward tilings at seq 4096 (277 TFLOP/s fwd+bwd). TPU: DEFAULT_BLOCKS.
   """
   table = DEFAULT_BLOCKS[kind]
   if kind != "gpu":
@@ -86,14 +87,20 @@ def default_launch(head_dim: int, rope: bool = False) -> dict:
 
 # Tilings measured fastest on Hopper (sm_90) by benchmarks/gpu_suite.py's `tiles` section (fwd+bwd
 # at seq 4096, causal, bf16), per kernel path ("plain": without in-kernel RoPE, the attention
-# benchmarks' and the rope-first path; "rope": RoPE inside the kernels, the model's training
-# path) and head_dim: {path: {head_dim: {"tuning": ..., "min_seq": ..., ...}}}. Used by
+# benchmarks' and the model's training path, RoPE applied first; "rope": RoPE inside the kernels,
+# `layers.ROPE_IN_KERNEL = True`) and head_dim: {path: {head_dim: {"tuning": ..., "min_seq": ..., ...}}}. Used by
 # `flash_attention` calls that pass no `tuning` (and run outside `default_tuning`) for the GPU
 # kernels at seq_len >= "min_seq" (the suite also ran it at 2k to 8k). Written by
 # `benchmarks/gpu_apply.py --write` from a run's gpu_suite.json, only when a tiling beat the
 # defaults above by the apply's margin; empty: the defaults above hold everywhere.
 # BEGIN MEASURED_TUNING (benchmarks/gpu_apply.py rewrites this block)
-MEASURED_TUNING = {}
+MEASURED_TUNING = {'rope': {128: {'measured': 'NVIDIA H200, 2026-12-04 18:16:28 UTC, git '
+                                              'f1cd73b2b4c44a753e573a4c60f708388cdf42df',
+                                  'min_seq': 2048,
+                                  'speedup_over_default': 1.261,
+                                  'tuning': {'blocks': {'dq': (128, 32)},
+                                             'launch': {'dkdv': {'num_stages': 3}}},
+                                  'variant': 'dq 128x32 8w2s / dkdv 64x64 8w3s'}}}
 # END MEASURED_TUNING
 
 

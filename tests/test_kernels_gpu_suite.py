@@ -94,24 +94,24 @@ def test_gpu_suite_small_runs_every_section(tmp_path):
   assert result["tuning_used_rope"]["variant"] == result["tiles"][1]["variant"]
   assert {r["tiling"] for r in ours} == {used["variant"]}
   # the step runs attention_impl="pallas" (interpret mode here): each path's tiling labelled
-  assert result["train"][0]["tiling"] == result["tuning_used_rope"]["variant"] + (
-      " (in-kernel RoPE)")
-  # the A/B variants of the step: batch x2 after decode; rope-first and whole-logit loss last;
-  # the default step and the rope-first one are profiled, each trace kept in a file of its own
   train = {r["variant"]: r for r in result["train"]}
+  assert train["rope in kernel"]["tiling"] == result["tuning_used_rope"]["variant"] + (
+      " (in-kernel RoPE)")
+  # the A/B variants of the step: batch x2 after decode; the RoPE A/B's other arm (RoPE in the
+  # kernels: the default applies it first) and whole-logit loss last; only the default step
+  # is profiled
   assert [r["variant"] for r in result["train"]] == [
-      "default", "batch x2", "rope-first", "rope-first batch x2", "xla RMSNorm",
-      "whole-logit loss"]
+      "default", "batch x2", "rope in kernel", "xla RMSNorm", "whole-logit loss"]
   assert all(r["step_s"] > 0 for r in result["train"])
   assert [r.get("profile_trace_file") for r in result["train"]] == [
-      "train_trace.json.gz", None, "train_trace_rope_first.json.gz", None, None, None]
-  assert all((tmp_path / n).exists() for n in gpu_suite.PROFILED_VARIANTS.values())
-  assert [("optimizer_guarded_ms" in r) for r in result["train"]] == [True] + [False] * 5
+      "train_trace.json.gz", None, None, None, None]
+  assert [("optimizer_guarded_ms" in r) for r in result["train"]] == [True] + [False] * 4
   assert train["batch x2"]["batch"] == 2 * train["default"]["batch"] == 4
-  assert train["rope-first batch x2"]["batch"] == 4
-  assert train["rope-first batch x2"]["rope"] == "applied first"
-  assert "raw trace train_trace_rope_first.json.gz" in md
-  assert train["rope-first"]["rope"] == "applied first"
+  assert "raw trace train_trace.json.gz" in md
+  assert (train["default"]["rope"], train["rope in kernel"]["rope"]) == (
+      "applied first", "in kernel")
+  assert [train[n]["layers_switches"]["ROPE_IN_KERNEL"] for n in ("default", "rope in kernel")
+          ] == [False, True]
   assert (train["whole-logit loss"]["loss_chunk_size"], train["default"]["loss_chunk_size"]) == (
       0, 1024)
   # Same data, init and steps: the whole-logit loss is the split loss up to rounding (at seq 32
@@ -120,22 +120,22 @@ def test_gpu_suite_small_runs_every_section(tmp_path):
   assert train["whole-logit loss"]["loss"] != train["batch x2"]["loss"]
   summary = result["summary"]
   assert summary["train_rope_in_kernel_speedup"] == pytest.approx(
-      train["rope-first"]["step_s"] / train["default"]["step_s"])
+      train["default"]["step_s"] / train["rope in kernel"]["step_s"])
   assert summary["train_variants"]["batch x2"]["tokens_per_s_over_default"] == pytest.approx(
       train["batch x2"]["tokens_per_s"] / train["default"]["tokens_per_s"])
-  assert set(summary["train_variants"]) == {"batch x2", "rope-first", "rope-first batch x2",
-                                            "whole-logit loss", "xla RMSNorm"}
-  assert train["rope-first"]["tiling"] == result["tuning_used"]["variant"]
+  assert set(summary["train_variants"]) == {"batch x2", "rope in kernel", "whole-logit loss",
+                                            "xla RMSNorm"}
+  assert train["default"]["tiling"] == result["tuning_used"]["variant"]
   assert {n: r["rms_norm"] for n, r in train.items()} == {
       n: "XLA (jnp formula)" if n == "xla RMSNorm" else "Pallas kernel" for n in train}
   # the same data, init and steps: RoPE first and the jnp RMSNorm change only the rounding
-  for name in ("rope-first", "xla RMSNorm"):
+  for name in ("rope in kernel", "xla RMSNorm"):
     assert train[name]["loss"] == pytest.approx(train["default"]["loss"], rel=1e-4), name
   assert summary["train_fused_rms_norm_speedup"] == pytest.approx(
       train["xla RMSNorm"]["step_s"] / train["default"]["step_s"])
   best = max(train, key=lambda n: train[n]["tokens_per_s"])
   assert summary["train_best"]["variant"] == best
-  assert "| whole-logit loss | pallas | in kernel | whole logits | 2x32 |" in md
+  assert "| whole-logit loss | pallas | applied first | whole logits | 2x32 |" in md
   # the four aims' verdicts: measured ones judged against their limits, the rest "not measured"
   aims = {a["aim"].split(" ")[0]: a for a in summary["aims"]}
   assert list(aims) == ["~1B", "flash", "ALiBi", "7B"]
@@ -153,7 +153,9 @@ def test_gpu_suite_small_runs_every_section(tmp_path):
   # every section's time next to the guard's estimate (--small still adds up the estimates)
   times = {t["section"]: t for t in result["section_times"]}
   assert list(times)[:5] == ["env", "ceilings", "check", "tiles", "tiles rope"]
-  assert times["tiles"]["estimate_s"] == 10 and times["tiles rope"]["estimate_s"] == 10
+  # one tiling per path here: one item's estimate each
+  assert times["tiles"]["estimate_s"] == times["tiles rope"]["estimate_s"] == gpu_suite.COST[
+      "tiles item"]
   assert times["train"]["estimate_s"] == gpu_suite.COST["train"]
   # the decode span check's A/B decides nothing: it runs last
   assert list(times)[-1] == "decode no-check"
@@ -161,8 +163,8 @@ def test_gpu_suite_small_runs_every_section(tmp_path):
   assert all(t["seconds"] >= 0 for t in times.values()) and "## Section times" in md
   assert {t["guard_scale"] for t in times.values()} == {0.0}  # --small: the guard stands aside
   # each arm records the switches it ran with: what benchmarks/gpu_apply.py compares
-  assert train["default"]["layers_switches"] == {"ROPE_IN_KERNEL": True, "FUSED_RMS_NORM": True}
-  assert train["rope-first"]["layers_switches"]["ROPE_IN_KERNEL"] is False
+  assert train["default"]["layers_switches"] == {"ROPE_IN_KERNEL": False, "FUSED_RMS_NORM": True}
+  assert train["rope in kernel"]["layers_switches"]["ROPE_IN_KERNEL"] is True
   assert train["xla RMSNorm"]["layers_switches"]["FUSED_RMS_NORM"] is False
   # gpu_apply reads this very file: it reports, and refuses to write a --small run's times
   import gpu_apply
@@ -185,7 +187,7 @@ def test_gpu_suite_preflight_lowers_every_device_program_for_cuda(tmp_path):
   flash = [n for (s, p), n in by.items() if s in ("attention", "tiles") or "flash" in p]
   assert len(flash) == (3 * 2 + len(gpu_suite.TILE_VARIANTS) + len(gpu_suite.TILE_VARIANTS_ROPE)
                         + 2) and set(flash) == {3}
-  assert len(by) == 44
+  assert len(by) == 43
   # ~1B step (no remat), the layer scan's body once: attention 3 + two RMSNorms x (fwd, bwd) 4,
   # and the final norm's fwd + bwd 2.
   assert by[("train", "~1B step (pallas, 4x4096)")] == 9
@@ -193,12 +195,13 @@ def test_gpu_suite_preflight_lowers_every_device_program_for_cuda(tmp_path):
   # (no kernel there: the same 9)
   assert by[("train", "~1B step (pallas, 8x4096) batch x2")] == 9
   assert by[("train", "~1B step (pallas, 4x4096) whole-logit loss")] == 9
-  # rope-first: the same 9 kernels, RoPE applied before them; xla RMSNorm: the attention
+  # rope in kernel: the same 9 kernels, RoPE inside them (the default applies it first, so
+  # its rope-first arm is the default step and is not run); xla RMSNorm: the attention
   # kernels alone (each variant lowered with its switch set: it took effect in the program)
-  assert by[("train", "~1B step (pallas, 4x4096) rope-first")] == 9
-  assert by[("train", "~1B step (pallas, 8x4096) rope-first batch x2")] == 9
+  assert by[("train", "~1B step (pallas, 4x4096) rope in kernel")] == 9
+  assert ("train", "~1B step (pallas, 4x4096) rope-first") not in by
   assert by[("train", "~1B step (pallas, 4x4096) xla RMSNorm")] == 3
-  assert sum(s == "train" and p.startswith("~1B step") for s, p in by) == 6
+  assert sum(s == "train" and p.startswith("~1B step") for s, p in by) == 5
   # the optimizer update alone, as the step runs it and as plain optax: XLA only
   assert [by[("train", f"optimizer update ({n})")] for n in ("guarded", "plain")] == [0, 0]
   # 7B pallas decode step, 32 unrolled layers: 2 RMSNorms + decode attention each, the final

@@ -108,12 +108,16 @@ def _packed_batch(cfg, b, s):
   return jnp.asarray(tokens), jnp.asarray(pos), jnp.asarray(seg)
 
 
-@pytest.mark.parametrize("position_embedding", ["alibi", "rope"])
-def test_pallas_model_matches_xla(monkeypatch, position_embedding):
+@pytest.mark.parametrize("position_embedding, rope_in_kernel",
+                         [("alibi", False), ("rope", True), ("rope", False)])
+def test_pallas_model_matches_xla(monkeypatch, position_embedding, rope_in_kernel):
   # "auto" must pick the interpret-mode kernels on CPU for this test to exercise them.
   monkeypatch.delenv("KERNELS_PALLAS_CPU_BACKEND", raising=False)
-  # ALiBi (the Baichuan-13B scheme, in-kernel) or RoPE (rotated inside the kernels: head_dim 64)
-  # with GQA and packed rows: every kernel feature the model uses at once.
+  # ALiBi (the Baichuan-13B scheme, in-kernel) or RoPE (rotated inside the kernels: head_dim 64,
+  # layers.ROPE_IN_KERNEL; or applied to q and k first, the default since the H200 run) with GQA
+  # and packed rows: every kernel feature the model uses at once.
+  from baichuan_jax.model import layers
+  monkeypatch.setattr(layers, "ROPE_IN_KERNEL", rope_in_kernel)
   import kernels_pallas
   seen = []
   real_flash = kernels_pallas.flash_attention
@@ -141,8 +145,9 @@ def test_pallas_model_matches_xla(monkeypatch, position_embedding):
 
   (loss_x, logits_x), grads_x = run("xla")
   (loss_p, logits_p), grads_p = run("pallas")
-  # every trace of the layer body: RoPE goes into the kernel, ALiBi needs no rope_theta
-  assert seen and set(seen) == {cfgs["pallas"].rope_theta if position_embedding == "rope" else None}
+  # every trace of the layer body: RoPE goes into the kernel (when switched there), ALiBi needs
+  # no rope_theta
+  assert seen and set(seen) == {cfgs["pallas"].rope_theta if rope_in_kernel else None}
   real = np.asarray(segments) > 0
   np.testing.assert_allclose(np.asarray(logits_p)[real], np.asarray(logits_x)[real],
                              atol=2e-4, rtol=2e-4)

@@ -83,9 +83,9 @@ class Attention(nn.Module):
       q = _dense(cfg, (h, d), ("embed", "heads", "kv"), "q_proj")(x)
       kv_new = _dense(cfg, (2, kvh, d), ("embed", None, "kv_heads", "kv"), "kv_proj")(x)
       k, v = kv_new[:, :, 0], kv_new[:, :, 1]
-    # Training / scoring with the Pallas kernels: q and k go in unrotated and the flash kernels
-    # rotate each tile (no RoPE pass over q and k in HBM, forward or backward). A KV cache holds
-    # rotated keys, so cached calls rotate first.
+    # Training / scoring with the Pallas kernels and ROPE_IN_KERNEL: q and k go in unrotated and
+    # the flash kernels rotate each tile (no RoPE pass over q and k in HBM, forward or backward).
+    # A KV cache holds rotated keys, so cached calls rotate first.
     rope_in_kernel = (cfg.position_embedding == "rope" and cfg.attention_impl == "pallas"
                       and kv is None and ROPE_IN_KERNEL and d >= 32 and d & (d - 1) == 0)
     if cfg.position_embedding == "rope" and not rope_in_kernel:
@@ -115,7 +115,9 @@ class Attention(nn.Module):
 # True: with attention_impl="pallas" and RoPE, calls without a KV cache (training, scoring) pass
 # unrotated q, k and rope_theta to `flash_attention`, which rotates inside the kernels (needs a
 # power-of-two head_dim >= 32; otherwise, and when False, RoPE is applied first). Read at trace.
-ROPE_IN_KERNEL = True
+# False since the H200 run of benchmarks/gpu_suite.py (2026-12-04): the ~1B training step took
+# 0.307 s with RoPE first and 0.377 s with it inside the kernels (docs/kernels.md).
+ROPE_IN_KERNEL = False
 
 # True: with attention_impl="pallas", RMSNorm runs as the fused Pallas kernel (where it takes the
 # hidden size: `kernels_pallas.rms_norm_kernel_fits`); False: as the jnp formula, which XLA
