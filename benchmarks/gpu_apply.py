@@ -297,10 +297,21 @@ def report_only(result, min_gain=0.03) -> list:
     best = min(b1.values(), key=lambda r: r["kernel_us"])
     gain = b1["default"]["kernel_us"] / best["kernel_us"] - 1
     choice = best["variant"] if gain >= min_gain else "default"
+    # a variant timed at the other batches too: its time over the default's at each
+    others = {}
+    for r in rows:
+      if r["batch"] != best["batch"] and r["variant"] != "default":
+        base = next((x for x in rows if x["batch"] == r["batch"] and x["variant"] == "default"),
+                    None)
+        if base:
+          others.setdefault(r["variant"], []).append(
+              f"batch {r['batch']} {base['kernel_us'] / r['kernel_us'] - 1:+.1%}")
     out.append(_decision("kernels_pallas.decode.GPU_DEFAULTS", "default", choice,
                          f"decode_attention at batch {best['batch']}: fastest {best['variant']!r} "
                          f"{best['kernel_us']:.1f} us vs default {b1['default']['kernel_us']:.1f}"
-                         f" us ({gain:+.1%}); the variants are timed at this batch only",
+                         f" us ({gain:+.1%}); the variants are timed at this batch only"
+                         + "".join(f"; {v!r} against the default at {', '.join(o)}"
+                                   for v, o in others.items()),
                          write=False))
   steps = {r.get("variant"): r for r in result["train"] if r.get("tokens_per_s")}
   base = steps.get("default")

@@ -41,8 +41,10 @@ from kernels_pallas.attention import resolve_backend
 from kernels_pallas.reference import decode_attention_reference
 
 # GPU: block of cache slots per loop step, Triton warps / pipeline stages, and the number of
-# programs the split count aims for (about 2 per SM of a 132-SM Hopper part). Guesses made without
-# a GPU (no measurement yet): benchmarks/gpu_suite.py times alternatives on the device.
+# programs the split count aims for (about 2 per SM of a 132-SM Hopper part). First guesses; on
+# an H200 (2026-12-04, benchmarks/gpu_suite.py) block_k 64 was 1.40x faster than these at batch 1
+# (one layer's 7B cache, 2,048 slots: 91.7 vs 128.4 us), but it was timed at batch 1 only, so the
+# defaults stay until a run times it at batch 8 and 32 too (the suite now does).
 GPU_DEFAULTS = {"block_k": 128, "num_warps": 4, "num_stages": 2, "target_programs": 256}
 TPU_BLOCK_K = 512
 

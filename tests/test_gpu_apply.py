@@ -344,3 +344,17 @@ def test_copy_to_keeps_the_runs_files(tmp_path):
   assert (tmp_path / "docs" / "gpu_suite_h200.json").read_bytes() == path.read_bytes()
   assert (tmp_path / "docs" / "gpu_suite_h200.md").read_text() == "# gpu_suite results\n"
   assert before == {rel: (root / rel).read_text() for rel in before}
+
+
+def test_decode_kernel_report_covers_every_batch_a_variant_ran():
+  # hand-worked: 128 / 92 - 1 = +39.1% at batch 1; 177 / 160 - 1 = +10.6% at batch 8
+  rows = [dict(batch=1, fill="full", variant="default", kernel_us=128.0),
+          dict(batch=1, fill="full", variant="block_k 64", kernel_us=92.0),
+          dict(batch=8, fill="full", variant="default", kernel_us=177.0),
+          dict(batch=8, fill="full", variant="block_k 64", kernel_us=160.0),
+          dict(batch=8, fill="ragged", variant="default", kernel_us=90.0)]
+  (d,) = gpu_apply.report_only(dict(decode_kernel=rows, train=[], decode=[]))
+  assert d["setting"] == "kernels_pallas.decode.GPU_DEFAULTS" and not d["writes"]
+  assert d["proposed"] == "block_k 64"
+  assert d["evidence"].endswith("(+39.1%); the variants are timed at this batch only; "
+                                "'block_k 64' against the default at batch 8 +10.6%")

@@ -187,7 +187,7 @@ def test_gpu_suite_preflight_lowers_every_device_program_for_cuda(tmp_path):
   flash = [n for (s, p), n in by.items() if s in ("attention", "tiles") or "flash" in p]
   assert len(flash) == (3 * 2 + len(gpu_suite.TILE_VARIANTS) + len(gpu_suite.TILE_VARIANTS_ROPE)
                         + 2) and set(flash) == {3}
-  assert len(by) == 43
+  assert len(by) == 45
   # ~1B step (no remat), the layer scan's body once: attention 3 + two RMSNorms x (fwd, bwd) 4,
   # and the final norm's fwd + bwd 2.
   assert by[("train", "~1B step (pallas, 4x4096)")] == 9
@@ -210,7 +210,8 @@ def test_gpu_suite_preflight_lowers_every_device_program_for_cuda(tmp_path):
   assert by[("decode", "model step xla batch 1")] == 0
   for b in (1, 8, 32):
     assert by[("decode", f"model step pallas batch {b}")] == 32 * 3 + 2 + 32 * 2
-  assert sum(s == "decode_kernel" for s, _ in by) == 3 + 4 + 1
+  # the defaults at batch 1/8/32, four variants at batch 1, block_k 64 at 8 and 32, ragged
+  assert sum(s == "decode_kernel" for s, _ in by) == 3 + 4 + 2 + 1
   assert "| train | ~1B step (pallas, 4x4096) | 9 | yes |" in (
       tmp_path / "gpu_suite_preflight.md").read_text()
 
