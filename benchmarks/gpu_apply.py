@@ -3,7 +3,7 @@
   python3 benchmarks/gpu_apply.py docs/results/gpu_suite_h200.json            # the decisions
   python3 benchmarks/gpu_apply.py docs/results/gpu_suite_h200.json --write    # and the edits
 
-The suite's A/Bs decide four things; this prints each decision with its evidence and, with
+The suite's A/Bs decide five things; this prints each decision with its evidence and, with
 `--write`, edits the constants in the sources (and prints the diff), so what a GPU run found
 becomes the default the same way every time:
 
@@ -16,6 +16,8 @@ becomes the default the same way every time:
   (RoPE in the kernels or applied to q and k first; the suite runs the arm the default is not);
 * `baichuan_jax.model.layers.FUSED_RMS_NORM`: the `xla RMSNorm` train A/B (the Pallas RMSNorm
   kernel or the jnp formula XLA fuses with its neighbours);
+* `baichuan_jax.model.layers.SCAN_LAYERS`: the `unrolled layers` train A/B (the layer scan or
+  the unrolled stack, without remat);
 * `benchmarks/gpu_suite.py` COST, the budget guard's estimates: each rescaled by its sections'
   seconds over the estimates the run used (`section_times`, `cost`) plus 10%, where the run
   missed it by more than 15% (sections with an error are left out: their time is no measure),
@@ -70,7 +72,7 @@ MIN_SEQ = 2048  # the attention section's shortest sequence, where the tiling wa
 # The train A/B (gpu_suite.TRAIN_VARIANTS) that flips each switch: whichever of its variants
 # ran (the suite runs the one that is not the default).
 SWITCH_VARIANTS = {"ROPE_IN_KERNEL": ("rope-first", "rope in kernel"),
-                   "FUSED_RMS_NORM": ("xla RMSNorm",)}
+                   "FUSED_RMS_NORM": ("xla RMSNorm",), "SCAN_LAYERS": ("unrolled layers",)}
 
 
 class ApplyError(ValueError):

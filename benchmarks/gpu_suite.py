@@ -58,8 +58,10 @@ a watchdog thread ends the process at the hard limit, budget + 30 s, after writi
    budget still has room: `batch x2` (8 x 4096, after `decode`: it bears on the MFU aim), then,
    last, the RoPE A/B's other arm: `rope-first` (RoPE applied to q and k before the kernels,
    `layers.ROPE_IN_KERNEL = False`) or `rope in kernel` (True), whichever the defaults do not
-   already run (the default since the H200's first run: RoPE first), `xla RMSNorm` (the jnp norm, which XLA fuses with the residual add, instead of the
-   Pallas kernel: `layers.FUSED_RMS_NORM = False`) and `whole-logit loss` (loss_chunk_size=0
+   already run (the default since the H200's first run: RoPE first), `unrolled layers` (the
+   decoder stack unrolled instead of scanned: `layers.SCAN_LAYERS = False`), `xla RMSNorm` (the
+   jnp norm, which XLA fuses with the residual add, instead of the Pallas kernel:
+   `layers.FUSED_RMS_NORM = False`) and `whole-logit loss` (loss_chunk_size=0
    instead of the split loss; last, as it decides no default). The summary's `train_variants`
    gives each one's tokens/s over the default step's, `train_best` the fastest,
    `train_rope_in_kernel_speedup` the RoPE-first step time over the in-kernel step's and
@@ -67,7 +69,8 @@ a watchdog thread ends the process at the hard limit, budget + 30 s, after writi
 
 After a device run, `benchmarks/gpu_apply.py gpu_suite.json --write` turns the tiles and train
 A/Bs into the project's defaults by rule (each path's fastest tiling into
-`kernels_pallas.attention.MEASURED_TUNING`, `layers.ROPE_IN_KERNEL`, `layers.FUSED_RMS_NORM`);
+`kernels_pallas.attention.MEASURED_TUNING`, `layers.ROPE_IN_KERNEL`, `layers.FUSED_RMS_NORM`,
+`layers.SCAN_LAYERS`);
 every train row records the `layers_switches` it ran with, which is what that tool compares.
 
 `--small` runs the same code on tiny shapes, with the kernels in Pallas interpret mode, on a CPU
@@ -153,6 +156,7 @@ COST = {'attention item': 2,
         'train batch x2': 20,
         'train rope-first': 9,
         'train rope in kernel': 9,
+        'train unrolled layers': 30,
         'train whole-logit loss': 16,
         'train xla RMSNorm': 10}
 # END COST
@@ -435,6 +439,11 @@ TRAIN_VARIANTS = {
     # it was 1.23x faster). Of the two arms, the one the defaults already run is left out of the
     # plan (`redundant_variant`).
     "rope in kernel": dict(flags=dict(ROPE_IN_KERNEL=True)),
+    # The decoder stack unrolled over static slices of the stacked weights instead of the layer
+    # scan (`layers.SCAN_LAYERS = False`; the step has no remat): the H200's profile of the
+    # scanned step held 15 ms of memcpy and 11.5 ms of dynamic-update-slice fusions, which the
+    # scan's per-layer weight slices and stacked gradient writes may account for.
+    "unrolled layers": dict(flags=dict(SCAN_LAYERS=False)),
     # The output layer and loss on whole [batch, seq, vocab] fp32 logits (loss_chunk_size=0)
     # instead of the split loss's 1024-position chunks, which recompute the head matmul in the
     # backward pass: what the split costs in time (it exists to save memory).
@@ -448,7 +457,7 @@ TRAIN_VARIANTS = {
 
 
 # The `baichuan_jax.model.layers` switches the train A/Bs flip, recorded in every train row.
-TRAIN_SWITCHES = ("ROPE_IN_KERNEL", "FUSED_RMS_NORM")
+TRAIN_SWITCHES = ("ROPE_IN_KERNEL", "FUSED_RMS_NORM", "SCAN_LAYERS")
 
 
 def redundant_variant(variant) -> bool:
@@ -1499,8 +1508,9 @@ def main(argv=None):
                  lambda: section_decode_kernel(suite, backend, shapes["decode_kernel"]),
                  COST["decode_kernel item"]))
   if "train" in sections:  # last, the A/Bs that decide defaults: only if the budget has room
-    plan += [variant(name) for name in ("rope-first", "rope in kernel", "xla RMSNorm",
-                                        "whole-logit loss") if not redundant_variant(name)]
+    plan += [variant(name) for name in ("rope-first", "rope in kernel", "unrolled layers",
+                                        "xla RMSNorm", "whole-logit loss")
+             if not redundant_variant(name)]
   if "decode" in sections:  # what the decode span check costs: reported, decides nothing
     plan.append(("decode no-check", lambda: section_decode(suite, backend, shapes["decode"],
                                                            span_check_ab=True),

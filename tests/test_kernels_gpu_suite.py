@@ -98,14 +98,15 @@ def test_gpu_suite_small_runs_every_section(tmp_path):
   assert train["rope in kernel"]["tiling"] == result["tuning_used_rope"]["variant"] + (
       " (in-kernel RoPE)")
   # the A/B variants of the step: batch x2 after decode; the RoPE A/B's other arm (RoPE in the
-  # kernels: the default applies it first) and whole-logit loss last; only the default step
-  # is profiled
+  # kernels: the default applies it first), the unrolled stack, and whole-logit loss last;
+  # only the default step is profiled
   assert [r["variant"] for r in result["train"]] == [
-      "default", "batch x2", "rope in kernel", "xla RMSNorm", "whole-logit loss"]
+      "default", "batch x2", "rope in kernel", "unrolled layers", "xla RMSNorm",
+      "whole-logit loss"]
   assert all(r["step_s"] > 0 for r in result["train"])
   assert [r.get("profile_trace_file") for r in result["train"]] == [
-      "train_trace.json.gz", None, None, None, None]
-  assert [("optimizer_guarded_ms" in r) for r in result["train"]] == [True] + [False] * 4
+      "train_trace.json.gz", None, None, None, None, None]
+  assert [("optimizer_guarded_ms" in r) for r in result["train"]] == [True] + [False] * 5
   assert train["batch x2"]["batch"] == 2 * train["default"]["batch"] == 4
   assert "raw trace train_trace.json.gz" in md
   assert (train["default"]["rope"], train["rope in kernel"]["rope"]) == (
@@ -123,13 +124,13 @@ def test_gpu_suite_small_runs_every_section(tmp_path):
       train["default"]["step_s"] / train["rope in kernel"]["step_s"])
   assert summary["train_variants"]["batch x2"]["tokens_per_s_over_default"] == pytest.approx(
       train["batch x2"]["tokens_per_s"] / train["default"]["tokens_per_s"])
-  assert set(summary["train_variants"]) == {"batch x2", "rope in kernel", "whole-logit loss",
-                                            "xla RMSNorm"}
+  assert set(summary["train_variants"]) == {"batch x2", "rope in kernel", "unrolled layers",
+                                            "whole-logit loss", "xla RMSNorm"}
   assert train["default"]["tiling"] == result["tuning_used"]["variant"]
   assert {n: r["rms_norm"] for n, r in train.items()} == {
       n: "XLA (jnp formula)" if n == "xla RMSNorm" else "Pallas kernel" for n in train}
   # the same data, init and steps: RoPE first and the jnp RMSNorm change only the rounding
-  for name in ("rope in kernel", "xla RMSNorm"):
+  for name in ("rope in kernel", "unrolled layers", "xla RMSNorm"):
     assert train[name]["loss"] == pytest.approx(train["default"]["loss"], rel=1e-4), name
   assert summary["train_fused_rms_norm_speedup"] == pytest.approx(
       train["xla RMSNorm"]["step_s"] / train["default"]["step_s"])
@@ -163,7 +164,9 @@ def test_gpu_suite_small_runs_every_section(tmp_path):
   assert all(t["seconds"] >= 0 for t in times.values()) and "## Section times" in md
   assert {t["guard_scale"] for t in times.values()} == {0.0}  # --small: the guard stands aside
   # each arm records the switches it ran with: what benchmarks/gpu_apply.py compares
-  assert train["default"]["layers_switches"] == {"ROPE_IN_KERNEL": False, "FUSED_RMS_NORM": True}
+  assert train["default"]["layers_switches"] == {"ROPE_IN_KERNEL": False, "FUSED_RMS_NORM": True,
+                                                 "SCAN_LAYERS": True}
+  assert train["unrolled layers"]["layers_switches"]["SCAN_LAYERS"] is False
   assert train["rope in kernel"]["layers_switches"]["ROPE_IN_KERNEL"] is True
   assert train["xla RMSNorm"]["layers_switches"]["FUSED_RMS_NORM"] is False
   # gpu_apply reads this very file: it reports, and refuses to write a --small run's times
@@ -171,7 +174,7 @@ def test_gpu_suite_small_runs_every_section(tmp_path):
   decisions = gpu_apply.decide(gpu_apply.load_results(tmp_path / "gpu_suite.json"))
   assert [d["setting"].rsplit(".", 1)[1] for d in decisions if d["writes"]] == [
       "MEASURED_TUNING['plain']", "MEASURED_TUNING['rope']", "ROPE_IN_KERNEL", "FUSED_RMS_NORM",
-      "COST"]
+      "SCAN_LAYERS", "COST"]
   assert any("--small" in r for r in gpu_apply.write_refusals(result))
 
 
@@ -187,7 +190,7 @@ def test_gpu_suite_preflight_lowers_every_device_program_for_cuda(tmp_path):
   flash = [n for (s, p), n in by.items() if s in ("attention", "tiles") or "flash" in p]
   assert len(flash) == (3 * 2 + len(gpu_suite.TILE_VARIANTS) + len(gpu_suite.TILE_VARIANTS_ROPE)
                         + 2) and set(flash) == {3}
-  assert len(by) == 45
+  assert len(by) == 46
   # ~1B step (no remat), the layer scan's body once: attention 3 + two RMSNorms x (fwd, bwd) 4,
   # and the final norm's fwd + bwd 2.
   assert by[("train", "~1B step (pallas, 4x4096)")] == 9
@@ -200,8 +203,10 @@ def test_gpu_suite_preflight_lowers_every_device_program_for_cuda(tmp_path):
   # kernels alone (each variant lowered with its switch set: it took effect in the program)
   assert by[("train", "~1B step (pallas, 4x4096) rope in kernel")] == 9
   assert ("train", "~1B step (pallas, 4x4096) rope-first") not in by
+  # the unrolled stack: each of the 18 layers' 7 kernels appears in the program, + final norm
+  assert by[("train", "~1B step (pallas, 4x4096) unrolled layers")] == 18 * 7 + 2
   assert by[("train", "~1B step (pallas, 4x4096) xla RMSNorm")] == 3
-  assert sum(s == "train" and p.startswith("~1B step") for s, p in by) == 5
+  assert sum(s == "train" and p.startswith("~1B step") for s, p in by) == 6
   # the optimizer update alone, as the step runs it and as plain optax: XLA only
   assert [by[("train", f"optimizer update ({n})")] for n in ("guarded", "plain")] == [0, 0]
   # 7B pallas decode step, 32 unrolled layers: 2 RMSNorms + decode attention each, the final

@@ -81,6 +81,33 @@ def test_unrolled_layers_match_scan(pos):
   assert jax.tree.map(jnp.shape, init) == jax.tree.map(jnp.shape, params)
 
 
+def test_scan_layers_switch_unrolls_training_too(monkeypatch):
+  """layers.SCAN_LAYERS = False: with remat "none" the training forward and its gradients run
+  the unrolled stack (no `scan` in the program), with the scan's loss and gradients; with remat
+  the scan stays (it is what applies the policy)."""
+  from baichuan_jax.model import layers
+  toks = jax.random.randint(jax.random.PRNGKey(2), (2, 9), 0, 4096)
+
+  def loss_and_grads(policy):
+    cfg = configs.get("tiny", dtype="float32", position_embedding="rope", num_layers=2,
+                      remat_policy=policy)
+    params = init_params(cfg, jax.random.PRNGKey(0))
+    model = BaichuanLM(cfg)
+    loss = lambda p: losses.lm_loss(model.apply({"params": p}, toks[:, :-1]), toks[:, 1:])["loss"]
+    fn = jax.value_and_grad(loss)
+    return str(jax.make_jaxpr(fn)(params)), jax.jit(fn)(params)
+
+  text_scan, (l_scan, g_scan) = loss_and_grads("none")
+  monkeypatch.setattr(layers, "SCAN_LAYERS", False)
+  text_unrolled, (l_unrolled, g_unrolled) = loss_and_grads("none")
+  assert " scan[" in text_scan and " scan[" not in text_unrolled
+  np.testing.assert_allclose(l_unrolled, l_scan, rtol=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), g_unrolled, g_scan)
+  assert jax.tree.map(jnp.shape, g_unrolled) == jax.tree.map(jnp.shape, g_scan)
+  text_remat, _ = loss_and_grads("full")
+  assert " scan[" in text_remat
+
+
 def test_gqa_runs_and_counts():
   cfg, model, params = _setup("rope", num_kv_heads=2)
   n = sum(x.size for x in jax.tree.leaves(params))

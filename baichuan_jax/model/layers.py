@@ -125,6 +125,16 @@ ROPE_IN_KERNEL = False
 # benchmarks/gpu_suite.py times the ~1B training step both ways.
 FUSED_RMS_NORM = True
 
+# True: the decoder stack runs as the layer `nn.scan` wherever the model is not told to unroll
+# (`BaichuanLM(unroll_layers=True)`, the decode step). False: with remat_policy "none" (the scan
+# is what applies remat), training and scoring run it as the same unrolled loop over static
+# slices of the stacked layer parameters: the same parameter tree and results, no per-layer
+# slice copies or stacked gradient writes inside a scan, but a longer compile. Read at trace by
+# `transformer.BaichuanLM`; benchmarks/gpu_suite.py times the ~1B step both ways (on the H200
+# the scanned step's profile held 15 ms of memcpy and 11.5 ms of dynamic-update-slice fusions,
+# of 377 ms; what share of that the scan causes is what the A/B tells).
+SCAN_LAYERS = True
+
 # True: every pallas decode step checks that each row's keys are one span (`decode_span`) and
 # takes the XLA path when not: one `lax.cond` around the whole unrolled stack
 # (`checked_decode_stack`; the layer scan, which decode steps do not use, keeps one per layer).

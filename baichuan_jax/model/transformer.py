@@ -13,6 +13,7 @@ import ml_collections
 
 from baichuan_jax import configs
 from baichuan_jax.model.attention import AttnContext, write_cache
+from baichuan_jax.model import layers as layers_lib  # its trace-time switches
 from baichuan_jax.model.layers import (MLP, Attention, RMSNorm, checked_decode_stack, dtype_of,
                                        head_logits)
 
@@ -77,7 +78,8 @@ class BaichuanLM(nn.Module):
   (static per-layer slices) instead of the layer `nn.scan`. The parameter tree and the results are
   the same; it is for decoding, where a step reads every weight once and the scan's per-layer
   copy of the stacked weights costs more than the matmuls (7B on an H100: 14.2 ms per token
-  scanned, 5.8 ms unrolled). Initialisation always goes through the scan.
+  scanned, 5.8 ms unrolled). Initialisation always goes through the scan. `layers.SCAN_LAYERS =
+  False` unrolls every call with remat_policy "none" (training and scoring too).
   """
   config: ml_collections.ConfigDict
   unroll_layers: bool = False
@@ -98,7 +100,8 @@ class BaichuanLM(nn.Module):
     x = nn.with_logical_constraint(x, ("activation_batch", "activation_length", "activation_embed"))
 
     kv = None if cache is None else (cache.k, cache.v)
-    if self.unroll_layers and not self.is_initializing():
+    unroll = self.unroll_layers or (not layers_lib.SCAN_LAYERS and cfg.remat_policy == "none")
+    if unroll and not self.is_initializing():
       x, kv = _unrolled_layers(cfg, self.get_variable("params", "layers"), x, ctx, kv)
     else:
       layer = DecoderLayer
