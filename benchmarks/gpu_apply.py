@@ -106,6 +106,11 @@ def load_results(path) -> dict:
   return result
 
 
+def failed_checks(result) -> list:
+  """The kernel names of the run's checks that did not pass."""
+  return [r.get("kernel", "?") for r in result.get("check", []) if not r.get("ok")]
+
+
 def write_refusals(result, waived=()) -> list:
   """Why this run must not set defaults (empty: it may).
 
@@ -117,7 +122,7 @@ def write_refusals(result, waived=()) -> list:
   if result["env"].get("small"):
     out.append("the run used --small (tiny shapes, interpret mode): its times mean nothing")
   ok = result["summary"].get("checks_ok")
-  failed = [r.get("kernel", "?") for r in result.get("check", []) if not r.get("ok")]
+  failed = failed_checks(result)
   unused = [w for w in waived if not any(w in name for name in failed)]
   if unused:
     out.append(f"--waive-check {', '.join(map(repr, unused))}: names no failed check (failed: "
@@ -438,7 +443,7 @@ def main(argv=None):
       refusals = write_refusals(result, args.waive_check)
       if refusals:
         raise ApplyError(f"{args.results}: not written: " + "; ".join(refusals))
-      for name in (r.get("kernel", "?") for r in result.get("check", []) if not r.get("ok")):
+      for name in failed_checks(result):
         print(f"waived: the failed check {name!r} (--waive-check)")
       diff = apply(decisions, args.root)
       print("\n" + (diff or "nothing to change: the sources already hold the measured choices"))

@@ -478,8 +478,8 @@ def rope_in_kernel_speedup(steps):
   other = steps.get("rope-first") or steps.get("rope in kernel")
   if not base or not other:
     return None
-  arms = {r["layers_switches"]["ROPE_IN_KERNEL"]: r["step_s"] for r in (base, other)}
-  return arms[False] / arms[True] if len(arms) == 2 else None
+  arms = {r.get("layers_switches", {}).get("ROPE_IN_KERNEL"): r["step_s"] for r in (base, other)}
+  return arms[False] / arms[True] if set(arms) == {False, True} else None
 
 
 def train_variant(cfg, variant):
@@ -504,7 +504,7 @@ def section_train(suite, cfg, variant="default"):
   if suite.result["env"].get("datasheet_bf16_flops"):
     peaks["datasheet"] = suite.result["env"]["datasheet_bf16_flops"]
   trace_dir = suite.out / "_train_trace"
-  profile = variant in PROFILED_VARIANTS
+  profile = variant == "default"
   with layers_flags(flags):
     # the switches this arm runs with (the module's defaults where the variant sets none), so
     # an A/B row says what it compared even after benchmarks/gpu_apply.py changed a default
@@ -512,7 +512,7 @@ def section_train(suite, cfg, variant="default"):
     row = gpu_train_mfu.run_one(cfg["impl"], "none", batch, cfg["seq"], cfg["steps"],
                                 cfg["warmup"], cfg["layers"], cfg["hidden"], cfg["heads"], peaks,
                                 profile_dir=str(trace_dir) if profile else None,
-                                loss_chunk_size=chunk, optimizer_probe=variant == "default")
+                                loss_chunk_size=chunk, optimizer_probe=profile)
   # Each path's kernels run with the `tiles` section's fastest for that path (in-kernel RoPE or
   # plain); with xla attention no kernel runs.
   rope_in_kernel = switches["ROPE_IN_KERNEL"]
@@ -532,8 +532,7 @@ def section_train(suite, cfg, variant="default"):
       + ("" if chunk is None else f" --loss-chunk {chunk}")
       + "".join(f" (with baichuan_jax.model.layers.{k} = {v})" for k, v in flags.items()))
   if profile:
-    _keep_train_profile(suite, row, trace_dir, PROFILED_VARIANTS[variant])
-  if variant == "default":
+    _keep_train_profile(suite, row, trace_dir)
     if "optimizer_error" in row:
       suite.result["errors"].append(f"train optimizer update: {row['optimizer_error']}")
     if row.get("optimizer_min_bytes") and ceil.get("copy_bandwidth"):
@@ -543,13 +542,10 @@ def section_train(suite, cfg, variant="default"):
   print(f"train ({variant})", json.dumps(row, default=str)[:400], flush=True)
 
 
-# The train variants whose steps are profiled, and the file each one's raw trace is saved as.
-PROFILED_VARIANTS = {"default": "train_trace.json.gz"}
-
-
-def _keep_train_profile(suite, row, trace_dir, name="train_trace.json.gz"):
+def _keep_train_profile(suite, row, trace_dir):
   """Where the step's time goes: device op time by kernel name over the 2 traced steps, into
-  `row`; the raw trace copied to $OUT/`name` when small enough; the profiler's folder removed."""
+  `row`; the raw trace copied to $OUT when small enough (`row["profile_trace_file"]`); the
+  profiler's folder removed."""
   try:
     prof = trace_top_ops(trace_dir, steps=2)
     row.update(profile_top_ops_ms_per_step=prof["top"], profile_total_ms_per_step=prof["total_ms"],
@@ -557,8 +553,8 @@ def _keep_train_profile(suite, row, trace_dir, name="train_trace.json.gz"):
                profile_lines_ms_per_step=prof["lines_ms"])
     files = _trace_files(trace_dir)
     if files and files[0].stat().st_size < 15 * 2 ** 20:  # what comes back from $OUT: <= 16 MB
-      (suite.out / name).write_bytes(files[0].read_bytes())
-      row["profile_trace_file"] = name
+      (suite.out / "train_trace.json.gz").write_bytes(files[0].read_bytes())
+      row["profile_trace_file"] = "train_trace.json.gz"
   except Exception as e:  # pylint: disable=broad-except
     suite.error("train profile", e)
   finally:
@@ -1192,8 +1188,9 @@ def summarise(result):
   if base:
     s["train_mfu_datasheet"] = base.get("mfu_datasheet")
     s["train_mfu_measured_matmul"] = base.get("mfu_measured_matmul")
-    if rope_in_kernel_speedup(steps) is not None:  # > 1: the in-kernel rotation is faster
-      s["train_rope_in_kernel_speedup"] = rope_in_kernel_speedup(steps)
+    rope_speedup = rope_in_kernel_speedup(steps)
+    if rope_speedup is not None:  # > 1: the in-kernel rotation is faster
+      s["train_rope_in_kernel_speedup"] = rope_speedup
     if steps.get("xla RMSNorm"):  # > 1: the Pallas RMSNorm kernel makes the step faster
       s["train_fused_rms_norm_speedup"] = steps["xla RMSNorm"]["step_s"] / base["step_s"]
     # tokens/s of each variant over the default's (> 1: the variant is faster)

@@ -184,16 +184,16 @@ def _decode_step_attention(q, k_cache, v_cache, ctx: AttnContext, slopes):
   the result is the XLA path's wherever the kernel could differ.
   """
   from kernels_pallas import decode_attention  # pylint: disable=import-outside-toplevel
-  if ctx.decode_span:  # the stack checked the span (`checked_decode_stack`)
-    starts, lengths = ctx.decode_span
-    ok = None
-  else:
-    starts, lengths, ok = decode_span(ctx, slopes is not None)
-  kernel = lambda: decode_attention(q, k_cache, v_cache, lengths, starts=starts,
-                                    alibi_slopes=slopes).astype(q.dtype)
+  kernel = lambda starts, lengths: decode_attention(  # noqa: E731
+      q, k_cache, v_cache, lengths, starts=starts, alibi_slopes=slopes).astype(q.dtype)
+  if ctx.decode_span:  # the stack checked the span once (`checked_decode_stack`)
+    return kernel(*ctx.decode_span)
+  starts, lengths, ok = decode_span(ctx, slopes is not None)
+  if not DECODE_SPAN_CHECK:
+    return kernel(starts, lengths)
   xla = lambda: xla_attention(q, k_cache.astype(q.dtype), v_cache.astype(q.dtype), ctx, slopes,
                               kv_layout="bhsd")
-  return jax.lax.cond(ok, kernel, xla) if DECODE_SPAN_CHECK and ok is not None else kernel()
+  return jax.lax.cond(ok, lambda: kernel(starts, lengths), xla)
 
 
 class MLP(nn.Module):
