@@ -30,6 +30,9 @@ class AttnStatic:
   num_warps: Optional[int] = None  # GPU launch settings; None = the backend's default
   num_stages: Optional[int] = None
   has_rope: bool = False  # q and k rotated in the kernel from cos/sin tables (GPU kernels)
+  # GPU backward as one kernel: the dK/dV kernel also adds each tile's dQ share into an fp32
+  # buffer with atomic adds (flash_gpu.backward_fused), instead of a separate dQ kernel.
+  fused_dq: bool = False
 
   @property
   def mask_padding(self) -> bool:

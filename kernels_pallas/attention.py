@@ -2,7 +2,8 @@
 
 `flash_attention` pads the sequence to a block multiple (and, for Triton, head_dim to a power of
 two), runs the forward kernel, and saves (q, k, v, out, lse) for the backward pass, which runs the
-dQ kernel and the dK/dV kernel, each with its own tiles. The padding is masked inside the kernels
+dQ kernel and the dK/dV kernel, each with its own tiles (or, on the GPU with tuning
+"fused_backward", one kernel for all three gradients). The padding is masked inside the kernels
 and sliced off here, so any sequence length works. With `rope_theta`, q and k are rotated inside
 the GPU kernels (see flash_gpu) instead of before the call.
 """
@@ -246,9 +247,11 @@ def _check_tuning(tuning: Optional[dict], head_dim: int = 128, rope: bool = Fals
   """Validates `tuning` -> (per-phase blocks or None, per-phase launch settings over
   `default_launch(head_dim, rope)`)."""
   tuning = dict(tuning or {})
-  unknown = set(tuning) - {"blocks", "launch"}
+  unknown = set(tuning) - {"blocks", "launch", "fused_backward"}
   if unknown:
-    raise ValueError(f"tuning keys {sorted(unknown)} are invalid: allowed are 'blocks', 'launch'")
+    raise ValueError(f"tuning keys {sorted(unknown)} are invalid: allowed are 'blocks', "
+                     "'launch', 'fused_backward'")
+  fused_backward(tuning, rope)
   blocks = tuning.get("blocks")
   launch = default_launch(head_dim, rope)
   for name, table in (("blocks", blocks or {}), ("launch", tuning.get("launch") or {})):
@@ -277,6 +280,21 @@ def _check_tuning(tuning: Optional[dict], head_dim: int = 128, rope: bool = Fals
         for target in (("dq", "dkdv") if phase == "bwd" else (phase,)):
           blocks[target] = given[phase]
   return blocks, launch
+
+
+def fused_backward(tuning: Optional[dict], rope: bool = False) -> bool:
+  """`tuning["fused_backward"]` (default False), checked: True runs the GPU backward as one
+  kernel (`flash_gpu.backward_fused`: dK/dV plus dQ by atomic adds) instead of the dQ and dK/dV
+  kernels; its tiles and launch settings are the "dkdv" phase's. Not with in-kernel RoPE. The
+  TPU kernels ignore it."""
+  value = (tuning or {}).get("fused_backward", False)
+  if not isinstance(value, bool):
+    raise ValueError(f"tuning['fused_backward']={value!r} is invalid: must be True or False")
+  if value and rope:
+    raise ValueError("tuning['fused_backward']=True is invalid with in-kernel RoPE (rope_theta "
+                     "on the GPU kernels): the fused backward takes rotated q and k; apply RoPE "
+                     "before the call or leave fused_backward False")
+  return value
 
 
 def _kernel_kind(backend: str) -> tuple[str, bool]:
@@ -310,6 +328,8 @@ def _fwd_impl(kind, st, q, k, v, slopes, seg, pos, rope=None):
 def _bwd_impl(kind, st_dq, st_dkdv, q, k, v, out, lse, do, slopes, seg, pos, rope=None):
   # delta_i = rowsum(dO_i * O_i): the softmax-Jacobian term, one fp32 per query row.
   delta = jnp.einsum("bshd,bshd->bhs", do.astype(jnp.float32), out.astype(jnp.float32))
+  if kind == "gpu" and st_dkdv.fused_dq:
+    return flash_gpu.backward_fused(q, k, v, do, lse, delta, slopes, seg, pos, st_dkdv)
   if kind == "gpu":
     dq = flash_gpu.backward_dq(q, k, v, do, lse, delta, slopes, seg, pos, st_dq, rope)
     dk, dv = flash_gpu.backward_dkdv(q, k, v, do, lse, delta, slopes, seg, pos, st_dkdv, rope)
@@ -374,6 +394,9 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = 
       "launch": {"fwd": {"num_warps": 8, "num_stages": 3}}}; kernels are "fwd", "dq" and "dkdv",
       and "bwd" sets both backward kernels (a "dq"/"dkdv" entry wins over it). "launch" applies
       to the GPU kernels. block_q/block_k, when given, win over "blocks". Defaults:
+      "fused_backward": True runs the GPU backward as one kernel (dK/dV, with dQ added by
+      fp32 atomics: 5 matmuls per tile instead of 7, a run-to-run varying dQ summation order;
+      `fused_backward`), tiled and launched as "dkdv". Defaults:
       the `default_tuning` context's when one is set, else the Hopper-measured MEASURED_TUNING
       where it applies (`measured_tuning`), else `default_blocks` / `default_launch` (other
       tiles and warps with in-kernel RoPE).
@@ -404,6 +427,7 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = 
   if tuning is None:
     tuning = _DEFAULT_TUNING.get() or measured_tuning(kind, d, s, in_kernel_rope)
   phase_blocks, launch = _check_tuning(tuning, head_dim=d, rope=in_kernel_rope)
+  fused = kind == "gpu" and fused_backward(tuning, in_kernel_rope)
   blocks, seq_pad = _blocks(kind, s, block_q, block_k, phase_blocks, head_dim=d,
                             rope=in_kernel_rope)
   has_alibi = alibi_slopes is not None
@@ -412,7 +436,8 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = 
                              block_k=blocks[phase][1], has_alibi=has_alibi,
                              has_segments=segment_ids is not None,
                              has_positions=has_alibi and positions is not None,
-                             interpret=interpret, has_rope=rope_pos is not None, **launch[phase])
+                             interpret=interpret, has_rope=rope_pos is not None,
+                             fused_dq=fused and phase == "dkdv", **launch[phase])
                   for phase in PHASES)
   d_pad = max(16, 1 << (d - 1).bit_length()) if kind == "gpu" else d
   pad = lambda x: jnp.pad(x, ((0, 0), (0, seq_pad - s), (0, 0), (0, d_pad - d)))

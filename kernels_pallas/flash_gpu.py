@@ -12,6 +12,12 @@ a `fori_loop`, keeping the running max / sum / accumulator in registers (FlashAt
 - dk/dv, grid (batch, kv_heads, k_blocks): loops over the query heads of its group and the query
   blocks at or after the diagonal, so GQA/MQA gradients are summed in-kernel (no [.., heads, ..]
   temporary for dK/dV).
+- fused backward (`backward_fused`, tuning "fused_backward"): the dK/dV kernel alone, which also
+  adds each tile's share of dQ, dS^T K, into an fp32 [batch, seq, heads, head_dim] buffer with
+  atomic adds, as FlashAttention-2 and -3 do. The backward then computes Q K^T, exp and dO V^T
+  once per tile instead of twice (5 matmuls per tile, not 7); the price is the atomics and a
+  summation order for dQ that varies from run to run (dK and dV stay deterministic). Without
+  in-kernel RoPE only.
 
 ALiBi is computed from the per-head slope and the query/key positions inside the kernel; segment
 ids and positions are [batch, seq] vectors. With `has_rope`, q and k arrive unrotated and every
@@ -33,7 +39,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from kernels_pallas._common import (AttnStatic, dot_nn, dot_nt, online_softmax_step,
+from kernels_pallas._common import (AttnStatic, dot_nn, dot_nt, dot_tn, online_softmax_step,
                                     scores_bias_mask)
 
 
@@ -260,8 +266,11 @@ def backward_dq(q, k, v, do, lse, delta, slopes, seg, pos, st: AttnStatic, rope=
 
 
 def _dkdv_kernel(*refs, st: AttnStatic):
-  (q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref), slopes_ref, seg_ref, pos_ref, rope, (
-      dk_ref, dv_ref) = _split_refs(refs, st, 6)
+  # With st.fused_dq the main inputs end with the fp32 dQ buffer (aliased to the third output).
+  main, slopes_ref, seg_ref, pos_ref, rope, outs = _split_refs(refs, st, 7 if st.fused_dq else 6)
+  q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref = main[:6]
+  dk_ref, dv_ref = outs[:2]
+  dq_ref = outs[2] if st.fused_dq else None  # [seq_pad, groups, head_dim] fp32
   hk, j = pl.program_id(1), pl.program_id(2)
   bq, bk = st.block_q, st.block_k
   k_start = j * bk
@@ -305,6 +314,9 @@ def _dkdv_kernel(*refs, st: AttnStatic):
       p_t = jnp.exp(s_t - lse)
       dv = dv + dot_nn(p_t.astype(do.dtype), do)
       ds_t = p_t * (dot_nt(v, do) - delta)
+      if dq_ref is not None:  # this tile's dQ share, dS K (scaled after the kernel)
+        plgpu.atomic_add(dq_ref, (pl.ds(q_start, bq), g, slice(None)),
+                         dot_tn(ds_t.astype(k.dtype), k))
       if rope is None:
         dk = dk + dot_nn(ds_t.astype(q.dtype), q)
       else:
@@ -326,6 +338,24 @@ def _dkdv_kernel(*refs, st: AttnStatic):
 
 def backward_dkdv(q, k, v, do, lse, delta, slopes, seg, pos, st: AttnStatic, rope=None):
   """dK/dV kernel (sums over the query heads of each kv head). Returns (dk, dv) like k, v."""
+  if st.fused_dq:
+    raise ValueError("backward_dkdv takes a split-backward AttnStatic (fused_dq=False); use "
+                     "backward_fused")
+  return tuple(_dkdv_call(q, k, v, do, lse, delta, slopes, seg, pos, st, rope))
+
+
+def backward_fused(q, k, v, do, lse, delta, slopes, seg, pos, st: AttnStatic):
+  """The whole backward in one kernel (`st.fused_dq`): the dK/dV kernel, which also adds each
+  tile's dQ share into an fp32 buffer with atomic adds. Returns (dq, dk, dv) like q, k, v."""
+  if not st.fused_dq:
+    raise ValueError("backward_fused needs an AttnStatic with fused_dq=True")
+  dk, dv, dq = _dkdv_call(q, k, v, do, lse, delta, slopes, seg, pos, st)
+  return (dq * st.sm_scale).astype(q.dtype).reshape(q.shape), dk, dv
+
+
+def _dkdv_call(q, k, v, do, lse, delta, slopes, seg, pos, st: AttnStatic, rope=None):
+  """The dK/dV pallas_call -> [dk, dv] (+ the fp32 dQ sum, unscaled, [batch, seq_pad, kv_heads,
+  groups, head_dim], with st.fused_dq)."""
   b, sp, h, d = q.shape
   hkv, g, bk = k.shape[2], st.groups, st.block_k
   extra, extra_specs = _common_inputs(slopes, seg, pos, st, rope)
@@ -335,13 +365,26 @@ def backward_dkdv(q, k, v, do, lse, delta, slopes, seg, pos, st: AttnStatic, rop
   q_spec = pl.BlockSpec((None, sp, None, g, d), lambda bi, hk, j: (bi, 0, hk, 0, 0))
   row_spec = pl.BlockSpec((None, None, g, sp), lambda bi, hk, j: (bi, hk, 0, 0))
   kv_spec = pl.BlockSpec((None, bk, None, d), lambda bi, hk, j: (bi, j, hk, 0))
+  main, main_specs = [q5, k, v, do5, lse4, delta4], [q_spec, kv_spec, kv_spec, q_spec, row_spec,
+                                                    row_spec]
+  out_specs = [kv_spec, kv_spec]
+  out_shape = [jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)]
+  if st.fused_dq:  # every k-block program of a (batch, kv head) adds into its whole dQ rows
+    if rope is not None:
+      raise ValueError("the fused backward (tuning fused_backward=True) does not take in-kernel "
+                       "RoPE (rope_theta): apply RoPE before the call or use the split backward")
+    main.append(jnp.zeros(q5.shape, jnp.float32))
+    main_specs.append(q_spec)
+    out_specs.append(q_spec)
+    out_shape.append(jax.ShapeDtypeStruct(q5.shape, jnp.float32))
   return pl.pallas_call(
       functools.partial(_dkdv_kernel, st=st),
       grid=(b, hkv, sp // bk),
-      in_specs=[q_spec, kv_spec, kv_spec, q_spec, row_spec, row_spec] + extra_specs,
-      out_specs=[kv_spec, kv_spec],
-      out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
+      in_specs=main_specs + extra_specs,
+      out_specs=out_specs,
+      out_shape=out_shape,
+      input_output_aliases={6: 2} if st.fused_dq else {},
       compiler_params=_compiler_params(d, st),
       interpret=st.interpret,
-      name="baichuan_flash_dkdv",
-  )(q5, k, v, do5, lse4, delta4, *extra)
+      name="baichuan_flash_bwd_fused" if st.fused_dq else "baichuan_flash_dkdv",
+  )(*main, *extra)

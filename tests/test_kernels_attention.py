@@ -142,6 +142,56 @@ def test_per_kernel_backward_tiles():
          tuning={"blocks": {"fwd": (32, 32), "dq": (32, 16), "dkdv": (16, 32)}})
 
 
+def test_fused_backward_gqa_alibi_packed_ragged():
+  # One kernel for dQ, dK and dV (dQ summed by atomic adds into fp32): 40:8 GQA, ALiBi with
+  # restarting positions, packed segments, 200 -> 256 padding, several key blocks per dQ row.
+  _check("interpret", s=200, h=40, hkv=8, d=64, alibi=True, segments=True, positions=True,
+         tuning={"blocks": {"fwd": (64, 64), "dkdv": (32, 64)}, "fused_backward": True})
+
+
+def test_fused_backward_bf16_non_causal_equals_split_backward():
+  # Non-causal over a padded tail (masked keys add nothing to dQ), bf16: within the reference's
+  # tolerance, and equal to the two-kernel backward to fp32 rounding.
+  _check("interpret", s=100, h=4, hkv=2, d=32, dtype=jnp.bfloat16, causal=False,
+         tuning={"blocks": {"bwd": (32, 32)}, "fused_backward": True})
+  q, k, v = _inputs(2, 96, 4, 1, 32, jnp.float32, seed=3)
+  ct = jax.random.normal(jax.random.PRNGKey(4), q.shape, jnp.float32)
+  seg = _packed_segments(2, 96, seed=5)
+
+  def grads(tuning):
+    f = lambda q, k, v: jnp.sum(flash_attention(q, k, v, segment_ids=seg, backend="interpret",
+                                                tuning=tuning) * ct)
+    return jax.jit(jax.grad(f, argnums=(0, 1, 2)))(q, k, v)
+
+  split = grads({"blocks": {"bwd": (32, 32)}})
+  fused = grads({"blocks": {"bwd": (32, 32)}, "fused_backward": True})
+  for name, a, b in zip("qkv", split, fused):
+    np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-5,
+                               err_msg=f"d{name}")
+  # The program runs one backward kernel instead of the dQ and dK/dV pair.
+  f = lambda q: jnp.sum(flash_attention(q, k, v, backend="interpret",
+                                        tuning={"fused_backward": True}))
+  text = str(jax.make_jaxpr(jax.grad(f))(q))
+  assert "baichuan_flash_bwd_fused" in text
+  assert "baichuan_flash_dq" not in text and "baichuan_flash_dkdv" not in text
+
+
+def test_fused_backward_lowers_for_cuda_with_atomics():
+  q = jax.ShapeDtypeStruct((2, 512, 8, 128), jnp.bfloat16)
+  kv = jax.ShapeDtypeStruct((2, 512, 2, 128), jnp.bfloat16)
+
+  def f(q, k, v):
+    loss = lambda *a: jnp.sum(flash_attention(*a, backend="gpu", tuning={
+        "fused_backward": True}).astype(jnp.float32))
+    return jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
+
+  checks = [export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
+  module = export.export(jax.jit(f), platforms=["cuda"], disabled_checks=checks)(
+      q, kv, kv).mlir_module()
+  # the forward and the one backward kernel (Triton IR with its atomic adds inside)
+  assert module.count("__gpu$xla.gpu.triton") == 2
+
+
 def test_xla_backend_is_the_reference():
   q, k, v = _inputs(1, 40, 2, 2, 64, jnp.float32)
   np.testing.assert_array_equal(np.asarray(flash_attention(q, k, v, backend="xla")),
@@ -205,6 +255,11 @@ def test_bad_inputs_raise_clear_errors():
     flash_attention(q, k, v, backend="interpret", tuning={"warps": 4})
   with pytest.raises(ValueError, match="num_warps, num_stages"):
     flash_attention(q, k, v, backend="interpret", tuning={"launch": {"fwd": {"warps": 4}}})
+  with pytest.raises(ValueError, match=r"tuning\['fused_backward'\]=1 is invalid: must be True"):
+    flash_attention(q, k, v, backend="interpret", tuning={"fused_backward": 1})
+  with pytest.raises(ValueError, match="fused_backward'\]=True is invalid with in-kernel RoPE"):
+    flash_attention(q, k, v, backend="interpret", rope_theta=1e4,
+                    tuning={"fused_backward": True})
 
 
 def _lower_fwd_bwd(platform, backend, s, h, hkv, d):
@@ -237,6 +292,14 @@ def test_kernels_lower_for_cuda_and_tpu(platform, backend, target):
 @pytest.mark.parametrize("alibi", [False, True])
 def test_compiled_gpu_kernels(alibi):
   _check("gpu", b=2, s=1000, h=8, hkv=2, d=128, dtype=jnp.bfloat16, alibi=alibi, segments=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs an NVIDIA GPU (JAX_PLATFORMS=cuda)")
+def test_compiled_gpu_fused_backward():
+  # the real fp32 atomics (many k-block programs adding into the same dQ rows at once)
+  _check("gpu", b=2, s=1000, h=8, hkv=2, d=128, dtype=jnp.bfloat16, alibi=True, segments=True,
+         tuning={"fused_backward": True})
 
 
 @pytest.mark.tpu
