@@ -7,7 +7,8 @@ The suite's A/Bs decide five things; this prints each decision with its evidence
 `--write`, edits the constants in the sources (and prints the diff), so what a GPU run found
 becomes the default the same way every time:
 
-* the tiling of the attention kernels at head_dim 128, per kernel path: "plain" (no RoPE inside:
+* the tiling of the attention kernels at head_dim 128 (blocks, launch settings, and whether the
+  backward is the fused one-kernel form, "fused_backward"), per kernel path: "plain" (no RoPE inside:
   the attention benchmarks, rope-first) and "rope" (RoPE inside the kernels: the model's
   training step), into `kernels_pallas.attention.MEASURED_TUNING[path]`: the `tiles` section's
   fastest fwd+bwd tiling of that path at seq 4096, kept only when it beat the defaults by at
@@ -223,7 +224,9 @@ def decide_tiling(result, root, min_gain, rope=False) -> dict:
               f"{best['ms']:.3f} ms vs default {rows['default']['ms']:.3f} ms ({gain:+.1%})")
   proposed = cur
   if used["variant"] != "default" and gain >= min_gain:
-    tuning = {part: {ph: (tuple(v) if part == "blocks" else dict(v)) for ph, v in table.items()}
+    # per-phase tables as written ("blocks" as tuples); flags ("fused_backward") as they are
+    tuning = {part: ({ph: (tuple(v) if part == "blocks" else dict(v)) for ph, v in table.items()}
+                     if isinstance(table, dict) else table)
               for part, table in (best.get("tuning") or {}).items()}
     env = result["env"]
     proposed = dict(cur)

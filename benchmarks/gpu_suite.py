@@ -20,7 +20,8 @@ a watchdog thread ends the process at the hard limit, budget + 30 s, after writi
    (bytes read + written per second). These are the measured peaks the ratios below use, next to
    the datasheet's (989 TFLOP/s dense bf16 and 4.8 TB/s for the H200 SXM).
 3. `check`: the compiled kernels against their references on fresh random inputs: flash attention
-   fwd + bwd (bf16; ALiBi; in-kernel RoPE vs RoPE applied first), decode attention (ragged
+   fwd + bwd (bf16; ALiBi; in-kernel RoPE vs RoPE applied first; the fused backward with ALiBi
+   and packed segments), decode attention (ragged
    lengths, left padding, GQA, ALiBi, NaN in unfilled slots) by relative L2 error, and the top-k /
    greedy pick exactly against `jax.lax.top_k` on a tied 125,696-entry vocabulary.
 4. `attention`: our flash kernel fwd+bwd vs `jax.nn.dot_product_attention(
@@ -50,7 +51,8 @@ a watchdog thread ends the process at the hard limit, budget + 30 s, after writi
    tilings at seq 4096 (per-kernel dQ / dK/dV blocks, warps, stages; TILE_VARIANTS for the
    plain kernels, TILE_VARIANTS_ROPE for those with RoPE inside, the training step's; chosen
    with benchmarks/triton_sm90.py: every one fits sm_90's shared memory and spills no
-   registers). Each path's fastest (fwd+bwd) is set in `kernels_pallas.attention.
+   registers), among them the fused backward (`fused_backward`: one kernel, dQ by atomic
+   adds) at four tilings. Each path's fastest (fwd+bwd) is set in `kernels_pallas.attention.
    MEASURED_TUNING` for the rest of the run (this process only), so the `attention` section
    and the RoPE-first train steps run the plain winner, the in-kernel-RoPE ones the rope winner;
    recorded as `tuning_used` / `tuning_used_rope` with their gain over the defaults.
@@ -305,6 +307,16 @@ def _rel_l2(got, want):
   return float(np.linalg.norm(g - w) / max(np.linalg.norm(w), 1e-30))
 
 
+FUSED_CHECK = "flash fused backward (alibi, segments)"
+
+
+def fused_check_kwargs(b, s, slopes) -> dict:
+  """flash_attention keywords of the fused-backward check: ALiBi, two packed documents per row
+  (the first third, then the rest), tuning fused_backward."""
+  seg = jnp.where(jnp.arange(s)[None] < s // 3, 1, 2) * jnp.ones((b, 1), jnp.int32)
+  return dict(alibi_slopes=slopes, segment_ids=seg, tuning={"fused_backward": True})
+
+
 def section_check(suite, backend):
   from baichuan_jax.model.positions import alibi_slopes, apply_rope
   c = suite.shapes["check"]
@@ -334,12 +346,20 @@ def section_check(suite, backend):
           lambda q, k, v: attention_reference(apply_rope(q, pos, 1e4), apply_rope(k, pos, 1e4),
                                               v)),
   }
+  # The fused backward (dQ by atomic adds from many programs at once): GQA, ALiBi, packed
+  # segments, as a tiles variant would run it for the training step.
+  fused_kw = fused_check_kwargs(b, s, slopes)
+  fused = (lambda q, k, v: flash_attention(q, k, v, backend=backend, **fused_kw),
+           lambda q, k, v: attention_reference(q, k, v, alibi_slopes=slopes,
+                                               segment_ids=fused_kw["segment_ids"]))
+  cases[FUSED_CHECK] = fused
   if suite.args.small:  # one compile: both features in one kernel call (the CPU run is slow)
     cases = {"flash alibi + in-kernel rope": (
         lambda q, k, v: flash_attention(q, k, v, alibi_slopes=slopes, positions=pos,
                                         rope_theta=1e4, backend=backend),
         lambda q, k, v: attention_reference(apply_rope(q, pos, 1e4), apply_rope(k, pos, 1e4), v,
-                                            alibi_slopes=slopes, positions=pos))}
+                                            alibi_slopes=slopes, positions=pos)),
+        FUSED_CHECK: fused}
   for name, (fn, ref) in cases.items():
     with jax.default_matmul_precision("highest"):
       want = jax.jit(functools.partial(both, ref))(q, k, v)
@@ -965,6 +985,14 @@ TILE_VARIANTS = [
         "blocks": {"dq": (128, 128), "dkdv": (64, 128)},
         "launch": {"dq": {"num_warps": 8, "num_stages": 1},
                    "dkdv": {"num_warps": 8, "num_stages": 2}}}),
+    # The fused backward (one kernel: dK/dV plus dQ by fp32 atomic adds, FlashAttention-2/3's
+    # form; 5 matmuls per tile instead of 7), at the tilings that compile for sm_90a without a
+    # spill (benchmarks/triton_sm90.py --sweep, "fused" rows; its 4-warp tilings all spill).
+    # Larger key blocks mean fewer atomic adds per dQ row.
+    *[(f"fused bwd {bq}x{bk} {w}w{st}s", {
+        "fused_backward": True, "blocks": {"dkdv": (bq, bk)},
+        "launch": {"dkdv": {"num_warps": w, "num_stages": st}}})
+      for bq, bk, w, st in ((64, 128, 8, 2), (64, 64, 8, 2), (32, 128, 8, 2), (64, 128, 8, 3))],
 ]
 
 
@@ -1041,7 +1069,8 @@ def preflight_programs(shapes) -> list:
   b, s, h, hkv, d = c["b"], c["s"], c["h"], c["hkv"], c["d"]
   slopes, pos = jnp.asarray(alibi_slopes(h)), jnp.broadcast_to(jnp.arange(s, dtype=i32), (b, s))
   for name, kw in (("flash alibi", dict(alibi_slopes=slopes)),
-                   ("flash in-kernel rope", dict(positions=pos, rope_theta=1e4))):
+                   ("flash in-kernel rope", dict(positions=pos, rope_theta=1e4)),
+                   (FUSED_CHECK, fused_check_kwargs(b, s, slopes))):
     fn = functools.partial(flash_attention, backend="gpu", **kw)
 
     def fwd_bwd(q, k, v, ct, fn=fn):

@@ -12,7 +12,8 @@ registers per thread (limit 255) and spill stores.
 
 `--sweep` does the same for candidate backward tilings of flash attention (dQ and dK/dV blocks,
 warps, pipeline stages) at seq 4096, head_dim 128, bf16, without and with the in-kernel RoPE of
-the training step, so that the GPU run only times tilings that fit and do not spill
+the training step, and for the fused one-kernel backward (tuning "fused_backward") at each dK/dV
+tile, so that the GPU run only times tilings that fit and do not spill
 (benchmarks/gpu_suite.py, section `tiles`).
 
 Caveat: XLA compiles these kernels with the Triton that is built into jaxlib's CUDA plugin, not
@@ -117,10 +118,12 @@ SWEEP_BLOCKS = [((64, 64), (64, 64)), ((128, 32), (32, 128)), ((128, 64), (64, 1
 SWEEP_LAUNCH = [(4, 1), (4, 2), (4, 3), (8, 1), (8, 2), (8, 3)]
 
 
-def sweep_kernels(seq=4096, heads=32, head_dim=128, tokens=16384, rope=False) -> list:
+def sweep_kernels(seq=4096, heads=32, head_dim=128, tokens=16384, rope=False,
+                  fused=False) -> list:
   """(tiling label, kernel) for the dQ and dK/dV kernels of every SWEEP_* combination; with
   `rope`, the kernels as the model's training step runs them (RoPE inside, positions and
-  segment ids: benchmarks/attention.py make_fn)."""
+  segment ids: benchmarks/attention.py make_fn); with `fused`, the one fused backward kernel
+  (tuning "fused_backward") at each SWEEP_BLOCKS dK/dV tile."""
   sys.path.insert(0, str(ROOT / "benchmarks"))
   import jax
   import jax.numpy as jnp
@@ -136,14 +139,17 @@ def sweep_kernels(seq=4096, heads=32, head_dim=128, tokens=16384, rope=False) ->
       for warps, stages in SWEEP_LAUNCH:
         tuning = {"blocks": {"dq": dq, "dkdv": dkdv},
                   "launch": {"bwd": {"num_warps": warps, "num_stages": stages}}}
+        if fused:
+          tuning["fused_backward"] = True
         f = attn_bench.make_fn("ours", causal=True, alibi=False, s=seq, h=heads, d=head_dim,
                                dtype=jnp.bfloat16, tuning=tuning, rope=rope)
         grad = attn_bench._grad_fn(f)  # pylint: disable=protected-access
         for k in triton_kernels(jax.jit(grad), (x, x, x, ct)):
-          blocks = {"baichuan_flash_dq": dq, "baichuan_flash_dkdv": dkdv}.get(k["name"])
+          blocks = {"baichuan_flash_dq": dq, "baichuan_flash_dkdv": dkdv,
+                    "baichuan_flash_bwd_fused": dkdv}.get(k["name"])
           if blocks is not None:
-            out.append((f"{'rope, ' if rope else ''}{blocks[0]}x{blocks[1]}, {warps} warps, "
-                        f"{stages} stages", k))
+            tag = "rope, " if rope else "fused, " if fused else ""
+            out.append((f"{tag}{blocks[0]}x{blocks[1]}, {warps} warps, {stages} stages", k))
   return out
 
 
@@ -249,7 +255,7 @@ def markdown(result: dict) -> str:
                f"{r['num_stages']} | " + _cells(r) + " |")
   if result.get("sweep"):
     out += ["", "## Backward tilings (seq 4096, head_dim 128, bf16; without and with in-kernel "
-            "RoPE)", "",
+            "RoPE, and the fused backward)", "",
             "| kernel | tiling | shared KiB | registers | spill bytes |", "|---|---|---|---|---|"]
     for r in result["sweep"]:
       out.append(f"| {r['name']} | {r['tiling']} | " + _cells(r) + " |")
@@ -286,8 +292,9 @@ def main(argv=None):
       suite.append(dict(k, section=section, program=program))
   result = dict(triton=version, smem_limit=SMEM_LIMIT, suite=compile_all(suite, args.jobs))
   if args.sweep:
-    sweep = [dict(k, tiling=label) for rope in (False, True)
-             for label, k in sweep_kernels(rope=rope)]
+    sweep = [dict(k, tiling=label) for rope, fused in ((False, False), (True, False),
+                                                       (False, True))
+             for label, k in sweep_kernels(rope=rope, fused=fused)]
     result["sweep"] = compile_all(sweep, args.jobs)
   md = markdown(result)
   print(md)

@@ -156,6 +156,32 @@ def test_write_sets_the_winners_and_keeps_the_ties(tmp_path, capsys):
   assert before == {rel: (root / rel).read_text() for rel in before}
 
 
+def test_a_fused_backward_winner_is_written_and_runs(tmp_path, capsys):
+  # The plain tiles' fastest is a fused-backward variant (the suite's own TILE_VARIANTS entry,
+  # as its JSON row holds it): its tuning, flag included, becomes MEASURED_TUNING["plain"], and
+  # the edited module's lookup hands flash_attention a tuning that runs the one-kernel backward.
+  name, tuning = next((n, t) for n, t in gpu_suite.TILE_VARIANTS
+                      if t and t.get("fused_backward"))
+  result = _result(tile_ms=(10.0, 8.0))
+  row = next(r for r in result["tiles"] if r["path"] == "plain" and r["variant"] != "default")
+  row.update(variant=name, tuning=json.loads(json.dumps(tuning)))
+  result["tuning_used"] = dict(variant=name, tuning=row["tuning"], ms=8.0)
+  result["summary"] = gpu_suite.summarise(result)
+  root = _checkout(tmp_path)
+  assert gpu_apply.main([str(_write(tmp_path, result)), "--write", "--root", str(root)]) == 0
+  capsys.readouterr()
+  mod = _import_attention(root / gpu_apply.ATTENTION)
+  entry = mod.MEASURED_TUNING["plain"][128]
+  assert entry["variant"] == name and entry["speedup_over_default"] == 1.25
+  assert entry["tuning"] == {"fused_backward": True, "blocks": {"dkdv": tuple(
+      tuning["blocks"]["dkdv"])}, "launch": {"dkdv": tuning["launch"]["dkdv"]}}
+  got = mod.measured_tuning("gpu", 128, 4096)
+  assert mod.fused_backward(got) is True
+  q = jnp.ones((1, 64, 2, 128), jnp.float32)
+  f = lambda q: jnp.sum(flash_attention(q, q, q, backend="interpret", tuning=got))
+  assert "baichuan_flash_bwd_fused" in str(jax.make_jaxpr(jax.grad(f))(q))
+
+
 def test_below_margin_and_same_arms_change_nothing(tmp_path):
   root = _checkout(tmp_path)
   # tiling +2%, rope-first 2% faster: both under the 3% margin

@@ -37,7 +37,8 @@ def test_gpu_suite_small_runs_every_section(tmp_path):
   assert result["env"]["small"] is True and result["env"]["jax"]
   assert result["ceilings"]["matmul_flops"] > 0 and result["ceilings"]["copy_bandwidth"] > 0
   names = [r["kernel"] for r in result["check"]]
-  assert len(names) == 4 and all(r["ok"] for r in result["check"]), result["check"]
+  assert len(names) == 5 and all(r["ok"] for r in result["check"]), result["check"]
+  assert gpu_suite.FUSED_CHECK in names  # the one-kernel backward, dQ by atomic adds
   assert any("model's cached step" in n for n in names)
   # the decode step's logits are judged against an fp32 step: the pallas path may be at most
   # 1.5x (+1e-3) as far from it as the xla path, which is bf16 rounding alone
@@ -186,11 +187,16 @@ def test_gpu_suite_preflight_lowers_every_device_program_for_cuda(tmp_path):
   assert result["ok"] and all(r["ok"] for r in result["programs"])
   by = {(r["section"], r["program"]): r["triton_kernels"] for r in result["programs"]}
   assert {s for s, _ in by} == {"check", "attention", "train", "decode", "decode_kernel", "tiles"}
-  # flash attention fwd+bwd: the forward, dQ and dK/dV kernels, at every sequence and tiling
+  # flash attention fwd+bwd: the forward, dQ and dK/dV kernels, at every sequence and tiling;
+  # the forward and the one fused backward kernel for the fused tilings and check
   flash = [n for (s, p), n in by.items() if s in ("attention", "tiles") or "flash" in p]
   assert len(flash) == (3 * 2 + len(gpu_suite.TILE_VARIANTS) + len(gpu_suite.TILE_VARIANTS_ROPE)
-                        + 2) and set(flash) == {3}
-  assert len(by) == 46
+                        + 3) and set(flash) == {2, 3}
+  fused = [p for (s, p), n in by.items() if n == 2]
+  assert fused == [gpu_suite.FUSED_CHECK] + [f"plain {v}" for v, t in gpu_suite.TILE_VARIANTS
+                                             if t and t.get("fused_backward")]
+  assert len(fused) == 5
+  assert len(by) == 46 + 5  # 46 before the fused backward's check and four tilings
   # ~1B step (no remat), the layer scan's body once: attention 3 + two RMSNorms x (fwd, bwd) 4,
   # and the final norm's fwd + bwd 2.
   assert by[("train", "~1B step (pallas, 4x4096)")] == 9

@@ -73,9 +73,13 @@ def test_the_suites_backward_tilings_fit_and_do_not_spill(rope, segments):
   variants = gpu_suite.tile_variants(rope)
   for name, tuning in variants[1:]:
     kernels += [dict(k, variant=name) for k in _kernels(tuning, rope, shape, segments)
-                if k["name"] in ("baichuan_flash_dq", "baichuan_flash_dkdv")]
+                if k["name"] in ("baichuan_flash_dq", "baichuan_flash_dkdv",
+                                 "baichuan_flash_bwd_fused")]
   rows = triton_sm90.compile_all(kernels)
-  assert len(rows) == 2 * (len(variants) - 1)
+  # two backward kernels per variant (dQ, dK/dV), one for the fused backward's
+  fused = sum(bool((t or {}).get("fused_backward")) for _, t in variants[1:])
+  assert len(rows) == 2 * (len(variants) - 1) - fused
+  assert fused == (0 if rope else 4)
   bad = [(r["variant"], r["name"], r.get("shared_bytes"), r.get("spill_store_bytes"),
           r.get("error")) for r in rows if "error" in r or not r["fits"] or r["spills"]]
   assert bad == []
