@@ -148,7 +148,7 @@ SMALL = dict(
 # BEGIN COST
 COST = {'attention item': 2,
         'ceilings': 6,
-        'check': 30,
+        'check': 36,
         'decode first step': 8,
         'decode_kernel item': 2,
         'decode_step': 27,
