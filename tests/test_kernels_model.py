@@ -108,9 +108,11 @@ def _packed_batch(cfg, b, s):
   return jnp.asarray(tokens), jnp.asarray(pos), jnp.asarray(seg)
 
 
-@pytest.mark.parametrize("position_embedding, rope_in_kernel",
-                         [("alibi", False), ("rope", True), ("rope", False)])
-def test_pallas_model_matches_xla(monkeypatch, position_embedding, rope_in_kernel):
+@pytest.mark.parametrize("position_embedding, rope_in_kernel, fused_backward",
+                         [("alibi", False, False), ("rope", True, False), ("rope", False, False),
+                          ("alibi", False, True)])
+def test_pallas_model_matches_xla(monkeypatch, position_embedding, rope_in_kernel,
+                                  fused_backward):
   # "auto" must pick the interpret-mode kernels on CPU for this test to exercise them.
   monkeypatch.delenv("KERNELS_PALLAS_CPU_BACKEND", raising=False)
   # ALiBi (the Baichuan-13B scheme, in-kernel) or RoPE (rotated inside the kernels: head_dim 64,
@@ -144,7 +146,14 @@ def test_pallas_model_matches_xla(monkeypatch, position_embedding, rope_in_kerne
     return jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
 
   (loss_x, logits_x), grads_x = run("xla")
-  (loss_p, logits_p), grads_p = run("pallas")
+  # fused_backward: the one-kernel backward (dQ by atomic adds) as MEASURED_TUNING would hand
+  # it to the model's attention after a device run chose it
+  with kernels_pallas.default_tuning({"fused_backward": True} if fused_backward else None):
+    (loss_p, logits_p), grads_p = run("pallas")
+    if fused_backward:
+      grad_text = str(jax.make_jaxpr(jax.grad(lambda p: jnp.sum(BaichuanLM(cfgs["pallas"]).apply(
+          {"params": p}, tokens, positions=positions, segment_ids=segments))))(params))
+      assert "baichuan_flash_bwd_fused" in grad_text and "baichuan_flash_dq" not in grad_text
   # every trace of the layer body: RoPE goes into the kernel (when switched there), ALiBi needs
   # no rope_theta
   assert seen and set(seen) == {cfgs["pallas"].rope_theta if rope_in_kernel else None}
