@@ -3,7 +3,7 @@
   python3 benchmarks/gpu_apply.py docs/results/gpu_suite_h200.json            # the decisions
   python3 benchmarks/gpu_apply.py docs/results/gpu_suite_h200.json --write    # and the edits
 
-The suite's A/Bs decide five things; this prints each decision with its evidence and, with
+The suite's A/Bs decide six things; this prints each decision with its evidence and, with
 `--write`, edits the constants in the sources (and prints the diff), so what a GPU run found
 becomes the default the same way every time:
 
@@ -19,6 +19,9 @@ becomes the default the same way every time:
   kernel or the jnp formula XLA fuses with its neighbours);
 * `baichuan_jax.model.layers.SCAN_LAYERS`: the `unrolled layers` train A/B (the layer scan or
   the unrolled stack, without remat);
+* `baichuan_jax.train.step.GUARD_RECOMPUTE`: the NaN/inf guard's two forms, timed as the
+  optimizer update alone on the default train step's state; written only when the two gave the
+  same new state bit for bit;
 * `benchmarks/gpu_suite.py` COST, the budget guard's estimates: each rescaled by its sections'
   seconds over the estimates the run used (`section_times`, `cost`) plus 10%, where the run
   missed it by more than 15% (sections with an error are left out: their time is no measure),
@@ -57,6 +60,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 ATTENTION = "kernels_pallas/attention.py"
 LAYERS = "baichuan_jax/model/layers.py"
+STEP = "baichuan_jax/train/step.py"
+# The file of each switch gpu_apply may flip (the layers module unless named here).
+SWITCH_FILES = {"GUARD_RECOMPUTE": STEP}
 SUITE = "benchmarks/gpu_suite.py"
 COST_BEGIN, COST_END = "# BEGIN COST", "# END COST"
 COST_CHANGE = 0.15  # an estimate the run's time missed by more than 15% is rescaled ...
@@ -152,9 +158,10 @@ def _switch_pattern(name):
 
 
 def current_switch(root, name) -> bool:
-  found = _switch_pattern(name).findall(_read(root, LAYERS))
+  rel = SWITCH_FILES.get(name, LAYERS)
+  found = _switch_pattern(name).findall(_read(root, rel))
   if len(found) != 1:
-    raise ApplyError(f"{Path(root) / LAYERS}: expected one line '{name} = True|False', "
+    raise ApplyError(f"{Path(root) / rel}: expected one line '{name} = True|False', "
                      f"found {len(found)}")
   return found[0] == "True"
 
@@ -266,6 +273,32 @@ def decide_switch(result, root, name, min_gain) -> dict:
   return _decision(setting, cur, proposed, evidence)
 
 
+def decide_guard(result, root, min_gain) -> dict:
+  """`train.step.GUARD_RECOMPUTE` from the default train row's optimizer update alone: the
+  guard's two forms timed on the step's own state, applied only when they gave the same new
+  state bit for bit."""
+  cur = current_switch(root, "GUARD_RECOMPUTE")
+  setting = "baichuan_jax.train.step.GUARD_RECOMPUTE"
+  base = next((r for r in result["train"] if r.get("variant") == "default"), None)
+  need = ("optimizer_guarded_ms", "optimizer_guarded_other_ms", "optimizer_guard_recompute")
+  if base is None or any(k not in base for k in need):
+    return _decision(setting, cur, cur, "not measured (the default train row's optimizer "
+                                        "update with both guard forms is needed)")
+  ran, ms = base["optimizer_guard_recompute"], base["optimizer_guarded_ms"]
+  other_ms = base["optimizer_guarded_other_ms"]
+  evidence = (f"optimizer update alone {ms:.2f} ms with GUARD_RECOMPUTE={ran} (the step's) vs "
+              f"{other_ms:.2f} ms with {not ran}")
+  if base.get("optimizer_guard_forms_equal") is not True:
+    return _decision(setting, cur, cur, evidence + "; the two forms' new states differ: kept (a "
+                                                   "form that changes the result is no evidence)")
+  (fast_ms, fast), (slow_ms, _) = sorted([(ms, ran), (other_ms, not ran)])
+  gain = slow_ms / fast_ms - 1
+  evidence += f"; same bits; GUARD_RECOMPUTE={fast} faster by {gain:.1%}"
+  if gain < min_gain:
+    return _decision(setting, cur, cur, evidence + f", below the {min_gain:.0%} margin, kept")
+  return _decision(setting, cur, fast, evidence)
+
+
 def decide_cost(result, root) -> dict:
   """gpu_suite.COST rescaled by the run's section_times against the estimates it ran with."""
   cur = current_cost(root)
@@ -357,6 +390,7 @@ def decide(result, root=ROOT, min_gain=0.03) -> list:
     raise ApplyError(f"min_gain={min_gain} is invalid: must be in [0, 1)")
   return ([decide_tiling(result, root, min_gain, rope) for rope in (False, True)]
           + [decide_switch(result, root, n, min_gain) for n in SWITCH_VARIANTS]
+          + [decide_guard(result, root, min_gain)]
           + [decide_cost(result, root)] + report_only(result, min_gain))
 
 
@@ -372,7 +406,7 @@ def edited_sources(decisions, root=ROOT) -> dict:
       continue
     setting = dcs["setting"]
     rel = (ATTENTION if ".MEASURED_TUNING[" in setting else SUITE if setting == "gpu_suite.COST"
-           else LAYERS)
+           else SWITCH_FILES.get(setting.rsplit(".", 1)[1], LAYERS))
     if rel not in texts:
       texts[rel] = [_read(root, rel)] * 2
     if rel == SUITE:

@@ -32,7 +32,8 @@ a watchdog thread ends the process at the hard limit, budget + 30 s, after writi
    attention_impl=pallas, no remat, batch 4 x 4096) MFU against the datasheet and the measured
    matmul peak; its device-time profile by kernel bucket; and the optimizer update alone on the
    step's own state (`gpu_train_mfu.optimizer_update_timing`: as the step runs it, with the
-   NaN/inf guard, and as plain optax) against its least traffic at the measured copy rate.
+   NaN/inf guard, with the guard's other form, `train.step.GUARD_RECOMPUTE` flipped, and as
+   plain optax) against its least traffic at the measured copy rate.
 6. `decode`: 7B-shaped (Baichuan2-7B, random bf16 weights) single-token decode step with 2,048
    filled cache slots per row (cache of 2,176): `infer.generate`'s own greedy step (its host-loop
    step: `BaichuanLM(unroll_layers=True)` on the KV cache, then `sampling.next_token`) with
@@ -1130,6 +1131,10 @@ def preflight_programs(shapes) -> list:
   abstract = train.abstract_train_state(cfg, tcfg, mesh)
   for name, fn in zip(("guarded", "plain"), gpu_train_mfu.optimizer_programs(tcfg)):
     progs.append(("train", f"optimizer update ({name})", fn, (abstract, abstract.params)))
+  from baichuan_jax.train import step as step_lib  # the guard's other form, timed beside it
+  other, _ = gpu_train_mfu.optimizer_programs(tcfg, recompute=not step_lib.GUARD_RECOMPUTE)
+  progs.append(("train", "optimizer update (guarded, other form)", other,
+                (abstract, abstract.params)))
   dcfg = shapes["decode"]
   cfgs = decode_configs(dcfg)
   params = jax.eval_shape(lambda: init_params(cfgs["xla"], jax.random.PRNGKey(0)))
@@ -1229,7 +1234,11 @@ def summarise(result):
           guard_ms=base["optimizer_guard_ms"], bound_ms=base.get("optimizer_bound_ms"),
           share_of_step=base["optimizer_share_of_step"],
           guarded_over_bound=(base["optimizer_guarded_ms"] / base["optimizer_bound_ms"]
-                              if base.get("optimizer_bound_ms") else None))
+                              if base.get("optimizer_bound_ms") else None),
+          # the guard's two forms (train.step.GUARD_RECOMPUTE): the step's and the other one
+          guard_recompute=base.get("optimizer_guard_recompute"),
+          other_form_ms=base.get("optimizer_guarded_other_ms"),
+          forms_equal=base.get("optimizer_guard_forms_equal"))
     s["train_variants"] = {
         name: dict(tokens_per_s_over_default=r["tokens_per_s"] / base["tokens_per_s"],
                    mfu_datasheet=r.get("mfu_datasheet"), peak_gib=r.get("peak_gib"),
@@ -1379,7 +1388,12 @@ def markdown(result):
                 f"{r['optimizer_plain_ms']:.2f} ms as plain optax (the guard: "
                 f"{r['optimizer_guard_ms']:.2f} ms); least traffic "
                 f"{r['optimizer_min_bytes'] / 1e9:.2f} GB = "
-                f"{_f(r.get('optimizer_bound_ms'), '{:.2f}')} ms at the measured copy rate.", ""]
+                f"{_f(r.get('optimizer_bound_ms'), '{:.2f}')} ms at the measured copy rate."
+                + (f" The guard's other form (GUARD_RECOMPUTE="
+                   f"{not r.get('optimizer_guard_recompute')}): "
+                   f"{r['optimizer_guarded_other_ms']:.2f} ms, "
+                   f"{'the same' if r.get('optimizer_guard_forms_equal') else 'NOT the same'}"
+                   " new state bit for bit." if "optimizer_guarded_other_ms" in r else ""), ""]
       elif "optimizer_error" in r:
         out += [f"Optimizer update alone: failed: {r['optimizer_error'][:120]}", ""]
     for r in result["train"]:

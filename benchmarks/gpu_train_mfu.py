@@ -70,13 +70,14 @@ def train_setup(batch: int, seq: int, loss_chunk_size: int | None = None):
   return tcfg, sharding.make_mesh(tcfg.mesh, jax.devices()[:1])
 
 
-def optimizer_programs(tcfg):
+def optimizer_programs(tcfg, recompute=None):
   """(guarded, plain): the optimizer update alone as two jitted `fn(state, grads)`, neither
   donating its input.
   - `guarded` -> the new TrainState: what the training step runs after the backward pass
     (`train.step.guarded_update`: global norm, clip, AdamW with decoupled weight decay, the
     finiteness checks of the loss, the gradient norm, the new params and the new moments, and
-    the select that keeps the old state on a bad step);
+    the select that keeps the old state on a bad step), traced with
+    `train.step.GUARD_RECOMPUTE = recompute` (None: as the module has it);
   - `plain` -> (new params, new optimizer state): the same optax chain (`train.make_optimizer`)
     and `optax.apply_updates`, unguarded.
   """
@@ -86,7 +87,12 @@ def optimizer_programs(tcfg):
   opt, schedule = train.make_optimizer(tcfg), train.lr_schedule(tcfg)
 
   def guarded(s, g):
-    return step_lib.guarded_update(s, g, {"loss": jnp.float32(1.0)}, s.rng, opt, schedule)[0]
+    saved = step_lib.GUARD_RECOMPUTE  # read when traced: set for this trace only
+    step_lib.GUARD_RECOMPUTE = saved if recompute is None else recompute
+    try:
+      return step_lib.guarded_update(s, g, {"loss": jnp.float32(1.0)}, s.rng, opt, schedule)[0]
+    finally:
+      step_lib.GUARD_RECOMPUTE = saved
 
   def plain(s, g):
     updates, new_opt = opt.update(g, s.opt_state, s.params)
@@ -104,20 +110,32 @@ def optimizer_update_timing(state, tcfg, iters: int = 10) -> dict:
   the clipping norm, once by the update), params and floating-point optimizer state read and
   written once (32 bytes per fp32 parameter). Returns ms per update of each, their difference
   (the guard's cost), `min_bytes`, and the largest |difference| between the two new param trees.
+  Also the guard's other form (`train.step.GUARD_RECOMPUTE` flipped): its ms
+  (`optimizer_guarded_other_ms`), which form each is (`optimizer_guard_recompute`: the step's),
+  and whether the two guarded states are the same bits (`optimizer_guard_forms_equal`).
   """
+  from baichuan_jax.train import step as step_lib
   guarded_j, plain_j = optimizer_programs(tcfg)
+  other_j, _ = optimizer_programs(tcfg, recompute=not step_lib.GUARD_RECOMPUTE)
   grads = jax.jit(lambda p: jax.tree.map(lambda x: jnp.full_like(x, 1e-3), p))(state.params)
   nbytes = lambda tree: sum(x.nbytes for x in jax.tree.leaves(tree)  # noqa: E731
                             if jnp.issubdtype(x.dtype, jnp.inexact))
   row = dict(optimizer_min_bytes=2 * nbytes(grads) + 2 * nbytes(state.params)
              + 2 * nbytes(state.opt_state),
              optimizer_guarded_ms=median_seconds(guarded_j, state, grads, iters=iters) * 1e3,
-             optimizer_plain_ms=median_seconds(plain_j, state, grads, iters=iters) * 1e3)
+             optimizer_plain_ms=median_seconds(plain_j, state, grads, iters=iters) * 1e3,
+             optimizer_guarded_other_ms=median_seconds(other_j, state, grads, iters=iters) * 1e3,
+             optimizer_guard_recompute=bool(step_lib.GUARD_RECOMPUTE))
   row["optimizer_guard_ms"] = row["optimizer_guarded_ms"] - row["optimizer_plain_ms"]
   new_g, (new_p, _) = guarded_j(state, grads), plain_j(state, grads)
   row["optimizer_guarded_vs_plain_max_abs_diff"] = float(max(
       jnp.max(jnp.abs(a - b)) for a, b in zip(jax.tree.leaves(new_g.params),
                                               jax.tree.leaves(new_p))))
+  new_o = other_j(state, grads)
+  row["optimizer_guard_forms_equal"] = all(
+      np.asarray(a).tobytes() == np.asarray(b).tobytes()
+      for a, b in zip(jax.tree.leaves(jax.device_get((new_g.params, new_g.opt_state))),
+                      jax.tree.leaves(jax.device_get((new_o.params, new_o.opt_state)))))
   return row
 
 

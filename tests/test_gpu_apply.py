@@ -75,9 +75,12 @@ def _checkout(tmp_path):
   device run decides reset to the pre-measurement state the tests start from (both switches
   True, no measured tiling), whatever a device run has since written into the sources."""
   root = tmp_path / "root"
-  for rel in (gpu_apply.ATTENTION, gpu_apply.LAYERS, gpu_apply.SUITE):
+  for rel in (gpu_apply.ATTENTION, gpu_apply.LAYERS, gpu_apply.SUITE, gpu_apply.STEP):
     (root / rel).parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(ROOT / rel, root / rel)
+  step = root / gpu_apply.STEP
+  step.write_text(re.sub(r"^GUARD_RECOMPUTE = .*$", "GUARD_RECOMPUTE = False", step.read_text(),
+                         count=1, flags=re.M))
   layers = root / gpu_apply.LAYERS
   text = layers.read_text()
   for name in gpu_apply.SWITCH_VARIANTS:
@@ -180,6 +183,32 @@ def test_a_fused_backward_winner_is_written_and_runs(tmp_path, capsys):
   q = jnp.ones((1, 64, 2, 128), jnp.float32)
   f = lambda q: jnp.sum(flash_attention(q, q, q, backend="interpret", tuning=got))
   assert "baichuan_flash_bwd_fused" in str(jax.make_jaxpr(jax.grad(f))(q))
+
+
+@pytest.mark.parametrize("other_ms, equal, written", [(12.0, True, True), (12.0, False, False),
+                                                      (19.6, True, False)])
+def test_the_guard_form_is_set_by_the_optimizer_timing(tmp_path, capsys, other_ms, equal,
+                                                       written):
+  # the default train row's optimizer update alone: 20 ms as the step ran it (GUARD_RECOMPUTE
+  # False), `other_ms` with the other form; written only when faster by the margin (20 / 19.6
+  # is +2%) and the two new states were the same bits
+  result = _result()
+  base = next(r for r in result["train"] if r["variant"] == "default")
+  base.update(optimizer_guarded_ms=20.0, optimizer_guarded_other_ms=other_ms,
+              optimizer_guard_recompute=False, optimizer_guard_forms_equal=equal)
+  root = _checkout(tmp_path)
+  pristine = (root / gpu_apply.STEP).read_text()
+  assert gpu_apply.main([str(_write(tmp_path, result)), "--write", "--root", str(root)]) == 0
+  out = capsys.readouterr().out
+  assert gpu_apply.current_switch(root, "GUARD_RECOMPUTE") is written
+  row = next(ln for ln in out.splitlines() if "train.step.GUARD_RECOMPUTE |" in ln)
+  assert ("| change |" in row) == written
+  if not equal:
+    assert "the two forms' new states differ: kept" in row
+  if written:  # one line changed, in the step module
+    old, new = pristine.splitlines(), (root / gpu_apply.STEP).read_text().splitlines()
+    assert [(a, b) for a, b in zip(old, new) if a != b] == [("GUARD_RECOMPUTE = False",
+                                                             "GUARD_RECOMPUTE = True")]
 
 
 def test_below_margin_and_same_arms_change_nothing(tmp_path):

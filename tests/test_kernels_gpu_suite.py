@@ -68,6 +68,10 @@ def test_gpu_suite_small_runs_every_section(tmp_path):
   assert base["optimizer_guarded_vs_plain_max_abs_diff"] <= 1e-6  # a good step: same update
   assert result["summary"]["train_optimizer"]["guard_ms"] == pytest.approx(
       base["optimizer_guarded_ms"] - base["optimizer_plain_ms"])
+  # the guard's other form (GUARD_RECOMPUTE flipped) timed beside it: the same bits
+  assert base["optimizer_guarded_other_ms"] > 0 and base["optimizer_guard_forms_equal"] is True
+  assert result["summary"]["train_optimizer"]["guard_recompute"] is False
+  assert "the same new state bit for bit" in md
   assert "Optimizer update alone on the default step's state" in md
   assert not (tmp_path / "_train_trace").exists()
   paths = {(r["path"].split(" ")[0], r["batch"]) for r in result["decode"]}
@@ -196,7 +200,8 @@ def test_gpu_suite_preflight_lowers_every_device_program_for_cuda(tmp_path):
   assert fused == [gpu_suite.FUSED_CHECK] + [f"plain {v}" for v, t in gpu_suite.TILE_VARIANTS
                                              if t and t.get("fused_backward")]
   assert len(fused) == 5
-  assert len(by) == 46 + 5  # 46 before the fused backward's check and four tilings
+  # 46 before the fused backward's check and four tilings, and the guard's other form
+  assert len(by) == 46 + 5 + 1
   # ~1B step (no remat), the layer scan's body once: attention 3 + two RMSNorms x (fwd, bwd) 4,
   # and the final norm's fwd + bwd 2.
   assert by[("train", "~1B step (pallas, 4x4096)")] == 9
@@ -214,7 +219,8 @@ def test_gpu_suite_preflight_lowers_every_device_program_for_cuda(tmp_path):
   assert by[("train", "~1B step (pallas, 4x4096) xla RMSNorm")] == 3
   assert sum(s == "train" and p.startswith("~1B step") for s, p in by) == 6
   # the optimizer update alone, as the step runs it and as plain optax: XLA only
-  assert [by[("train", f"optimizer update ({n})")] for n in ("guarded", "plain")] == [0, 0]
+  assert [by[("train", f"optimizer update ({n})")] for n in ("guarded", "plain",
+                                                          "guarded, other form")] == [0, 0, 0]
   # 7B pallas decode step, 32 unrolled layers: 2 RMSNorms + decode attention each, the final
   # norm and the greedy pick, plus the span check's other branch (the stack on the XLA
   # attention path: each layer's 2 RMSNorms); the xla step has no kernel.

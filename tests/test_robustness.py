@@ -76,6 +76,64 @@ def test_guard_skips_a_non_finite_update_with_finite_loss_and_gradient():
   assert np.allclose(np.asarray(jax.tree.leaves(ok.params)[0]), np.asarray(leaf) - 0.5e-3)
 
 
+@pytest.mark.parametrize("case", ["good", "lr inf", "nan gradient", "param overflow"])
+def test_both_guard_forms_give_the_same_bits(monkeypatch, case):
+  # GUARD_RECOMPUTE (check first, then recompute the update with the select inside it) against
+  # the select over the written-out update: the same new state, bit for bit, jitted as the step
+  # runs it, on a good step (AdamW from the train config) and on three kinds of bad one.
+  cfg, tc, state = _tiny_state()
+  opt, sched = train.make_optimizer(tc), train.lr_schedule(tc)
+  grads = jax.tree.map(lambda p: jnp.full_like(p, 1e-3), state.params)
+  if case == "lr inf":
+    opt = optax.sgd(INF)
+  elif case == "nan gradient":
+    leaf = jax.tree.leaves(grads)[1]
+    grads = jax.tree.map(lambda g: g.at[(0,) * g.ndim].set(jnp.nan) if g is leaf else g, grads)
+  elif case == "param overflow":
+    # finite loss, gradient norm and lr, but one parameter leaves the fp32 range (1 + 1e30 *
+    # 1e9): only the check of the new state catches it
+    opt = optax.sgd(1e30)
+    state = state.replace(opt_state=opt.init(state.params))
+    leaf = jax.tree.leaves(grads)[2]
+    grads = jax.tree.map(lambda g: g.at[(0,) * g.ndim].set(-1e9) if g is leaf else g, grads)
+  metrics = {"loss": jnp.float32(1.0)}
+  runs = {}
+  for recompute in (False, True):
+    monkeypatch.setattr(step_lib, "GUARD_RECOMPUTE", recompute)
+    fn = jax.jit(lambda s, g: step_lib.guarded_update(s, g, metrics, s.rng, opt, sched))
+    runs[recompute] = fn(state, grads)
+    text = fn.lower(state, grads).as_text()
+    assert ("optimization_barrier" in text) == recompute
+  (a, ma), (b, mb) = runs[False], runs[True]
+  assert _bits(a) == _bits(b)
+  assert _bits(ma) == _bits(mb)
+  assert float(ma["skipped"]) == (0.0 if case == "good" else 1.0)
+  assert math.isfinite(float(ma["grad_norm"])) == (case != "nan gradient")
+  if case != "good":
+    assert _bits(a.params) == _bits(state.params) and _bits(a.opt_state) == _bits(state.opt_state)
+  else:
+    assert _bits(a.params) != _bits(state.params)
+
+
+def test_update_finite_checks_params_and_every_moment():
+  params = {"a": jnp.ones((3,)), "b": jnp.ones((2, 2)), "n": jnp.ones((2,), jnp.int32)}
+  opt = optax.adam(1e-3)
+  state = opt.init(params)
+  assert bool(step_lib.update_finite(params, state))
+  for where in ("params", "mu", "nu"):
+    bad_p, bad_s = params, state
+    if where == "params":
+      bad_p = dict(params, b=params["b"].at[1, 0].set(jnp.inf))
+    else:
+      adam = state[0]
+      tree = getattr(adam, where)
+      tree = dict(tree, a=tree["a"].at[2].set(jnp.nan))
+      bad_s = (adam._replace(**{where: tree}),) + tuple(state[1:])
+    assert not bool(step_lib.update_finite(bad_p, bad_s)), where
+  # a lone array (its treedef matches every leaf): checked leaf by leaf
+  assert not bool(step_lib.update_finite(jnp.ones(2), (jnp.asarray([1.0, jnp.nan]),)))
+
+
 # ----------------------------------------------------------------------------------------------
 # 2. One writer per workdir.
 
