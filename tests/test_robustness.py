@@ -3,6 +3,8 @@ counting, one-line checkpoint errors, absurd HF configs, undecodable data input.
 
 import math
 import os
+import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -115,6 +117,22 @@ def test_both_guard_forms_give_the_same_bits(monkeypatch, case):
     assert _bits(a.params) != _bits(state.params)
 
 
+def test_the_recompute_guard_writes_what_plain_optax_writes():
+  # benchmarks/optimizer_guard.py on a small stacked state: the compiled recompute form writes
+  # as many parameter-sized arrays as plain optax (each new param and moment once, plus what
+  # plain optax itself writes); the select form writes the update out before selecting it
+  sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+  import optimizer_guard
+  result = optimizer_guard.run(layers=2, hidden=64, iters=1)
+  writes = {name.split()[0]: r["param_sized_writes"] for name, r in result["programs"].items()}
+  assert writes["recompute"] == writes["plain"] < writes["select"]
+  assert writes["plain"] >= 9  # 3 weights x (param, mu, nu)
+  assert result["guarded_forms_same_bits"] is True
+  assert result["parameters"] == 3 * 2 * 64 * 64 + 64
+  with pytest.raises(ValueError, match="--layers 0 / --hidden 64 are invalid"):
+    optimizer_guard.run(layers=0, hidden=64, iters=1)
+
+
 def test_update_finite_checks_params_and_every_moment():
   params = {"a": jnp.ones((3,)), "b": jnp.ones((2, 2)), "n": jnp.ones((2,), jnp.int32)}
   opt = optax.adam(1e-3)
@@ -141,7 +159,6 @@ import json  # noqa: E402
 import signal  # noqa: E402
 import socket  # noqa: E402
 import subprocess  # noqa: E402
-import sys  # noqa: E402
 import time  # noqa: E402
 
 from baichuan_jax import checkpoint as ckpt  # noqa: E402
