@@ -354,7 +354,7 @@ def section_check(suite, backend):
            lambda q, k, v: attention_reference(q, k, v, alibi_slopes=slopes,
                                                segment_ids=fused_kw["segment_ids"]))
   cases[FUSED_CHECK] = fused
-  if suite.args.small:  # one compile: both features in one kernel call (the CPU run is slow)
+  if suite.args.small:  # two compiles: both features in one call, and the fused backward
     cases = {"flash alibi + in-kernel rope": (
         lambda q, k, v: flash_attention(q, k, v, alibi_slopes=slopes, positions=pos,
                                         rope_theta=1e4, backend=backend),

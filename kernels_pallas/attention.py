@@ -74,15 +74,20 @@ DEFAULT_LAUNCH["dq"] = DEFAULT_LAUNCH["dkdv"] = DEFAULT_LAUNCH["bwd"]
 # With RoPE inside the kernels at head_dim >= 128 the backward kernels hold the rotated halves
 # too: with 4 warps both spill on sm_90 (dQ 144 bytes, dK/dV 488); with 8 warps neither does.
 ROPE_LAUNCH = {"dq": {"num_warps": 8}, "dkdv": {"num_warps": 8}}
+# The fused backward (tuning "fused_backward") at head_dim >= 128 also holds its dQ tile: with 4
+# warps every tiling but 32 x 64 spills on sm_90 (28 bytes at the default 64 x 64, 2 stages);
+# with 8 warps 64 x 64 takes 220 registers and spills nothing (benchmarks/triton_sm90.py).
+FUSED_LAUNCH = {"dkdv": {"num_warps": 8}}
 
 
-def default_launch(head_dim: int, rope: bool = False) -> dict:
+def default_launch(head_dim: int, rope: bool = False, fused: bool = False) -> dict:
   """Triton launch settings per kernel (PHASES): DEFAULT_LAUNCH, with ROPE_LAUNCH on top for
-  in-kernel RoPE at head_dim >= 128."""
+  in-kernel RoPE and FUSED_LAUNCH for the fused backward, at head_dim >= 128."""
   launch = {ph: dict(DEFAULT_LAUNCH[ph]) for ph in PHASES}
-  if rope and head_dim >= 128:
-    for ph, extra in ROPE_LAUNCH.items():
-      launch[ph].update(extra)
+  for on, table in ((rope, ROPE_LAUNCH), (fused, FUSED_LAUNCH)):
+    if on and head_dim >= 128:
+      for ph, extra in table.items():
+        launch[ph].update(extra)
   return launch
 
 
@@ -245,15 +250,15 @@ def _validate(q, k, v, alibi_slopes, segment_ids, positions, rope_theta=None):
 
 def _check_tuning(tuning: Optional[dict], head_dim: int = 128, rope: bool = False):
   """Validates `tuning` -> (per-phase blocks or None, per-phase launch settings over
-  `default_launch(head_dim, rope)`)."""
+  `default_launch(head_dim, rope, fused)`)."""
   tuning = dict(tuning or {})
   unknown = set(tuning) - {"blocks", "launch", "fused_backward"}
   if unknown:
     raise ValueError(f"tuning keys {sorted(unknown)} are invalid: allowed are 'blocks', "
                      "'launch', 'fused_backward'")
-  fused_backward(tuning, rope)
+  fused = fused_backward(tuning, rope)
   blocks = tuning.get("blocks")
-  launch = default_launch(head_dim, rope)
+  launch = default_launch(head_dim, rope, fused)
   for name, table in (("blocks", blocks or {}), ("launch", tuning.get("launch") or {})):
     for phase, value in table.items():
       if phase not in ("fwd", "bwd", "dq", "dkdv"):
@@ -393,7 +398,7 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = 
     tuning: per-kernel settings, e.g. {"blocks": {"fwd": (128, 64), "bwd": (64, 64)},
       "launch": {"fwd": {"num_warps": 8, "num_stages": 3}}}; kernels are "fwd", "dq" and "dkdv",
       and "bwd" sets both backward kernels (a "dq"/"dkdv" entry wins over it). "launch" applies
-      to the GPU kernels. block_q/block_k, when given, win over "blocks". Defaults:
+      to the GPU kernels. block_q/block_k, when given, win over "blocks".
       "fused_backward": True runs the GPU backward as one kernel (dK/dV, with dQ added by
       fp32 atomics: 5 matmuls per tile instead of 7, a run-to-run varying dQ summation order;
       `fused_backward`), tiled and launched as "dkdv". Defaults:

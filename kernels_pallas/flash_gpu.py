@@ -13,7 +13,7 @@ a `fori_loop`, keeping the running max / sum / accumulator in registers (FlashAt
   blocks at or after the diagonal, so GQA/MQA gradients are summed in-kernel (no [.., heads, ..]
   temporary for dK/dV).
 - fused backward (`backward_fused`, tuning "fused_backward"): the dK/dV kernel alone, which also
-  adds each tile's share of dQ, dS^T K, into an fp32 [batch, seq, heads, head_dim] buffer with
+  adds each tile's share of dQ, dS K, into an fp32 [batch, seq, heads, head_dim] buffer with
   atomic adds, as FlashAttention-2 and -3 do. The backward then computes Q K^T, exp and dO V^T
   once per tile instead of twice (5 matmuls per tile, not 7); the price is the atomics and a
   summation order for dQ that varies from run to run (dK and dV stay deterministic). Without

@@ -7,6 +7,8 @@ the rules those compilers impose (power-of-two Triton shapes, Mosaic tiling) wit
 Tests marked gpu/tpu run the compiled kernels and are skipped without the device.
 """
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -190,6 +192,11 @@ def test_fused_backward_lowers_for_cuda_with_atomics():
       q, kv, kv).mlir_module()
   # the forward and the one backward kernel (Triton IR with its atomic adds inside)
   assert module.count("__gpu$xla.gpu.triton") == 2
+  # at head_dim 128 the fused kernel launches with 8 warps by default (4 spill on sm_90)
+  calls = {re.search(r'name = "(\w+)"', c).group(1): c
+           for c in re.findall(r"stablehlo.custom_call @__gpu\$xla\.gpu\.triton.*", module)}
+  assert set(calls) == {"baichuan_flash_fwd", "baichuan_flash_bwd_fused"}
+  assert re.search(r"num_warps = (\d+)", calls["baichuan_flash_bwd_fused"]).group(1) == "8"
 
 
 def test_xla_backend_is_the_reference():
