@@ -179,7 +179,10 @@ def test_gpu_suite_small_runs_every_section(tmp_path):
   decisions = gpu_apply.decide(gpu_apply.load_results(tmp_path / "gpu_suite.json"))
   assert [d["setting"].rsplit(".", 1)[1] for d in decisions if d["writes"]] == [
       "MEASURED_TUNING['plain']", "MEASURED_TUNING['rope']", "ROPE_IN_KERNEL", "FUSED_RMS_NORM",
-      "SCAN_LAYERS", "COST"]
+      "SCAN_LAYERS", "GUARD_RECOMPUTE", "COST"]
+  # the guard's form is decided from this file's own optimizer rows (both forms timed)
+  guard = next(d for d in decisions if d["setting"].endswith("GUARD_RECOMPUTE"))
+  assert "not measured" not in guard["evidence"] and "same bits" in guard["evidence"]
   assert any("--small" in r for r in gpu_apply.write_refusals(result))
 
 
