@@ -264,13 +264,19 @@ def decide_switch(result, root, name, min_gain) -> dict:
               f"{other['step_s']:.4f} s with {name}={v_other} ({variant!r})")
   if v_base == v_other:
     return _decision(setting, cur, cur, evidence + "; both arms ran with the same value: no A/B")
-  fast, slow = sorted([(base["step_s"], v_base), (other["step_s"], v_other)])
-  gain = slow[0] / fast[0] - 1
-  proposed = fast[1] if gain >= min_gain else cur
-  evidence += f"; {name}={fast[1]} faster by {gain:.1%}"
+  return _faster_arm(setting, name, cur, [(base["step_s"], v_base), (other["step_s"], v_other)],
+                     evidence, min_gain)
+
+
+def _faster_arm(setting, name, cur, arms, evidence, min_gain) -> dict:
+  """The decision between a switch's two timed arms, [(seconds, value)] x 2: the faster value
+  when it wins by `min_gain`, else the current one."""
+  (fast_s, fast), (slow_s, _) = sorted(arms)
+  gain = slow_s / fast_s - 1
+  evidence += f"; {name}={fast} faster by {gain:.1%}"
   if gain < min_gain:
-    evidence += f", below the {min_gain:.0%} margin, kept"
-  return _decision(setting, cur, proposed, evidence)
+    return _decision(setting, cur, cur, evidence + f", below the {min_gain:.0%} margin, kept")
+  return _decision(setting, cur, fast, evidence)
 
 
 def decide_guard(result, root, min_gain) -> dict:
@@ -291,12 +297,8 @@ def decide_guard(result, root, min_gain) -> dict:
   if base.get("optimizer_guard_forms_equal") is not True:
     return _decision(setting, cur, cur, evidence + "; the two forms' new states differ: kept (a "
                                                    "form that changes the result is no evidence)")
-  (fast_ms, fast), (slow_ms, _) = sorted([(ms, ran), (other_ms, not ran)])
-  gain = slow_ms / fast_ms - 1
-  evidence += f"; same bits; GUARD_RECOMPUTE={fast} faster by {gain:.1%}"
-  if gain < min_gain:
-    return _decision(setting, cur, cur, evidence + f", below the {min_gain:.0%} margin, kept")
-  return _decision(setting, cur, fast, evidence)
+  return _faster_arm(setting, "GUARD_RECOMPUTE", cur, [(ms, ran), (other_ms, not ran)],
+                     evidence + "; same bits", min_gain)
 
 
 def decide_cost(result, root) -> dict:

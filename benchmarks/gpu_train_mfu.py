@@ -132,11 +132,27 @@ def optimizer_update_timing(state, tcfg, iters: int = 10) -> dict:
       jnp.max(jnp.abs(a - b)) for a, b in zip(jax.tree.leaves(new_g.params),
                                               jax.tree.leaves(new_p))))
   new_o = other_j(state, grads)
-  row["optimizer_guard_forms_equal"] = all(
-      np.asarray(a).tobytes() == np.asarray(b).tobytes()
-      for a, b in zip(jax.tree.leaves(jax.device_get((new_g.params, new_g.opt_state))),
-                      jax.tree.leaves(jax.device_get((new_o.params, new_o.opt_state)))))
+  row["optimizer_guard_forms_equal"] = same_bits((new_g.params, new_g.opt_state),
+                                                 (new_o.params, new_o.opt_state))
   return row
+
+
+@jax.jit
+def _bits_equal(a, b):
+  def leaf(x, y):
+    if jnp.issubdtype(x.dtype, jnp.floating):  # bit patterns, so NaN == NaN and -0 != +0
+      kind = jnp.dtype(f"uint{x.dtype.itemsize * 8}")
+      x, y = jax.lax.bitcast_convert_type(x, kind), jax.lax.bitcast_convert_type(y, kind)
+    return x.shape == y.shape and jnp.all(x == y)
+  return jnp.all(jnp.stack([jnp.asarray(e) for e in jax.tree.leaves(jax.tree.map(leaf, a, b))]))
+
+
+def same_bits(a, b) -> bool:
+  """True when two trees of arrays hold the same bits, compared on the device (no copy of the
+  trees to the host)."""
+  if jax.tree.structure(a) != jax.tree.structure(b):
+    return False
+  return bool(_bits_equal(a, b))
 
 
 def peak_text(row) -> str:

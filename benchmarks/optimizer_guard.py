@@ -35,12 +35,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from baichuan_jax.train import step as step_lib  # noqa: E402
 from baichuan_jax.train import optim  # noqa: E402
 from baichuan_jax.train.config import default_train_config  # noqa: E402
+import gpu_train_mfu  # noqa: E402  (benchmarks/gpu_train_mfu.py)
 
 
 def programs(tcfg):
   """{name: jitted fn(state, grads)}: the two guarded forms and plain optax
   (`gpu_train_mfu.optimizer_programs`, as the GPU suite times them)."""
-  import gpu_train_mfu  # benchmarks/gpu_train_mfu.py
   select, plain = gpu_train_mfu.optimizer_programs(tcfg, recompute=False)
   recompute, _ = gpu_train_mfu.optimizer_programs(tcfg, recompute=True)
   return {"select (GUARD_RECOMPUTE=False)": select,
@@ -83,9 +83,7 @@ def run(layers: int, hidden: int, iters: int) -> dict:
   for name in progs:
     rows[name]["ms"] = float(np.median(times[name]) * 1e3)
   a, b = (outs[n] for n in list(progs)[:2])
-  same = all(np.asarray(x).tobytes() == np.asarray(y).tobytes() for x, y in zip(
-      jax.tree.leaves(jax.device_get((a.params, a.opt_state))),
-      jax.tree.leaves(jax.device_get((b.params, b.opt_state)))))
+  same = gpu_train_mfu.same_bits((a.params, a.opt_state), (b.params, b.opt_state))
   return dict(device=str(jax.devices()[0].device_kind), backend=jax.default_backend(),
               jax=jax.__version__, parameters=3 * layers * hidden * hidden + hidden,
               iters=iters, programs=rows, guarded_forms_same_bits=same,

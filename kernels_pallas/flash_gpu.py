@@ -347,8 +347,9 @@ def backward_dkdv(q, k, v, do, lse, delta, slopes, seg, pos, st: AttnStatic, rop
 def backward_fused(q, k, v, do, lse, delta, slopes, seg, pos, st: AttnStatic):
   """The whole backward in one kernel (`st.fused_dq`): the dK/dV kernel, which also adds each
   tile's dQ share into an fp32 buffer with atomic adds. Returns (dq, dk, dv) like q, k, v."""
-  if not st.fused_dq:
-    raise ValueError("backward_fused needs an AttnStatic with fused_dq=True")
+  if not st.fused_dq or st.has_rope:
+    raise ValueError("backward_fused needs an AttnStatic with fused_dq=True and has_rope=False "
+                     "(the fused backward takes q and k already rotated)")
   dk, dv, dq = _dkdv_call(q, k, v, do, lse, delta, slopes, seg, pos, st)
   return (dq * st.sm_scale).astype(q.dtype).reshape(q.shape), dk, dv
 
@@ -370,9 +371,6 @@ def _dkdv_call(q, k, v, do, lse, delta, slopes, seg, pos, st: AttnStatic, rope=N
   out_specs = [kv_spec, kv_spec]
   out_shape = [jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)]
   if st.fused_dq:  # every k-block program of a (batch, kv head) adds into its whole dQ rows
-    if rope is not None:
-      raise ValueError("the fused backward (tuning fused_backward=True) does not take in-kernel "
-                       "RoPE (rope_theta): apply RoPE before the call or use the split backward")
     main.append(jnp.zeros(q5.shape, jnp.float32))
     main_specs.append(q_spec)
     out_specs.append(q_spec)

@@ -128,6 +128,13 @@ def test_the_recompute_guard_writes_what_plain_optax_writes():
   assert writes["recompute"] == writes["plain"] < writes["select"]
   assert writes["plain"] >= 9  # 3 weights x (param, mu, nu)
   assert result["guarded_forms_same_bits"] is True
+  # the comparison is of bits, on the device: NaN equals itself, -0.0 differs from 0.0
+  import gpu_train_mfu
+  tree = {"w": jnp.asarray([1.0, jnp.nan]), "count": jnp.asarray([3], jnp.int32)}
+  assert gpu_train_mfu.same_bits(tree, dict(tree))
+  assert not gpu_train_mfu.same_bits(tree, dict(tree, w=jnp.asarray([1.0, 2.0])))
+  assert not gpu_train_mfu.same_bits({"w": jnp.zeros(2)}, {"w": -jnp.zeros(2)})
+  assert not gpu_train_mfu.same_bits(tree, {"w": tree["w"]})
   assert result["parameters"] == 3 * 2 * 64 * 64 + 64
   with pytest.raises(ValueError, match="--layers 0 / --hidden 64 are invalid"):
     optimizer_guard.run(layers=0, hidden=64, iters=1)

@@ -262,10 +262,13 @@ def grads_and_metrics(loss_fn, params, batch, rng, microbatches, grad_shard, mes
   return grads, _finish(wsum, m_sum)
 
 
+def _inexact(x) -> bool:
+  return hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.inexact)
+
+
 def all_finite(tree: Any) -> jax.Array:
   """bool []: every floating-point element of `tree` is finite (integer leaves are ignored)."""
-  leaves = [x for x in jax.tree.leaves(tree)
-            if hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.inexact)]
+  leaves = [x for x in jax.tree.leaves(tree) if _inexact(x)]
   ok = jnp.asarray(True)
   for x in leaves:
     ok = ok & jnp.all(jnp.isfinite(x))
@@ -286,13 +289,11 @@ def update_finite(new_params: Any, new_opt: Any) -> jax.Array:
   parts = jax.tree.leaves(new_opt, is_leaf=lambda x: jax.tree.structure(x) == pdef)
   moments = [jax.tree.leaves(t) for t in parts if jax.tree.structure(t) == pdef]
   rest = [t for t in parts if jax.tree.structure(t) != pdef]
-  inexact = lambda x: hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.inexact)  # noqa: E731
   ok = all_finite(rest)
   for group in zip(jax.tree.leaves(new_params), *moments):
-    flags = [jnp.isfinite(x) for x in group if inexact(x)]
+    flags = [jnp.isfinite(x) for x in group if _inexact(x)]  # integer leaves: nothing to check
     if flags:
       ok = ok & jnp.all(functools.reduce(jnp.logical_and, flags))
-    ok = ok & all_finite([x for x in group if not inexact(x)])
   return ok
 
 
