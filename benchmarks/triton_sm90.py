@@ -8,7 +8,8 @@ on this machine, pulls each Triton kernel out of the exported module (the Triton
 serialises into the `__gpu$xla.gpu.triton` custom call, with its num_warps / num_stages), and
 compiles it for sm_90a with the `triton` package (TTIR -> TTGIR -> LLVM IR -> PTX, then ptxas -v),
 reporting per kernel: shared memory (limit 232,448 bytes = 227 KiB per block on H100/H200),
-registers per thread (limit 255) and spill stores.
+registers per thread (limit 255), spill stores, and the atomic instructions in the PTX by form
+(`atomics`, where there are any).
 
 `--sweep` does the same for candidate backward tilings of flash attention (dQ and dK/dV blocks,
 warps, pipeline stages) at seq 4096, head_dim 128, bf16, without and with the in-kernel RoPE of
@@ -29,6 +30,7 @@ Usage (no GPU, no driver; the triton wheel brings its own ptxas):
 from __future__ import annotations
 
 import argparse
+import collections
 import concurrent.futures
 import hashlib
 import json
@@ -181,6 +183,9 @@ def compile_ttir(path: str, num_warps: int, num_stages: int) -> dict:
     if ext == "cubin":
       break
     module = step(module, metadata)
+  # atomic instructions in the PTX, by form (e.g. the fused backward's dQ adds): {op: count}
+  atomics = dict(sorted(collections.Counter(
+      re.findall(r"\b((?:atom|red)\.[\w.]+)", module)).items()))
   with tempfile.TemporaryDirectory() as d:
     Path(d, "k.ptx").write_text(module)
     proc = subprocess.run([get_ptxas(target.arch).path, "-v", "--gpu-name=sm_90a",
@@ -193,7 +198,7 @@ def compile_ttir(path: str, num_warps: int, num_stages: int) -> dict:
   spills = re.search(r"(\d+) bytes spill stores", log)
   return dict(shared_bytes=int(metadata["shared"]), registers=int(regs.group(1)),
               spill_store_bytes=int(spills.group(1)) if spills else 0,
-              triton=triton.__version__)
+              triton=triton.__version__, **({"atomics": atomics} if atomics else {}))
 
 
 def _worker(job_json: str) -> dict:

@@ -105,3 +105,18 @@ def test_in_kernel_rope_defaults_fit_and_do_not_spill():
   assert [(r["num_warps"], r["num_stages"]) for r in rows[:3]] == [(8, 3), (8, 2), (8, 2)]
   assert all(r["fits"] and not r["spills"] for r in rows[:3]), rows[:3]
   assert rows[3]["fits"] is False and rows[3]["shared_bytes"] > triton_sm90.SMEM_LIMIT
+
+
+def test_the_fused_backward_adds_dq_with_vector_atomics():
+  # 64 x 128 dK/dV tiles, 8 warps: each program's [64, 128] fp32 dQ share is 8,192 adds, 32 per
+  # thread of 256, issued 4-wide: 8 atomic instructions in the loop body (acq_rel: the order
+  # Pallas's Triton lowering gives every atomic). The split kernels have none.
+  fused = {"fused_backward": True, "blocks": {"dkdv": (64, 128)},
+           "launch": {"dkdv": {"num_warps": 8, "num_stages": 2}}}
+  rows = triton_sm90.compile_all([k for k in _kernels(fused) + _kernels()
+                                  if k["name"] != "baichuan_flash_fwd"])
+  by = {r["name"]: r for r in rows}
+  assert set(by) == {"baichuan_flash_bwd_fused", "baichuan_flash_dq", "baichuan_flash_dkdv"}
+  assert by["baichuan_flash_bwd_fused"]["atomics"] == {"atom.global.gpu.acq_rel.add.v4.f32": 8}
+  assert "atomics" not in by["baichuan_flash_dq"] and "atomics" not in by["baichuan_flash_dkdv"]
+  assert by["baichuan_flash_bwd_fused"]["spills"] is False
