@@ -3,7 +3,7 @@
   python3 benchmarks/gpu_apply.py docs/results/gpu_suite_h200.json            # the decisions
   python3 benchmarks/gpu_apply.py docs/results/gpu_suite_h200.json --write    # and the edits
 
-The suite's A/Bs decide six things; this prints each decision with its evidence and, with
+The suite's A/Bs decide seven things; this prints each decision with its evidence and, with
 `--write`, edits the constants in the sources (and prints the diff), so what a GPU run found
 becomes the default the same way every time:
 
@@ -19,6 +19,9 @@ becomes the default the same way every time:
   kernel or the jnp formula XLA fuses with its neighbours);
 * `baichuan_jax.model.layers.SCAN_LAYERS`: the `unrolled layers` train A/B (the layer scan or
   the unrolled stack, without remat);
+* `baichuan_jax.model.layers.SWIGLU_VJP`: the `swiglu autodiff` or `swiglu vjp` train A/B (the
+  SwiGLU product's backward by jax's autodiff of the formula, or `layers.swiglu`'s own, which
+  keeps half as many [batch, seq, ffn] arrays; the suite runs the arm the default is not);
 * `baichuan_jax.train.step.GUARD_RECOMPUTE`: the NaN/inf guard's two forms, timed as the
   optimizer update alone on the default train step's state; written only when the two gave the
   same new state bit for bit;
@@ -79,7 +82,8 @@ MIN_SEQ = 2048  # the attention section's shortest sequence, where the tiling wa
 # The train A/B (gpu_suite.TRAIN_VARIANTS) that flips each switch: whichever of its variants
 # ran (the suite runs the one that is not the default).
 SWITCH_VARIANTS = {"ROPE_IN_KERNEL": ("rope-first", "rope in kernel"),
-                   "FUSED_RMS_NORM": ("xla RMSNorm",), "SCAN_LAYERS": ("unrolled layers",)}
+                   "FUSED_RMS_NORM": ("xla RMSNorm",), "SCAN_LAYERS": ("unrolled layers",),
+                   "SWIGLU_VJP": ("swiglu autodiff", "swiglu vjp")}
 
 
 class ApplyError(ValueError):

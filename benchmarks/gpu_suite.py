@@ -61,19 +61,22 @@ a watchdog thread ends the process at the hard limit, budget + 30 s, after writi
    budget still has room: `batch x2` (8 x 4096, after `decode`: it bears on the MFU aim), then,
    last, the RoPE A/B's other arm: `rope-first` (RoPE applied to q and k before the kernels,
    `layers.ROPE_IN_KERNEL = False`) or `rope in kernel` (True), whichever the defaults do not
-   already run (the default since the H200's first run: RoPE first), `unrolled layers` (the
+   already run (the default since the H200's first run: RoPE first), likewise `swiglu
+   autodiff` or `swiglu vjp` (the SwiGLU product's backward: jax's autodiff of the formula or
+   `layers.swiglu`'s own, `layers.SWIGLU_VJP`; the default is the latter), `unrolled layers` (the
    decoder stack unrolled instead of scanned: `layers.SCAN_LAYERS = False`), `xla RMSNorm` (the
    jnp norm, which XLA fuses with the residual add, instead of the Pallas kernel:
    `layers.FUSED_RMS_NORM = False`) and `whole-logit loss` (loss_chunk_size=0
    instead of the split loss; last, as it decides no default). The summary's `train_variants`
    gives each one's tokens/s over the default step's, `train_best` the fastest,
    `train_rope_in_kernel_speedup` the RoPE-first step time over the in-kernel step's and
-   `train_fused_rms_norm_speedup` the xla-RMSNorm step time over the kernel step's.
+   `train_fused_rms_norm_speedup` the xla-RMSNorm step time over the kernel step's and
+   `train_swiglu_vjp_speedup` the autodiff-SwiGLU step time over the `swiglu` step's.
 
 After a device run, `benchmarks/gpu_apply.py gpu_suite.json --write` turns the tiles and train
 A/Bs into the project's defaults by rule (each path's fastest tiling into
 `kernels_pallas.attention.MEASURED_TUNING`, `layers.ROPE_IN_KERNEL`, `layers.FUSED_RMS_NORM`,
-`layers.SCAN_LAYERS`);
+`layers.SCAN_LAYERS`, `layers.SWIGLU_VJP`);
 every train row records the `layers_switches` it ran with, which is what that tool compares.
 
 `--small` runs the same code on tiny shapes, with the kernels in Pallas interpret mode, on a CPU
@@ -159,6 +162,8 @@ COST = {'attention item': 2,
         'train batch x2': 20,
         'train rope-first': 9,
         'train rope in kernel': 9,
+        'train swiglu autodiff': 9,
+        'train swiglu vjp': 9,
         'train unrolled layers': 30,
         'train whole-logit loss': 16,
         'train xla RMSNorm': 10}
@@ -474,11 +479,19 @@ TRAIN_VARIANTS = {
     # a kernel call prevents; on the H100 the kernel's backward alone was 1.25x slower than XLA's
     # fusion (docs/kernels.md). Says whether the step keeps the kernel.
     "xla RMSNorm": dict(flags=dict(FUSED_RMS_NORM=False)),
+    # The SwiGLU product's backward (`layers.SWIGLU_VJP`): `swiglu`'s own, which keeps only gate
+    # and up and recomputes the sigmoid (True, the default since 2026-12-04), or jax's autodiff
+    # of the formula, which keeps 6 [batch, seq, ffn] arrays per layer instead of 3 (False): on
+    # this step 30.98 GB of saved activations against 21.25 GB, each byte of them zeroed, written
+    # and read again (benchmarks/swiglu_residuals.py). Of the pair, the suite runs the arm the
+    # defaults do not (`redundant_variant`).
+    "swiglu vjp": dict(flags=dict(SWIGLU_VJP=True)),
+    "swiglu autodiff": dict(flags=dict(SWIGLU_VJP=False)),
 }
 
 
 # The `baichuan_jax.model.layers` switches the train A/Bs flip, recorded in every train row.
-TRAIN_SWITCHES = ("ROPE_IN_KERNEL", "FUSED_RMS_NORM", "SCAN_LAYERS")
+TRAIN_SWITCHES = ("ROPE_IN_KERNEL", "FUSED_RMS_NORM", "SCAN_LAYERS", "SWIGLU_VJP")
 
 
 def redundant_variant(variant) -> bool:
@@ -491,16 +504,22 @@ def redundant_variant(variant) -> bool:
           and all(getattr(layers, k) == v for k, v in flags.items()))
 
 
-def rope_in_kernel_speedup(steps):
-  """The RoPE-first step's time over the in-kernel-RoPE step's (> 1: rotating inside the
-  kernels is faster), from the default row and whichever RoPE arm ran against it (`steps`:
-  {variant: row}); None without both arms."""
+def switch_speedup(steps, switch, variants):
+  """The step's time with `layers.<switch>` False over its time with it True (> 1: True is
+  faster), from the default row and whichever of `variants` (the switch's A/B arms) ran
+  against it (`steps`: {variant: row}); None without both arms."""
   base = steps.get("default")
-  other = steps.get("rope-first") or steps.get("rope in kernel")
+  other = next((steps[v] for v in variants if steps.get(v)), None)
   if not base or not other:
     return None
-  arms = {r.get("layers_switches", {}).get("ROPE_IN_KERNEL"): r["step_s"] for r in (base, other)}
+  arms = {r.get("layers_switches", {}).get(switch): r["step_s"] for r in (base, other)}
   return arms[False] / arms[True] if set(arms) == {False, True} else None
+
+
+def rope_in_kernel_speedup(steps):
+  """The RoPE-first step's time over the in-kernel-RoPE step's (> 1: rotating inside the
+  kernels is faster); None without both arms."""
+  return switch_speedup(steps, "ROPE_IN_KERNEL", ("rope-first", "rope in kernel"))
 
 
 def train_variant(cfg, variant):
@@ -1225,6 +1244,9 @@ def summarise(result):
     rope_speedup = rope_in_kernel_speedup(steps)
     if rope_speedup is not None:  # > 1: the in-kernel rotation is faster
       s["train_rope_in_kernel_speedup"] = rope_speedup
+    swiglu_speedup = switch_speedup(steps, "SWIGLU_VJP", ("swiglu vjp", "swiglu autodiff"))
+    if swiglu_speedup is not None:  # > 1: swiglu's own backward (fewer saved arrays) is faster
+      s["train_swiglu_vjp_speedup"] = swiglu_speedup
     if steps.get("xla RMSNorm"):  # > 1: the Pallas RMSNorm kernel makes the step faster
       s["train_fused_rms_norm_speedup"] = steps["xla RMSNorm"]["step_s"] / base["step_s"]
     # tokens/s of each variant over the default's (> 1: the variant is faster)
@@ -1548,8 +1570,9 @@ def main(argv=None):
                  lambda: section_decode_kernel(suite, backend, shapes["decode_kernel"]),
                  COST["decode_kernel item"]))
   if "train" in sections:  # last, the A/Bs that decide defaults: only if the budget has room
-    plan += [variant(name) for name in ("rope-first", "rope in kernel", "unrolled layers",
-                                        "xla RMSNorm", "whole-logit loss")
+    plan += [variant(name) for name in ("rope-first", "rope in kernel", "swiglu vjp",
+                                        "swiglu autodiff", "unrolled layers", "xla RMSNorm",
+                                        "whole-logit loss")
              if not redundant_variant(name)]
   if "decode" in sections:  # what the decode span check costs: reported, decides nothing
     plan.append(("decode no-check", lambda: section_decode(suite, backend, shapes["decode"],

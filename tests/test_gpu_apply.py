@@ -211,6 +211,30 @@ def test_the_guard_form_is_set_by_the_optimizer_timing(tmp_path, capsys, other_m
                                                              "GUARD_RECOMPUTE = True")]
 
 
+@pytest.mark.parametrize("autodiff_s, kept", [(0.288, False), (0.294, True)])
+def test_the_swiglu_backward_is_set_by_its_train_ab(tmp_path, capsys, autodiff_s, kept):
+  # the default step (layers.swiglu's own backward, SWIGLU_VJP True) 0.300 s; the autodiff arm
+  # 0.288 s (4.2% faster: flipped to False) or 0.294 s (2.0%: under the margin, kept)
+  result = _result()
+  switches = dict(ROPE_IN_KERNEL=True, FUSED_RMS_NORM=True, SWIGLU_VJP=True)
+  next(r for r in result["train"] if r["variant"] == "default")["layers_switches"] = switches
+  result["train"].append(dict(variant="swiglu autodiff", step_s=autodiff_s,
+                              tokens_per_s=16384 / autodiff_s, model_tflops=1.0,
+                              layers_switches=dict(switches, SWIGLU_VJP=False)))
+  result["summary"] = gpu_suite.summarise(result)
+  assert result["summary"]["train_swiglu_vjp_speedup"] == pytest.approx(autodiff_s / 0.300)
+  root = _checkout(tmp_path)
+  pristine = (root / gpu_apply.LAYERS).read_text()
+  assert gpu_apply.main([str(_write(tmp_path, result)), "--write", "--root", str(root)]) == 0
+  row = next(ln for ln in capsys.readouterr().out.splitlines()
+             if "layers.SWIGLU_VJP |" in ln)
+  assert ("| change |" in row) is not kept
+  assert gpu_apply.current_switch(root, "SWIGLU_VJP") is kept
+  if not kept:  # one line changed for this switch
+    new = (root / gpu_apply.LAYERS).read_text().splitlines()
+    assert ("SWIGLU_VJP = True", "SWIGLU_VJP = False") in list(zip(pristine.splitlines(), new))
+
+
 def test_below_margin_and_same_arms_change_nothing(tmp_path):
   root = _checkout(tmp_path)
   # tiling +2%, rope-first 2% faster: both under the 3% margin

@@ -103,15 +103,16 @@ def test_gpu_suite_small_runs_every_section(tmp_path):
   assert train["rope in kernel"]["tiling"] == result["tuning_used_rope"]["variant"] + (
       " (in-kernel RoPE)")
   # the A/B variants of the step: batch x2 after decode; the RoPE A/B's other arm (RoPE in the
-  # kernels: the default applies it first), the unrolled stack, and whole-logit loss last;
+  # kernels: the default applies it first), the SwiGLU A/B's other arm (jax's autodiff: the
+  # default is layers.swiglu's own backward), the unrolled stack, and whole-logit loss last;
   # only the default step is profiled
   assert [r["variant"] for r in result["train"]] == [
-      "default", "batch x2", "rope in kernel", "unrolled layers", "xla RMSNorm",
-      "whole-logit loss"]
+      "default", "batch x2", "rope in kernel", "swiglu autodiff", "unrolled layers",
+      "xla RMSNorm", "whole-logit loss"]
   assert all(r["step_s"] > 0 for r in result["train"])
   assert [r.get("profile_trace_file") for r in result["train"]] == [
-      "train_trace.json.gz", None, None, None, None, None]
-  assert [("optimizer_guarded_ms" in r) for r in result["train"]] == [True] + [False] * 5
+      "train_trace.json.gz", None, None, None, None, None, None]
+  assert [("optimizer_guarded_ms" in r) for r in result["train"]] == [True] + [False] * 6
   assert train["batch x2"]["batch"] == 2 * train["default"]["batch"] == 4
   assert "raw trace train_trace.json.gz" in md
   assert (train["default"]["rope"], train["rope in kernel"]["rope"]) == (
@@ -129,14 +130,17 @@ def test_gpu_suite_small_runs_every_section(tmp_path):
       train["default"]["step_s"] / train["rope in kernel"]["step_s"])
   assert summary["train_variants"]["batch x2"]["tokens_per_s_over_default"] == pytest.approx(
       train["batch x2"]["tokens_per_s"] / train["default"]["tokens_per_s"])
-  assert set(summary["train_variants"]) == {"batch x2", "rope in kernel", "unrolled layers",
-                                            "whole-logit loss", "xla RMSNorm"}
+  assert set(summary["train_variants"]) == {"batch x2", "rope in kernel", "swiglu autodiff",
+                                            "unrolled layers", "whole-logit loss", "xla RMSNorm"}
   assert train["default"]["tiling"] == result["tuning_used"]["variant"]
   assert {n: r["rms_norm"] for n, r in train.items()} == {
       n: "XLA (jnp formula)" if n == "xla RMSNorm" else "Pallas kernel" for n in train}
-  # the same data, init and steps: RoPE first and the jnp RMSNorm change only the rounding
-  for name in ("rope in kernel", "unrolled layers", "xla RMSNorm"):
+  # the same data, init and steps: RoPE first, the jnp RMSNorm and the SwiGLU backward change
+  # only the rounding
+  for name in ("rope in kernel", "swiglu autodiff", "unrolled layers", "xla RMSNorm"):
     assert train[name]["loss"] == pytest.approx(train["default"]["loss"], rel=1e-4), name
+  assert summary["train_swiglu_vjp_speedup"] == pytest.approx(
+      train["swiglu autodiff"]["step_s"] / train["default"]["step_s"])
   assert summary["train_fused_rms_norm_speedup"] == pytest.approx(
       train["xla RMSNorm"]["step_s"] / train["default"]["step_s"])
   best = max(train, key=lambda n: train[n]["tokens_per_s"])
@@ -170,7 +174,8 @@ def test_gpu_suite_small_runs_every_section(tmp_path):
   assert {t["guard_scale"] for t in times.values()} == {0.0}  # --small: the guard stands aside
   # each arm records the switches it ran with: what benchmarks/gpu_apply.py compares
   assert train["default"]["layers_switches"] == {"ROPE_IN_KERNEL": False, "FUSED_RMS_NORM": True,
-                                                 "SCAN_LAYERS": True}
+                                                 "SCAN_LAYERS": True, "SWIGLU_VJP": True}
+  assert train["swiglu autodiff"]["layers_switches"]["SWIGLU_VJP"] is False
   assert train["unrolled layers"]["layers_switches"]["SCAN_LAYERS"] is False
   assert train["rope in kernel"]["layers_switches"]["ROPE_IN_KERNEL"] is True
   assert train["xla RMSNorm"]["layers_switches"]["FUSED_RMS_NORM"] is False
@@ -179,7 +184,7 @@ def test_gpu_suite_small_runs_every_section(tmp_path):
   decisions = gpu_apply.decide(gpu_apply.load_results(tmp_path / "gpu_suite.json"))
   assert [d["setting"].rsplit(".", 1)[1] for d in decisions if d["writes"]] == [
       "MEASURED_TUNING['plain']", "MEASURED_TUNING['rope']", "ROPE_IN_KERNEL", "FUSED_RMS_NORM",
-      "SCAN_LAYERS", "GUARD_RECOMPUTE", "COST"]
+      "SCAN_LAYERS", "SWIGLU_VJP", "GUARD_RECOMPUTE", "COST"]
   # the guard's form is decided from this file's own optimizer rows (both forms timed)
   guard = next(d for d in decisions if d["setting"].endswith("GUARD_RECOMPUTE"))
   assert "not measured" not in guard["evidence"] and "same bits" in guard["evidence"]
@@ -203,8 +208,9 @@ def test_gpu_suite_preflight_lowers_every_device_program_for_cuda(tmp_path):
   assert fused == [gpu_suite.FUSED_CHECK] + [f"plain {v}" for v, t in gpu_suite.TILE_VARIANTS
                                              if t and t.get("fused_backward")]
   assert len(fused) == 5
-  # 46 before the fused backward's check and four tilings, and the guard's other form
-  assert len(by) == 46 + 5 + 1
+  # 46 before the fused backward's check and four tilings, the guard's other form, and the
+  # SwiGLU A/B's autodiff arm
+  assert len(by) == 46 + 5 + 1 + 1
   # ~1B step (no remat), the layer scan's body once: attention 3 + two RMSNorms x (fwd, bwd) 4,
   # and the final norm's fwd + bwd 2.
   assert by[("train", "~1B step (pallas, 4x4096)")] == 9
@@ -220,7 +226,10 @@ def test_gpu_suite_preflight_lowers_every_device_program_for_cuda(tmp_path):
   # the unrolled stack: each of the 18 layers' 7 kernels appears in the program, + final norm
   assert by[("train", "~1B step (pallas, 4x4096) unrolled layers")] == 18 * 7 + 2
   assert by[("train", "~1B step (pallas, 4x4096) xla RMSNorm")] == 3
-  assert sum(s == "train" and p.startswith("~1B step") for s, p in by) == 6
+  # the SwiGLU product's backward is XLA either way: the same 9 kernels
+  assert by[("train", "~1B step (pallas, 4x4096) swiglu autodiff")] == 9
+  assert ("train", "~1B step (pallas, 4x4096) swiglu vjp") not in by
+  assert sum(s == "train" and p.startswith("~1B step") for s, p in by) == 7
   # the optimizer update alone, as the step runs it and as plain optax: XLA only
   assert [by[("train", f"optimizer update ({n})")] for n in ("guarded", "plain",
                                                           "guarded, other form")] == [0, 0, 0]

@@ -196,6 +196,46 @@ def _decode_step_attention(q, k_cache, v_cache, ctx: AttnContext, slopes):
   return jax.lax.cond(ok, lambda: kernel(starts, lengths), xla)
 
 
+# True: the SwiGLU product silu(gate) * up differentiates through `swiglu`'s own backward,
+# which keeps only gate and up for the backward pass and recomputes the sigmoid there, in fp32.
+# False: through jax's autodiff of the formula, which keeps its intermediates too (6 arrays of
+# [batch, seq, ffn] per layer in all, against 3 with the switch: gate, up and the product, which
+# the down projection's weight gradient needs). On the ~1B benchmark step (18 layers, 4 x 4096
+# tokens, no remat) the backward keeps 30.98 GB of activations in the layer scan with False and
+# 21.25 GB with True (benchmarks/swiglu_residuals.py). The forward is the same formula either
+# way (same bits); the gradients differ by rounding, and True's are the nearer to the exact
+# derivative (tests/test_model.py). True since 2026-12-04, from the CPU measurements in
+# docs/gpu.md; benchmarks/gpu_suite.py times the ~1B step both ways. Read at trace.
+SWIGLU_VJP = True
+
+
+def _swiglu_formula(gate: jax.Array, up: jax.Array) -> jax.Array:
+  return nn.silu(gate) * up
+
+
+@jax.custom_vjp
+def swiglu(gate: jax.Array, up: jax.Array) -> jax.Array:
+  """silu(gate) * up (the same formula as the model's), with a backward pass that keeps only
+  its two inputs: d gate = d * up * s * (1 + gate * (1 - s)) and d up = d * gate * s, where
+  s = sigmoid(gate), computed in fp32 and rounded once to each input's dtype."""
+  return _swiglu_formula(gate, up)
+
+
+def _swiglu_fwd(gate, up):
+  return _swiglu_formula(gate, up), (gate, up)
+
+
+def _swiglu_bwd(res, d):
+  gate, up = res
+  g, u, d32 = (a.astype(jnp.float32) for a in (gate, up, d))
+  s = jax.nn.sigmoid(g)
+  dg = d32 * u * s * (1.0 + g * (1.0 - s))
+  return dg.astype(gate.dtype), (d32 * g * s).astype(up.dtype)
+
+
+swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)
+
+
 class MLP(nn.Module):
   """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
   config: ml_collections.ConfigDict
@@ -205,7 +245,8 @@ class MLP(nn.Module):
     cfg = self.config
     gate = _dense(cfg, cfg.intermediate_size, ("embed", "mlp"), "gate_proj")(x)
     up = _dense(cfg, cfg.intermediate_size, ("embed", "mlp"), "up_proj")(x)
-    act = nn.with_logical_constraint(nn.silu(gate) * up,
+    product = swiglu if SWIGLU_VJP else _swiglu_formula
+    act = nn.with_logical_constraint(product(gate, up),
                                      ("activation_batch", "activation_length", "activation_mlp"))
     return _dense(cfg, cfg.hidden_size, ("mlp", "embed"), "down_proj")(act)
 
