@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import copy
 import json
 import platform
 import sys
@@ -41,7 +42,7 @@ import numpy as np
 
 import gpu_train_mfu  # benchmarks/gpu_train_mfu.py: the ~1B model's config
 import kernels_pallas
-from baichuan_jax import configs, losses
+from baichuan_jax import losses
 from baichuan_jax.model import BaichuanLM, init_params, layers
 
 GB = 1e9
@@ -85,22 +86,24 @@ def run_cpu(layers_n: int, hidden: int, heads: int, seq: int, batch: int, iters:
   params = init_params(cfg, jax.random.PRNGKey(0))
   tokens = jax.random.randint(jax.random.PRNGKey(1), (batch, seq + 1), 3, cfg.vocab_size)
   compiled, out = {}, {}
-  for switch in (False, True):
-    layers.SWIGLU_VJP = switch
-    fn = jax.jit(jax.value_and_grad(_loss_fn(BaichuanLM(cfg))))
-    compiled[switch] = fn.lower(params, tokens).compile()
-    mem = compiled[switch].memory_analysis()
-    out[switch] = {"temp_bytes": int(mem.temp_size_in_bytes), "times": []}
-  layers.SWIGLU_VJP = True
+  old = layers.SWIGLU_VJP
+  try:
+    for switch in (False, True):  # the switch is read when the program is traced
+      layers.SWIGLU_VJP = switch
+      fn = jax.jit(jax.value_and_grad(_loss_fn(BaichuanLM(cfg))))
+      compiled[switch] = fn.lower(params, tokens).compile()
+      mem = compiled[switch].memory_analysis()
+      out[switch] = {"temp_bytes": int(mem.temp_size_in_bytes), "times": []}
+  finally:
+    layers.SWIGLU_VJP = old
   results = {s: jax.block_until_ready(compiled[s](params, tokens)) for s in compiled}
   for _ in range(iters):
     for switch in (False, True):
       t0 = time.perf_counter()
       jax.block_until_ready(compiled[switch](params, tokens))
       out[switch]["times"].append(time.perf_counter() - t0)
-  f32 = configs.get("baichuan-7b", **{k: cfg[k] for k in (
-      "hidden_size", "num_heads", "num_kv_heads", "num_layers", "intermediate_size",
-      "max_seq_len", "param_dtype", "attention_impl")}, dtype="float32")
+  f32 = copy.deepcopy(cfg)  # the same model computed in fp32: the reference
+  f32.dtype = "float32"
   with jax.default_matmul_precision("highest"):
     exact = jax.jit(jax.grad(_loss_fn(BaichuanLM(f32))))(params, tokens)
   for switch in (False, True):
