@@ -17,9 +17,9 @@ Two parts, both on the machine at hand:
    scan's saved activations and weight casts).
 2. `run`: a CPU-sized model (`--layers/--hidden/--heads/--run-seq/--run-batch`, attention_impl
    "xla", bf16 compute, fp32 parameters): the jitted value_and_grad of the LM loss with each
-   setting, its compiled temporaries (XLA's memory analysis for this backend), its median time (the two
-   arms alternate, so load on a shared machine hits both alike), whether the losses are the same
-   bits, and each arm's gradient error against the same model computed in fp32.
+   setting, its compiled temporaries (XLA's memory analysis for this backend), its median time
+   (the two arms alternate, so load on a shared machine hits both alike), whether the losses are
+   the same bits, and each arm's gradient error against the same model computed in fp32.
 
     python benchmarks/swiglu_residuals.py                       # both parts, defaults
     python benchmarks/swiglu_residuals.py --part saved --batch 8
