@@ -9,6 +9,9 @@
 - `top_k(logits, k, *, present, penalty)` / `topk_argmax(logits)`: the top-k / greedy pick over the
   vocabulary in one pass over the logits (optionally with the repetition penalty fused in).
 - `rms_norm(x, scale, *, eps)`: fused RMSNorm, forward and backward.
+- `kernels_pallas.flash_mgpu.flash_attention_mgpu(q, k, v, *, causal, blocks)`: the same
+  attention (no bias, no segments) for Hopper GPUs through Mosaic GPU (TMA + wgmma), imported
+  from its module (it loads the Mosaic GPU lowering).
 Each kernel has a plain-jnp reference in `kernels_pallas.reference` (top-k: `jax.lax.top_k`).
 """
 

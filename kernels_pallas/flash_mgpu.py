@@ -1,0 +1,388 @@
+"""Flash attention for Hopper GPUs, written for Pallas' Mosaic GPU lowering (TMA + wgmma).
+
+The Triton kernels (`flash_gpu`) reach 0.57-0.71x cuDNN fwd+bwd on an H200, mostly lost in the
+backward. These kernels use what Triton's lowering does not give Pallas: TMA bulk copies into
+swizzled shared memory, prefetched `stages` steps ahead by `plgpu.emit_pipeline`, and
+asynchronous warpgroup matmuls (`wgmma`) with operands read from shared memory (and, for the
+second matmul of each step, from registers). One warpgroup per program; the GPU overlaps one
+program's softmax with another's matmuls when several programs share an SM.
+
+Layout is the model's [batch, seq, heads, head_dim]; GQA/MQA by kv head index. Causal or not, no
+bias, no segments, no in-kernel RoPE (RoPE applied to q and k first, the training default). Three
+kernels, FlashAttention-2's split:
+
+- forward, grid (heads, q blocks, batch): online softmax in base 2 over the key blocks up to the
+  diagonal; writes the output and the log-sum-exp (base 2, fp32, [batch, heads, seq]).
+- dQ, grid (heads, q blocks, batch): P = exp2(S - lse) per key block, dP = dO V^T,
+  dS = P (dP - delta) with delta = rowsum(dO O) (one XLA reduction), dQ += dS K.
+- dK/dV, grid (heads, k blocks, batch): the transposed products over the query blocks at or
+  after the diagonal: dV += P^T dO, dK += dS^T Q. Gradients are per query head; GQA groups are
+  summed after the kernel in fp32.
+
+Every sequence length must be a multiple of the blocks and head_dim 64 or 128 (`check_shapes`
+says why a call does not fit; `kernels_pallas.flash_attention` stays the general path). The
+kernels run on a CPU through Mosaic GPU's interpret mode (`interpret=True`), which simulates the
+shared memory, the TMA copies and the barriers; tests/test_flash_mgpu.py checks them there against
+`kernels_pallas.reference.attention_reference` and lowers them for CUDA.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+try:  # Mosaic GPU's interpret mode: public in some jax releases, private in others
+  InterpretGPUParams = plgpu.InterpretParams
+except AttributeError:
+  from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
+
+LOG2E = math.log2(math.e)
+
+# Blocks and prefetch depth per kernel when the call gives none: wgmma tiles are 64 rows per
+# warpgroup; 64 x 128 key / value blocks in 2 stages hold 2 x 2 x 16 KiB of shared memory next to
+# the 16 KiB query block, so three programs fit one SM's 227 KiB.
+DEFAULT_BLOCKS = {"fwd": (64, 64, 2), "dq": (64, 64, 2), "dkdv": (64, 64, 2)}
+_PHASES = tuple(DEFAULT_BLOCKS)
+
+
+def _transforms(dtype):
+  """Shared-memory layout of a [rows, head_dim] tile for TMA and wgmma: (8, 128-byte) tiles with
+  the 128-byte swizzle."""
+  swizzle = 128
+  return (plgpu.TilingTransform((8, swizzle // jnp.dtype(dtype).itemsize)),
+          plgpu.SwizzleTransform(swizzle))
+
+
+def check_shapes(q_shape, k_shape, dtype, blocks: dict) -> Optional[str]:
+  """None when `flash_attention_mgpu` takes these shapes, else the reason it does not."""
+  if len(q_shape) != 4 or len(k_shape) != 4:
+    return f"q and k must be [batch, seq, heads, head_dim], got {q_shape} and {k_shape}"
+  b, s, h, d = q_shape
+  if k_shape[0] != b or k_shape[3] != d:
+    return f"k's shape {k_shape} does not match q's {q_shape} (batch, head_dim)"
+  if k_shape[1] != s:
+    return f"q and k must have the same seq length (got {s} and {k_shape[1]})"
+  if h % k_shape[2]:
+    return f"heads={h} is not a multiple of kv heads={k_shape[2]}"
+  if d not in (64, 128):
+    return f"head_dim={d} is not 64 or 128"
+  if jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+    return f"dtype {jnp.dtype(dtype).name} is not bfloat16 or float16"
+  for phase, (bq, bk, stages) in blocks.items():
+    if bq % 64 or bk % 64 or bq > 128 or bk > 128:
+      return f"{phase} blocks ({bq}, {bk}) must be 64 or 128"
+    if s % bq or s % bk:
+      return f"seq={s} is not a multiple of the {phase} blocks ({bq}, {bk})"
+    if stages < 1:
+      return f"{phase} stages={stages} must be >= 1"
+  return None
+
+
+def _resolve_blocks(blocks: Optional[dict]) -> dict:
+  blocks = dict(blocks or {})
+  unknown = set(blocks) - set(_PHASES)
+  if unknown:
+    raise ValueError(f"blocks has unknown phases {sorted(unknown)}: allowed {list(_PHASES)}")
+  out = {}
+  for phase in _PHASES:
+    value = tuple(blocks.get(phase, DEFAULT_BLOCKS[phase]))
+    if len(value) != 3 or not all(isinstance(x, int) for x in value):
+      raise ValueError(f"blocks[{phase!r}]={value!r} is invalid: must be (block_q, block_k, "
+                       "stages), three ints")
+    out[phase] = value
+  return out
+
+
+def _params(interpret):
+  return dict(compiler_params=plgpu.CompilerParams(approx_math=True),
+              interpret=InterpretGPUParams() if interpret else None)
+
+
+def _layout(x, layout, interpret):
+  """`x` laid out as `layout` in registers (no-op in interpret mode, which has no layouts)."""
+  return x if interpret else plgpu.layout_cast(x, layout)
+
+
+def _causal_keep(q0, k0, shape, interpret, queries_on_rows=True):
+  """[rows, cols] True where the key is at or before the query: query q0 + row and key k0 + col
+  (or, with `queries_on_rows=False`, key k0 + row and query q0 + col)."""
+  if interpret:
+    iota = functools.partial(lax.broadcasted_iota, jnp.int32, shape)
+  else:
+    iota = functools.partial(plgpu.broadcasted_iota, jnp.int32, shape, layout=plgpu.Layout.WGMMA)
+  q_axis, k_axis = (0, 1) if queries_on_rows else (1, 0)
+  return iota(q_axis) + q0 >= iota(k_axis) + k0
+
+
+def _matmul(a, b, shape, acc=None, interpret=False, transpose_b=False):
+  """acc + a @ b (or a @ b^T) on the tensor cores, fp32: a from shared memory or registers, b
+  from shared memory.
+
+  On the GPU the product is one `wgmma` that accumulates into `acc` in place (`pl.run_state` on
+  an initialised accumulator); b^T is a transposed view of the swizzled tile. Mosaic GPU's
+  interpret mode takes neither `run_state` nor transposed views, so there the same product is a
+  jnp dot of the loaded tiles (fp32 accumulation) added to `acc`; the pipeline, masks, softmax
+  and copies around it run as on the GPU.
+  """
+  if interpret:
+    a_val = a if isinstance(a, jax.Array) else a[...]
+    b_val = b[...]
+    dims = (((1,), (1 if transpose_b else 0,)), ((), ()))
+    out = lax.dot_general(a_val, b_val, dims, preferred_element_type=jnp.float32)
+    return out if acc is None else acc + out
+  if transpose_b:
+    b = plgpu.transpose_ref(b, (1, 0))
+
+  def run(acc_ref):
+    plgpu.wgmma(acc_ref, a, b)
+    return acc_ref[...]
+  if acc is None:
+    return pl.run_scoped(run, plgpu.ACC(shape, jnp.float32))
+  return pl.run_state(lambda ref: plgpu.wgmma(ref, a, b))(plgpu.ACC.init(acc))
+
+
+def _flash_fwd(q, k, v, *, causal: bool, scale: float, blocks: tuple, interpret: bool):
+  b, s, h, d = q.shape
+  group = h // k.shape[2]
+  bq, bk, stages = blocks
+  nq = s // bq
+  tr = _transforms(q.dtype)
+  c = scale * LOG2E
+
+  def kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, q_smem, lse_smem, bar):
+    hi, bi = lax.axis_index("heads"), lax.axis_index("batch")
+    qi = nq - 1 - lax.axis_index("q_blocks")  # the longest causal rows first
+    q0 = qi * bq
+    plgpu.copy_gmem_to_smem(q_ref.at[bi, pl.ds(q0, bq), hi], q_smem, bar)
+    plgpu.barrier_wait(bar)
+    steps = lax.div(q0 + bq + bk - 1, bk) if causal else s // bk
+
+    def step(idx, k_smem, v_smem, carry):
+      acc, m, l = carry
+      (j,) = idx
+      t = _matmul(q_smem, k_smem, (bq, bk), interpret=interpret, transpose_b=True) * c
+      if causal:
+        t = jnp.where(_causal_keep(q0, j * bk, (bq, bk), interpret), t, -jnp.inf)
+      m_new = jnp.maximum(m, t.max(axis=1))
+      alpha = jnp.exp2(m - m_new)
+      p = jnp.exp2(t - lax.broadcast_in_dim(m_new, t.shape, [0]))
+      l = l * alpha + p.sum(axis=1)
+      acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+      acc = _matmul(p.astype(q.dtype), v_smem, (bq, d), acc, interpret)
+      return acc, m_new, l
+
+    spec = plgpu.BlockSpec((bk, d), lambda j: (j, 0), transforms=tr)
+    rows = plgpu.Layout.WGMMA.reduce(1)
+    init = (_layout(jnp.zeros((bq, d), jnp.float32), plgpu.Layout.WGMMA, interpret),
+            _layout(jnp.full((bq,), -jnp.inf, jnp.float32), rows, interpret),
+            _layout(jnp.zeros((bq,), jnp.float32), rows, interpret))
+    kvh = lax.div(hi, group)
+    acc, m, l = plgpu.emit_pipeline(step, grid=(steps,), in_specs=[spec, spec],
+                                    max_concurrent_steps=stages, init_carry=init)(
+        k_ref.at[bi, :, kvh], v_ref.at[bi, :, kvh])
+    q_smem[...] = (acc / lax.broadcast_in_dim(l, acc.shape, [0])).astype(q.dtype)
+    lse_smem[...] = m + jnp.log2(l)
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(q_smem, o_ref.at[bi, pl.ds(q0, bq), hi])
+    plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[bi, hi, pl.ds(q0, bq)])
+    plgpu.wait_smem_to_gmem(0)
+
+  return plgpu.kernel(
+      kernel,
+      out_type=(jax.ShapeDtypeStruct(q.shape, q.dtype),
+                jax.ShapeDtypeStruct((b, h, s), jnp.float32)),
+      scratch_types=(plgpu.SMEM((bq, d), q.dtype, transforms=tr),
+                     plgpu.SMEM((bq,), jnp.float32), plgpu.Barrier()),
+      grid=(h, nq, b), grid_names=("heads", "q_blocks", "batch"),
+      **_params(interpret))(q, k, v)
+
+
+def _load_vector(ref, axis, interpret):
+  """A [block] fp32 vector from shared memory, laid out to broadcast along `axis` of a WGMMA
+  tile (axis 1: one value per row; axis 0: one per column)."""
+  if interpret:
+    return ref[...]
+  return plgpu.load(ref, (), layout=plgpu.Layout.WGMMA.reduce(axis))
+
+
+def _flash_dq(q, k, v, do, lse, delta, *, causal, scale, blocks, interpret):
+  b, s, h, d = q.shape
+  group = h // k.shape[2]
+  bq, bk, stages = blocks
+  nq = s // bq
+  tr = _transforms(q.dtype)
+  c = scale * LOG2E
+
+  def kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref,
+             q_smem, do_smem, lse_smem, delta_smem, bars):
+    hi, bi = lax.axis_index("heads"), lax.axis_index("batch")
+    qi = nq - 1 - lax.axis_index("q_blocks")
+    q0 = qi * bq
+    rows = (bi, pl.ds(q0, bq), hi)
+    plgpu.copy_gmem_to_smem(q_ref.at[rows], q_smem, bars.at[0])
+    plgpu.copy_gmem_to_smem(do_ref.at[rows], do_smem, bars.at[1])
+    plgpu.copy_gmem_to_smem(lse_ref.at[bi, hi, pl.ds(q0, bq)], lse_smem, bars.at[2])
+    plgpu.copy_gmem_to_smem(delta_ref.at[bi, hi, pl.ds(q0, bq)], delta_smem, bars.at[3])
+    for i in range(4):
+      plgpu.barrier_wait(bars.at[i])
+    lse_rows = _load_vector(lse_smem, 1, interpret)
+    delta_rows = _load_vector(delta_smem, 1, interpret)
+    steps = lax.div(q0 + bq + bk - 1, bk) if causal else s // bk
+
+    def step(idx, k_smem, v_smem, dq):
+      (j,) = idx
+      t = _matmul(q_smem, k_smem, (bq, bk), interpret=interpret, transpose_b=True) * c
+      if causal:
+        t = jnp.where(_causal_keep(q0, j * bk, (bq, bk), interpret), t, -jnp.inf)
+      p = jnp.exp2(t - lax.broadcast_in_dim(lse_rows, t.shape, [0]))
+      dp = _matmul(do_smem, v_smem, (bq, bk), interpret=interpret, transpose_b=True)
+      ds = p * (dp - lax.broadcast_in_dim(delta_rows, t.shape, [0]))
+      return _matmul(ds.astype(q.dtype), k_smem, (bq, d), dq, interpret)
+
+    spec = plgpu.BlockSpec((bk, d), lambda j: (j, 0), transforms=tr)
+    kvh = lax.div(hi, group)
+    dq = plgpu.emit_pipeline(
+        step, grid=(steps,), in_specs=[spec, spec], max_concurrent_steps=stages,
+        init_carry=_layout(jnp.zeros((bq, d), jnp.float32), plgpu.Layout.WGMMA, interpret))(
+            k_ref.at[bi, :, kvh], v_ref.at[bi, :, kvh])
+    q_smem[...] = (dq * scale).astype(q.dtype)
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(q_smem, dq_ref.at[rows])
+    plgpu.wait_smem_to_gmem(0)
+
+  return plgpu.kernel(
+      kernel,
+      out_type=jax.ShapeDtypeStruct(q.shape, q.dtype),
+      scratch_types=(plgpu.SMEM((bq, d), q.dtype, transforms=tr),
+                     plgpu.SMEM((bq, d), q.dtype, transforms=tr),
+                     plgpu.SMEM((bq,), jnp.float32), plgpu.SMEM((bq,), jnp.float32),
+                     plgpu.Barrier(num_barriers=4)),
+      grid=(h, nq, b), grid_names=("heads", "q_blocks", "batch"),
+      **_params(interpret))(q, k, v, do, lse, delta)
+
+
+def _flash_dkdv(q, k, v, do, lse, delta, *, causal, scale, blocks, interpret):
+  """dK and dV per query head, [batch, seq, heads, head_dim] each."""
+  b, s, h, d = q.shape
+  group = h // k.shape[2]
+  bq, bk, stages = blocks
+  nq, nk = s // bq, s // bk
+  tr = _transforms(q.dtype)
+  c = scale * LOG2E
+
+  def kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref,
+             k_smem, v_smem, bars):
+    hi, bi = lax.axis_index("heads"), lax.axis_index("batch")
+    ki = lax.axis_index("k_blocks")  # the first blocks have the most causal queries
+    k0 = ki * bk
+    kvh = lax.div(hi, group)
+    plgpu.copy_gmem_to_smem(k_ref.at[bi, pl.ds(k0, bk), kvh], k_smem, bars.at[0])
+    plgpu.copy_gmem_to_smem(v_ref.at[bi, pl.ds(k0, bk), kvh], v_smem, bars.at[1])
+    plgpu.barrier_wait(bars.at[0])
+    plgpu.barrier_wait(bars.at[1])
+    first = lax.div(k0, bq) if causal else 0  # query blocks before it see none of these keys
+
+    def step(idx, q_smem, do_smem, lse_smem, delta_smem, carry):
+      dk, dv = carry
+      i = idx[0] + first
+      t = _matmul(k_smem, q_smem, (bk, bq), interpret=interpret, transpose_b=True) * c
+      if causal:  # rows are keys here
+        t = jnp.where(_causal_keep(i * bq, k0, (bk, bq), interpret, queries_on_rows=False), t,
+                      -jnp.inf)
+      lse_cols = _load_vector(lse_smem, 0, interpret)
+      p = jnp.exp2(t - lax.broadcast_in_dim(lse_cols, t.shape, [1]))
+      dv = _matmul(p.astype(q.dtype), do_smem, (bk, d), dv, interpret)
+      dp = _matmul(v_smem, do_smem, (bk, bq), interpret=interpret, transpose_b=True)
+      delta_cols = _load_vector(delta_smem, 0, interpret)
+      ds = p * (dp - lax.broadcast_in_dim(delta_cols, t.shape, [1]))
+      dk = _matmul(ds.astype(q.dtype), q_smem, (bk, d), dk, interpret)
+      return dk, dv
+
+    tile = plgpu.BlockSpec((bq, d), lambda i: (i + first, 0), transforms=tr)
+    vec = plgpu.BlockSpec((bq,), lambda i: (i + first,))
+    zeros = _layout(jnp.zeros((bk, d), jnp.float32), plgpu.Layout.WGMMA, interpret)
+    dk, dv = plgpu.emit_pipeline(
+        step, grid=(nq - first,), in_specs=[tile, tile, vec, vec], max_concurrent_steps=stages,
+        init_carry=(zeros, zeros))(
+            q_ref.at[bi, :, hi], do_ref.at[bi, :, hi], lse_ref.at[bi, hi], delta_ref.at[bi, hi])
+    k_smem[...] = (dk * scale).astype(q.dtype)
+    v_smem[...] = dv.astype(q.dtype)
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(k_smem, dk_ref.at[bi, pl.ds(k0, bk), hi])
+    plgpu.copy_smem_to_gmem(v_smem, dv_ref.at[bi, pl.ds(k0, bk), hi])
+    plgpu.wait_smem_to_gmem(0)
+
+  del nk
+  per_head = jax.ShapeDtypeStruct(q.shape, q.dtype)
+  return plgpu.kernel(
+      kernel,
+      out_type=(per_head, per_head),
+      scratch_types=(plgpu.SMEM((bk, d), q.dtype, transforms=tr),
+                     plgpu.SMEM((bk, d), q.dtype, transforms=tr),
+                     plgpu.Barrier(num_barriers=2)),
+      grid=(h, s // bk, b), grid_names=("heads", "k_blocks", "batch"),
+      **_params(interpret))(q, k, v, do, lse, delta)
+
+
+def flash_attention_mgpu(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = True,
+                         sm_scale: Optional[float] = None, blocks: Optional[dict] = None,
+                         interpret: bool = False) -> jax.Array:
+  """Softmax attention by the Mosaic GPU kernels, differentiable (fwd + dQ + dK/dV kernels).
+
+  Args:
+    q: [batch, seq, heads, head_dim], bfloat16 or float16; head_dim 64 or 128.
+    k, v: [batch, seq, kv_heads, head_dim]; kv_heads divides heads.
+    causal: query i sees keys j <= i.
+    sm_scale: score scale (default head_dim ** -0.5).
+    blocks: per kernel ("fwd", "dq", "dkdv") a (block_q, block_k, stages) triple, each block 64
+      or 128 and dividing seq; stages is the prefetch depth. Default `DEFAULT_BLOCKS`.
+    interpret: run in Mosaic GPU's interpret mode (CPU).
+  Returns:
+    [batch, seq, heads, head_dim] in q's dtype.
+  Raises:
+    ValueError naming what does not fit (`check_shapes`).
+  """
+  resolved = _resolve_blocks(blocks)
+  reason = check_shapes(q.shape, k.shape, q.dtype, resolved)
+  if reason is None and (v.shape != k.shape or q.dtype != k.dtype or q.dtype != v.dtype):
+    reason = f"v {v.shape} {v.dtype} must match k {k.shape} {k.dtype} and q's dtype {q.dtype}"
+  if reason is not None:
+    raise ValueError(f"flash_attention_mgpu: {reason}")
+  scale = float(q.shape[-1] ** -0.5 if sm_scale is None else sm_scale)
+  return _attention(q, k, v, bool(causal), scale, tuple(resolved[p] for p in _PHASES),
+                    bool(interpret))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
+def _attention(q, k, v, causal, scale, blocks, interpret):
+  return _attention_fwd(q, k, v, causal, scale, blocks, interpret)[0]
+
+
+def _attention_fwd(q, k, v, causal, scale, blocks, interpret):
+  out, lse = _flash_fwd(q, k, v, causal=causal, scale=scale, blocks=blocks[0],
+                        interpret=interpret)
+  return out, (q, k, v, out, lse)
+
+
+def _attention_bwd(causal, scale, blocks, interpret, res, do):
+  q, k, v, out, lse = res
+  do = do.astype(q.dtype)
+  delta = jnp.einsum("bshd,bshd->bhs", out.astype(jnp.float32), do.astype(jnp.float32))
+  kw = dict(causal=causal, scale=scale, interpret=interpret)
+  dq = _flash_dq(q, k, v, do, lse, delta, blocks=blocks[1], **kw)
+  dk, dv = _flash_dkdv(q, k, v, do, lse, delta, blocks=blocks[2], **kw)
+  group = q.shape[2] // k.shape[2]
+  if group > 1:  # per query head -> per kv head, summed in fp32
+    grouped = lambda x: x.reshape(*k.shape[:3], group, k.shape[3]).astype(jnp.float32).sum(3)
+    dk, dv = grouped(dk).astype(k.dtype), grouped(dv).astype(v.dtype)
+  return dq, dk, dv
+
+
+_attention.defvjp(_attention_fwd, _attention_bwd)

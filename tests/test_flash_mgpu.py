@@ -1,0 +1,90 @@
+"""The Mosaic GPU flash attention (kernels_pallas.flash_mgpu): forward and the three gradients
+against the fp32 reference in Mosaic GPU's interpret mode, and the CUDA lowering of all three
+kernels (TMA, wgmma, the pipeline) on a machine without a GPU."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from kernels_pallas import attention_reference
+from kernels_pallas import flash_mgpu as fm
+
+
+def _inputs(b, s, h, hkv, d, seed=0):
+  keys = jax.random.split(jax.random.PRNGKey(seed), 4)
+  q = jax.random.normal(keys[0], (b, s, h, d), jnp.float32)
+  k = jax.random.normal(keys[1], (b, s, hkv, d), jnp.float32)
+  v = jax.random.normal(keys[2], (b, s, hkv, d), jnp.float32)
+  ct = jax.random.normal(keys[3], (b, s, h, d), jnp.float32)
+  return q, k, v, ct
+
+
+def _out_and_grads(fn, q, k, v, ct):
+  out, vjp = jax.vjp(fn, q, k, v)
+  return (out,) + vjp(ct.astype(out.dtype))
+
+
+def _rel_l2(got, want):
+  got = np.asarray(got.astype(jnp.float32), np.float64)
+  want = np.asarray(want, np.float64)
+  return float(np.linalg.norm(got - want) / np.linalg.norm(want))
+
+
+@pytest.mark.parametrize("causal,h,hkv,d,blocks", [
+    (True, 2, 2, 64, None),
+    (False, 2, 2, 64, None),
+    # GQA 4:2, head_dim 128, 128-row blocks, 3-stage prefetch in every kernel
+    (True, 4, 2, 128, {"fwd": (64, 128, 3), "dq": (128, 64, 2), "dkdv": (128, 64, 1)}),
+])
+def test_matches_the_reference_in_interpret_mode(causal, h, hkv, d, blocks):
+  q, k, v, ct = _inputs(1, 256, h, hkv, d, seed=h + d + causal)
+  ours = functools.partial(fm.flash_attention_mgpu, causal=causal, blocks=blocks,
+                           interpret=True)
+  ref = functools.partial(attention_reference, causal=causal)
+  with jax.default_matmul_precision("highest"):
+    want = _out_and_grads(ref, q, k, v, ct)
+  bf16 = lambda x: x.astype(jnp.bfloat16)
+  got = _out_and_grads(ours, bf16(q), bf16(k), bf16(v), ct)
+  for name, g, w in zip(("out", "dq", "dk", "dv"), got, want):
+    assert g.dtype == jnp.bfloat16 and g.shape == w.shape, name
+    # bf16 inputs and outputs: the reference on the same bf16-rounded inputs is ~2e-3 away
+    assert _rel_l2(g, w) < 1.5e-2, (name, _rel_l2(g, w))
+  # the kernels' causal mask: the output of query 0 is exactly its (only) value row
+  if causal:
+    np.testing.assert_allclose(np.asarray(got[0][:, 0], np.float32),
+                               np.asarray(bf16(v)[:, 0].repeat(h // hkv, axis=1), np.float32),
+                               rtol=1e-2, atol=1e-2)
+
+
+def test_the_three_kernels_lower_for_cuda():
+  """The GPU lowering (Mosaic GPU's MLIR: TMA descriptors, wgmma layouts, the pipeline's
+  barriers) runs on the CPU: value_and_grad of a causal call lowers to three Mosaic GPU custom
+  calls, at head_dim 128 and 64."""
+  for d in (128, 64):
+    x = jax.ShapeDtypeStruct((2, 1024, 4, d), jnp.bfloat16)
+    loss = lambda q, k, v: jnp.sum(fm.flash_attention_mgpu(q, k, v).astype(jnp.float32))
+    text = (jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(x, x, x)
+            .lower(lowering_platforms=("cuda",)).as_text())
+    assert text.count("stablehlo.custom_call @mosaic_gpu") == 3, d
+
+
+@pytest.mark.parametrize("kwargs,shape,match", [
+    ({}, (1, 256, 2, 96), "head_dim=96 is not 64 or 128"),
+    ({}, (1, 200, 2, 64), "seq=200 is not a multiple of the fwd blocks"),
+    ({"blocks": {"dq": (32, 64, 2)}}, (1, 256, 2, 64), r"dq blocks \(32, 64\) must be 64 or 128"),
+    ({"blocks": {"bwd": (64, 64, 2)}}, (1, 256, 2, 64), "unknown phases"),
+    ({"blocks": {"fwd": (64, 64)}}, (1, 256, 2, 64), "three ints"),
+])
+def test_bad_shapes_and_blocks_are_refused_by_name(kwargs, shape, match):
+  x = jnp.zeros(shape, jnp.bfloat16)
+  with pytest.raises(ValueError, match=match):
+    fm.flash_attention_mgpu(x, x, x, interpret=True, **kwargs)
+
+
+def test_float32_is_refused():
+  x = jnp.zeros((1, 256, 2, 64), jnp.float32)
+  with pytest.raises(ValueError, match="dtype float32 is not bfloat16 or float16"):
+    fm.flash_attention_mgpu(x, x, x, interpret=True)
