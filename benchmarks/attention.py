@@ -43,7 +43,7 @@ from timing import median_seconds  # noqa: E402  (benchmarks/timing.py)
 from kernels_pallas import attention_reference, flash_attention, flash_gpu  # noqa: E402
 from baichuan_jax.model.positions import alibi_slopes  # noqa: E402
 
-IMPLS = ("ours", "xla", "cudnn", "jax_mha", "jax_mgpu")
+IMPLS = ("ours", "mosaic", "xla", "cudnn", "jax_mha", "jax_mgpu")
 
 
 def attn_flops(b, s, h, d, causal, mode):
@@ -95,6 +95,11 @@ def make_fn(impl, *, causal, alibi, s, h, d, dtype, tuning=None, rope=False, seg
     return f
   if alibi:
     raise NotImplementedError("takes no bias")
+  if impl == "mosaic":  # ours for Hopper (kernels_pallas.flash_mgpu); `tuning`: its blocks
+    from kernels_pallas.flash_mgpu import flash_attention_mgpu
+    return lambda q, k, v: flash_attention_mgpu(q, k, v, causal=causal, sm_scale=scale,
+                                                blocks=tuning,
+                                                interpret=BACKEND == "interpret")
   if impl == "jax_mha":
     from jax.experimental.pallas.ops.gpu import attention as mha_lib
     bs = mha_lib.BlockSizes(block_q=128, block_k=64, block_q_dkv=64, block_kv_dkv=64,

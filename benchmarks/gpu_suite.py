@@ -132,6 +132,8 @@ FULL = dict(
     decode_kernel=dict(heads=32, kv_heads=32, head_dim=128, context=2048, max_len=2176,
                        batches=(1, 8, 32), iters=20),
     tiles=dict(seq=4096, tokens=16384, heads=32, head_dim=128, iters=6),
+    mosaic=dict(seqs=(2048, 4096, 8192), tokens=16384, heads=32, head_dim=128, iters=10,
+                variant_seq=4096, check=dict(b=2, s=1024, h=8, hkv=2, d=128)),
 )
 SMALL = dict(
     matmul_n=256, copy_gib=1 / 64,
@@ -143,6 +145,8 @@ SMALL = dict(
     decode_kernel=dict(heads=4, kv_heads=2, head_dim=32, context=40, max_len=64, batches=(3,),
                        iters=1, variants=2),
     tiles=dict(seq=64, tokens=64, heads=2, head_dim=32, iters=1, variants=(1,)),
+    mosaic=dict(seqs=(128,), tokens=128, heads=2, head_dim=64, iters=1, variant_seq=128,
+                variants=1, check=dict(b=1, s=128, h=2, hkv=1, d=64)),
 )
 # Estimated device seconds (compile + timing) of each section, or of each item of the sections
 # that run items ("... item", "decode_step": one step program of `decode`), used by the budget
@@ -151,6 +155,7 @@ SMALL = dict(
 # (the block below is what it edits).
 # BEGIN COST
 COST = {'attention item': 2,
+        'attention mosaic item': 5,
         'ceilings': 6,
         'check': 36,
         'decode first step': 8,
@@ -179,7 +184,8 @@ class Suite:
     self.out = Path(args.out)
     self.out.mkdir(parents=True, exist_ok=True)
     self.result = dict(env={}, ceilings={}, check=[], attention=[], train=[], decode=[],
-                       decode_kernel=[], tiles=[], skipped=[], errors=[], summary={},
+                       decode_kernel=[], tiles=[], attention_mosaic=[], skipped=[], errors=[],
+                       summary={},
                        tuning_used=None, tuning_used_rope=None, section_times=[],
                        cost=dict(COST))  # the estimates this run's guard used
     self.lock = threading.Lock()
@@ -446,6 +452,101 @@ def section_attention(suite, backend, cfg):
               + (f"{row['tflops']:.1f} TFLOP/s {row['ms']:.3f} ms" if "tflops" in row
                  else row.get("error", "")[:120]), flush=True)
       suite.write()
+
+
+# The Mosaic GPU kernels' (kernels_pallas.flash_mgpu) blocks, per kernel (block_q, block_k,
+# stages), timed fwd+bwd at `variant_seq` after the default at every seq. Each keeps the wgmma
+# accumulators within a warpgroup's registers (dK/dV: two 64 x 128 fp32 tiles) and the tiles
+# within an SM's 227 KiB of shared memory.
+MOSAIC_VARIANTS = (
+    ("default", None),
+    ("fwd keys 128", {"fwd": (64, 128, 2)}),
+    ("3 stages", {"fwd": (64, 64, 3), "dq": (64, 64, 3), "dkdv": (64, 64, 3)}),
+    ("dK/dV queries 128", {"dkdv": (128, 64, 2)}),
+)
+MOSAIC_CHECK = "flash mosaic (Hopper kernels: fwd, dQ, dK/dV; causal, GQA)"
+
+
+def mosaic_plan(cfg) -> list:
+  """[(seq, variant name, blocks)]: the default blocks at every seq, then the other variants
+  (the first `cfg["variants"]` of them with --small) at `variant_seq`."""
+  others = MOSAIC_VARIANTS[1:][:cfg.get("variants", len(MOSAIC_VARIANTS))]
+  return ([(s, "default", None) for s in cfg["seqs"]]
+          + [(cfg["variant_seq"], name, blocks) for name, blocks in others])
+
+
+def section_attention_mosaic(suite, backend, cfg):
+  """The Mosaic GPU flash attention: checked against the fp32 reference (out, dQ, dK, dV), then
+  timed fwd+bwd as the `attention` section times ours and cuDNN (rows `impl` "mosaic"). Last in
+  the run: a new kernel that no GPU has run yet, so a fault or a hang here (the watchdog ends
+  the process at the hard limit) costs no other section's figures."""
+  import attention as attn_bench  # benchmarks/attention.py
+  from kernels_pallas.flash_mgpu import flash_attention_mgpu
+  attn_bench.BACKEND = backend
+  rows = suite.result["attention_mosaic"]
+  if not suite.fits("attention mosaic check", COST["attention mosaic item"]):
+    return
+  c = cfg["check"]
+  keys = jax.random.split(jax.random.PRNGKey(int(time.time()) % 10000), 4)
+  q = jax.random.normal(keys[0], (c["b"], c["s"], c["h"], c["d"]), jnp.float32)
+  k, v = (jax.random.normal(key, (c["b"], c["s"], c["hkv"], c["d"]), jnp.float32)
+          for key in keys[1:3])
+  ct = jax.random.normal(keys[3], q.shape, jnp.float32)
+
+  def both(fn, q, k, v):
+    o, vjp = jax.vjp(fn, q, k, v)
+    return (o,) + vjp(ct.astype(o.dtype))
+
+  with jax.default_matmul_precision("highest"):
+    want = jax.jit(functools.partial(both, attention_reference))(q, k, v)
+  ours = functools.partial(flash_attention_mgpu, interpret=backend == "interpret")
+  bf = lambda x: x.astype(jnp.bfloat16)
+  got = jax.jit(functools.partial(both, ours))(bf(q), bf(k), bf(v))
+  errs = {n: _rel_l2(g, w) for n, g, w in zip(("out", "dq", "dk", "dv"), got, want)}
+  limit = 1.5e-2  # as the Triton kernels' checks
+  check = dict(kind="check", kernel=MOSAIC_CHECK, shape=[c["b"], c["s"], c["h"], c["hkv"], c["d"]],
+               rel_l2=errs, limit=limit, ok=all(e <= limit for e in errs.values()))
+  rows.append(check)
+  print(f"check {MOSAIC_CHECK}: " + ", ".join(f"{n} {e:.2e}" for n, e in errs.items()), flush=True)
+  suite.write()
+  if not check["ok"]:
+    suite.result["skipped"].append("attention mosaic timing: its check failed")
+    return
+  for s, name, blocks in mosaic_plan(cfg):
+    if not suite.fits(f"attention mosaic seq {s} {name}", COST["attention mosaic item"]):
+      return
+    row = attn_bench.bench_one("mosaic", "fwdbwd", b=max(1, cfg["tokens"] // s), s=s,
+                               h=cfg["heads"], d=cfg["head_dim"], dtype=jnp.bfloat16,
+                               causal=True, alibi=False, iters=cfg["iters"], tuning=blocks)
+    row.update(kind="time", variant=name)
+    rows.append(row)
+    print(f"attention mosaic fwdbwd seq={s} {name}: "
+          + (f"{row['tflops']:.1f} TFLOP/s {row['ms']:.3f} ms" if "tflops" in row
+             else row.get("error", "")[:160]), flush=True)
+    suite.write()
+
+
+def mosaic_summary(result) -> dict:
+  """The Mosaic kernels' fwd+bwd speed over cuDNN's and over ours (Triton) at each seq (default
+  blocks; the `attention` section's rows of the same shape), and the fastest variant."""
+  times = [r for r in result.get("attention_mosaic", []) if r.get("kind") == "time" and "ms" in r]
+  checks = [r for r in result.get("attention_mosaic", []) if r.get("kind") == "check"]
+  by = {(r["mode"], r["seq"], r["impl"]): r for r in result["attention"]
+        if not r["alibi"] and "ms" in r}
+  out = dict(check_ok=checks[0]["ok"] if checks else None, over_cudnn={}, over_ours={})
+  for r in times:
+    if r["variant"] != "default":
+      continue
+    for other, key in (("cudnn", "over_cudnn"), ("ours", "over_ours")):
+      ref = by.get(("fwdbwd", r["seq"], other))
+      if ref:
+        out[key][f"fwdbwd {r['seq']}"] = ref["ms"] / r["ms"]
+  if times:  # the variants run last, at one seq: the fastest row at that seq
+    at = [r for r in times if r["seq"] == times[-1]["seq"]]
+    best = max(at, key=lambda r: r["tflops"])
+    out["best_variant"] = dict(variant=best["variant"], seq=best["seq"], tflops=best["tflops"],
+                               blocks=best.get("tuning"))
+  return out
 
 
 # The ~1B step's A/Bs: each is the `train` step with one change, run after the aims' sections
@@ -1178,6 +1279,14 @@ def preflight_programs(shapes) -> list:
     for name, tuning in tile_variants(rope):
       progs.append(attention_prog("tiles", f"{_PATHS['rope' if rope else 'plain']} {name}", tl,
                                   tl["seq"], False, tuning, rope))
+  m = shapes["mosaic"]
+  for s, name, blocks in mosaic_plan(m):
+    f = attn_bench.make_fn("mosaic", causal=True, alibi=False, s=s, h=m["heads"],
+                           d=m["head_dim"], dtype=bf, tuning=blocks)
+    x = S((max(1, m["tokens"] // s), s, m["heads"], m["head_dim"]), bf)
+    progs.append(("attention mosaic", f"mosaic fwd+bwd seq {s} {name}",
+                  jax.jit(attn_bench._grad_fn(f)),  # pylint: disable=protected-access
+                  (x, x, x, S(x.shape, f32))))
   return progs
 
 
@@ -1191,8 +1300,9 @@ def preflight(out: Path, shapes=None) -> dict:
   from jax import export
   from baichuan_jax import train  # noqa: F401  (the train step's mesh context below)
   import flax.linen as nn
-  triton = "__gpu$xla.gpu.triton"
-  checks = [export.DisabledSafetyCheck.custom_call(triton)]
+  triton, mosaic = "__gpu$xla.gpu.triton", "mosaic_gpu_v2"
+  checks = [export.DisabledSafetyCheck.custom_call(triton),
+            export.DisabledSafetyCheck.custom_call(mosaic)]
   rows = []
   with kernels_pallas.lowering_platform("cuda"):
     progs = preflight_programs(shapes or FULL)
@@ -1208,22 +1318,28 @@ def preflight(out: Path, shapes=None) -> dict:
           exp = export.export(fn, platforms=["cuda"], disabled_checks=checks)(*args)
         text = exp.mlir_module()
         row.update(ok=True, triton_kernels=text.count(f"stablehlo.custom_call @{triton}("))
+        if section == "attention mosaic":
+          row["mosaic_kernels"] = text.count(f"stablehlo.custom_call @{mosaic}(")
       except Exception as e:  # pylint: disable=broad-except
         row.update(ok=False, error=f"{type(e).__name__}: {str(e)[:2000]}")
       row["seconds"] = time.perf_counter() - t0
       rows.append(row)
       print(f"preflight {'ok  ' if row['ok'] else 'FAIL'} {section}: {name} "
-            f"({row.get('triton_kernels', '-')} Triton kernels, {row['seconds']:.1f} s)"
+            f"({row.get('triton_kernels', '-')} Triton kernels"
+            + (f", {row['mosaic_kernels']} Mosaic GPU kernels" if "mosaic_kernels" in row else "")
+            + f", {row['seconds']:.1f} s)"
             + ("" if row["ok"] else "\n  " + row["error"][:600]), flush=True)
   result = dict(ok=all(r["ok"] for r in rows), programs=rows, jax=jax.__version__,
                 not_checked=["cuDNN attention (its lowering asks the installed cuDNN)",
+                             "Mosaic GPU's compilation of its MLIR to PTX (in XLA's custom call)",
                              "Triton compilation (shared memory, registers) on the device"])
   out.mkdir(parents=True, exist_ok=True)
   (out / "gpu_suite_preflight.json").write_text(json.dumps(result, indent=1))
   md = ["# gpu_suite preflight (lowered for CUDA on a CPU machine)", "",
         f"jax {jax.__version__}; {sum(r['ok'] for r in rows)} of {len(rows)} programs lower.", "",
-        "| section | program | Triton kernels | ok |", "|---|---|---|---|"]
+        "| section | program | Triton kernels | Mosaic GPU kernels | ok |", "|---|---|---|---|---|"]
   md += [f"| {r['section']} | {r['program']} | {r.get('triton_kernels', '-')} | "
+         f"{r.get('mosaic_kernels', '-')} | "
          f"{'yes' if r['ok'] else 'NO: ' + r['error'][:120]} |" for r in rows]
   (out / "gpu_suite_preflight.md").write_text("\n".join(md) + "\n")
   return result
@@ -1288,6 +1404,8 @@ def summarise(result):
   s["decode_kernel_fraction_of_copy_bw"] = {
       f"b{r['batch']} {r['fill']} {r['variant']}": r.get("kernel_fraction_of_copy_bw")
       for r in result["decode_kernel"]}
+  if result.get("attention_mosaic"):
+    s["attention_mosaic"] = mosaic_summary(result)
   s["checks_ok"] = all(r.get("ok") for r in result["check"]) if result["check"] else None
   s["tuning_used"] = result.get("tuning_used")
   s["tuning_used_rope"] = result.get("tuning_used_rope")
@@ -1333,6 +1451,32 @@ def aim_verdicts(result, s) -> list:
 
 def _f(x, fmt="{:.1f}"):
   return "-" if x is None else fmt.format(x)
+
+
+def mosaic_markdown(result) -> list:
+  rows = result["attention_mosaic"]
+  summ = mosaic_summary(result)
+  out = ["## Attention on the Mosaic GPU kernels (kernels_pallas.flash_mgpu; causal, bf16, "
+         "no bias)", ""]
+  for r in rows:
+    if r.get("kind") == "check":
+      errs = ", ".join(f"{k} {v:.2e}" for k, v in r["rel_l2"].items())
+      out += [f"Check against the fp32 reference, shape {r['shape']} (b, s, h, kv heads, d): "
+              f"{errs} (limit {r['limit']}): {'ok' if r['ok'] else 'FAILED'}.", ""]
+  times = [r for r in rows if r.get("kind") == "time"]
+  if times:
+    out += ["| seq | batch | blocks | TFLOP/s | ms | over cuDNN | over ours (Triton) |",
+            "|---|---|---|---|---|---|---|"]
+    for r in times:
+      key = f"fwdbwd {r['seq']}"
+      default = r["variant"] == "default"
+      cells = [f"{r['tflops']:.0f}", f"{r['ms']:.3f}"] if "tflops" in r else [
+          "failed: " + str(r.get("error", ""))[:60], "-"]
+      out.append(f"| {r['seq']} | {r['batch']} | {r['variant']} | " + " | ".join(cells) + " | "
+                 + " | ".join(_f(summ[k].get(key) if default else None, "{:.2f}")
+                              for k in ("over_cudnn", "over_ours")) + " |")
+    out.append("")
+  return out
 
 
 def markdown(result):
@@ -1382,6 +1526,8 @@ def markdown(result):
                      (r[0].get("error", "-")[:40] if r else "-"))
       out.append(f"| {mode} | {seq} | {b} | " + " | ".join(cells) + " |")
     out.append("")
+  if result.get("attention_mosaic"):
+    out += mosaic_markdown(result)
   if result["train"]:
     out += ["## ~1B training step", "",
             "| variant | attention | RoPE | loss | batch x seq | step s | tokens/s | "
@@ -1517,7 +1663,8 @@ def main(argv=None):
   p.add_argument("--budget-s", type=float, default=480.0,
                  help="wall-clock budget in seconds; sections that no longer fit are skipped")
   p.add_argument("--sections",
-                 default="ceilings,check,tiles,attention,train,decode,decode_kernel",
+                 default="ceilings,check,tiles,attention,train,decode,decode_kernel,"
+                         "attention_mosaic",
                  help="comma-separated subset, run in this fixed order")
   p.add_argument("--preflight", action="store_true",
                  help="on a machine without a GPU: lower every program of the full run for CUDA "
@@ -1531,7 +1678,8 @@ def main(argv=None):
   if not (math.isfinite(args.budget_s) and args.budget_s > 0):
     p.error(f"--budget-s {args.budget_s}: must be a positive number of seconds")
   sections = args.sections.split(",")
-  allowed = ("ceilings", "check", "tiles", "attention", "train", "decode", "decode_kernel")
+  allowed = ("ceilings", "check", "tiles", "attention", "train", "decode", "decode_kernel",
+             "attention_mosaic")
   for s in sections:
     if s not in allowed:
       p.error(f"--sections: {s!r} is not one of {allowed}")
@@ -1578,6 +1726,10 @@ def main(argv=None):
     plan.append(("decode no-check", lambda: section_decode(suite, backend, shapes["decode"],
                                                            span_check_ab=True),
                  COST["decode_step"]))
+  if "attention_mosaic" in sections:  # last: new kernels no GPU has run yet
+    plan.append(("attention mosaic",
+                 lambda: section_attention_mosaic(suite, backend, shapes["mosaic"]),
+                 COST["attention mosaic item"]))
   # the `tiles` sections set this run's fastest tilings in MEASURED_TUNING (this process only)
   measured = copy.deepcopy(kernels_pallas.attention.MEASURED_TUNING)
   finished = start_watchdog(suite, args.budget_s + WATCHDOG_GRACE_S)  # stood down in finally

@@ -48,6 +48,15 @@ def test_gpu_suite_small_runs_every_section(tmp_path):
   assert 0 < errs["xla_logits"] < 0.05 and 0 < errs["logits"] <= step_check["limit"]
   ours = [r for r in result["attention"] if r["impl"] == "ours"]
   assert len(ours) == 2 and all("ms" in r for r in ours)
+  # the Mosaic GPU kernels (interpret mode here): checked against the reference, then timed
+  # with the default blocks and the first other variant
+  mosaic = result["attention_mosaic"]
+  assert [r["kind"] for r in mosaic] == ["check", "time", "time"]
+  assert mosaic[0]["ok"] and all(0 < e < mosaic[0]["limit"] for e in mosaic[0]["rel_l2"].values())
+  assert [r["variant"] for r in mosaic[1:]] == ["default", gpu_suite.MOSAIC_VARIANTS[1][0]]
+  assert all(r["impl"] == "mosaic" and r["ms"] > 0 for r in mosaic[1:])
+  assert result["summary"]["attention_mosaic"]["check_ok"] is True
+  assert "## Attention on the Mosaic GPU kernels" in md
   # cuDNN has no CPU implementation: its rows carry the error instead of a time.
   assert all("error" in r for r in result["attention"] if r["impl"] == "cudnn")
   assert result["train"][0]["step_s"] > 0 and result["train"][0]["mfu_measured_matmul"] > 0
@@ -167,8 +176,9 @@ def test_gpu_suite_small_runs_every_section(tmp_path):
   assert times["tiles"]["estimate_s"] == times["tiles rope"]["estimate_s"] == gpu_suite.COST[
       "tiles item"]
   assert times["train"]["estimate_s"] == gpu_suite.COST["train"]
-  # the decode span check's A/B decides nothing: it runs last
-  assert list(times)[-1] == "decode no-check"
+  # the decode span check's A/B decides nothing: it runs last but one, before the Mosaic GPU
+  # kernels, which no GPU has run yet (a fault there costs no other section's figures)
+  assert list(times)[-2:] == ["decode no-check", "attention mosaic"]
   assert [r["label"] for r in result["decode"]][-1] == "pallas_no_span_check"
   assert all(t["seconds"] >= 0 for t in times.values()) and "## Section times" in md
   assert {t["guard_scale"] for t in times.values()} == {0.0}  # --small: the guard stands aside
@@ -198,7 +208,8 @@ def test_gpu_suite_preflight_lowers_every_device_program_for_cuda(tmp_path):
   result = json.loads((tmp_path / "gpu_suite_preflight.json").read_text())
   assert result["ok"] and all(r["ok"] for r in result["programs"])
   by = {(r["section"], r["program"]): r["triton_kernels"] for r in result["programs"]}
-  assert {s for s, _ in by} == {"check", "attention", "train", "decode", "decode_kernel", "tiles"}
+  assert {s for s, _ in by} == {"check", "attention", "train", "decode", "decode_kernel", "tiles",
+                                "attention mosaic"}
   # flash attention fwd+bwd: the forward, dQ and dK/dV kernels, at every sequence and tiling;
   # the forward and the one fused backward kernel for the fused tilings and check
   flash = [n for (s, p), n in by.items() if s in ("attention", "tiles") or "flash" in p]
@@ -210,7 +221,14 @@ def test_gpu_suite_preflight_lowers_every_device_program_for_cuda(tmp_path):
   assert len(fused) == 5
   # 46 before the fused backward's check and four tilings, the guard's other form, and the
   # SwiGLU A/B's autodiff arm
-  assert len(by) == 46 + 5 + 1 + 1
+  # and the Mosaic GPU kernels: the default blocks at 3 seqs, 3 other blocks at one
+  assert len(by) == 46 + 5 + 1 + 1 + 6
+  mosaic = {p: r.get("mosaic_kernels") for r in result["programs"]
+            for p in [r["program"]] if r["section"] == "attention mosaic"}
+  assert len(mosaic) == len(gpu_suite.mosaic_plan(gpu_suite.FULL["mosaic"])) == 6
+  # fwd, dQ and dK/dV: three Mosaic GPU kernels each, no Triton kernel
+  assert set(mosaic.values()) == {3}
+  assert all(by[("attention mosaic", p)] == 0 for p in mosaic)
   # ~1B step (no remat), the layer scan's body once: attention 3 + two RMSNorms x (fwd, bwd) 4,
   # and the final norm's fwd + bwd 2.
   assert by[("train", "~1B step (pallas, 4x4096)")] == 9
@@ -241,7 +259,7 @@ def test_gpu_suite_preflight_lowers_every_device_program_for_cuda(tmp_path):
     assert by[("decode", f"model step pallas batch {b}")] == 32 * 3 + 2 + 32 * 2
   # the defaults at batch 1/8/32, four variants at batch 1, block_k 64 at 8 and 32, ragged
   assert sum(s == "decode_kernel" for s, _ in by) == 3 + 4 + 2 + 1
-  assert "| train | ~1B step (pallas, 4x4096) | 9 | yes |" in (
+  assert "| train | ~1B step (pallas, 4x4096) | 9 | - | yes |" in (
       tmp_path / "gpu_suite_preflight.md").read_text()
 
 
