@@ -34,6 +34,7 @@ from typing import Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
@@ -148,28 +149,64 @@ def _matmul(a, b, shape, acc=None, interpret=False, transpose_b=False):
   return pl.run_state(lambda ref: plgpu.wgmma(ref, a, b))(plgpu.ACC.init(acc))
 
 
-def _flash_fwd(q, k, v, *, causal: bool, scale: float, blocks: tuple, interpret: bool):
+def _keep(shape, interpret, *, causal, q0, k0, queries_on_rows=True, q_seg=None, k_seg=None):
+  """[rows, cols] bool of the scores to keep (None: all): the causal triangle and, with segment
+  ids (vectors along the queries' and the keys' axis), the same-segment blocks."""
+  keep = _causal_keep(q0, k0, shape, interpret, queries_on_rows) if causal else None
+  if q_seg is not None:
+    q_axis, k_axis = (0, 1) if queries_on_rows else (1, 0)
+    same = (lax.broadcast_in_dim(q_seg, shape, [q_axis])
+            == lax.broadcast_in_dim(k_seg, shape, [k_axis]))
+    keep = same if keep is None else keep & same
+  return keep
+
+
+# The running max starts finite: a row whose keys in a block are all masked (a later segment's
+# queries in the first key blocks) keeps m = -1e30, so exp2(m - m_new) = 1 and exp2(-inf - m) = 0
+# instead of exp2(-inf + inf) = NaN.
+_M_INIT = -1e30
+
+
+def _copy_in(pairs, bars):
+  """TMA copies (GMEM view, SMEM ref) that each arrive on their own barrier, then the waits."""
+  for i, (src, dst) in enumerate(pairs):
+    plgpu.copy_gmem_to_smem(src, dst, bars.at[i])
+  for i in range(len(pairs)):
+    plgpu.barrier_wait(bars.at[i])
+
+
+def _flash_fwd(q, k, v, seg, *, causal: bool, scale: float, blocks: tuple, interpret: bool):
   b, s, h, d = q.shape
   group = h // k.shape[2]
   bq, bk, stages = blocks
   nq = s // bq
   tr = _transforms(q.dtype)
   c = scale * LOG2E
+  has_seg = seg is not None
 
-  def kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, q_smem, lse_smem, bar):
+  def kernel(*refs):
+    if has_seg:
+      q_ref, k_ref, v_ref, seg_ref, o_ref, lse_ref, q_smem, lse_smem, qseg_smem, bars = refs
+    else:
+      q_ref, k_ref, v_ref, o_ref, lse_ref, q_smem, lse_smem, bars = refs
     hi, bi = lax.axis_index("heads"), lax.axis_index("batch")
     qi = nq - 1 - lax.axis_index("q_blocks")  # the longest causal rows first
     q0 = qi * bq
-    plgpu.copy_gmem_to_smem(q_ref.at[bi, pl.ds(q0, bq), hi], q_smem, bar)
-    plgpu.barrier_wait(bar)
+    copies = [(q_ref.at[bi, pl.ds(q0, bq), hi], q_smem)]
+    if has_seg:
+      copies.append((seg_ref.at[bi, pl.ds(q0, bq)], qseg_smem))
+    _copy_in(copies, bars)
+    q_seg = _load_vector(qseg_smem, 1, interpret) if has_seg else None
     steps = lax.div(q0 + bq + bk - 1, bk) if causal else s // bk
 
-    def step(idx, k_smem, v_smem, carry):
-      acc, m, l = carry
+    def step(idx, k_smem, v_smem, *rest):
+      *kseg_smem, (acc, m, l) = rest
       (j,) = idx
       t = _matmul(q_smem, k_smem, (bq, bk), interpret=interpret, transpose_b=True) * c
-      if causal:
-        t = jnp.where(_causal_keep(q0, j * bk, (bq, bk), interpret), t, -jnp.inf)
+      keep = _keep((bq, bk), interpret, causal=causal, q0=q0, k0=j * bk, q_seg=q_seg,
+                   k_seg=_load_vector(kseg_smem[0], 0, interpret) if has_seg else None)
+      if keep is not None:
+        t = jnp.where(keep, t, -jnp.inf)
       m_new = jnp.maximum(m, t.max(axis=1))
       alpha = jnp.exp2(m - m_new)
       p = jnp.exp2(t - lax.broadcast_in_dim(m_new, t.shape, [0]))
@@ -179,14 +216,17 @@ def _flash_fwd(q, k, v, *, causal: bool, scale: float, blocks: tuple, interpret:
       return acc, m_new, l
 
     spec = plgpu.BlockSpec((bk, d), lambda j: (j, 0), transforms=tr)
+    specs, views = [spec, spec], [k_ref.at[bi, :, lax.div(hi, group)],
+                                  v_ref.at[bi, :, lax.div(hi, group)]]
+    if has_seg:
+      specs.append(plgpu.BlockSpec((bk,), lambda j: (j,)))
+      views.append(seg_ref.at[bi])
     rows = plgpu.Layout.WGMMA.reduce(1)
     init = (_layout(jnp.zeros((bq, d), jnp.float32), plgpu.Layout.WGMMA, interpret),
-            _layout(jnp.full((bq,), -jnp.inf, jnp.float32), rows, interpret),
+            _layout(jnp.full((bq,), _M_INIT, jnp.float32), rows, interpret),
             _layout(jnp.zeros((bq,), jnp.float32), rows, interpret))
-    kvh = lax.div(hi, group)
-    acc, m, l = plgpu.emit_pipeline(step, grid=(steps,), in_specs=[spec, spec],
-                                    max_concurrent_steps=stages, init_carry=init)(
-        k_ref.at[bi, :, kvh], v_ref.at[bi, :, kvh])
+    acc, m, l = plgpu.emit_pipeline(step, grid=(steps,), in_specs=specs,
+                                    max_concurrent_steps=stages, init_carry=init)(*views)
     q_smem[...] = (acc / lax.broadcast_in_dim(l, acc.shape, [0])).astype(q.dtype)
     lse_smem[...] = m + jnp.log2(l)
     plgpu.commit_smem()
@@ -194,14 +234,17 @@ def _flash_fwd(q, k, v, *, causal: bool, scale: float, blocks: tuple, interpret:
     plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[bi, hi, pl.ds(q0, bq)])
     plgpu.wait_smem_to_gmem(0)
 
+  scratch = [plgpu.SMEM((bq, d), q.dtype, transforms=tr), plgpu.SMEM((bq,), jnp.float32)]
+  if has_seg:
+    scratch.append(plgpu.SMEM((bq,), jnp.int32))
+  scratch.append(plgpu.Barrier(num_barriers=2 if has_seg else 1))
   return plgpu.kernel(
       kernel,
       out_type=(jax.ShapeDtypeStruct(q.shape, q.dtype),
                 jax.ShapeDtypeStruct((b, h, s), jnp.float32)),
-      scratch_types=(plgpu.SMEM((bq, d), q.dtype, transforms=tr),
-                     plgpu.SMEM((bq,), jnp.float32), plgpu.Barrier()),
+      scratch_types=tuple(scratch),
       grid=(h, nq, b), grid_names=("heads", "q_blocks", "batch"),
-      **_params(interpret))(q, k, v)
+      **_params(interpret))(q, k, v, *([seg] if has_seg else []))
 
 
 def _load_vector(ref, axis, interpret):
@@ -212,35 +255,45 @@ def _load_vector(ref, axis, interpret):
   return plgpu.load(ref, (), layout=plgpu.Layout.WGMMA.reduce(axis))
 
 
-def _flash_dq(q, k, v, do, lse, delta, *, causal, scale, blocks, interpret):
+def _flash_dq(q, k, v, seg, do, lse, delta, *, causal, scale, blocks, interpret):
   b, s, h, d = q.shape
   group = h // k.shape[2]
   bq, bk, stages = blocks
   nq = s // bq
   tr = _transforms(q.dtype)
   c = scale * LOG2E
+  has_seg = seg is not None
 
-  def kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref,
-             q_smem, do_smem, lse_smem, delta_smem, bars):
+  def kernel(*refs):
+    if has_seg:
+      (q_ref, k_ref, v_ref, seg_ref, do_ref, lse_ref, delta_ref, dq_ref,
+       q_smem, do_smem, lse_smem, delta_smem, qseg_smem, bars) = refs
+    else:
+      (q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref,
+       q_smem, do_smem, lse_smem, delta_smem, bars) = refs
     hi, bi = lax.axis_index("heads"), lax.axis_index("batch")
     qi = nq - 1 - lax.axis_index("q_blocks")
     q0 = qi * bq
     rows = (bi, pl.ds(q0, bq), hi)
-    plgpu.copy_gmem_to_smem(q_ref.at[rows], q_smem, bars.at[0])
-    plgpu.copy_gmem_to_smem(do_ref.at[rows], do_smem, bars.at[1])
-    plgpu.copy_gmem_to_smem(lse_ref.at[bi, hi, pl.ds(q0, bq)], lse_smem, bars.at[2])
-    plgpu.copy_gmem_to_smem(delta_ref.at[bi, hi, pl.ds(q0, bq)], delta_smem, bars.at[3])
-    for i in range(4):
-      plgpu.barrier_wait(bars.at[i])
+    copies = [(q_ref.at[rows], q_smem), (do_ref.at[rows], do_smem),
+              (lse_ref.at[bi, hi, pl.ds(q0, bq)], lse_smem),
+              (delta_ref.at[bi, hi, pl.ds(q0, bq)], delta_smem)]
+    if has_seg:
+      copies.append((seg_ref.at[bi, pl.ds(q0, bq)], qseg_smem))
+    _copy_in(copies, bars)
     lse_rows = _load_vector(lse_smem, 1, interpret)
     delta_rows = _load_vector(delta_smem, 1, interpret)
+    q_seg = _load_vector(qseg_smem, 1, interpret) if has_seg else None
     steps = lax.div(q0 + bq + bk - 1, bk) if causal else s // bk
 
-    def step(idx, k_smem, v_smem, dq):
+    def step(idx, k_smem, v_smem, *rest):
+      *kseg_smem, dq = rest
       (j,) = idx
       t = _matmul(q_smem, k_smem, (bq, bk), interpret=interpret, transpose_b=True) * c
-      if causal:
-        t = jnp.where(_causal_keep(q0, j * bk, (bq, bk), interpret), t, -jnp.inf)
+      keep = _keep((bq, bk), interpret, causal=causal, q0=q0, k0=j * bk, q_seg=q_seg,
+                   k_seg=_load_vector(kseg_smem[0], 0, interpret) if has_seg else None)
+      if keep is not None:
+        t = jnp.where(keep, t, -jnp.inf)
       p = jnp.exp2(t - lax.broadcast_in_dim(lse_rows, t.shape, [0]))
       dp = _matmul(do_smem, v_smem, (bq, bk), interpret=interpret, transpose_b=True)
       ds = p * (dp - lax.broadcast_in_dim(delta_rows, t.shape, [0]))
@@ -248,54 +301,70 @@ def _flash_dq(q, k, v, do, lse, delta, *, causal, scale, blocks, interpret):
 
     spec = plgpu.BlockSpec((bk, d), lambda j: (j, 0), transforms=tr)
     kvh = lax.div(hi, group)
+    specs, views = [spec, spec], [k_ref.at[bi, :, kvh], v_ref.at[bi, :, kvh]]
+    if has_seg:
+      specs.append(plgpu.BlockSpec((bk,), lambda j: (j,)))
+      views.append(seg_ref.at[bi])
     dq = plgpu.emit_pipeline(
-        step, grid=(steps,), in_specs=[spec, spec], max_concurrent_steps=stages,
+        step, grid=(steps,), in_specs=specs, max_concurrent_steps=stages,
         init_carry=_layout(jnp.zeros((bq, d), jnp.float32), plgpu.Layout.WGMMA, interpret))(
-            k_ref.at[bi, :, kvh], v_ref.at[bi, :, kvh])
+            *views)
     q_smem[...] = (dq * scale).astype(q.dtype)
     plgpu.commit_smem()
     plgpu.copy_smem_to_gmem(q_smem, dq_ref.at[rows])
     plgpu.wait_smem_to_gmem(0)
 
+  scratch = [plgpu.SMEM((bq, d), q.dtype, transforms=tr),
+             plgpu.SMEM((bq, d), q.dtype, transforms=tr),
+             plgpu.SMEM((bq,), jnp.float32), plgpu.SMEM((bq,), jnp.float32)]
+  if has_seg:
+    scratch.append(plgpu.SMEM((bq,), jnp.int32))
+  scratch.append(plgpu.Barrier(num_barriers=len(scratch)))
   return plgpu.kernel(
       kernel,
       out_type=jax.ShapeDtypeStruct(q.shape, q.dtype),
-      scratch_types=(plgpu.SMEM((bq, d), q.dtype, transforms=tr),
-                     plgpu.SMEM((bq, d), q.dtype, transforms=tr),
-                     plgpu.SMEM((bq,), jnp.float32), plgpu.SMEM((bq,), jnp.float32),
-                     plgpu.Barrier(num_barriers=4)),
+      scratch_types=tuple(scratch),
       grid=(h, nq, b), grid_names=("heads", "q_blocks", "batch"),
-      **_params(interpret))(q, k, v, do, lse, delta)
+      **_params(interpret))(q, k, v, *([seg] if has_seg else []), do, lse, delta)
 
 
-def _flash_dkdv(q, k, v, do, lse, delta, *, causal, scale, blocks, interpret):
+def _flash_dkdv(q, k, v, seg, do, lse, delta, *, causal, scale, blocks, interpret):
   """dK and dV per query head, [batch, seq, heads, head_dim] each."""
   b, s, h, d = q.shape
   group = h // k.shape[2]
   bq, bk, stages = blocks
-  nq, nk = s // bq, s // bk
+  nq = s // bq
   tr = _transforms(q.dtype)
   c = scale * LOG2E
+  has_seg = seg is not None
 
-  def kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref,
-             k_smem, v_smem, bars):
+  def kernel(*refs):
+    if has_seg:
+      (q_ref, k_ref, v_ref, seg_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref,
+       k_smem, v_smem, kseg_smem, bars) = refs
+    else:
+      (q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref,
+       k_smem, v_smem, bars) = refs
     hi, bi = lax.axis_index("heads"), lax.axis_index("batch")
     ki = lax.axis_index("k_blocks")  # the first blocks have the most causal queries
     k0 = ki * bk
     kvh = lax.div(hi, group)
-    plgpu.copy_gmem_to_smem(k_ref.at[bi, pl.ds(k0, bk), kvh], k_smem, bars.at[0])
-    plgpu.copy_gmem_to_smem(v_ref.at[bi, pl.ds(k0, bk), kvh], v_smem, bars.at[1])
-    plgpu.barrier_wait(bars.at[0])
-    plgpu.barrier_wait(bars.at[1])
+    copies = [(k_ref.at[bi, pl.ds(k0, bk), kvh], k_smem), (v_ref.at[bi, pl.ds(k0, bk), kvh], v_smem)]
+    if has_seg:
+      copies.append((seg_ref.at[bi, pl.ds(k0, bk)], kseg_smem))
+    _copy_in(copies, bars)
+    k_seg = _load_vector(kseg_smem, 1, interpret) if has_seg else None  # along the rows here
     first = lax.div(k0, bq) if causal else 0  # query blocks before it see none of these keys
 
-    def step(idx, q_smem, do_smem, lse_smem, delta_smem, carry):
-      dk, dv = carry
+    def step(idx, q_smem, do_smem, lse_smem, delta_smem, *rest):
+      *qseg_smem, (dk, dv) = rest
       i = idx[0] + first
       t = _matmul(k_smem, q_smem, (bk, bq), interpret=interpret, transpose_b=True) * c
-      if causal:  # rows are keys here
-        t = jnp.where(_causal_keep(i * bq, k0, (bk, bq), interpret, queries_on_rows=False), t,
-                      -jnp.inf)
+      keep = _keep((bk, bq), interpret, causal=causal, q0=i * bq, k0=k0, queries_on_rows=False,
+                   q_seg=_load_vector(qseg_smem[0], 0, interpret) if has_seg else None,
+                   k_seg=k_seg)
+      if keep is not None:
+        t = jnp.where(keep, t, -jnp.inf)
       lse_cols = _load_vector(lse_smem, 0, interpret)
       p = jnp.exp2(t - lax.broadcast_in_dim(lse_cols, t.shape, [1]))
       dv = _matmul(p.astype(q.dtype), do_smem, (bk, d), dv, interpret)
@@ -307,11 +376,15 @@ def _flash_dkdv(q, k, v, do, lse, delta, *, causal, scale, blocks, interpret):
 
     tile = plgpu.BlockSpec((bq, d), lambda i: (i + first, 0), transforms=tr)
     vec = plgpu.BlockSpec((bq,), lambda i: (i + first,))
+    specs = [tile, tile, vec, vec]
+    views = [q_ref.at[bi, :, hi], do_ref.at[bi, :, hi], lse_ref.at[bi, hi], delta_ref.at[bi, hi]]
+    if has_seg:
+      specs.append(vec)
+      views.append(seg_ref.at[bi])
     zeros = _layout(jnp.zeros((bk, d), jnp.float32), plgpu.Layout.WGMMA, interpret)
     dk, dv = plgpu.emit_pipeline(
-        step, grid=(nq - first,), in_specs=[tile, tile, vec, vec], max_concurrent_steps=stages,
-        init_carry=(zeros, zeros))(
-            q_ref.at[bi, :, hi], do_ref.at[bi, :, hi], lse_ref.at[bi, hi], delta_ref.at[bi, hi])
+        step, grid=(nq - first,), in_specs=specs, max_concurrent_steps=stages,
+        init_carry=(zeros, zeros))(*views)
     k_smem[...] = (dk * scale).astype(q.dtype)
     v_smem[...] = dv.astype(q.dtype)
     plgpu.commit_smem()
@@ -319,19 +392,21 @@ def _flash_dkdv(q, k, v, do, lse, delta, *, causal, scale, blocks, interpret):
     plgpu.copy_smem_to_gmem(v_smem, dv_ref.at[bi, pl.ds(k0, bk), hi])
     plgpu.wait_smem_to_gmem(0)
 
-  del nk
   per_head = jax.ShapeDtypeStruct(q.shape, q.dtype)
+  scratch = [plgpu.SMEM((bk, d), q.dtype, transforms=tr), plgpu.SMEM((bk, d), q.dtype, transforms=tr)]
+  if has_seg:
+    scratch.append(plgpu.SMEM((bk,), jnp.int32))
+  scratch.append(plgpu.Barrier(num_barriers=len(scratch)))
   return plgpu.kernel(
       kernel,
       out_type=(per_head, per_head),
-      scratch_types=(plgpu.SMEM((bk, d), q.dtype, transforms=tr),
-                     plgpu.SMEM((bk, d), q.dtype, transforms=tr),
-                     plgpu.Barrier(num_barriers=2)),
+      scratch_types=tuple(scratch),
       grid=(h, s // bk, b), grid_names=("heads", "k_blocks", "batch"),
-      **_params(interpret))(q, k, v, do, lse, delta)
+      **_params(interpret))(q, k, v, *([seg] if has_seg else []), do, lse, delta)
 
 
 def flash_attention_mgpu(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = True,
+                         segment_ids: Optional[jax.Array] = None,
                          sm_scale: Optional[float] = None, blocks: Optional[dict] = None,
                          interpret: bool = False) -> jax.Array:
   """Softmax attention by the Mosaic GPU kernels, differentiable (fwd + dQ + dK/dV kernels).
@@ -340,6 +415,8 @@ def flash_attention_mgpu(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bo
     q: [batch, seq, heads, head_dim], bfloat16 or float16; head_dim 64 or 128.
     k, v: [batch, seq, kv_heads, head_dim]; kv_heads divides heads.
     causal: query i sees keys j <= i.
+    segment_ids: [batch, seq] int (packed documents): a query sees only keys with the same id;
+      every query must see at least itself (causal) or one key of its segment.
     sm_scale: score scale (default head_dim ** -0.5).
     blocks: per kernel ("fwd", "dq", "dkdv") a (block_q, block_k, stages) triple, each block 64
       or 128 and dividing seq; stages is the prefetch depth. Default `DEFAULT_BLOCKS`.
@@ -353,36 +430,40 @@ def flash_attention_mgpu(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bo
   reason = check_shapes(q.shape, k.shape, q.dtype, resolved)
   if reason is None and (v.shape != k.shape or q.dtype != k.dtype or q.dtype != v.dtype):
     reason = f"v {v.shape} {v.dtype} must match k {k.shape} {k.dtype} and q's dtype {q.dtype}"
+  if reason is None and segment_ids is not None and segment_ids.shape != q.shape[:2]:
+    reason = f"segment_ids {segment_ids.shape} must be [batch, seq] = {q.shape[:2]}"
   if reason is not None:
     raise ValueError(f"flash_attention_mgpu: {reason}")
   scale = float(q.shape[-1] ** -0.5 if sm_scale is None else sm_scale)
-  return _attention(q, k, v, bool(causal), scale, tuple(resolved[p] for p in _PHASES),
+  seg = None if segment_ids is None else segment_ids.astype(jnp.int32)
+  return _attention(q, k, v, seg, bool(causal), scale, tuple(resolved[p] for p in _PHASES),
                     bool(interpret))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
-def _attention(q, k, v, causal, scale, blocks, interpret):
-  return _attention_fwd(q, k, v, causal, scale, blocks, interpret)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
+def _attention(q, k, v, seg, causal, scale, blocks, interpret):
+  return _attention_fwd(q, k, v, seg, causal, scale, blocks, interpret)[0]
 
 
-def _attention_fwd(q, k, v, causal, scale, blocks, interpret):
-  out, lse = _flash_fwd(q, k, v, causal=causal, scale=scale, blocks=blocks[0],
+def _attention_fwd(q, k, v, seg, causal, scale, blocks, interpret):
+  out, lse = _flash_fwd(q, k, v, seg, causal=causal, scale=scale, blocks=blocks[0],
                         interpret=interpret)
-  return out, (q, k, v, out, lse)
+  return out, (q, k, v, seg, out, lse)
 
 
 def _attention_bwd(causal, scale, blocks, interpret, res, do):
-  q, k, v, out, lse = res
+  q, k, v, seg, out, lse = res
   do = do.astype(q.dtype)
   delta = jnp.einsum("bshd,bshd->bhs", out.astype(jnp.float32), do.astype(jnp.float32))
   kw = dict(causal=causal, scale=scale, interpret=interpret)
-  dq = _flash_dq(q, k, v, do, lse, delta, blocks=blocks[1], **kw)
-  dk, dv = _flash_dkdv(q, k, v, do, lse, delta, blocks=blocks[2], **kw)
+  dq = _flash_dq(q, k, v, seg, do, lse, delta, blocks=blocks[1], **kw)
+  dk, dv = _flash_dkdv(q, k, v, seg, do, lse, delta, blocks=blocks[2], **kw)
   group = q.shape[2] // k.shape[2]
   if group > 1:  # per query head -> per kv head, summed in fp32
     grouped = lambda x: x.reshape(*k.shape[:3], group, k.shape[3]).astype(jnp.float32).sum(3)
     dk, dv = grouped(dk).astype(k.dtype), grouped(dv).astype(v.dtype)
-  return dq, dk, dv
+  dseg = None if seg is None else np.zeros(seg.shape, jax.dtypes.float0)
+  return dq, dk, dv, dseg
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)

@@ -59,16 +59,45 @@ def test_matches_the_reference_in_interpret_mode(causal, h, hkv, d, blocks):
                                rtol=1e-2, atol=1e-2)
 
 
+@pytest.mark.parametrize("causal", [True, False])
+def test_packed_segments_match_the_reference_in_interpret_mode(causal):
+  """Three documents per row, cut at different places in each row (one cut inside a 64-row
+  block, so a block holds two documents, and rows whose first key blocks are all masked)."""
+  b, s, h, d = 2, 256, 2, 64
+  q, k, v, ct = _inputs(b, s, h, h, d, seed=11 + causal)
+  cuts = jnp.array([[40, 150], [64, 200]])
+  seg = (jnp.sum(jnp.arange(s)[None, :, None] >= cuts[:, None, :], -1) + 1).astype(jnp.int32)
+  ours = functools.partial(fm.flash_attention_mgpu, causal=causal, segment_ids=seg,
+                           interpret=True)
+  ref = functools.partial(attention_reference, causal=causal, segment_ids=seg)
+  with jax.default_matmul_precision("highest"):
+    want = _out_and_grads(ref, q, k, v, ct)
+  bf16 = lambda x: x.astype(jnp.bfloat16)
+  got = _out_and_grads(ours, bf16(q), bf16(k), bf16(v), ct)
+  for name, g, w in zip(("out", "dq", "dk", "dv"), got, want):
+    assert np.all(np.isfinite(np.asarray(g, np.float32))), name
+    assert _rel_l2(g, w) < 1.5e-2, (name, _rel_l2(g, w))
+  if causal:  # the first query of each document sees only itself
+    for row, starts in enumerate(([0, 40, 150], [0, 64, 200])):
+      for t in starts:
+        np.testing.assert_allclose(np.asarray(got[0][row, t], np.float32),
+                                   np.asarray(bf16(v)[row, t], np.float32), rtol=1e-2, atol=1e-2)
+
+
 def test_the_three_kernels_lower_for_cuda():
   """The GPU lowering (Mosaic GPU's MLIR: TMA descriptors, wgmma layouts, the pipeline's
-  barriers) runs on the CPU: value_and_grad of a causal call lowers to three Mosaic GPU custom
-  calls, at head_dim 128 and 64."""
-  for d in (128, 64):
+  barriers) runs on the CPU: the gradient of a causal call lowers to three Mosaic GPU custom
+  calls, at head_dim 128 and 64, and with segment ids."""
+  seg = jax.ShapeDtypeStruct((2, 1024), jnp.int32)
+  for d, with_seg in ((128, False), (64, False), (128, True)):
     x = jax.ShapeDtypeStruct((2, 1024, 4, d), jnp.bfloat16)
-    loss = lambda q, k, v: jnp.sum(fm.flash_attention_mgpu(q, k, v).astype(jnp.float32))
-    text = (jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(x, x, x)
+
+    def loss(q, k, v, seg):
+      out = fm.flash_attention_mgpu(q, k, v, segment_ids=seg if with_seg else None)
+      return jnp.sum(out.astype(jnp.float32))
+    text = (jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(x, x, x, seg)
             .lower(lowering_platforms=("cuda",)).as_text())
-    assert text.count("stablehlo.custom_call @mosaic_gpu") == 3, d
+    assert text.count("stablehlo.custom_call @mosaic_gpu") == 3, (d, with_seg)
 
 
 @pytest.mark.parametrize("kwargs,shape,match", [
