@@ -9,9 +9,10 @@
 - `top_k(logits, k, *, present, penalty)` / `topk_argmax(logits)`: the top-k / greedy pick over the
   vocabulary in one pass over the logits (optionally with the repetition penalty fused in).
 - `rms_norm(x, scale, *, eps)`: fused RMSNorm, forward and backward.
-- `kernels_pallas.flash_mgpu.flash_attention_mgpu(q, k, v, *, causal, blocks)`: the same
-  attention (no bias, no segments) for Hopper GPUs through Mosaic GPU (TMA + wgmma), imported
-  from its module (it loads the Mosaic GPU lowering).
+- `kernels_pallas.flash_mgpu.flash_attention_mgpu(q, k, v, *, causal, alibi_slopes,
+  segment_ids, positions, blocks)`: the same attention (no in-kernel RoPE; seq a multiple of 64,
+  head_dim 64 or 128) for Hopper GPUs through Mosaic GPU (TMA + wgmma), imported from its module
+  (it loads the Mosaic GPU lowering).
 Each kernel has a plain-jnp reference in `kernels_pallas.reference` (top-k: `jax.lax.top_k`).
 """
 

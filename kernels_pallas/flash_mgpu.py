@@ -7,9 +7,9 @@ asynchronous warpgroup matmuls (`wgmma`) with operands read from shared memory (
 second matmul of each step, from registers). One warpgroup per program; the GPU overlaps one
 program's softmax with another's matmuls when several programs share an SM.
 
-Layout is the model's [batch, seq, heads, head_dim]; GQA/MQA by kv head index. Causal or not, no
-bias, no segments, no in-kernel RoPE (RoPE applied to q and k first, the training default). Three
-kernels, FlashAttention-2's split:
+Layout is the model's [batch, seq, heads, head_dim]; GQA/MQA by kv head index. Causal or not,
+ALiBi by position (positions may restart per document), packed segment ids; no in-kernel RoPE
+(RoPE applied to q and k first, the training default). Three kernels, FlashAttention-2's split:
 
 - forward, grid (heads, q blocks, batch): online softmax in base 2 over the key blocks up to the
   diagonal; writes the output and the log-sum-exp (base 2, fp32, [batch, heads, seq]).
@@ -20,7 +20,9 @@ kernels, FlashAttention-2's split:
   summed after the kernel in fp32.
 
 Every sequence length must be a multiple of the blocks and head_dim 64 or 128 (`check_shapes`
-says why a call does not fit; `kernels_pallas.flash_attention` stays the general path). The
+says why a call does not fit; `kernels_pallas.flash_attention` stays the general path: any length,
+in-kernel RoPE, TPU). Not measured on a GPU yet: benchmarks/gpu_suite.py's `attention mosaic`
+section checks and times them beside cuDNN and the Triton kernels. The
 kernels run on a CPU through Mosaic GPU's interpret mode (`interpret=True`), which simulates the
 shared memory, the TMA copies and the barriers; tests/test_flash_mgpu.py checks them there against
 `kernels_pallas.reference.attention_reference` and lowers them for CUDA.
@@ -149,16 +151,34 @@ def _matmul(a, b, shape, acc=None, interpret=False, transpose_b=False):
   return pl.run_state(lambda ref: plgpu.wgmma(ref, a, b))(plgpu.ACC.init(acc))
 
 
-def _keep(shape, interpret, *, causal, q0, k0, queries_on_rows=True, q_seg=None, k_seg=None):
-  """[rows, cols] bool of the scores to keep (None: all): the causal triangle and, with segment
-  ids (vectors along the queries' and the keys' axis), the same-segment blocks."""
+# Per-position side inputs, each optional: "seg", the segment ids [batch, seq] int32 (packed
+# documents: a query sees only keys of its own segment), and "bias", ALiBi's per-position term
+# [batch, heads, seq] fp32 = slope_h * position * log2(e). ALiBi adds slope * (k_pos - q_pos) to a
+# score (in base 2: bias[k] - bias[q]), so one vector serves both sides. A program copies the
+# vectors of its own block (queries in the forward and dQ kernels, keys in dK/dV) once, laid out
+# along the rows of its tiles, and streams the other side's with each tile, along the columns.
+_SIDES = ("seg", "bias")
+
+
+def _side_index(name, bi, hi):
+  return (bi,) if name == "seg" else (bi, hi)
+
+
+def _scores(t, interpret, *, causal, q0, k0, own, streamed, queries_on_rows=True):
+  """Scores (base 2) with the ALiBi term added and the masked ones at -inf. Rows are the
+  program's own block: queries when `queries_on_rows`, else keys; `own` / `streamed`: the side
+  vectors along the rows / columns, by name."""
+  shape = t.shape
+  q_vecs, k_vecs = (own, streamed) if queries_on_rows else (streamed, own)
+  q_axis, k_axis = (0, 1) if queries_on_rows else (1, 0)
+  along = lambda vec, axis: lax.broadcast_in_dim(vec, shape, [axis])
+  if "bias" in own:
+    t = t + (along(k_vecs["bias"], k_axis) - along(q_vecs["bias"], q_axis))
   keep = _causal_keep(q0, k0, shape, interpret, queries_on_rows) if causal else None
-  if q_seg is not None:
-    q_axis, k_axis = (0, 1) if queries_on_rows else (1, 0)
-    same = (lax.broadcast_in_dim(q_seg, shape, [q_axis])
-            == lax.broadcast_in_dim(k_seg, shape, [k_axis]))
+  if "seg" in own:
+    same = along(q_vecs["seg"], q_axis) == along(k_vecs["seg"], k_axis)
     keep = same if keep is None else keep & same
-  return keep
+  return t if keep is None else jnp.where(keep, t, -jnp.inf)
 
 
 # The running max starts finite: a row whose keys in a block are all masked (a later segment's
@@ -175,38 +195,52 @@ def _copy_in(pairs, bars):
     plgpu.barrier_wait(bars.at[i])
 
 
-def _flash_fwd(q, k, v, seg, *, causal: bool, scale: float, blocks: tuple, interpret: bool):
+def _own_sides(names, refs, smems, bi, hi, start, size, interpret):
+  """(copies of the program's own block of each side vector, then a loader of them as row
+  vectors once the copies have landed)."""
+  copies = [(ref.at[_side_index(n, bi, hi) + (pl.ds(start, size),)], sm)
+            for n, ref, sm in zip(names, refs, smems)]
+  load = lambda: {n: _load_vector(sm, 1, interpret) for n, sm in zip(names, smems)}
+  return copies, load
+
+
+def _streamed_sides(names, refs, bi, hi, size, index):
+  """(BlockSpecs, GMEM views) streaming each side vector with the pipeline's tiles."""
+  specs = [plgpu.BlockSpec((size,), lambda i: (index(i),)) for _ in names]
+  views = [ref.at[_side_index(n, bi, hi)] for n, ref in zip(names, refs)]
+  return specs, views
+
+
+def _side_scratch(sides, size):
+  return [plgpu.SMEM((size,), a.dtype) for _, a in sides]
+
+
+def _flash_fwd(q, k, v, sides, *, causal: bool, scale: float, blocks: tuple, interpret: bool):
   b, s, h, d = q.shape
   group = h // k.shape[2]
   bq, bk, stages = blocks
   nq = s // bq
   tr = _transforms(q.dtype)
   c = scale * LOG2E
-  has_seg = seg is not None
+  names, ns = [n for n, _ in sides], len(sides)
 
-  def kernel(*refs):
-    if has_seg:
-      q_ref, k_ref, v_ref, seg_ref, o_ref, lse_ref, q_smem, lse_smem, qseg_smem, bars = refs
-    else:
-      q_ref, k_ref, v_ref, o_ref, lse_ref, q_smem, lse_smem, bars = refs
+  def kernel(q_ref, k_ref, v_ref, *refs):
+    side_refs, (o_ref, lse_ref, q_smem, lse_smem) = refs[:ns], refs[ns:ns + 4]
+    side_smem, bars = refs[ns + 4:2 * ns + 4], refs[-1]
     hi, bi = lax.axis_index("heads"), lax.axis_index("batch")
     qi = nq - 1 - lax.axis_index("q_blocks")  # the longest causal rows first
     q0 = qi * bq
-    copies = [(q_ref.at[bi, pl.ds(q0, bq), hi], q_smem)]
-    if has_seg:
-      copies.append((seg_ref.at[bi, pl.ds(q0, bq)], qseg_smem))
-    _copy_in(copies, bars)
-    q_seg = _load_vector(qseg_smem, 1, interpret) if has_seg else None
+    copies, load_own = _own_sides(names, side_refs, side_smem, bi, hi, q0, bq, interpret)
+    _copy_in([(q_ref.at[bi, pl.ds(q0, bq), hi], q_smem)] + copies, bars)
+    own = load_own()
     steps = lax.div(q0 + bq + bk - 1, bk) if causal else s // bk
 
     def step(idx, k_smem, v_smem, *rest):
-      *kseg_smem, (acc, m, l) = rest
+      *streamed_smem, (acc, m, l) = rest
       (j,) = idx
+      streamed = {n: _load_vector(sm, 0, interpret) for n, sm in zip(names, streamed_smem)}
       t = _matmul(q_smem, k_smem, (bq, bk), interpret=interpret, transpose_b=True) * c
-      keep = _keep((bq, bk), interpret, causal=causal, q0=q0, k0=j * bk, q_seg=q_seg,
-                   k_seg=_load_vector(kseg_smem[0], 0, interpret) if has_seg else None)
-      if keep is not None:
-        t = jnp.where(keep, t, -jnp.inf)
+      t = _scores(t, interpret, causal=causal, q0=q0, k0=j * bk, own=own, streamed=streamed)
       m_new = jnp.maximum(m, t.max(axis=1))
       alpha = jnp.exp2(m - m_new)
       p = jnp.exp2(t - lax.broadcast_in_dim(m_new, t.shape, [0]))
@@ -215,18 +249,16 @@ def _flash_fwd(q, k, v, seg, *, causal: bool, scale: float, blocks: tuple, inter
       acc = _matmul(p.astype(q.dtype), v_smem, (bq, d), acc, interpret)
       return acc, m_new, l
 
-    spec = plgpu.BlockSpec((bk, d), lambda j: (j, 0), transforms=tr)
-    specs, views = [spec, spec], [k_ref.at[bi, :, lax.div(hi, group)],
-                                  v_ref.at[bi, :, lax.div(hi, group)]]
-    if has_seg:
-      specs.append(plgpu.BlockSpec((bk,), lambda j: (j,)))
-      views.append(seg_ref.at[bi])
+    tile = plgpu.BlockSpec((bk, d), lambda j: (j, 0), transforms=tr)
+    kvh = lax.div(hi, group)
+    vec_specs, vec_views = _streamed_sides(names, side_refs, bi, hi, bk, lambda j: j)
     rows = plgpu.Layout.WGMMA.reduce(1)
     init = (_layout(jnp.zeros((bq, d), jnp.float32), plgpu.Layout.WGMMA, interpret),
             _layout(jnp.full((bq,), _M_INIT, jnp.float32), rows, interpret),
             _layout(jnp.zeros((bq,), jnp.float32), rows, interpret))
-    acc, m, l = plgpu.emit_pipeline(step, grid=(steps,), in_specs=specs,
-                                    max_concurrent_steps=stages, init_carry=init)(*views)
+    acc, m, l = plgpu.emit_pipeline(step, grid=(steps,), in_specs=[tile, tile] + vec_specs,
+                                    max_concurrent_steps=stages, init_carry=init)(
+        k_ref.at[bi, :, kvh], v_ref.at[bi, :, kvh], *vec_views)
     q_smem[...] = (acc / lax.broadcast_in_dim(l, acc.shape, [0])).astype(q.dtype)
     lse_smem[...] = m + jnp.log2(l)
     plgpu.commit_smem()
@@ -234,101 +266,87 @@ def _flash_fwd(q, k, v, seg, *, causal: bool, scale: float, blocks: tuple, inter
     plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[bi, hi, pl.ds(q0, bq)])
     plgpu.wait_smem_to_gmem(0)
 
-  scratch = [plgpu.SMEM((bq, d), q.dtype, transforms=tr), plgpu.SMEM((bq,), jnp.float32)]
-  if has_seg:
-    scratch.append(plgpu.SMEM((bq,), jnp.int32))
-  scratch.append(plgpu.Barrier(num_barriers=2 if has_seg else 1))
+  scratch = ([plgpu.SMEM((bq, d), q.dtype, transforms=tr), plgpu.SMEM((bq,), jnp.float32)]
+             + _side_scratch(sides, bq) + [plgpu.Barrier(num_barriers=1 + ns)])
   return plgpu.kernel(
       kernel,
       out_type=(jax.ShapeDtypeStruct(q.shape, q.dtype),
                 jax.ShapeDtypeStruct((b, h, s), jnp.float32)),
       scratch_types=tuple(scratch),
       grid=(h, nq, b), grid_names=("heads", "q_blocks", "batch"),
-      **_params(interpret))(q, k, v, *([seg] if has_seg else []))
+      **_params(interpret))(q, k, v, *(a for _, a in sides))
 
 
 def _load_vector(ref, axis, interpret):
-  """A [block] fp32 vector from shared memory, laid out to broadcast along `axis` of a WGMMA
-  tile (axis 1: one value per row; axis 0: one per column)."""
+  """A [block] vector from shared memory, laid out to broadcast along `axis` of a WGMMA tile
+  (axis 1: one value per row; axis 0: one per column)."""
   if interpret:
     return ref[...]
   return plgpu.load(ref, (), layout=plgpu.Layout.WGMMA.reduce(axis))
 
 
-def _flash_dq(q, k, v, seg, do, lse, delta, *, causal, scale, blocks, interpret):
+def _flash_dq(q, k, v, sides, do, lse, delta, *, causal, scale, blocks, interpret):
   b, s, h, d = q.shape
   group = h // k.shape[2]
   bq, bk, stages = blocks
   nq = s // bq
   tr = _transforms(q.dtype)
   c = scale * LOG2E
-  has_seg = seg is not None
+  names, ns = [n for n, _ in sides], len(sides)
 
-  def kernel(*refs):
-    if has_seg:
-      (q_ref, k_ref, v_ref, seg_ref, do_ref, lse_ref, delta_ref, dq_ref,
-       q_smem, do_smem, lse_smem, delta_smem, qseg_smem, bars) = refs
-    else:
-      (q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref,
-       q_smem, do_smem, lse_smem, delta_smem, bars) = refs
+  def kernel(q_ref, k_ref, v_ref, *refs):
+    side_refs = refs[:ns]
+    do_ref, lse_ref, delta_ref, dq_ref, q_smem, do_smem, lse_smem, delta_smem = refs[ns:ns + 8]
+    side_smem, bars = refs[ns + 8:2 * ns + 8], refs[-1]
     hi, bi = lax.axis_index("heads"), lax.axis_index("batch")
     qi = nq - 1 - lax.axis_index("q_blocks")
     q0 = qi * bq
     rows = (bi, pl.ds(q0, bq), hi)
-    copies = [(q_ref.at[rows], q_smem), (do_ref.at[rows], do_smem),
+    copies, load_own = _own_sides(names, side_refs, side_smem, bi, hi, q0, bq, interpret)
+    _copy_in([(q_ref.at[rows], q_smem), (do_ref.at[rows], do_smem),
               (lse_ref.at[bi, hi, pl.ds(q0, bq)], lse_smem),
-              (delta_ref.at[bi, hi, pl.ds(q0, bq)], delta_smem)]
-    if has_seg:
-      copies.append((seg_ref.at[bi, pl.ds(q0, bq)], qseg_smem))
-    _copy_in(copies, bars)
+              (delta_ref.at[bi, hi, pl.ds(q0, bq)], delta_smem)] + copies, bars)
+    own = load_own()
     lse_rows = _load_vector(lse_smem, 1, interpret)
     delta_rows = _load_vector(delta_smem, 1, interpret)
-    q_seg = _load_vector(qseg_smem, 1, interpret) if has_seg else None
     steps = lax.div(q0 + bq + bk - 1, bk) if causal else s // bk
 
     def step(idx, k_smem, v_smem, *rest):
-      *kseg_smem, dq = rest
+      *streamed_smem, dq = rest
       (j,) = idx
+      streamed = {n: _load_vector(sm, 0, interpret) for n, sm in zip(names, streamed_smem)}
       t = _matmul(q_smem, k_smem, (bq, bk), interpret=interpret, transpose_b=True) * c
-      keep = _keep((bq, bk), interpret, causal=causal, q0=q0, k0=j * bk, q_seg=q_seg,
-                   k_seg=_load_vector(kseg_smem[0], 0, interpret) if has_seg else None)
-      if keep is not None:
-        t = jnp.where(keep, t, -jnp.inf)
+      t = _scores(t, interpret, causal=causal, q0=q0, k0=j * bk, own=own, streamed=streamed)
       p = jnp.exp2(t - lax.broadcast_in_dim(lse_rows, t.shape, [0]))
       dp = _matmul(do_smem, v_smem, (bq, bk), interpret=interpret, transpose_b=True)
       ds = p * (dp - lax.broadcast_in_dim(delta_rows, t.shape, [0]))
       return _matmul(ds.astype(q.dtype), k_smem, (bq, d), dq, interpret)
 
-    spec = plgpu.BlockSpec((bk, d), lambda j: (j, 0), transforms=tr)
+    tile = plgpu.BlockSpec((bk, d), lambda j: (j, 0), transforms=tr)
     kvh = lax.div(hi, group)
-    specs, views = [spec, spec], [k_ref.at[bi, :, kvh], v_ref.at[bi, :, kvh]]
-    if has_seg:
-      specs.append(plgpu.BlockSpec((bk,), lambda j: (j,)))
-      views.append(seg_ref.at[bi])
+    vec_specs, vec_views = _streamed_sides(names, side_refs, bi, hi, bk, lambda j: j)
     dq = plgpu.emit_pipeline(
-        step, grid=(steps,), in_specs=specs, max_concurrent_steps=stages,
+        step, grid=(steps,), in_specs=[tile, tile] + vec_specs, max_concurrent_steps=stages,
         init_carry=_layout(jnp.zeros((bq, d), jnp.float32), plgpu.Layout.WGMMA, interpret))(
-            *views)
+            k_ref.at[bi, :, kvh], v_ref.at[bi, :, kvh], *vec_views)
     q_smem[...] = (dq * scale).astype(q.dtype)
     plgpu.commit_smem()
     plgpu.copy_smem_to_gmem(q_smem, dq_ref.at[rows])
     plgpu.wait_smem_to_gmem(0)
 
-  scratch = [plgpu.SMEM((bq, d), q.dtype, transforms=tr),
-             plgpu.SMEM((bq, d), q.dtype, transforms=tr),
-             plgpu.SMEM((bq,), jnp.float32), plgpu.SMEM((bq,), jnp.float32)]
-  if has_seg:
-    scratch.append(plgpu.SMEM((bq,), jnp.int32))
-  scratch.append(plgpu.Barrier(num_barriers=len(scratch)))
+  scratch = ([plgpu.SMEM((bq, d), q.dtype, transforms=tr),
+              plgpu.SMEM((bq, d), q.dtype, transforms=tr),
+              plgpu.SMEM((bq,), jnp.float32), plgpu.SMEM((bq,), jnp.float32)]
+             + _side_scratch(sides, bq) + [plgpu.Barrier(num_barriers=4 + ns)])
   return plgpu.kernel(
       kernel,
       out_type=jax.ShapeDtypeStruct(q.shape, q.dtype),
       scratch_types=tuple(scratch),
       grid=(h, nq, b), grid_names=("heads", "q_blocks", "batch"),
-      **_params(interpret))(q, k, v, *([seg] if has_seg else []), do, lse, delta)
+      **_params(interpret))(q, k, v, *(a for _, a in sides), do, lse, delta)
 
 
-def _flash_dkdv(q, k, v, seg, do, lse, delta, *, causal, scale, blocks, interpret):
+def _flash_dkdv(q, k, v, sides, do, lse, delta, *, causal, scale, blocks, interpret):
   """dK and dV per query head, [batch, seq, heads, head_dim] each."""
   b, s, h, d = q.shape
   group = h // k.shape[2]
@@ -336,35 +354,29 @@ def _flash_dkdv(q, k, v, seg, do, lse, delta, *, causal, scale, blocks, interpre
   nq = s // bq
   tr = _transforms(q.dtype)
   c = scale * LOG2E
-  has_seg = seg is not None
+  names, ns = [n for n, _ in sides], len(sides)
 
-  def kernel(*refs):
-    if has_seg:
-      (q_ref, k_ref, v_ref, seg_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref,
-       k_smem, v_smem, kseg_smem, bars) = refs
-    else:
-      (q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref,
-       k_smem, v_smem, bars) = refs
+  def kernel(q_ref, k_ref, v_ref, *refs):
+    side_refs = refs[:ns]
+    do_ref, lse_ref, delta_ref, dk_ref, dv_ref, k_smem, v_smem = refs[ns:ns + 7]
+    side_smem, bars = refs[ns + 7:2 * ns + 7], refs[-1]
     hi, bi = lax.axis_index("heads"), lax.axis_index("batch")
     ki = lax.axis_index("k_blocks")  # the first blocks have the most causal queries
     k0 = ki * bk
     kvh = lax.div(hi, group)
-    copies = [(k_ref.at[bi, pl.ds(k0, bk), kvh], k_smem), (v_ref.at[bi, pl.ds(k0, bk), kvh], v_smem)]
-    if has_seg:
-      copies.append((seg_ref.at[bi, pl.ds(k0, bk)], kseg_smem))
-    _copy_in(copies, bars)
-    k_seg = _load_vector(kseg_smem, 1, interpret) if has_seg else None  # along the rows here
+    copies, load_own = _own_sides(names, side_refs, side_smem, bi, hi, k0, bk, interpret)
+    _copy_in([(k_ref.at[bi, pl.ds(k0, bk), kvh], k_smem),
+              (v_ref.at[bi, pl.ds(k0, bk), kvh], v_smem)] + copies, bars)
+    own = load_own()  # along the rows: keys here
     first = lax.div(k0, bq) if causal else 0  # query blocks before it see none of these keys
 
     def step(idx, q_smem, do_smem, lse_smem, delta_smem, *rest):
-      *qseg_smem, (dk, dv) = rest
+      *streamed_smem, (dk, dv) = rest
       i = idx[0] + first
+      streamed = {n: _load_vector(sm, 0, interpret) for n, sm in zip(names, streamed_smem)}
       t = _matmul(k_smem, q_smem, (bk, bq), interpret=interpret, transpose_b=True) * c
-      keep = _keep((bk, bq), interpret, causal=causal, q0=i * bq, k0=k0, queries_on_rows=False,
-                   q_seg=_load_vector(qseg_smem[0], 0, interpret) if has_seg else None,
-                   k_seg=k_seg)
-      if keep is not None:
-        t = jnp.where(keep, t, -jnp.inf)
+      t = _scores(t, interpret, causal=causal, q0=i * bq, k0=k0, own=own, streamed=streamed,
+                  queries_on_rows=False)
       lse_cols = _load_vector(lse_smem, 0, interpret)
       p = jnp.exp2(t - lax.broadcast_in_dim(lse_cols, t.shape, [1]))
       dv = _matmul(p.astype(q.dtype), do_smem, (bk, d), dv, interpret)
@@ -376,15 +388,13 @@ def _flash_dkdv(q, k, v, seg, do, lse, delta, *, causal, scale, blocks, interpre
 
     tile = plgpu.BlockSpec((bq, d), lambda i: (i + first, 0), transforms=tr)
     vec = plgpu.BlockSpec((bq,), lambda i: (i + first,))
-    specs = [tile, tile, vec, vec]
-    views = [q_ref.at[bi, :, hi], do_ref.at[bi, :, hi], lse_ref.at[bi, hi], delta_ref.at[bi, hi]]
-    if has_seg:
-      specs.append(vec)
-      views.append(seg_ref.at[bi])
+    vec_specs, vec_views = _streamed_sides(names, side_refs, bi, hi, bq, lambda i: i + first)
     zeros = _layout(jnp.zeros((bk, d), jnp.float32), plgpu.Layout.WGMMA, interpret)
     dk, dv = plgpu.emit_pipeline(
-        step, grid=(nq - first,), in_specs=specs, max_concurrent_steps=stages,
-        init_carry=(zeros, zeros))(*views)
+        step, grid=(nq - first,), in_specs=[tile, tile, vec, vec] + vec_specs,
+        max_concurrent_steps=stages, init_carry=(zeros, zeros))(
+            q_ref.at[bi, :, hi], do_ref.at[bi, :, hi], lse_ref.at[bi, hi], delta_ref.at[bi, hi],
+            *vec_views)
     k_smem[...] = (dk * scale).astype(q.dtype)
     v_smem[...] = dv.astype(q.dtype)
     plgpu.commit_smem()
@@ -393,30 +403,39 @@ def _flash_dkdv(q, k, v, seg, do, lse, delta, *, causal, scale, blocks, interpre
     plgpu.wait_smem_to_gmem(0)
 
   per_head = jax.ShapeDtypeStruct(q.shape, q.dtype)
-  scratch = [plgpu.SMEM((bk, d), q.dtype, transforms=tr), plgpu.SMEM((bk, d), q.dtype, transforms=tr)]
-  if has_seg:
-    scratch.append(plgpu.SMEM((bk,), jnp.int32))
-  scratch.append(plgpu.Barrier(num_barriers=len(scratch)))
+  scratch = ([plgpu.SMEM((bk, d), q.dtype, transforms=tr),
+              plgpu.SMEM((bk, d), q.dtype, transforms=tr)]
+             + _side_scratch(sides, bk) + [plgpu.Barrier(num_barriers=2 + ns)])
   return plgpu.kernel(
       kernel,
       out_type=(per_head, per_head),
       scratch_types=tuple(scratch),
       grid=(h, s // bk, b), grid_names=("heads", "k_blocks", "batch"),
-      **_params(interpret))(q, k, v, *([seg] if has_seg else []), do, lse, delta)
+      **_params(interpret))(q, k, v, *(a for _, a in sides), do, lse, delta)
 
 
 def flash_attention_mgpu(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = True,
+                         alibi_slopes: Optional[jax.Array] = None,
                          segment_ids: Optional[jax.Array] = None,
+                         positions: Optional[jax.Array] = None,
                          sm_scale: Optional[float] = None, blocks: Optional[dict] = None,
                          interpret: bool = False) -> jax.Array:
   """Softmax attention by the Mosaic GPU kernels, differentiable (fwd + dQ + dK/dV kernels).
+
+  The arguments mean what they mean for `kernels_pallas.flash_attention` (the same reference:
+  `kernels_pallas.attention_reference`); no in-kernel RoPE.
 
   Args:
     q: [batch, seq, heads, head_dim], bfloat16 or float16; head_dim 64 or 128.
     k, v: [batch, seq, kv_heads, head_dim]; kv_heads divides heads.
     causal: query i sees keys j <= i.
+    alibi_slopes: [heads] fp32 (constants: no gradient flows to them); adds
+      -slope_h * (pos_i - pos_j) to the scores. The kernels add slope * pos * log2(e) of the key
+      and subtract that of the query, each rounded to fp32 (at position 8,192 and slope 0.5 a
+      score is within ~5e-4 of the exact distance term, under bf16's resolution).
     segment_ids: [batch, seq] int (packed documents): a query sees only keys with the same id;
       every query must see at least itself (causal) or one key of its segment.
+    positions: [batch, seq] int positions for the ALiBi distance (default 0..seq-1).
     sm_scale: score scale (default head_dim ** -0.5).
     blocks: per kernel ("fwd", "dq", "dkdv") a (block_q, block_k, stages) triple, each block 64
       or 128 and dividing seq; stages is the prefetch depth. Default `DEFAULT_BLOCKS`.
@@ -427,43 +446,58 @@ def flash_attention_mgpu(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bo
     ValueError naming what does not fit (`check_shapes`).
   """
   resolved = _resolve_blocks(blocks)
+  b, s, h = q.shape[:3] if q.ndim == 4 else (None, None, None)
   reason = check_shapes(q.shape, k.shape, q.dtype, resolved)
   if reason is None and (v.shape != k.shape or q.dtype != k.dtype or q.dtype != v.dtype):
     reason = f"v {v.shape} {v.dtype} must match k {k.shape} {k.dtype} and q's dtype {q.dtype}"
-  if reason is None and segment_ids is not None and segment_ids.shape != q.shape[:2]:
-    reason = f"segment_ids {segment_ids.shape} must be [batch, seq] = {q.shape[:2]}"
+  for name, arr, want in (("segment_ids", segment_ids, (b, s)), ("positions", positions, (b, s)),
+                          ("alibi_slopes", alibi_slopes, (h,))):
+    if reason is None and arr is not None and tuple(arr.shape) != want:
+      reason = f"{name} {tuple(arr.shape)} must be {want}"
   if reason is not None:
     raise ValueError(f"flash_attention_mgpu: {reason}")
   scale = float(q.shape[-1] ** -0.5 if sm_scale is None else sm_scale)
   seg = None if segment_ids is None else segment_ids.astype(jnp.int32)
-  return _attention(q, k, v, seg, bool(causal), scale, tuple(resolved[p] for p in _PHASES),
-                    bool(interpret))
+  bias = None
+  if alibi_slopes is not None:
+    pos = (jnp.broadcast_to(jnp.arange(s, dtype=jnp.float32), (b, s)) if positions is None
+           else positions.astype(jnp.float32))
+    slopes = lax.stop_gradient(alibi_slopes.astype(jnp.float32)) * LOG2E
+    bias = slopes[None, :, None] * pos[:, None, :]  # [batch, heads, seq]
+  return _attention(q, k, v, seg, bias, bool(causal), scale,
+                    tuple(resolved[p] for p in _PHASES), bool(interpret))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
-def _attention(q, k, v, seg, causal, scale, blocks, interpret):
-  return _attention_fwd(q, k, v, seg, causal, scale, blocks, interpret)[0]
+def _side_list(seg, bias):
+  return tuple((n, a) for n, a in zip(_SIDES, (seg, bias)) if a is not None)
 
 
-def _attention_fwd(q, k, v, seg, causal, scale, blocks, interpret):
-  out, lse = _flash_fwd(q, k, v, seg, causal=causal, scale=scale, blocks=blocks[0],
-                        interpret=interpret)
-  return out, (q, k, v, seg, out, lse)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8))
+def _attention(q, k, v, seg, bias, causal, scale, blocks, interpret):
+  return _attention_fwd(q, k, v, seg, bias, causal, scale, blocks, interpret)[0]
+
+
+def _attention_fwd(q, k, v, seg, bias, causal, scale, blocks, interpret):
+  out, lse = _flash_fwd(q, k, v, _side_list(seg, bias), causal=causal, scale=scale,
+                        blocks=blocks[0], interpret=interpret)
+  return out, (q, k, v, seg, bias, out, lse)
 
 
 def _attention_bwd(causal, scale, blocks, interpret, res, do):
-  q, k, v, seg, out, lse = res
+  q, k, v, seg, bias, out, lse = res
   do = do.astype(q.dtype)
   delta = jnp.einsum("bshd,bshd->bhs", out.astype(jnp.float32), do.astype(jnp.float32))
   kw = dict(causal=causal, scale=scale, interpret=interpret)
-  dq = _flash_dq(q, k, v, seg, do, lse, delta, blocks=blocks[1], **kw)
-  dk, dv = _flash_dkdv(q, k, v, seg, do, lse, delta, blocks=blocks[2], **kw)
+  sides = _side_list(seg, bias)
+  dq = _flash_dq(q, k, v, sides, do, lse, delta, blocks=blocks[1], **kw)
+  dk, dv = _flash_dkdv(q, k, v, sides, do, lse, delta, blocks=blocks[2], **kw)
   group = q.shape[2] // k.shape[2]
   if group > 1:  # per query head -> per kv head, summed in fp32
     grouped = lambda x: x.reshape(*k.shape[:3], group, k.shape[3]).astype(jnp.float32).sum(3)
     dk, dv = grouped(dk).astype(k.dtype), grouped(dv).astype(v.dtype)
   dseg = None if seg is None else np.zeros(seg.shape, jax.dtypes.float0)
-  return dq, dk, dv, dseg
+  dbias = None if bias is None else jnp.zeros_like(bias)  # the slopes are constants
+  return dq, dk, dv, dseg, dbias
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)

@@ -84,20 +84,51 @@ def test_packed_segments_match_the_reference_in_interpret_mode(causal):
                                    np.asarray(bf16(v)[row, t], np.float32), rtol=1e-2, atol=1e-2)
 
 
+@pytest.mark.parametrize("causal", [True, False])
+def test_alibi_with_packed_positions_matches_the_reference(causal):
+  """ALiBi (Baichuan-13B's slopes for 4 heads) with the model's packed batches: positions
+  restart at each document, and the distance is by position, not by index; GQA 4:2."""
+  from baichuan_jax.model.positions import alibi_slopes
+  b, s, h, hkv, d = 2, 256, 4, 2, 64
+  q, k, v, ct = _inputs(b, s, h, hkv, d, seed=5 + causal)
+  cuts = jnp.array([[100, 180], [30, 129]])
+  seg = (jnp.sum(jnp.arange(s)[None, :, None] >= cuts[:, None, :], -1) + 1).astype(jnp.int32)
+  starts = jnp.where(seg == 1, 0, jnp.where(seg == 2, cuts[:, :1], cuts[:, 1:]))
+  pos = (jnp.arange(s)[None] - starts).astype(jnp.int32)
+  slopes = jnp.asarray(alibi_slopes(h))
+  kw = dict(causal=causal, alibi_slopes=slopes, segment_ids=seg, positions=pos)
+  ours = functools.partial(fm.flash_attention_mgpu, interpret=True, **kw)
+  ref = functools.partial(attention_reference, **kw)
+  with jax.default_matmul_precision("highest"):
+    want = _out_and_grads(ref, q, k, v, ct)
+  bf16 = lambda x: x.astype(jnp.bfloat16)
+  got = _out_and_grads(ours, bf16(q), bf16(k), bf16(v), ct)
+  for name, g, w in zip(("out", "dq", "dk", "dv"), got, want):
+    assert _rel_l2(g, w) < 1.5e-2, (name, _rel_l2(g, w))
+  # and the bias is really there: without it the output is far from the ALiBi reference
+  plain = fm.flash_attention_mgpu(bf16(q), bf16(k), bf16(v), causal=causal, segment_ids=seg,
+                                  interpret=True)
+  assert _rel_l2(plain, want[0]) > 0.1
+
+
 def test_the_three_kernels_lower_for_cuda():
   """The GPU lowering (Mosaic GPU's MLIR: TMA descriptors, wgmma layouts, the pipeline's
   barriers) runs on the CPU: the gradient of a causal call lowers to three Mosaic GPU custom
-  calls, at head_dim 128 and 64, and with segment ids."""
+  calls, at head_dim 128 and 64, with segment ids, and with ALiBi too."""
   seg = jax.ShapeDtypeStruct((2, 1024), jnp.int32)
-  for d, with_seg in ((128, False), (64, False), (128, True)):
+  slopes = jnp.asarray([0.5, 0.25, 0.125, 0.0625], jnp.float32)
+  for d, with_seg, alibi in ((128, False, False), (64, False, False), (128, True, False),
+                             (128, True, True)):
     x = jax.ShapeDtypeStruct((2, 1024, 4, d), jnp.bfloat16)
 
     def loss(q, k, v, seg):
-      out = fm.flash_attention_mgpu(q, k, v, segment_ids=seg if with_seg else None)
+      out = fm.flash_attention_mgpu(q, k, v, segment_ids=seg if with_seg else None,
+                                    alibi_slopes=slopes if alibi else None,
+                                    positions=seg if alibi else None)
       return jnp.sum(out.astype(jnp.float32))
     text = (jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(x, x, x, seg)
             .lower(lowering_platforms=("cuda",)).as_text())
-    assert text.count("stablehlo.custom_call @mosaic_gpu") == 3, (d, with_seg)
+    assert text.count("stablehlo.custom_call @mosaic_gpu") == 3, (d, with_seg, alibi)
 
 
 @pytest.mark.parametrize("kwargs,shape,match", [
