@@ -213,3 +213,40 @@ def test_losses_hand_worked():
   masked = losses.lm_loss(logits, targets, mask=jnp.array([[0, 1]]))
   assert float(masked["ce"]) == pytest.approx(ce1, rel=1e-6)
   assert float(masked["tokens"]) == 1.0
+
+
+@pytest.mark.parametrize("pos", ["rope", "alibi"])
+def test_flash_mosaic_switch_runs_the_hopper_kernels_with_the_same_loss(monkeypatch, pos):
+  """layers.FLASH_MOSAIC = True: with attention_impl="pallas" the training forward runs
+  attention on kernels_pallas.flash_mgpu (Mosaic GPU interpret mode on this CPU) for a packed
+  batch (segments, positions restarting per document; ALiBi by position), with the loss and
+  gradients of the Triton kernels' path within bf16 rounding."""
+  from baichuan_jax.model import layers
+  from kernels_pallas import flash_mgpu
+  cfg = configs.get("tiny", dtype="bfloat16", attention_impl="pallas", position_embedding=pos,
+                    num_layers=2)  # head_dim 64: a shape the Hopper kernels take
+  params = init_params(cfg, jax.random.PRNGKey(0))
+  toks = jax.random.randint(jax.random.PRNGKey(3), (2, 129), 3, cfg.vocab_size)
+  seg = jnp.asarray([[1] * 50 + [2] * 78, [1] * 128])
+  positions = jnp.asarray([list(range(50)) + list(range(78)), list(range(128))])
+  model = BaichuanLM(cfg)
+
+  def loss(p):
+    logits = model.apply({"params": p}, toks[:, :-1], positions=positions, segment_ids=seg)
+    return losses.lm_loss(logits, toks[:, 1:])["loss"]
+
+  calls = []
+  real = flash_mgpu.flash_attention_mgpu
+  monkeypatch.setattr(flash_mgpu, "flash_attention_mgpu",
+                      lambda *a, **kw: calls.append(kw) or real(*a, **kw))
+  l_triton, g_triton = jax.jit(jax.value_and_grad(loss))(params)
+  assert calls == []  # off by default
+  monkeypatch.setattr(layers, "FLASH_MOSAIC", True)
+  l_mosaic, g_mosaic = jax.jit(jax.value_and_grad(loss))(params)
+  # the layer scan's body (flax traces it more than once), every time on the Hopper kernels
+  assert calls and all(c["interpret"] is True for c in calls)
+  assert all((c["alibi_slopes"] is not None) == (pos == "alibi") for c in calls)
+  np.testing.assert_allclose(float(l_mosaic), float(l_triton), rtol=2e-3)
+  leaves = lambda g: jax.tree.leaves(jax.tree.map(lambda x: np.asarray(x, np.float32), g))
+  for a, b in zip(leaves(g_mosaic), leaves(g_triton)):
+    assert np.linalg.norm(a - b) <= 2e-2 * np.linalg.norm(b) + 1e-6

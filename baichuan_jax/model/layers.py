@@ -96,7 +96,14 @@ class Attention(nn.Module):
       k = write_cache(kv[0], k.swapaxes(1, 2), ctx.cache_index, 2)
       v = write_cache(kv[1], v.swapaxes(1, 2), ctx.cache_index, 2)
     q = nn.with_logical_constraint(q, ("activation_batch", "activation_length", "activation_heads", "kv"))
-    if cfg.attention_impl == "pallas" and kv is None:
+    if (cfg.attention_impl == "pallas" and kv is None and not rope_in_kernel
+        and _mosaic_attention_applies(q, k)):
+      from kernels_pallas import flash_mgpu  # pylint: disable=import-outside-toplevel
+      from kernels_pallas import resolve_backend  # pylint: disable=import-outside-toplevel
+      out = flash_mgpu.flash_attention_mgpu(q, k, v, causal=True, alibi_slopes=slopes,
+                                            segment_ids=ctx.q_seg, positions=ctx.q_pos,
+                                            interpret=resolve_backend("auto") == "interpret")
+    elif cfg.attention_impl == "pallas" and kv is None:
       from kernels_pallas import flash_attention  # pylint: disable=import-outside-toplevel
       out = flash_attention(q, k, v, causal=True, alibi_slopes=slopes, segment_ids=ctx.q_seg,
                             positions=ctx.q_pos,
@@ -134,6 +141,26 @@ FUSED_RMS_NORM = True
 # the scanned step's profile held 15 ms of memcpy and 11.5 ms of dynamic-update-slice fusions,
 # of 377 ms; what share of that the scan causes is what the A/B tells).
 SCAN_LAYERS = True
+
+# True: with attention_impl="pallas", calls without a KV cache (training, scoring) whose shapes
+# the Hopper kernels take (`kernels_pallas.flash_mgpu.check_shapes`: seq a multiple of 64,
+# head_dim 64 or 128, bf16 / fp16) and whose RoPE is applied first run attention on those Mosaic
+# GPU kernels (TMA + wgmma) instead of the Triton ones, on a CUDA GPU (and in Mosaic GPU's
+# interpret mode on a CPU); other calls keep `flash_attention`. Read at trace. False until a GPU
+# has run them: benchmarks/gpu_suite.py checks them and times the ~1B step both ways
+# (`mosaic attention`), and `gpu_apply.py --write` sets this when they win by 3%.
+FLASH_MOSAIC = False
+
+
+def _mosaic_attention_applies(q: jax.Array, k: jax.Array) -> bool:
+  if not FLASH_MOSAIC:
+    return False
+  from kernels_pallas import resolve_backend  # pylint: disable=import-outside-toplevel
+  if resolve_backend("auto") not in ("gpu", "interpret"):
+    return False
+  from kernels_pallas import flash_mgpu  # pylint: disable=import-outside-toplevel
+  return flash_mgpu.check_shapes(q.shape, k.shape, q.dtype, flash_mgpu.DEFAULT_BLOCKS) is None
+
 
 # True: every pallas decode step checks that each row's keys are one span (`decode_span`) and
 # takes the XLA path when not: one `lax.cond` around the whole unrolled stack
