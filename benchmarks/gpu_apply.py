@@ -3,7 +3,7 @@
   python3 benchmarks/gpu_apply.py docs/results/gpu_suite_h200.json            # the decisions
   python3 benchmarks/gpu_apply.py docs/results/gpu_suite_h200.json --write    # and the edits
 
-The suite's A/Bs decide seven things; this prints each decision with its evidence and, with
+The suite's A/Bs decide eight things; this prints each decision with its evidence and, with
 `--write`, edits the constants in the sources (and prints the diff), so what a GPU run found
 becomes the default the same way every time:
 
@@ -22,6 +22,9 @@ becomes the default the same way every time:
 * `baichuan_jax.model.layers.SWIGLU_VJP`: the `swiglu autodiff` or `swiglu vjp` train A/B (the
   SwiGLU product's backward by jax's autodiff of the formula, or `layers.swiglu`'s own, which
   keeps half as many [batch, seq, ffn] arrays; the suite runs the arm the default is not);
+* `baichuan_jax.model.layers.FLASH_MOSAIC`: the `mosaic attention` or `triton attention` train
+  A/B (the step's attention on the Hopper kernels, kernels_pallas.flash_mgpu, or on the Triton
+  ones), only when the `attention mosaic` section's check of those kernels passed;
 * `baichuan_jax.train.step.GUARD_RECOMPUTE`: the NaN/inf guard's two forms, timed as the
   optimizer update alone on the default train step's state; written only when the two gave the
   same new state bit for bit;
@@ -84,7 +87,8 @@ MIN_SEQ = 2048  # the attention section's shortest sequence, where the tiling wa
 # ran (the suite runs the one that is not the default).
 SWITCH_VARIANTS = {"ROPE_IN_KERNEL": ("rope-first", "rope in kernel"),
                    "FUSED_RMS_NORM": ("xla RMSNorm",), "SCAN_LAYERS": ("unrolled layers",),
-                   "SWIGLU_VJP": ("swiglu autodiff", "swiglu vjp")}
+                   "SWIGLU_VJP": ("swiglu autodiff", "swiglu vjp"),
+                   "FLASH_MOSAIC": ("mosaic attention", "triton attention")}
 
 
 class ApplyError(ValueError):
@@ -263,6 +267,10 @@ def decide_switch(result, root, name, min_gain) -> dict:
                                           for r in (base, other)):
     return _decision(setting, cur, cur, f"not measured (train 'default' and {variant!r} rows "
                                         f"with step times and the {name} they ran are needed)")
+  if name == "FLASH_MOSAIC" and not (result["summary"].get("attention_mosaic") or {}).get(
+      "check_ok"):
+    return _decision(setting, cur, cur, "the Mosaic kernels' check (attention mosaic section) "
+                                        "did not pass: their speed is no evidence, kept")
   # each arm's value as it ran (the suite records it in every train row)
   v_base, v_other = base["layers_switches"][name], other["layers_switches"][name]
   evidence = (f"train step {base['step_s']:.4f} s with {name}={v_base} (default) vs "

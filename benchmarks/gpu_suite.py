@@ -139,7 +139,7 @@ SMALL = dict(
     matmul_n=256, copy_gib=1 / 64,
     check=dict(b=1, s=64, h=2, hkv=1, d=32, dec_b=3, dec_h=4, dec_kvh=2, dec_len=128, vocab=1000),
     attn=dict(seqs=(64,), tokens=64, heads=2, head_dim=32, iters=2, modes=("fwd",)),
-    train=dict(batch=2, seq=32, layers=1, hidden=64, heads=2, steps=2, warmup=1, impl="pallas"),
+    train=dict(batch=2, seq=64, layers=1, hidden=128, heads=2, steps=2, warmup=1, impl="pallas"),
     decode=dict(preset="tiny", overrides=dict(num_layers=1), context=20, max_len=32,
                 batches=(1,), model_batches=(1,), steps=2),
     decode_kernel=dict(heads=4, kv_heads=2, head_dim=32, context=40, max_len=64, batches=(3,),
@@ -165,10 +165,12 @@ COST = {'attention item': 2,
         'tiles item': 2,
         'train': 26,
         'train batch x2': 20,
+        'train mosaic attention': 30,
         'train rope-first': 9,
         'train rope in kernel': 9,
         'train swiglu autodiff': 9,
         'train swiglu vjp': 9,
+        'train triton attention': 9,
         'train unrolled layers': 30,
         'train whole-logit loss': 16,
         'train xla RMSNorm': 10}
@@ -588,11 +590,19 @@ TRAIN_VARIANTS = {
     # defaults do not (`redundant_variant`).
     "swiglu vjp": dict(flags=dict(SWIGLU_VJP=True)),
     "swiglu autodiff": dict(flags=dict(SWIGLU_VJP=False)),
+    # The step's attention on the Hopper kernels (`layers.FLASH_MOSAIC`, kernels_pallas.flash_mgpu:
+    # TMA + wgmma through Mosaic GPU) or on the Triton ones. Run after the `attention mosaic`
+    # section and only when its check passed (`mosaic_check_passed`); of the pair, the arm the
+    # defaults do not run.
+    "mosaic attention": dict(flags=dict(FLASH_MOSAIC=True)),
+    "triton attention": dict(flags=dict(FLASH_MOSAIC=False)),
 }
+MOSAIC_TRAIN_VARIANTS = ("mosaic attention", "triton attention")
 
 
 # The `baichuan_jax.model.layers` switches the train A/Bs flip, recorded in every train row.
-TRAIN_SWITCHES = ("ROPE_IN_KERNEL", "FUSED_RMS_NORM", "SCAN_LAYERS", "SWIGLU_VJP")
+TRAIN_SWITCHES = ("ROPE_IN_KERNEL", "FUSED_RMS_NORM", "SCAN_LAYERS", "SWIGLU_VJP",
+                  "FLASH_MOSAIC")
 
 
 def redundant_variant(variant) -> bool:
@@ -632,12 +642,28 @@ def train_variant(cfg, variant):
           change.get("loss_chunk_size"))
 
 
+def mosaic_check_passed(result) -> bool:
+  return any(r.get("kind") == "check" and r.get("ok") for r in result.get("attention_mosaic", []))
+
+
 def section_train(suite, cfg, variant="default"):
   """The ~1B step's MFU (`TRAIN_VARIANTS[variant]` applied); the default step also records its
   profile."""
   import gpu_train_mfu  # benchmarks/gpu_train_mfu.py
   from baichuan_jax.model import layers
+  if variant in MOSAIC_TRAIN_VARIANTS and not mosaic_check_passed(suite.result):
+    suite.result["skipped"].append(f"train {variant}: the Mosaic kernels' check did not run "
+                                   "or did not pass")
+    return
   flags, batch, chunk = train_variant(cfg, variant)
+  from kernels_pallas import flash_mgpu
+  head_dim = cfg["hidden"] // cfg["heads"]
+  shape = (batch, cfg["seq"], cfg["heads"], head_dim)
+  mosaic_unfit = flash_mgpu.check_shapes(shape, shape, jnp.bfloat16, flash_mgpu.DEFAULT_BLOCKS)
+  if flags.get("FLASH_MOSAIC") and mosaic_unfit:  # it would run the Triton kernels unsaid
+    suite.result["skipped"].append(f"train {variant}: the Hopper kernels do not take the step's "
+                                   f"attention ({mosaic_unfit})")
+    return
   ceil = suite.result["ceilings"]
   peaks = {}
   if ceil.get("matmul_flops"):
@@ -658,6 +684,10 @@ def section_train(suite, cfg, variant="default"):
   # plain); with xla attention no kernel runs.
   rope_in_kernel = switches["ROPE_IN_KERNEL"]
   row.update(variant=variant, layers_switches=switches,
+             attention_kernels=("Mosaic GPU (kernels_pallas.flash_mgpu)" if cfg["impl"] == "pallas"
+                                and switches["FLASH_MOSAIC"] and not mosaic_unfit else
+                                "Triton (kernels_pallas.flash_attention)" if cfg["impl"] == "pallas"
+                                else "XLA"),
              rope="in kernel" if rope_in_kernel else "applied first",
              tiling=(_tiling(suite.result, rope_in_kernel)
                      + (" (in-kernel RoPE)" if rope_in_kernel else "")
@@ -1317,16 +1347,15 @@ def preflight(out: Path, shapes=None) -> dict:
             fn = fn.jitted
           exp = export.export(fn, platforms=["cuda"], disabled_checks=checks)(*args)
         text = exp.mlir_module()
-        row.update(ok=True, triton_kernels=text.count(f"stablehlo.custom_call @{triton}("))
-        if section == "attention mosaic":
-          row["mosaic_kernels"] = text.count(f"stablehlo.custom_call @{mosaic}(")
+        row.update(ok=True, triton_kernels=text.count(f"stablehlo.custom_call @{triton}("),
+                   mosaic_kernels=text.count(f"stablehlo.custom_call @{mosaic}("))
       except Exception as e:  # pylint: disable=broad-except
         row.update(ok=False, error=f"{type(e).__name__}: {str(e)[:2000]}")
       row["seconds"] = time.perf_counter() - t0
       rows.append(row)
       print(f"preflight {'ok  ' if row['ok'] else 'FAIL'} {section}: {name} "
             f"({row.get('triton_kernels', '-')} Triton kernels"
-            + (f", {row['mosaic_kernels']} Mosaic GPU kernels" if "mosaic_kernels" in row else "")
+            + (f", {row['mosaic_kernels']} Mosaic GPU kernels" if row.get("mosaic_kernels") else "")
             + f", {row['seconds']:.1f} s)"
             + ("" if row["ok"] else "\n  " + row["error"][:600]), flush=True)
   result = dict(ok=all(r["ok"] for r in rows), programs=rows, jax=jax.__version__,
@@ -1363,6 +1392,9 @@ def summarise(result):
     swiglu_speedup = switch_speedup(steps, "SWIGLU_VJP", ("swiglu vjp", "swiglu autodiff"))
     if swiglu_speedup is not None:  # > 1: swiglu's own backward (fewer saved arrays) is faster
       s["train_swiglu_vjp_speedup"] = swiglu_speedup
+    mosaic_speedup = switch_speedup(steps, "FLASH_MOSAIC", MOSAIC_TRAIN_VARIANTS)
+    if mosaic_speedup is not None:  # > 1: the step is faster on the Hopper (Mosaic) kernels
+      s["train_flash_mosaic_speedup"] = mosaic_speedup
     if steps.get("xla RMSNorm"):  # > 1: the Pallas RMSNorm kernel makes the step faster
       s["train_fused_rms_norm_speedup"] = steps["xla RMSNorm"]["step_s"] / base["step_s"]
     # tokens/s of each variant over the default's (> 1: the variant is faster)
@@ -1531,8 +1563,9 @@ def markdown(result):
   if result["train"]:
     out += ["## ~1B training step", "",
             "| variant | attention | RoPE | loss | batch x seq | step s | tokens/s | "
-            "model TFLOP/s | MFU (datasheet) | MFU (measured matmul) | peak GiB | RMSNorm |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+            "model TFLOP/s | MFU (datasheet) | MFU (measured matmul) | peak GiB | RMSNorm | "
+            "attention kernels |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["train"]:
       if "error" in r or "step_s" not in r:
         out.append(f"| {r.get('variant', '-')} | {r.get('attention_impl')} | "
@@ -1545,7 +1578,7 @@ def markdown(result):
                  f"{r['tokens_per_s']:.0f} | {r['model_tflops']:.0f} | "
                  f"{_f(r.get('mfu_datasheet'), '{:.1%}')} | "
                  f"{_f(r.get('mfu_measured_matmul'), '{:.1%}')} | {gpu_train_mfu.peak_text(r)} | "
-                 f"{r.get('rms_norm', '-')} |")
+                 f"{r.get('rms_norm', '-')} | {r.get('attention_kernels', '-')} |")
     out.append("")
     for r in result["train"]:
       if "optimizer_guarded_ms" in r:
@@ -1730,6 +1763,8 @@ def main(argv=None):
     plan.append(("attention mosaic",
                  lambda: section_attention_mosaic(suite, backend, shapes["mosaic"]),
                  COST["attention mosaic item"]))
+    if "train" in sections:  # the step on them, once they passed their check
+      plan += [variant(name) for name in MOSAIC_TRAIN_VARIANTS if not redundant_variant(name)]
   # the `tiles` sections set this run's fastest tilings in MEASURED_TUNING (this process only)
   measured = copy.deepcopy(kernels_pallas.attention.MEASURED_TUNING)
   finished = start_watchdog(suite, args.budget_s + WATCHDOG_GRACE_S)  # stood down in finally

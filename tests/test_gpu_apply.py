@@ -235,6 +235,34 @@ def test_the_swiglu_backward_is_set_by_its_train_ab(tmp_path, capsys, autodiff_s
     assert ("SWIGLU_VJP = True", "SWIGLU_VJP = False") in list(zip(pristine.splitlines(), new))
 
 
+@pytest.mark.parametrize("check_ok", [True, False])
+def test_the_hopper_kernels_are_set_by_their_train_ab_only_once_checked(tmp_path, capsys,
+                                                                       check_ok):
+  # the default step (Triton attention, FLASH_MOSAIC False) 0.300 s; on the Mosaic GPU kernels
+  # 0.270 s (11% faster): written when the attention mosaic section's check passed, else kept
+  result = _result()
+  switches = dict(ROPE_IN_KERNEL=True, FUSED_RMS_NORM=True, FLASH_MOSAIC=False)
+  next(r for r in result["train"] if r["variant"] == "default")["layers_switches"] = switches
+  result["train"].append(dict(variant="mosaic attention", step_s=0.270,
+                              tokens_per_s=16384 / 0.270, model_tflops=1.0,
+                              layers_switches=dict(switches, FLASH_MOSAIC=True)))
+  result["attention_mosaic"] = [dict(kind="check", kernel=gpu_suite.MOSAIC_CHECK, ok=check_ok,
+                                     rel_l2={"out": 3e-3}, limit=1.5e-2)]
+  result["summary"] = gpu_suite.summarise(result)
+  assert result["summary"]["train_flash_mosaic_speedup"] == pytest.approx(0.300 / 0.270)
+  assert result["summary"]["attention_mosaic"]["check_ok"] is check_ok
+  root = _checkout(tmp_path)
+  layers = root / gpu_apply.LAYERS
+  layers.write_text(re.sub(r"^FLASH_MOSAIC = .*$", "FLASH_MOSAIC = False", layers.read_text(),
+                           count=1, flags=re.M))
+  assert gpu_apply.main([str(_write(tmp_path, result)), "--write", "--root", str(root)]) == 0
+  row = next(ln for ln in capsys.readouterr().out.splitlines() if "layers.FLASH_MOSAIC |" in ln)
+  assert ("| change |" in row) is check_ok
+  assert gpu_apply.current_switch(root, "FLASH_MOSAIC") is check_ok
+  if not check_ok:
+    assert "check (attention mosaic section) did not pass" in row
+
+
 def test_below_margin_and_same_arms_change_nothing(tmp_path):
   root = _checkout(tmp_path)
   # tiling +2%, rope-first 2% faster: both under the 3% margin

@@ -113,15 +113,15 @@ def test_gpu_suite_small_runs_every_section(tmp_path):
       " (in-kernel RoPE)")
   # the A/B variants of the step: batch x2 after decode; the RoPE A/B's other arm (RoPE in the
   # kernels: the default applies it first), the SwiGLU A/B's other arm (jax's autodiff: the
-  # default is layers.swiglu's own backward), the unrolled stack, and whole-logit loss last;
-  # only the default step is profiled
+  # default is layers.swiglu's own backward), the unrolled stack, and whole-logit loss; then,
+  # after the Mosaic GPU kernels' section, the step on them; only the default step is profiled
   assert [r["variant"] for r in result["train"]] == [
       "default", "batch x2", "rope in kernel", "swiglu autodiff", "unrolled layers",
-      "xla RMSNorm", "whole-logit loss"]
+      "xla RMSNorm", "whole-logit loss", "mosaic attention"]
   assert all(r["step_s"] > 0 for r in result["train"])
   assert [r.get("profile_trace_file") for r in result["train"]] == [
-      "train_trace.json.gz", None, None, None, None, None, None]
-  assert [("optimizer_guarded_ms" in r) for r in result["train"]] == [True] + [False] * 6
+      "train_trace.json.gz", None, None, None, None, None, None, None]
+  assert [("optimizer_guarded_ms" in r) for r in result["train"]] == [True] + [False] * 7
   assert train["batch x2"]["batch"] == 2 * train["default"]["batch"] == 4
   assert "raw trace train_trace.json.gz" in md
   assert (train["default"]["rope"], train["rope in kernel"]["rope"]) == (
@@ -130,8 +130,8 @@ def test_gpu_suite_small_runs_every_section(tmp_path):
           ] == [False, True]
   assert (train["whole-logit loss"]["loss_chunk_size"], train["default"]["loss_chunk_size"]) == (
       0, 1024)
-  # Same data, init and steps: the whole-logit loss is the split loss up to rounding (at seq 32
-  # the split path still runs: one 32-position chunk through its custom VJP).
+  # Same data, init and steps: the whole-logit loss is the split loss up to rounding (at seq 64
+  # the split path still runs: one 64-position chunk through its custom VJP).
   assert train["whole-logit loss"]["loss"] == pytest.approx(train["default"]["loss"], rel=1e-5)
   assert train["whole-logit loss"]["loss"] != train["batch x2"]["loss"]
   summary = result["summary"]
@@ -140,7 +140,15 @@ def test_gpu_suite_small_runs_every_section(tmp_path):
   assert summary["train_variants"]["batch x2"]["tokens_per_s_over_default"] == pytest.approx(
       train["batch x2"]["tokens_per_s"] / train["default"]["tokens_per_s"])
   assert set(summary["train_variants"]) == {"batch x2", "rope in kernel", "swiglu autodiff",
-                                            "unrolled layers", "whole-logit loss", "xla RMSNorm"}
+                                            "unrolled layers", "whole-logit loss", "xla RMSNorm",
+                                            "mosaic attention"}
+  # the step on the Hopper kernels (they passed their check first): the same loss within bf16
+  assert train["mosaic attention"]["attention_kernels"].startswith("Mosaic GPU")
+  assert {r["attention_kernels"] for n, r in train.items() if n != "mosaic attention"} == {
+      "Triton (kernels_pallas.flash_attention)"}
+  assert train["mosaic attention"]["loss"] == pytest.approx(train["default"]["loss"], rel=1e-2)
+  assert summary["train_flash_mosaic_speedup"] == pytest.approx(
+      train["default"]["step_s"] / train["mosaic attention"]["step_s"])
   assert train["default"]["tiling"] == result["tuning_used"]["variant"]
   assert {n: r["rms_norm"] for n, r in train.items()} == {
       n: "XLA (jnp formula)" if n == "xla RMSNorm" else "Pallas kernel" for n in train}
@@ -154,7 +162,7 @@ def test_gpu_suite_small_runs_every_section(tmp_path):
       train["xla RMSNorm"]["step_s"] / train["default"]["step_s"])
   best = max(train, key=lambda n: train[n]["tokens_per_s"])
   assert summary["train_best"]["variant"] == best
-  assert "| whole-logit loss | pallas | applied first | whole logits | 2x32 |" in md
+  assert "| whole-logit loss | pallas | applied first | whole logits | 2x64 |" in md
   # the four aims' verdicts: measured ones judged against their limits, the rest "not measured"
   aims = {a["aim"].split(" ")[0]: a for a in summary["aims"]}
   assert list(aims) == ["~1B", "flash", "ALiBi", "7B"]
@@ -176,15 +184,17 @@ def test_gpu_suite_small_runs_every_section(tmp_path):
   assert times["tiles"]["estimate_s"] == times["tiles rope"]["estimate_s"] == gpu_suite.COST[
       "tiles item"]
   assert times["train"]["estimate_s"] == gpu_suite.COST["train"]
-  # the decode span check's A/B decides nothing: it runs last but one, before the Mosaic GPU
-  # kernels, which no GPU has run yet (a fault there costs no other section's figures)
-  assert list(times)[-2:] == ["decode no-check", "attention mosaic"]
+  # the decode span check's A/B decides nothing: it runs before the Mosaic GPU kernels and the
+  # step on them, last since no GPU has run them yet (a fault there costs no other figures)
+  assert list(times)[-3:] == ["decode no-check", "attention mosaic", "train mosaic attention"]
   assert [r["label"] for r in result["decode"]][-1] == "pallas_no_span_check"
   assert all(t["seconds"] >= 0 for t in times.values()) and "## Section times" in md
   assert {t["guard_scale"] for t in times.values()} == {0.0}  # --small: the guard stands aside
   # each arm records the switches it ran with: what benchmarks/gpu_apply.py compares
   assert train["default"]["layers_switches"] == {"ROPE_IN_KERNEL": False, "FUSED_RMS_NORM": True,
-                                                 "SCAN_LAYERS": True, "SWIGLU_VJP": True}
+                                                 "SCAN_LAYERS": True, "SWIGLU_VJP": True,
+                                                 "FLASH_MOSAIC": False}
+  assert train["mosaic attention"]["layers_switches"]["FLASH_MOSAIC"] is True
   assert train["swiglu autodiff"]["layers_switches"]["SWIGLU_VJP"] is False
   assert train["unrolled layers"]["layers_switches"]["SCAN_LAYERS"] is False
   assert train["rope in kernel"]["layers_switches"]["ROPE_IN_KERNEL"] is True
@@ -194,7 +204,7 @@ def test_gpu_suite_small_runs_every_section(tmp_path):
   decisions = gpu_apply.decide(gpu_apply.load_results(tmp_path / "gpu_suite.json"))
   assert [d["setting"].rsplit(".", 1)[1] for d in decisions if d["writes"]] == [
       "MEASURED_TUNING['plain']", "MEASURED_TUNING['rope']", "ROPE_IN_KERNEL", "FUSED_RMS_NORM",
-      "SCAN_LAYERS", "SWIGLU_VJP", "GUARD_RECOMPUTE", "COST"]
+      "SCAN_LAYERS", "SWIGLU_VJP", "FLASH_MOSAIC", "GUARD_RECOMPUTE", "COST"]
   # the guard's form is decided from this file's own optimizer rows (both forms timed)
   guard = next(d for d in decisions if d["setting"].endswith("GUARD_RECOMPUTE"))
   assert "not measured" not in guard["evidence"] and "same bits" in guard["evidence"]
@@ -221,14 +231,16 @@ def test_gpu_suite_preflight_lowers_every_device_program_for_cuda(tmp_path):
   assert len(fused) == 5
   # 46 before the fused backward's check and four tilings, the guard's other form, and the
   # SwiGLU A/B's autodiff arm
-  # and the Mosaic GPU kernels: the default blocks at 3 seqs, 3 other blocks at one
-  assert len(by) == 46 + 5 + 1 + 1 + 6
-  mosaic = {p: r.get("mosaic_kernels") for r in result["programs"]
-            for p in [r["program"]] if r["section"] == "attention mosaic"}
+  # and the Mosaic GPU kernels: the default blocks at 3 seqs, 3 other blocks at one, and the
+  # ~1B step on them
+  assert len(by) == 46 + 5 + 1 + 1 + 6 + 1
+  mosaic_counts = {(r["section"], r["program"]): r["mosaic_kernels"] for r in result["programs"]}
+  mosaic = {p: n for (s, p), n in mosaic_counts.items() if s == "attention mosaic"}
   assert len(mosaic) == len(gpu_suite.mosaic_plan(gpu_suite.FULL["mosaic"])) == 6
   # fwd, dQ and dK/dV: three Mosaic GPU kernels each, no Triton kernel
   assert set(mosaic.values()) == {3}
   assert all(by[("attention mosaic", p)] == 0 for p in mosaic)
+  assert sum(mosaic_counts.values()) == 6 * 3 + 3  # none anywhere else
   # ~1B step (no remat), the layer scan's body once: attention 3 + two RMSNorms x (fwd, bwd) 4,
   # and the final norm's fwd + bwd 2.
   assert by[("train", "~1B step (pallas, 4x4096)")] == 9
@@ -247,7 +259,12 @@ def test_gpu_suite_preflight_lowers_every_device_program_for_cuda(tmp_path):
   # the SwiGLU product's backward is XLA either way: the same 9 kernels
   assert by[("train", "~1B step (pallas, 4x4096) swiglu autodiff")] == 9
   assert ("train", "~1B step (pallas, 4x4096) swiglu vjp") not in by
-  assert sum(s == "train" and p.startswith("~1B step") for s, p in by) == 7
+  # attention on the Hopper kernels: the Triton ones less the 3 attention kernels, and the 3
+  # Mosaic GPU kernels (fwd, dQ, dK/dV) in their place
+  assert by[("train", "~1B step (pallas, 4x4096) mosaic attention")] == 9 - 3
+  assert mosaic_counts[("train", "~1B step (pallas, 4x4096) mosaic attention")] == 3
+  assert ("train", "~1B step (pallas, 4x4096) triton attention") not in by
+  assert sum(s == "train" and p.startswith("~1B step") for s, p in by) == 8
   # the optimizer update alone, as the step runs it and as plain optax: XLA only
   assert [by[("train", f"optimizer update ({n})")] for n in ("guarded", "plain",
                                                           "guarded, other form")] == [0, 0, 0]
@@ -259,7 +276,7 @@ def test_gpu_suite_preflight_lowers_every_device_program_for_cuda(tmp_path):
     assert by[("decode", f"model step pallas batch {b}")] == 32 * 3 + 2 + 32 * 2
   # the defaults at batch 1/8/32, four variants at batch 1, block_k 64 at 8 and 32, ragged
   assert sum(s == "decode_kernel" for s, _ in by) == 3 + 4 + 2 + 1
-  assert "| train | ~1B step (pallas, 4x4096) | 9 | - | yes |" in (
+  assert "| train | ~1B step (pallas, 4x4096) | 9 | 0 | yes |" in (
       tmp_path / "gpu_suite_preflight.md").read_text()
 
 
