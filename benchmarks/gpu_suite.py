@@ -146,7 +146,8 @@ SMALL = dict(
                        iters=1, variants=2),
     tiles=dict(seq=64, tokens=64, heads=2, head_dim=32, iters=1, variants=(1,)),
     mosaic=dict(seqs=(128,), tokens=128, heads=2, head_dim=64, iters=1, variant_seq=128,
-                variants=1, check=dict(b=1, s=128, h=2, hkv=1, d=64)),
+                variants=1, fwd_impls=("mosaic", "cudnn"), check=dict(b=1, s=128, h=2, hkv=1,
+                                                                      d=64)),
 )
 # Estimated device seconds (compile + timing) of each section, or of each item of the sections
 # that run items ("... item", "decode_step": one step program of `decode`), used by the budget
@@ -155,7 +156,7 @@ SMALL = dict(
 # (the block below is what it edits).
 # BEGIN COST
 COST = {'attention item': 2,
-        'attention mosaic item': 5,
+        'attention mosaic item': 3,
         'ceilings': 6,
         'check': 36,
         'decode first step': 8,
@@ -467,25 +468,47 @@ MOSAIC_VARIANTS = (
     ("dK/dV queries 128", {"dkdv": (128, 64, 2)}),
 )
 MOSAIC_CHECK = "flash mosaic (Hopper kernels: fwd, dQ, dK/dV; causal, GQA)"
+MOSAIC_CHECK_PACKED = "flash mosaic packed (segments, positions, ALiBi; causal, GQA)"
+
+
+# The forward alone at `variant_seq`, after the fwd+bwd rows: ours on Mosaic GPU and on Triton,
+# cuDNN's, and jax's own Mosaic GPU forward (jax.experimental.pallas.ops.gpu.attention_mgpu: two
+# compute warpgroups and a TMA warpgroup, float16), to see how far the forward is from the
+# warp-specialised design (the `attention` section times fwd+bwd only).
+MOSAIC_FWD_IMPLS = ("mosaic", "ours", "cudnn", "jax_mgpu")
 
 
 def mosaic_plan(cfg) -> list:
-  """[(seq, variant name, blocks)]: the default blocks at every seq, then the other variants
-  (the first `cfg["variants"]` of them with --small) at `variant_seq`."""
+  """[(mode, seq, impl, variant name, blocks)]: the default blocks fwd+bwd at every seq, the
+  other variants (the first `cfg["variants"]` of them with --small) at `variant_seq`, then the
+  forward alone there by each of `MOSAIC_FWD_IMPLS` (those of `cfg["fwd_impls"]` if given)."""
   others = MOSAIC_VARIANTS[1:][:cfg.get("variants", len(MOSAIC_VARIANTS))]
-  return ([(s, "default", None) for s in cfg["seqs"]]
-          + [(cfg["variant_seq"], name, blocks) for name, blocks in others])
+  return ([("fwdbwd", s, "mosaic", "default", None) for s in cfg["seqs"]]
+          + [("fwdbwd", cfg["variant_seq"], "mosaic", name, blocks) for name, blocks in others]
+          + [("fwd", cfg["variant_seq"], impl, "default", None)
+             for impl in cfg.get("fwd_impls", MOSAIC_FWD_IMPLS)])
 
 
-def section_attention_mosaic(suite, backend, cfg):
+def section_attention_mosaic(suite, backend, cfg, extra=False):
   """The Mosaic GPU flash attention: checked against the fp32 reference (out, dQ, dK, dV), then
   timed fwd+bwd as the `attention` section times ours and cuDNN (rows `impl` "mosaic"). Last in
   the run: a new kernel that no GPU has run yet, so a fault or a hang here (the watchdog ends
-  the process at the hard limit) costs no other section's figures."""
+  the process at the hard limit) costs no other section's figures. `extra`: the rest of
+  `mosaic_plan` (the other blocks, the forward alone), once its check passed: run after the
+  ~1B step on these kernels, which bears on the MFU aim."""
   import attention as attn_bench  # benchmarks/attention.py
   from kernels_pallas.flash_mgpu import flash_attention_mgpu
   attn_bench.BACKEND = backend
   rows = suite.result["attention_mosaic"]
+  plan = mosaic_plan(cfg)
+  first = len(cfg["seqs"])  # the default blocks' fwd+bwd at every seq: the section proper
+  if extra:
+    if not mosaic_check_passed(suite.result):
+      suite.result["skipped"].append("attention mosaic extra: the Mosaic kernels' check did "
+                                     "not run or did not pass")
+      return
+    _time_mosaic(suite, attn_bench, cfg, plan[first:])
+    return
   if not suite.fits("attention mosaic check", COST["attention mosaic item"]):
     return
   c = cfg["check"]
@@ -499,30 +522,44 @@ def section_attention_mosaic(suite, backend, cfg):
     o, vjp = jax.vjp(fn, q, k, v)
     return (o,) + vjp(ct.astype(o.dtype))
 
-  with jax.default_matmul_precision("highest"):
-    want = jax.jit(functools.partial(both, attention_reference))(q, k, v)
-  ours = functools.partial(flash_attention_mgpu, interpret=backend == "interpret")
+  from baichuan_jax.model.positions import alibi_slopes
+  # two documents per row (the second from a third of the way), positions restarting there
+  cut = c["s"] // 3
+  seg = jnp.where(jnp.arange(c["s"])[None] < cut, 1, 2) * jnp.ones((c["b"], 1), jnp.int32)
+  pos = jnp.where(seg == 1, jnp.arange(c["s"])[None], jnp.arange(c["s"])[None] - cut)
+  packed = dict(alibi_slopes=jnp.asarray(alibi_slopes(c["h"])), segment_ids=seg, positions=pos)
   bf = lambda x: x.astype(jnp.bfloat16)
-  got = jax.jit(functools.partial(both, ours))(bf(q), bf(k), bf(v))
-  errs = {n: _rel_l2(g, w) for n, g, w in zip(("out", "dq", "dk", "dv"), got, want)}
   limit = 1.5e-2  # as the Triton kernels' checks
-  check = dict(kind="check", kernel=MOSAIC_CHECK, shape=[c["b"], c["s"], c["h"], c["hkv"], c["d"]],
-               rel_l2=errs, limit=limit, ok=all(e <= limit for e in errs.values()))
-  rows.append(check)
-  print(f"check {MOSAIC_CHECK}: " + ", ".join(f"{n} {e:.2e}" for n, e in errs.items()), flush=True)
-  suite.write()
-  if not check["ok"]:
+  for name, kw in ((MOSAIC_CHECK, {}), (MOSAIC_CHECK_PACKED, packed)):
+    with jax.default_matmul_precision("highest"):
+      want = jax.jit(functools.partial(both, functools.partial(attention_reference, **kw)))(
+          q, k, v)
+    ours = functools.partial(flash_attention_mgpu, interpret=backend == "interpret", **kw)
+    got = jax.jit(functools.partial(both, ours))(bf(q), bf(k), bf(v))
+    errs = {n: _rel_l2(g, w) for n, g, w in zip(("out", "dq", "dk", "dv"), got, want)}
+    check = dict(kind="check", kernel=name, shape=[c["b"], c["s"], c["h"], c["hkv"], c["d"]],
+                 rel_l2=errs, limit=limit, ok=all(e <= limit for e in errs.values()))
+    rows.append(check)
+    print(f"check {name}: " + ", ".join(f"{n} {e:.2e}" for n, e in errs.items()), flush=True)
+    suite.write()
+  if not mosaic_check_passed(suite.result):
     suite.result["skipped"].append("attention mosaic timing: its check failed")
     return
-  for s, name, blocks in mosaic_plan(cfg):
-    if not suite.fits(f"attention mosaic seq {s} {name}", COST["attention mosaic item"]):
+  _time_mosaic(suite, attn_bench, cfg, plan[:first])
+
+
+def _time_mosaic(suite, attn_bench, cfg, plan):
+  rows = suite.result["attention_mosaic"]
+  for mode, s, impl, name, blocks in plan:
+    if not suite.fits(f"attention mosaic {mode} seq {s} {impl} {name}",
+                      COST["attention mosaic item"]):
       return
-    row = attn_bench.bench_one("mosaic", "fwdbwd", b=max(1, cfg["tokens"] // s), s=s,
+    row = attn_bench.bench_one(impl, mode, b=max(1, cfg["tokens"] // s), s=s,
                                h=cfg["heads"], d=cfg["head_dim"], dtype=jnp.bfloat16,
                                causal=True, alibi=False, iters=cfg["iters"], tuning=blocks)
     row.update(kind="time", variant=name)
     rows.append(row)
-    print(f"attention mosaic fwdbwd seq={s} {name}: "
+    print(f"attention mosaic {mode} seq={s} {impl} {name}: "
           + (f"{row['tflops']:.1f} TFLOP/s {row['ms']:.3f} ms" if "tflops" in row
              else row.get("error", "")[:160]), flush=True)
     suite.write()
@@ -531,19 +568,27 @@ def section_attention_mosaic(suite, backend, cfg):
 def mosaic_summary(result) -> dict:
   """The Mosaic kernels' fwd+bwd speed over cuDNN's and over ours (Triton) at each seq (default
   blocks; the `attention` section's rows of the same shape), and the fastest variant."""
-  times = [r for r in result.get("attention_mosaic", []) if r.get("kind") == "time" and "ms" in r]
-  checks = [r for r in result.get("attention_mosaic", []) if r.get("kind") == "check"]
+  rows = result.get("attention_mosaic", [])
+  timed = [r for r in rows if r.get("kind") == "time" and "ms" in r]
+  times = [r for r in timed if r["impl"] == "mosaic" and r["mode"] == "fwdbwd"]
+  checks = [r for r in rows if r.get("kind") == "check"]
+  # the other kernels' rows of the same shape: the attention section's, and this section's own
+  # forward-only rows
   by = {(r["mode"], r["seq"], r["impl"]): r for r in result["attention"]
         if not r["alibi"] and "ms" in r}
-  out = dict(check_ok=checks[0]["ok"] if checks else None, over_cudnn={}, over_ours={})
-  for r in times:
-    if r["variant"] != "default":
+  by.update({(r["mode"], r["seq"], r["impl"]): r for r in timed if r["impl"] != "mosaic"})
+  out = dict(check_ok=all(r["ok"] for r in checks) if checks else None, over_cudnn={},
+             over_ours={},
+             over_jax_mgpu={})
+  for r in timed:
+    if r["variant"] != "default" or r["impl"] != "mosaic":
       continue
-    for other, key in (("cudnn", "over_cudnn"), ("ours", "over_ours")):
-      ref = by.get(("fwdbwd", r["seq"], other))
+    for other, key in (("cudnn", "over_cudnn"), ("ours", "over_ours"),
+                       ("jax_mgpu", "over_jax_mgpu")):
+      ref = by.get((r["mode"], r["seq"], other))
       if ref:
-        out[key][f"fwdbwd {r['seq']}"] = ref["ms"] / r["ms"]
-  if times:  # the variants run last, at one seq: the fastest row at that seq
+        out[key][f"{r['mode']} {r['seq']}"] = ref["ms"] / r["ms"]
+  if times:  # the variants run at one seq, the last fwd+bwd rows: the fastest row at that seq
     at = [r for r in times if r["seq"] == times[-1]["seq"]]
     best = max(at, key=lambda r: r["tflops"])
     out["best_variant"] = dict(variant=best["variant"], seq=best["seq"], tflops=best["tflops"],
@@ -643,7 +688,9 @@ def train_variant(cfg, variant):
 
 
 def mosaic_check_passed(result) -> bool:
-  return any(r.get("kind") == "check" and r.get("ok") for r in result.get("attention_mosaic", []))
+  """True when the Mosaic kernels' checks ran and every one passed."""
+  checks = [r for r in result.get("attention_mosaic", []) if r.get("kind") == "check"]
+  return bool(checks) and all(r.get("ok") for r in checks)
 
 
 def section_train(suite, cfg, variant="default"):
@@ -1310,11 +1357,16 @@ def preflight_programs(shapes) -> list:
       progs.append(attention_prog("tiles", f"{_PATHS['rope' if rope else 'plain']} {name}", tl,
                                   tl["seq"], False, tuning, rope))
   m = shapes["mosaic"]
-  for s, name, blocks in mosaic_plan(m):
-    f = attn_bench.make_fn("mosaic", causal=True, alibi=False, s=s, h=m["heads"],
+  for mode, s, impl, name, blocks in mosaic_plan(m):
+    if impl not in ("mosaic", "ours"):  # cuDNN's and jax's Mosaic forward ask the device
+      continue
+    f = attn_bench.make_fn(impl, causal=True, alibi=False, s=s, h=m["heads"],
                            d=m["head_dim"], dtype=bf, tuning=blocks)
     x = S((max(1, m["tokens"] // s), s, m["heads"], m["head_dim"]), bf)
-    progs.append(("attention mosaic", f"mosaic fwd+bwd seq {s} {name}",
+    if mode == "fwd":
+      progs.append(("attention mosaic", f"{impl} fwd seq {s}", jax.jit(f), (x, x, x)))
+      continue
+    progs.append(("attention mosaic", f"{impl} fwd+bwd seq {s} {name}",
                   jax.jit(attn_bench._grad_fn(f)),  # pylint: disable=protected-access
                   (x, x, x, S(x.shape, f32))))
   return progs
@@ -1493,19 +1545,21 @@ def mosaic_markdown(result) -> list:
   for r in rows:
     if r.get("kind") == "check":
       errs = ", ".join(f"{k} {v:.2e}" for k, v in r["rel_l2"].items())
-      out += [f"Check against the fp32 reference, shape {r['shape']} (b, s, h, kv heads, d): "
-              f"{errs} (limit {r['limit']}): {'ok' if r['ok'] else 'FAILED'}.", ""]
+      out += [f"Check {r['kernel']} against the fp32 reference, shape {r['shape']} (b, s, h, "
+              f"kv heads, d): {errs} (limit {r['limit']}): {'ok' if r['ok'] else 'FAILED'}.",
+              ""]
   times = [r for r in rows if r.get("kind") == "time"]
   if times:
-    out += ["| seq | batch | blocks | TFLOP/s | ms | over cuDNN | over ours (Triton) |",
-            "|---|---|---|---|---|---|---|"]
+    out += ["| mode | seq | batch | kernels | blocks | TFLOP/s | ms | Mosaic over cuDNN | "
+            "Mosaic over ours (Triton) |", "|---|---|---|---|---|---|---|---|---|"]
     for r in times:
-      key = f"fwdbwd {r['seq']}"
-      default = r["variant"] == "default"
+      key = f"{r['mode']} {r['seq']}"
+      ours = r["variant"] == "default" and r["impl"] == "mosaic"
       cells = [f"{r['tflops']:.0f}", f"{r['ms']:.3f}"] if "tflops" in r else [
           "failed: " + str(r.get("error", ""))[:60], "-"]
-      out.append(f"| {r['seq']} | {r['batch']} | {r['variant']} | " + " | ".join(cells) + " | "
-                 + " | ".join(_f(summ[k].get(key) if default else None, "{:.2f}")
+      out.append(f"| {r['mode']} | {r['seq']} | {r['batch']} | {r['impl']} | {r['variant']} | "
+                 + " | ".join(cells) + " | "
+                 + " | ".join(_f(summ[k].get(key) if ours else None, "{:.2f}")
                               for k in ("over_cudnn", "over_ours")) + " |")
     out.append("")
   return out
@@ -1765,6 +1819,9 @@ def main(argv=None):
                  COST["attention mosaic item"]))
     if "train" in sections:  # the step on them, once they passed their check
       plan += [variant(name) for name in MOSAIC_TRAIN_VARIANTS if not redundant_variant(name)]
+    plan.append(("attention mosaic extra",
+                 lambda: section_attention_mosaic(suite, backend, shapes["mosaic"], extra=True),
+                 COST["attention mosaic item"]))
   # the `tiles` sections set this run's fastest tilings in MEASURED_TUNING (this process only)
   measured = copy.deepcopy(kernels_pallas.attention.MEASURED_TUNING)
   finished = start_watchdog(suite, args.budget_s + WATCHDOG_GRACE_S)  # stood down in finally

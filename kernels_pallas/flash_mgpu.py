@@ -174,6 +174,12 @@ def _scores(t, interpret, *, causal, q0, k0, own, streamed, queries_on_rows=True
   along = lambda vec, axis: lax.broadcast_in_dim(vec, shape, [axis])
   if "bias" in own:
     t = t + (along(k_vecs["bias"], k_axis) - along(q_vecs["bias"], q_axis))
+  if causal and "seg" not in own:  # only tiles that cross the diagonal need the mask
+    rows, cols = shape
+    q_first, k_last = (q0, k0 + cols - 1) if queries_on_rows else (q0, k0 + rows - 1)
+    masked = lambda t: jnp.where(_causal_keep(q0, k0, shape, interpret, queries_on_rows), t,
+                                 -jnp.inf)
+    return lax.cond(k_last > q_first, masked, lambda t: t, t)
   keep = _causal_keep(q0, k0, shape, interpret, queries_on_rows) if causal else None
   if "seg" in own:
     same = along(q_vecs["seg"], q_axis) == along(k_vecs["seg"], k_axis)

@@ -50,11 +50,19 @@ def test_gpu_suite_small_runs_every_section(tmp_path):
   assert len(ours) == 2 and all("ms" in r for r in ours)
   # the Mosaic GPU kernels (interpret mode here): checked against the reference, then timed
   # with the default blocks and the first other variant
+  # (plain causal GQA, and packed: segments, positions, ALiBi), then timed: the default blocks
+  # fwd+bwd, and after the step on them, the first other variant and the forward alone (ours on
+  # Mosaic GPU, and cuDNN's, which has no CPU implementation: its row carries the error)
   mosaic = result["attention_mosaic"]
-  assert [r["kind"] for r in mosaic] == ["check", "time", "time"]
-  assert mosaic[0]["ok"] and all(0 < e < mosaic[0]["limit"] for e in mosaic[0]["rel_l2"].values())
-  assert [r["variant"] for r in mosaic[1:]] == ["default", gpu_suite.MOSAIC_VARIANTS[1][0]]
-  assert all(r["impl"] == "mosaic" and r["ms"] > 0 for r in mosaic[1:])
+  assert [r["kind"] for r in mosaic] == ["check"] * 2 + ["time"] * 4
+  assert [r["kernel"] for r in mosaic[:2]] == [gpu_suite.MOSAIC_CHECK,
+                                               gpu_suite.MOSAIC_CHECK_PACKED]
+  assert all(r["ok"] and all(0 < e < r["limit"] for e in r["rel_l2"].values())
+             for r in mosaic[:2])
+  assert [(r["mode"], r["impl"], r["variant"]) for r in mosaic[2:]] == [
+      ("fwdbwd", "mosaic", "default"), ("fwdbwd", "mosaic", gpu_suite.MOSAIC_VARIANTS[1][0]),
+      ("fwd", "mosaic", "default"), ("fwd", "cudnn", "default")]
+  assert all(r["ms"] > 0 for r in mosaic[2:5]) and "error" in mosaic[5]
   assert result["summary"]["attention_mosaic"]["check_ok"] is True
   assert "## Attention on the Mosaic GPU kernels" in md
   # cuDNN has no CPU implementation: its rows carry the error instead of a time.
@@ -186,7 +194,8 @@ def test_gpu_suite_small_runs_every_section(tmp_path):
   assert times["train"]["estimate_s"] == gpu_suite.COST["train"]
   # the decode span check's A/B decides nothing: it runs before the Mosaic GPU kernels and the
   # step on them, last since no GPU has run them yet (a fault there costs no other figures)
-  assert list(times)[-3:] == ["decode no-check", "attention mosaic", "train mosaic attention"]
+  assert list(times)[-4:] == ["decode no-check", "attention mosaic", "train mosaic attention",
+                              "attention mosaic extra"]
   assert [r["label"] for r in result["decode"]][-1] == "pallas_no_span_check"
   assert all(t["seconds"] >= 0 for t in times.values()) and "## Section times" in md
   assert {t["guard_scale"] for t in times.values()} == {0.0}  # --small: the guard stands aside
@@ -231,16 +240,19 @@ def test_gpu_suite_preflight_lowers_every_device_program_for_cuda(tmp_path):
   assert len(fused) == 5
   # 46 before the fused backward's check and four tilings, the guard's other form, and the
   # SwiGLU A/B's autodiff arm
-  # and the Mosaic GPU kernels: the default blocks at 3 seqs, 3 other blocks at one, and the
-  # ~1B step on them
-  assert len(by) == 46 + 5 + 1 + 1 + 6 + 1
+  # and the Mosaic GPU kernels: the default blocks fwd+bwd at 3 seqs, 3 other blocks at one,
+  # the forward alone there (ours on Mosaic GPU and on Triton; cuDNN's and jax's Mosaic forward
+  # ask the device when they lower), and the ~1B step on them
+  assert len(by) == 46 + 5 + 1 + 1 + 8 + 1
   mosaic_counts = {(r["section"], r["program"]): r["mosaic_kernels"] for r in result["programs"]}
   mosaic = {p: n for (s, p), n in mosaic_counts.items() if s == "attention mosaic"}
-  assert len(mosaic) == len(gpu_suite.mosaic_plan(gpu_suite.FULL["mosaic"])) == 6
-  # fwd, dQ and dK/dV: three Mosaic GPU kernels each, no Triton kernel
-  assert set(mosaic.values()) == {3}
-  assert all(by[("attention mosaic", p)] == 0 for p in mosaic)
-  assert sum(mosaic_counts.values()) == 6 * 3 + 3  # none anywhere else
+  assert len(mosaic) == 8 and len(gpu_suite.mosaic_plan(gpu_suite.FULL["mosaic"])) == 10
+  # fwd+bwd: the fwd, dQ and dK/dV Mosaic GPU kernels, no Triton kernel; the forwards: one
+  assert [n for p, n in mosaic.items() if "fwd+bwd" in p] == [3] * 6
+  assert all(by[("attention mosaic", p)] == 0 for p in mosaic if "fwd+bwd" in p)
+  assert (mosaic["mosaic fwd seq 4096"], by[("attention mosaic", "mosaic fwd seq 4096")]) == (1, 0)
+  assert (mosaic["ours fwd seq 4096"], by[("attention mosaic", "ours fwd seq 4096")]) == (0, 1)
+  assert sum(mosaic_counts.values()) == 6 * 3 + 1 + 3  # none anywhere else
   # ~1B step (no remat), the layer scan's body once: attention 3 + two RMSNorms x (fwd, bwd) 4,
   # and the final norm's fwd + bwd 2.
   assert by[("train", "~1B step (pallas, 4x4096)")] == 9
