@@ -79,7 +79,7 @@ COST_KEYS = {"env": ("env",), "ceilings": ("ceilings",), "check": ("check",),
              "attention": ("attention item",), "train": ("train",),
              "decode": ("decode_step", "decode first step"),
              "decode_kernel": ("decode_kernel item",), "decode no-check": ("decode_step",),
-             "attention mosaic": ("attention mosaic item",),
+             "attention mosaic": ("attention mosaic check", "attention mosaic item"),
              "attention mosaic extra": ("attention mosaic item",)}
 TUNING_BEGIN = "# BEGIN MEASURED_TUNING"
 TUNING_END = "# END MEASURED_TUNING"

@@ -73,10 +73,18 @@ a watchdog thread ends the process at the hard limit, budget + 30 s, after writi
    `train_fused_rms_norm_speedup` the xla-RMSNorm step time over the kernel step's and
    `train_swiglu_vjp_speedup` the autodiff-SwiGLU step time over the `swiglu` step's.
 
+10. `attention mosaic` (after `decode no-check`), `train mosaic attention`, `attention mosaic
+   extra` (last): the Hopper kernels of `kernels_pallas.flash_mgpu` (Mosaic GPU: TMA + wgmma),
+   which no GPU has run before, so they come last: checked against the fp32 reference (plain
+   causal GQA; packed segments, positions and ALiBi), then, only if both checks pass, fwd+bwd
+   at the `attention` section's seqs (`impl` "mosaic" rows beside its cuDNN and Triton ones),
+   the ~1B step with `layers.FLASH_MOSAIC = True`, and last three other block settings
+   (`MOSAIC_VARIANTS`) and the forward alone by each of `MOSAIC_FWD_IMPLS`.
+
 After a device run, `benchmarks/gpu_apply.py gpu_suite.json --write` turns the tiles and train
 A/Bs into the project's defaults by rule (each path's fastest tiling into
 `kernels_pallas.attention.MEASURED_TUNING`, `layers.ROPE_IN_KERNEL`, `layers.FUSED_RMS_NORM`,
-`layers.SCAN_LAYERS`, `layers.SWIGLU_VJP`);
+`layers.SCAN_LAYERS`, `layers.SWIGLU_VJP`, `layers.FLASH_MOSAIC`);
 every train row records the `layers_switches` it ran with, which is what that tool compares.
 
 `--small` runs the same code on tiny shapes, with the kernels in Pallas interpret mode, on a CPU
@@ -156,6 +164,7 @@ SMALL = dict(
 # (the block below is what it edits).
 # BEGIN COST
 COST = {'attention item': 2,
+        'attention mosaic check': 12,
         'attention mosaic item': 3,
         'ceilings': 6,
         'check': 36,
@@ -509,7 +518,7 @@ def section_attention_mosaic(suite, backend, cfg, extra=False):
       return
     _time_mosaic(suite, attn_bench, cfg, plan[first:])
     return
-  if not suite.fits("attention mosaic check", COST["attention mosaic item"]):
+  if not suite.fits("attention mosaic check", COST["attention mosaic check"]):
     return
   c = cfg["check"]
   keys = jax.random.split(jax.random.PRNGKey(int(time.time()) % 10000), 4)
@@ -1816,7 +1825,7 @@ def main(argv=None):
   if "attention_mosaic" in sections:  # last: new kernels no GPU has run yet
     plan.append(("attention mosaic",
                  lambda: section_attention_mosaic(suite, backend, shapes["mosaic"]),
-                 COST["attention mosaic item"]))
+                 COST["attention mosaic check"]))
     if "train" in sections:  # the step on them, once they passed their check
       plan += [variant(name) for name in MOSAIC_TRAIN_VARIANTS if not redundant_variant(name)]
     plan.append(("attention mosaic extra",
