@@ -44,7 +44,10 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 try:  # Mosaic GPU's interpret mode: public in some jax releases, private in others
   InterpretGPUParams = plgpu.InterpretParams
 except AttributeError:
-  from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
+  try:
+    from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
+  except ImportError:  # a jax without it: the GPU path still works, `interpret=True` says why
+    InterpretGPUParams = None
 
 LOG2E = math.log2(math.e)
 
@@ -104,6 +107,9 @@ def _resolve_blocks(blocks: Optional[dict]) -> dict:
 
 
 def _params(interpret):
+  if interpret and InterpretGPUParams is None:
+    raise NotImplementedError(f"interpret=True: jax {jax.__version__} has no Mosaic GPU "
+                              "interpret mode")
   return dict(compiler_params=plgpu.CompilerParams(approx_math=True),
               interpret=InterpretGPUParams() if interpret else None)
 
