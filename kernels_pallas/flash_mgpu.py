@@ -2,10 +2,13 @@
 
 The Triton kernels (`flash_gpu`) reach 0.57-0.71x cuDNN fwd+bwd on an H200, mostly lost in the
 backward. These kernels use what Triton's lowering does not give Pallas: TMA bulk copies into
-swizzled shared memory, prefetched `stages` steps ahead by `plgpu.emit_pipeline`, and
-asynchronous warpgroup matmuls (`wgmma`) with operands read from shared memory (and, for the
-second matmul of each step, from registers). One warpgroup per program; the GPU overlaps one
-program's softmax with another's matmuls when several programs share an SM.
+swizzled shared memory, prefetched `stages` steps ahead, and asynchronous warpgroup matmuls
+(`wgmma`) with operands read from shared memory (and, for the second matmul of each step, from
+registers). Two forms per kernel (the `blocks` warpgroups): one warpgroup per program that
+prefetches and computes (`plgpu.emit_pipeline`; the GPU overlaps one program's softmax with
+another's matmuls when two share an SM), or two compute warpgroups, each with its own 64 rows,
+that consume one stream of tiles a third warpgroup loads (`plgpu.emit_pipeline_warp_specialized`,
+FlashAttention-3's split of roles).
 
 Layout is the model's [batch, seq, heads, head_dim]; GQA/MQA by kv head index. Causal or not,
 ALiBi by position (positions may restart per document), packed segment ids; no in-kernel RoPE
@@ -51,11 +54,17 @@ except AttributeError:
 
 LOG2E = math.log2(math.e)
 
-# Blocks and prefetch depth per kernel when the call gives none: wgmma tiles are 64 rows per
-# warpgroup; 64 x 128 key / value blocks in 2 stages hold 2 x 2 x 16 KiB of shared memory next to
-# the 16 KiB query block, so three programs fit one SM's 227 KiB.
-DEFAULT_BLOCKS = {"fwd": (64, 64, 2), "dq": (64, 64, 2), "dkdv": (64, 64, 2)}
-_PHASES = tuple(DEFAULT_BLOCKS)
+# Blocks, prefetch depth and compute warpgroups per kernel when the call gives none:
+# (block_q, block_k, stages, warpgroups). wgmma tiles are 64 rows per warpgroup; at head_dim 128
+# the forward's 64 x 64 key / value tiles in 2 stages hold 2 x 2 x 16 KiB of shared memory next
+# to the 16 KiB query block (80 KiB: two programs per SM). One compute warpgroup until a GPU run
+# says otherwise: benchmarks/gpu_suite.py times the other settings (MOSAIC_VARIANTS, among them
+# two compute warpgroups and a memory one) and benchmarks/gpu_apply.py --write rewrites this
+# block with the fastest when it wins by 3%.
+# BEGIN MOSAIC_BLOCKS (benchmarks/gpu_apply.py rewrites this block)
+DEFAULT_BLOCKS = {"fwd": (64, 64, 2, 1), "dq": (64, 64, 2, 1), "dkdv": (64, 64, 2, 1)}
+# END MOSAIC_BLOCKS
+_PHASES = ("fwd", "dq", "dkdv")
 
 
 def _transforms(dtype):
@@ -81,17 +90,23 @@ def check_shapes(q_shape, k_shape, dtype, blocks: dict) -> Optional[str]:
     return f"head_dim={d} is not 64 or 128"
   if jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
     return f"dtype {jnp.dtype(dtype).name} is not bfloat16 or float16"
-  for phase, (bq, bk, stages) in blocks.items():
+  for phase, (bq, bk, stages, wgs) in blocks.items():
     if bq % 64 or bk % 64 or bq > 128 or bk > 128:
       return f"{phase} blocks ({bq}, {bk}) must be 64 or 128"
-    if s % bq or s % bk:
-      return f"seq={s} is not a multiple of the {phase} blocks ({bq}, {bk})"
     if stages < 1:
       return f"{phase} stages={stages} must be >= 1"
+    if wgs not in (1, 2):
+      return f"{phase} compute warpgroups={wgs} must be 1 or 2"
+    own = bk if phase == "dkdv" else bq  # the rows a program owns: wgs blocks of them
+    if s % (own * wgs) or s % bq or s % bk:
+      return (f"seq={s} is not a multiple of the {phase} blocks ({bq}, {bk})"
+              + (f" x {wgs} warpgroups" if wgs > 1 else ""))
   return None
 
 
 def _resolve_blocks(blocks: Optional[dict]) -> dict:
+  """Every phase's (block_q, block_k, stages, compute warpgroups), from `blocks` (triples or
+  quadruples; the warpgroups default to 1) and `DEFAULT_BLOCKS`."""
   blocks = dict(blocks or {})
   unknown = set(blocks) - set(_PHASES)
   if unknown:
@@ -99,10 +114,10 @@ def _resolve_blocks(blocks: Optional[dict]) -> dict:
   out = {}
   for phase in _PHASES:
     value = tuple(blocks.get(phase, DEFAULT_BLOCKS[phase]))
-    if len(value) != 3 or not all(isinstance(x, int) for x in value):
+    if len(value) not in (3, 4) or not all(isinstance(x, int) for x in value):
       raise ValueError(f"blocks[{phase!r}]={value!r} is invalid: must be (block_q, block_k, "
-                       "stages), three ints")
-    out[phase] = value
+                       "stages) or (block_q, block_k, stages, compute warpgroups), ints")
+    out[phase] = value + (1,) * (4 - len(value))
   return out
 
 
@@ -199,12 +214,13 @@ def _scores(t, interpret, *, causal, q0, k0, own, streamed, queries_on_rows=True
 _M_INIT = -1e30
 
 
-def _copy_in(pairs, bars):
-  """TMA copies (GMEM view, SMEM ref) that each arrive on their own barrier, then the waits."""
-  for i, (src, dst) in enumerate(pairs):
-    plgpu.copy_gmem_to_smem(src, dst, bars.at[i])
-  for i in range(len(pairs)):
-    plgpu.barrier_wait(bars.at[i])
+def _copy_in(pairs, bars, wg):
+  """TMA copies (GMEM view, SMEM ref), each arriving on its own barrier (warpgroup `wg`'s of
+  it), then the waits."""
+  for (src, dst), bar in zip(pairs, bars):
+    plgpu.copy_gmem_to_smem(src, dst, bar.at[wg])
+  for bar in bars[:len(pairs)]:
+    plgpu.barrier_wait(bar.at[wg])
 
 
 def _own_sides(names, refs, smems, bi, hi, start, size, interpret):
@@ -223,29 +239,56 @@ def _streamed_sides(names, refs, bi, hi, size, index):
   return specs, views
 
 
-def _side_scratch(sides, size):
-  return [plgpu.SMEM((size,), a.dtype) for _, a in sides]
+def _run_pipeline(step, *, wgs, steps, specs, views, stages, own):
+  """Runs `step` over `steps` streamed tiles. wgs 1: one warpgroup issues the TMA prefetch
+  (`stages` ahead) and computes (`plgpu.emit_pipeline`). wgs 2: two compute warpgroups, each with
+  its own block of rows, consume one stream that a third, memory warpgroup fills
+  (`plgpu.emit_pipeline_warp_specialized`: each tile is loaded once for both). `own(run)` is a
+  compute warpgroup's prologue and epilogue around `run(init_carry) -> final carry`."""
+  if wgs == 1:
+    own(lambda carry: plgpu.emit_pipeline(step, grid=(steps,), in_specs=specs,
+                                          max_concurrent_steps=stages, init_carry=carry)(*views))
+    return
+  plgpu.emit_pipeline_warp_specialized(
+      step, grid=(steps,), in_specs=specs, max_concurrent_steps=stages, memory_registers=40,
+      wg_axis="wg", num_compute_wgs=wgs, compute_context=own)(*views)
+
+
+def _kernel_call(kernel, *, out_type, scratch, grid, grid_names, wgs, interpret, args):
+  threads = dict(num_threads=wgs + 1, thread_name="wg") if wgs > 1 else {}
+  return plgpu.kernel(kernel, out_type=out_type, scratch_types=tuple(scratch), grid=grid,
+                      grid_names=grid_names, **threads, **_params(interpret))(*args)
+
+
+def _tile_scratch(wgs, rows, d, dtype, n):
+  tr = _transforms(dtype)
+  return [plgpu.SMEM((wgs, rows, d), dtype, transforms=tr) for _ in range(n)]
+
+
+def _vector_scratch(wgs, rows, dtypes):
+  return [plgpu.SMEM((wgs, rows), dt) for dt in dtypes]
 
 
 def _flash_fwd(q, k, v, sides, *, causal: bool, scale: float, blocks: tuple, interpret: bool):
   b, s, h, d = q.shape
   group = h // k.shape[2]
-  bq, bk, stages = blocks
-  nq = s // bq
+  bq, bk, stages, wgs = blocks
+  nq = s // (bq * wgs)  # programs along the queries: wgs blocks of bq rows each
   tr = _transforms(q.dtype)
   c = scale * LOG2E
   names, ns = [n for n, _ in sides], len(sides)
 
   def kernel(q_ref, k_ref, v_ref, *refs):
-    side_refs, (o_ref, lse_ref, q_smem, lse_smem) = refs[:ns], refs[ns:ns + 4]
-    side_smem, bars = refs[ns + 4:2 * ns + 4], refs[-1]
+    side_refs, (o_ref, lse_ref, q_smems, lse_smems) = refs[:ns], refs[ns:ns + 4]
+    side_smems, bars = refs[ns + 4:2 * ns + 4], refs[2 * ns + 4:]
     hi, bi = lax.axis_index("heads"), lax.axis_index("batch")
-    qi = nq - 1 - lax.axis_index("q_blocks")  # the longest causal rows first
-    q0 = qi * bq
-    copies, load_own = _own_sides(names, side_refs, side_smem, bi, hi, q0, bq, interpret)
-    _copy_in([(q_ref.at[bi, pl.ds(q0, bq), hi], q_smem)] + copies, bars)
-    own = load_own()
-    steps = lax.div(q0 + bq + bk - 1, bk) if causal else s // bk
+    wg = lax.axis_index("wg") if wgs > 1 else 0
+    base = (nq - 1 - lax.axis_index("q_blocks")) * (bq * wgs)  # the longest causal rows first
+    q0 = base + wg * bq
+    q_smem, lse_smem = q_smems.at[wg], lse_smems.at[wg]
+    side_smem = [sm.at[wg] for sm in side_smems]
+    steps = lax.div(base + wgs * bq + bk - 1, bk) if causal else s // bk
+    own = {}  # this warpgroup's side vectors, loaded in its prologue
 
     def step(idx, k_smem, v_smem, *rest):
       *streamed_smem, (acc, m, l) = rest
@@ -261,32 +304,37 @@ def _flash_fwd(q, k, v, sides, *, causal: bool, scale: float, blocks: tuple, int
       acc = _matmul(p.astype(q.dtype), v_smem, (bq, d), acc, interpret)
       return acc, m_new, l
 
+    def prologue_epilogue(run):
+      copies, load_own = _own_sides(names, side_refs, side_smem, bi, hi, q0, bq, interpret)
+      _copy_in([(q_ref.at[bi, pl.ds(q0, bq), hi], q_smem)] + copies, bars, wg)
+      own.update(load_own())
+      rows = plgpu.Layout.WGMMA.reduce(1)
+      acc, m, l = run((_layout(jnp.zeros((bq, d), jnp.float32), plgpu.Layout.WGMMA, interpret),
+                       _layout(jnp.full((bq,), _M_INIT, jnp.float32), rows, interpret),
+                       _layout(jnp.zeros((bq,), jnp.float32), rows, interpret)))
+      q_smem[...] = (acc / lax.broadcast_in_dim(l, acc.shape, [0])).astype(q.dtype)
+      lse_smem[...] = m + jnp.log2(l)
+      plgpu.commit_smem()
+      plgpu.copy_smem_to_gmem(q_smem, o_ref.at[bi, pl.ds(q0, bq), hi])
+      plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[bi, hi, pl.ds(q0, bq)])
+      plgpu.wait_smem_to_gmem(0)
+
     tile = plgpu.BlockSpec((bk, d), lambda j: (j, 0), transforms=tr)
     kvh = lax.div(hi, group)
     vec_specs, vec_views = _streamed_sides(names, side_refs, bi, hi, bk, lambda j: j)
-    rows = plgpu.Layout.WGMMA.reduce(1)
-    init = (_layout(jnp.zeros((bq, d), jnp.float32), plgpu.Layout.WGMMA, interpret),
-            _layout(jnp.full((bq,), _M_INIT, jnp.float32), rows, interpret),
-            _layout(jnp.zeros((bq,), jnp.float32), rows, interpret))
-    acc, m, l = plgpu.emit_pipeline(step, grid=(steps,), in_specs=[tile, tile] + vec_specs,
-                                    max_concurrent_steps=stages, init_carry=init)(
-        k_ref.at[bi, :, kvh], v_ref.at[bi, :, kvh], *vec_views)
-    q_smem[...] = (acc / lax.broadcast_in_dim(l, acc.shape, [0])).astype(q.dtype)
-    lse_smem[...] = m + jnp.log2(l)
-    plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(q_smem, o_ref.at[bi, pl.ds(q0, bq), hi])
-    plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[bi, hi, pl.ds(q0, bq)])
-    plgpu.wait_smem_to_gmem(0)
+    _run_pipeline(step, wgs=wgs, steps=steps, specs=[tile, tile] + vec_specs,
+                  views=[k_ref.at[bi, :, kvh], v_ref.at[bi, :, kvh]] + vec_views, stages=stages,
+                  own=prologue_epilogue)
 
-  scratch = ([plgpu.SMEM((bq, d), q.dtype, transforms=tr), plgpu.SMEM((bq,), jnp.float32)]
-             + _side_scratch(sides, bq) + [plgpu.Barrier(num_barriers=1 + ns)])
-  return plgpu.kernel(
+  return _kernel_call(
       kernel,
       out_type=(jax.ShapeDtypeStruct(q.shape, q.dtype),
                 jax.ShapeDtypeStruct((b, h, s), jnp.float32)),
-      scratch_types=tuple(scratch),
-      grid=(h, nq, b), grid_names=("heads", "q_blocks", "batch"),
-      **_params(interpret))(q, k, v, *(a for _, a in sides))
+      scratch=(_tile_scratch(wgs, bq, d, q.dtype, 1)
+               + _vector_scratch(wgs, bq, [jnp.float32] + [a.dtype for _, a in sides])
+               + [plgpu.Barrier(num_barriers=wgs) for _ in range(1 + ns)]),
+      grid=(h, nq, b), grid_names=("heads", "q_blocks", "batch"), wgs=wgs, interpret=interpret,
+      args=(q, k, v, *(a for _, a in sides)))
 
 
 def _load_vector(ref, axis, interpret):
@@ -300,28 +348,27 @@ def _load_vector(ref, axis, interpret):
 def _flash_dq(q, k, v, sides, do, lse, delta, *, causal, scale, blocks, interpret):
   b, s, h, d = q.shape
   group = h // k.shape[2]
-  bq, bk, stages = blocks
-  nq = s // bq
+  bq, bk, stages, wgs = blocks
+  nq = s // (bq * wgs)
   tr = _transforms(q.dtype)
   c = scale * LOG2E
   names, ns = [n for n, _ in sides], len(sides)
 
   def kernel(q_ref, k_ref, v_ref, *refs):
     side_refs = refs[:ns]
-    do_ref, lse_ref, delta_ref, dq_ref, q_smem, do_smem, lse_smem, delta_smem = refs[ns:ns + 8]
-    side_smem, bars = refs[ns + 8:2 * ns + 8], refs[-1]
+    do_ref, lse_ref, delta_ref, dq_ref, q_smems, do_smems, lse_smems, delta_smems = (
+        refs[ns:ns + 8])
+    side_smems, bars = refs[ns + 8:2 * ns + 8], refs[2 * ns + 8:]
     hi, bi = lax.axis_index("heads"), lax.axis_index("batch")
-    qi = nq - 1 - lax.axis_index("q_blocks")
-    q0 = qi * bq
+    wg = lax.axis_index("wg") if wgs > 1 else 0
+    base = (nq - 1 - lax.axis_index("q_blocks")) * (bq * wgs)
+    q0 = base + wg * bq
+    q_smem, do_smem = q_smems.at[wg], do_smems.at[wg]
+    lse_smem, delta_smem = lse_smems.at[wg], delta_smems.at[wg]
+    side_smem = [sm.at[wg] for sm in side_smems]
     rows = (bi, pl.ds(q0, bq), hi)
-    copies, load_own = _own_sides(names, side_refs, side_smem, bi, hi, q0, bq, interpret)
-    _copy_in([(q_ref.at[rows], q_smem), (do_ref.at[rows], do_smem),
-              (lse_ref.at[bi, hi, pl.ds(q0, bq)], lse_smem),
-              (delta_ref.at[bi, hi, pl.ds(q0, bq)], delta_smem)] + copies, bars)
-    own = load_own()
-    lse_rows = _load_vector(lse_smem, 1, interpret)
-    delta_rows = _load_vector(delta_smem, 1, interpret)
-    steps = lax.div(q0 + bq + bk - 1, bk) if causal else s // bk
+    steps = lax.div(base + wgs * bq + bk - 1, bk) if causal else s // bk
+    own = {}
 
     def step(idx, k_smem, v_smem, *rest):
       *streamed_smem, dq = rest
@@ -329,40 +376,46 @@ def _flash_dq(q, k, v, sides, do, lse, delta, *, causal, scale, blocks, interpre
       streamed = {n: _load_vector(sm, 0, interpret) for n, sm in zip(names, streamed_smem)}
       t = _matmul(q_smem, k_smem, (bq, bk), interpret=interpret, transpose_b=True) * c
       t = _scores(t, interpret, causal=causal, q0=q0, k0=j * bk, own=own, streamed=streamed)
-      p = jnp.exp2(t - lax.broadcast_in_dim(lse_rows, t.shape, [0]))
+      p = jnp.exp2(t - lax.broadcast_in_dim(own["lse"], t.shape, [0]))
       dp = _matmul(do_smem, v_smem, (bq, bk), interpret=interpret, transpose_b=True)
-      ds = p * (dp - lax.broadcast_in_dim(delta_rows, t.shape, [0]))
+      ds = p * (dp - lax.broadcast_in_dim(own["delta"], t.shape, [0]))
       return _matmul(ds.astype(q.dtype), k_smem, (bq, d), dq, interpret)
+
+    def prologue_epilogue(run):
+      copies, load_own = _own_sides(names, side_refs, side_smem, bi, hi, q0, bq, interpret)
+      _copy_in([(q_ref.at[rows], q_smem), (do_ref.at[rows], do_smem),
+                (lse_ref.at[bi, hi, pl.ds(q0, bq)], lse_smem),
+                (delta_ref.at[bi, hi, pl.ds(q0, bq)], delta_smem)] + copies, bars, wg)
+      own.update(load_own(), lse=_load_vector(lse_smem, 1, interpret),
+                 delta=_load_vector(delta_smem, 1, interpret))
+      dq = run(_layout(jnp.zeros((bq, d), jnp.float32), plgpu.Layout.WGMMA, interpret))
+      q_smem[...] = (dq * scale).astype(q.dtype)
+      plgpu.commit_smem()
+      plgpu.copy_smem_to_gmem(q_smem, dq_ref.at[rows])
+      plgpu.wait_smem_to_gmem(0)
 
     tile = plgpu.BlockSpec((bk, d), lambda j: (j, 0), transforms=tr)
     kvh = lax.div(hi, group)
     vec_specs, vec_views = _streamed_sides(names, side_refs, bi, hi, bk, lambda j: j)
-    dq = plgpu.emit_pipeline(
-        step, grid=(steps,), in_specs=[tile, tile] + vec_specs, max_concurrent_steps=stages,
-        init_carry=_layout(jnp.zeros((bq, d), jnp.float32), plgpu.Layout.WGMMA, interpret))(
-            k_ref.at[bi, :, kvh], v_ref.at[bi, :, kvh], *vec_views)
-    q_smem[...] = (dq * scale).astype(q.dtype)
-    plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(q_smem, dq_ref.at[rows])
-    plgpu.wait_smem_to_gmem(0)
+    _run_pipeline(step, wgs=wgs, steps=steps, specs=[tile, tile] + vec_specs,
+                  views=[k_ref.at[bi, :, kvh], v_ref.at[bi, :, kvh]] + vec_views, stages=stages,
+                  own=prologue_epilogue)
 
-  scratch = ([plgpu.SMEM((bq, d), q.dtype, transforms=tr),
-              plgpu.SMEM((bq, d), q.dtype, transforms=tr),
-              plgpu.SMEM((bq,), jnp.float32), plgpu.SMEM((bq,), jnp.float32)]
-             + _side_scratch(sides, bq) + [plgpu.Barrier(num_barriers=4 + ns)])
-  return plgpu.kernel(
+  return _kernel_call(
       kernel,
       out_type=jax.ShapeDtypeStruct(q.shape, q.dtype),
-      scratch_types=tuple(scratch),
-      grid=(h, nq, b), grid_names=("heads", "q_blocks", "batch"),
-      **_params(interpret))(q, k, v, *(a for _, a in sides), do, lse, delta)
+      scratch=(_tile_scratch(wgs, bq, d, q.dtype, 2)
+               + _vector_scratch(wgs, bq, [jnp.float32] * 2 + [a.dtype for _, a in sides])
+               + [plgpu.Barrier(num_barriers=wgs) for _ in range(4 + ns)]),
+      grid=(h, nq, b), grid_names=("heads", "q_blocks", "batch"), wgs=wgs, interpret=interpret,
+      args=(q, k, v, *(a for _, a in sides), do, lse, delta))
 
 
 def _flash_dkdv(q, k, v, sides, do, lse, delta, *, causal, scale, blocks, interpret):
   """dK and dV per query head, [batch, seq, heads, head_dim] each."""
   b, s, h, d = q.shape
   group = h // k.shape[2]
-  bq, bk, stages = blocks
+  bq, bk, stages, wgs = blocks
   nq = s // bq
   tr = _transforms(q.dtype)
   c = scale * LOG2E
@@ -370,17 +423,17 @@ def _flash_dkdv(q, k, v, sides, do, lse, delta, *, causal, scale, blocks, interp
 
   def kernel(q_ref, k_ref, v_ref, *refs):
     side_refs = refs[:ns]
-    do_ref, lse_ref, delta_ref, dk_ref, dv_ref, k_smem, v_smem = refs[ns:ns + 7]
-    side_smem, bars = refs[ns + 7:2 * ns + 7], refs[-1]
+    do_ref, lse_ref, delta_ref, dk_ref, dv_ref, k_smems, v_smems = refs[ns:ns + 7]
+    side_smems, bars = refs[ns + 7:2 * ns + 7], refs[2 * ns + 7:]
     hi, bi = lax.axis_index("heads"), lax.axis_index("batch")
-    ki = lax.axis_index("k_blocks")  # the first blocks have the most causal queries
-    k0 = ki * bk
+    wg = lax.axis_index("wg") if wgs > 1 else 0
+    base = lax.axis_index("k_blocks") * (bk * wgs)  # the first blocks have the most queries
+    k0 = base + wg * bk
+    k_smem, v_smem = k_smems.at[wg], v_smems.at[wg]
+    side_smem = [sm.at[wg] for sm in side_smems]
     kvh = lax.div(hi, group)
-    copies, load_own = _own_sides(names, side_refs, side_smem, bi, hi, k0, bk, interpret)
-    _copy_in([(k_ref.at[bi, pl.ds(k0, bk), kvh], k_smem),
-              (v_ref.at[bi, pl.ds(k0, bk), kvh], v_smem)] + copies, bars)
-    own = load_own()  # along the rows: keys here
-    first = lax.div(k0, bq) if causal else 0  # query blocks before it see none of these keys
+    first = lax.div(base, bq) if causal else 0  # query blocks before it see none of its keys
+    own = {}  # along the rows: keys here
 
     def step(idx, q_smem, do_smem, lse_smem, delta_smem, *rest):
       *streamed_smem, (dk, dv) = rest
@@ -389,8 +442,7 @@ def _flash_dkdv(q, k, v, sides, do, lse, delta, *, causal, scale, blocks, interp
       t = _matmul(k_smem, q_smem, (bk, bq), interpret=interpret, transpose_b=True) * c
       t = _scores(t, interpret, causal=causal, q0=i * bq, k0=k0, own=own, streamed=streamed,
                   queries_on_rows=False)
-      lse_cols = _load_vector(lse_smem, 0, interpret)
-      p = jnp.exp2(t - lax.broadcast_in_dim(lse_cols, t.shape, [1]))
+      p = jnp.exp2(t - lax.broadcast_in_dim(_load_vector(lse_smem, 0, interpret), t.shape, [1]))
       dv = _matmul(p.astype(q.dtype), do_smem, (bk, d), dv, interpret)
       dp = _matmul(v_smem, do_smem, (bk, bq), interpret=interpret, transpose_b=True)
       delta_cols = _load_vector(delta_smem, 0, interpret)
@@ -398,32 +450,37 @@ def _flash_dkdv(q, k, v, sides, do, lse, delta, *, causal, scale, blocks, interp
       dk = _matmul(ds.astype(q.dtype), q_smem, (bk, d), dk, interpret)
       return dk, dv
 
+    def prologue_epilogue(run):
+      copies, load_own = _own_sides(names, side_refs, side_smem, bi, hi, k0, bk, interpret)
+      _copy_in([(k_ref.at[bi, pl.ds(k0, bk), kvh], k_smem),
+                (v_ref.at[bi, pl.ds(k0, bk), kvh], v_smem)] + copies, bars, wg)
+      own.update(load_own())
+      zeros = _layout(jnp.zeros((bk, d), jnp.float32), plgpu.Layout.WGMMA, interpret)
+      dk, dv = run((zeros, zeros))
+      k_smem[...] = (dk * scale).astype(q.dtype)
+      v_smem[...] = dv.astype(q.dtype)
+      plgpu.commit_smem()
+      plgpu.copy_smem_to_gmem(k_smem, dk_ref.at[bi, pl.ds(k0, bk), hi])
+      plgpu.copy_smem_to_gmem(v_smem, dv_ref.at[bi, pl.ds(k0, bk), hi])
+      plgpu.wait_smem_to_gmem(0)
+
     tile = plgpu.BlockSpec((bq, d), lambda i: (i + first, 0), transforms=tr)
     vec = plgpu.BlockSpec((bq,), lambda i: (i + first,))
     vec_specs, vec_views = _streamed_sides(names, side_refs, bi, hi, bq, lambda i: i + first)
-    zeros = _layout(jnp.zeros((bk, d), jnp.float32), plgpu.Layout.WGMMA, interpret)
-    dk, dv = plgpu.emit_pipeline(
-        step, grid=(nq - first,), in_specs=[tile, tile, vec, vec] + vec_specs,
-        max_concurrent_steps=stages, init_carry=(zeros, zeros))(
-            q_ref.at[bi, :, hi], do_ref.at[bi, :, hi], lse_ref.at[bi, hi], delta_ref.at[bi, hi],
-            *vec_views)
-    k_smem[...] = (dk * scale).astype(q.dtype)
-    v_smem[...] = dv.astype(q.dtype)
-    plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(k_smem, dk_ref.at[bi, pl.ds(k0, bk), hi])
-    plgpu.copy_smem_to_gmem(v_smem, dv_ref.at[bi, pl.ds(k0, bk), hi])
-    plgpu.wait_smem_to_gmem(0)
+    _run_pipeline(
+        step, wgs=wgs, steps=nq - first, specs=[tile, tile, vec, vec] + vec_specs,
+        views=[q_ref.at[bi, :, hi], do_ref.at[bi, :, hi], lse_ref.at[bi, hi],
+               delta_ref.at[bi, hi]] + vec_views, stages=stages, own=prologue_epilogue)
 
   per_head = jax.ShapeDtypeStruct(q.shape, q.dtype)
-  scratch = ([plgpu.SMEM((bk, d), q.dtype, transforms=tr),
-              plgpu.SMEM((bk, d), q.dtype, transforms=tr)]
-             + _side_scratch(sides, bk) + [plgpu.Barrier(num_barriers=2 + ns)])
-  return plgpu.kernel(
+  return _kernel_call(
       kernel,
       out_type=(per_head, per_head),
-      scratch_types=tuple(scratch),
-      grid=(h, s // bk, b), grid_names=("heads", "k_blocks", "batch"),
-      **_params(interpret))(q, k, v, *(a for _, a in sides), do, lse, delta)
+      scratch=(_tile_scratch(wgs, bk, d, q.dtype, 2)
+               + _vector_scratch(wgs, bk, [a.dtype for _, a in sides])
+               + [plgpu.Barrier(num_barriers=wgs) for _ in range(2 + ns)]),
+      grid=(h, s // (bk * wgs), b), grid_names=("heads", "k_blocks", "batch"), wgs=wgs,
+      interpret=interpret, args=(q, k, v, *(a for _, a in sides), do, lse, delta))
 
 
 def flash_attention_mgpu(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = True,
@@ -449,8 +506,11 @@ def flash_attention_mgpu(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bo
       every query must see at least itself (causal) or one key of its segment.
     positions: [batch, seq] int positions for the ALiBi distance (default 0..seq-1).
     sm_scale: score scale (default head_dim ** -0.5).
-    blocks: per kernel ("fwd", "dq", "dkdv") a (block_q, block_k, stages) triple, each block 64
-      or 128 and dividing seq; stages is the prefetch depth. Default `DEFAULT_BLOCKS`.
+    blocks: per kernel ("fwd", "dq", "dkdv") a (block_q, block_k, stages[, warpgroups]) tuple:
+      each block 64 or 128 and dividing seq; stages, the prefetch depth; warpgroups 1 (one
+      warpgroup prefetches and computes) or 2 (two compute warpgroups, each with its own block
+      of rows, consume the tiles a third warpgroup loads; seq must then be a multiple of twice
+      the owned block). Default `DEFAULT_BLOCKS` (read at each call).
     interpret: run in Mosaic GPU's interpret mode (CPU).
   Returns:
     [batch, seq, heads, head_dim] in q's dtype.

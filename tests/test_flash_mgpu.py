@@ -38,6 +38,10 @@ def _rel_l2(got, want):
     (False, 2, 2, 64, None),
     # GQA 4:2, head_dim 128, 128-row blocks, 3-stage prefetch in every kernel
     (True, 4, 2, 128, {"fwd": (64, 128, 3), "dq": (128, 64, 2), "dkdv": (128, 64, 1)}),
+    # two compute warpgroups and a memory one in every kernel (one stream, two row blocks),
+    # causal and not, GQA
+    (True, 4, 2, 64, {"fwd": (64, 64, 2, 2), "dq": (64, 64, 2, 2), "dkdv": (64, 64, 2, 2)}),
+    (False, 2, 2, 64, {"fwd": (64, 128, 2, 2), "dq": (64, 64, 3, 2), "dkdv": (128, 64, 2, 2)}),
 ])
 def test_matches_the_reference_in_interpret_mode(causal, h, hkv, d, blocks):
   q, k, v, ct = _inputs(1, 256, h, hkv, d, seed=h + d + causal)
@@ -114,21 +118,24 @@ def test_alibi_with_packed_positions_matches_the_reference(causal):
 def test_the_three_kernels_lower_for_cuda():
   """The GPU lowering (Mosaic GPU's MLIR: TMA descriptors, wgmma layouts, the pipeline's
   barriers) runs on the CPU: the gradient of a causal call lowers to three Mosaic GPU custom
-  calls, at head_dim 128 and 64, with segment ids, and with ALiBi too."""
+  calls, at head_dim 128 and 64, with segment ids, with ALiBi too, and in the two-warpgroup
+  form (warp-specialised pipeline)."""
   seg = jax.ShapeDtypeStruct((2, 1024), jnp.int32)
   slopes = jnp.asarray([0.5, 0.25, 0.125, 0.0625], jnp.float32)
-  for d, with_seg, alibi in ((128, False, False), (64, False, False), (128, True, False),
-                             (128, True, True)):
+  two = {"fwd": (64, 128, 2, 2), "dq": (64, 64, 2, 2), "dkdv": (64, 64, 2, 2)}
+  for d, with_seg, alibi, blocks in ((128, False, False, None), (64, False, False, None),
+                                     (128, True, False, None), (128, True, True, None),
+                                     (128, False, False, two), (128, True, True, two)):
     x = jax.ShapeDtypeStruct((2, 1024, 4, d), jnp.bfloat16)
 
     def loss(q, k, v, seg):
       out = fm.flash_attention_mgpu(q, k, v, segment_ids=seg if with_seg else None,
                                     alibi_slopes=slopes if alibi else None,
-                                    positions=seg if alibi else None)
+                                    positions=seg if alibi else None, blocks=blocks)
       return jnp.sum(out.astype(jnp.float32))
     text = (jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(x, x, x, seg)
             .lower(lowering_platforms=("cuda",)).as_text())
-    assert text.count("stablehlo.custom_call @mosaic_gpu") == 3, (d, with_seg, alibi)
+    assert text.count("stablehlo.custom_call @mosaic_gpu") == 3, (d, with_seg, alibi, blocks)
 
 
 @pytest.mark.parametrize("kwargs,shape,match", [
@@ -136,7 +143,10 @@ def test_the_three_kernels_lower_for_cuda():
     ({}, (1, 200, 2, 64), "seq=200 is not a multiple of the fwd blocks"),
     ({"blocks": {"dq": (32, 64, 2)}}, (1, 256, 2, 64), r"dq blocks \(32, 64\) must be 64 or 128"),
     ({"blocks": {"bwd": (64, 64, 2)}}, (1, 256, 2, 64), "unknown phases"),
-    ({"blocks": {"fwd": (64, 64)}}, (1, 256, 2, 64), "three ints"),
+    ({"blocks": {"fwd": (64, 64)}}, (1, 256, 2, 64), r"must be \(block_q, block_k, stages\)"),
+    ({"blocks": {"dkdv": (64, 64, 2, 3)}}, (1, 256, 2, 64), "warpgroups=3 must be 1 or 2"),
+    # two warpgroups own 2 x 128 rows: 384 is a multiple of the blocks but not of that
+    ({"blocks": {"fwd": (128, 64, 2, 2)}}, (1, 384, 2, 64), "x 2 warpgroups"),
 ])
 def test_bad_shapes_and_blocks_are_refused_by_name(kwargs, shape, match):
   x = jnp.zeros(shape, jnp.bfloat16)
