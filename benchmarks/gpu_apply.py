@@ -3,7 +3,7 @@
   python3 benchmarks/gpu_apply.py docs/results/gpu_suite_h200.json            # the decisions
   python3 benchmarks/gpu_apply.py docs/results/gpu_suite_h200.json --write    # and the edits
 
-The suite's A/Bs decide eight things; this prints each decision with its evidence and, with
+The suite's A/Bs decide nine things; this prints each decision with its evidence and, with
 `--write`, edits the constants in the sources (and prints the diff), so what a GPU run found
 becomes the default the same way every time:
 
@@ -22,6 +22,10 @@ becomes the default the same way every time:
 * `baichuan_jax.model.layers.SWIGLU_VJP`: the `swiglu autodiff` or `swiglu vjp` train A/B (the
   SwiGLU product's backward by jax's autodiff of the formula, or `layers.swiglu`'s own, which
   keeps half as many [batch, seq, ffn] arrays; the suite runs the arm the default is not);
+* `kernels_pallas.flash_mgpu.DEFAULT_BLOCKS`: the Mosaic GPU kernels' blocks, stages and
+  compute warpgroups, from the suite's `mosaic_blocks_used` (the fastest fwd+bwd setting at seq
+  4096, which the run then checked and used for the ~1B step on those kernels), when it passed
+  the checks and beat the run's defaults by `--min-gain`;
 * `baichuan_jax.model.layers.FLASH_MOSAIC`: the `mosaic attention` or `triton attention` train
   A/B (the step's attention on the Hopper kernels, kernels_pallas.flash_mgpu, or on the Triton
   ones), only when the `attention mosaic` section's check of those kernels passed;
@@ -70,6 +74,9 @@ STEP = "baichuan_jax/train/step.py"
 # The file of each switch gpu_apply may flip (the layers module unless named here).
 SWITCH_FILES = {"GUARD_RECOMPUTE": STEP}
 SUITE = "benchmarks/gpu_suite.py"
+MOSAIC = "kernels_pallas/flash_mgpu.py"
+MOSAIC_BEGIN, MOSAIC_END = "# BEGIN MOSAIC_BLOCKS", "# END MOSAIC_BLOCKS"
+MOSAIC_SETTING = "kernels_pallas.flash_mgpu.DEFAULT_BLOCKS"
 COST_BEGIN, COST_END = "# BEGIN COST", "# END COST"
 COST_CHANGE = 0.15  # an estimate the run's time missed by more than 15% is rescaled ...
 COST_MARGIN = 1.1  # ... to that time plus 10%
@@ -80,6 +87,7 @@ COST_KEYS = {"env": ("env",), "ceilings": ("ceilings",), "check": ("check",),
              "decode": ("decode_step", "decode first step"),
              "decode_kernel": ("decode_kernel item",), "decode no-check": ("decode_step",),
              "attention mosaic": ("attention mosaic check", "attention mosaic item"),
+             "attention mosaic blocks": ("attention mosaic item",),
              "attention mosaic extra": ("attention mosaic item",)}
 TUNING_BEGIN = "# BEGIN MEASURED_TUNING"
 TUNING_END = "# END MEASURED_TUNING"
@@ -199,6 +207,20 @@ def _block(text, path, begin, end):
   return text.index("\n", start) + 1, stop
 
 
+def current_mosaic_blocks(root) -> dict:
+  """flash_mgpu.DEFAULT_BLOCKS as the sources hold it."""
+  text = _read(root, MOSAIC)
+  a, b = _block(text, Path(root) / MOSAIC, MOSAIC_BEGIN, MOSAIC_END)
+  body = text[a:b].strip()
+  try:
+    if not body.startswith("DEFAULT_BLOCKS = "):
+      raise ValueError("no 'DEFAULT_BLOCKS = {...}'")
+    return ast.literal_eval(body[len("DEFAULT_BLOCKS = "):])
+  except (ValueError, SyntaxError) as e:
+    raise ApplyError(f"{Path(root) / MOSAIC}: the MOSAIC_BLOCKS block must hold one literal "
+                     f"'DEFAULT_BLOCKS = {{...}}' ({e})") from None
+
+
 def current_cost(root) -> dict:
   """gpu_suite.COST as the sources hold it."""
   text = _read(root, SUITE)
@@ -291,6 +313,30 @@ def _faster_arm(setting, name, cur, arms, evidence, min_gain) -> dict:
   if gain < min_gain:
     return _decision(setting, cur, cur, evidence + f", below the {min_gain:.0%} margin, kept")
   return _decision(setting, cur, fast, evidence)
+
+
+def decide_mosaic_blocks(result, root, min_gain) -> dict:
+  """flash_mgpu.DEFAULT_BLOCKS from the run's `mosaic_blocks_used`: the fastest block setting
+  of the Mosaic kernels' fwd+bwd at one seq, written only when it passed the kernels' checks
+  and beat the blocks the run started from by `min_gain`."""
+  cur = current_mosaic_blocks(root)
+  used = result.get("mosaic_blocks_used")
+  if not used:
+    return _decision(MOSAIC_SETTING, cur, cur, "not measured (the attention mosaic blocks "
+                                               "stage did not time the settings)")
+  gain = used["default_ms"] / used["ms"] - 1
+  evidence = (f"Mosaic fwd+bwd at seq {used['seq']}: fastest {used['variant']!r} "
+              f"{used['ms']:.3f} ms vs the run's defaults {used['default_ms']:.3f} ms "
+              f"({gain:+.1%})")
+  if used["variant"] == "default":
+    return _decision(MOSAIC_SETTING, cur, cur, evidence + "; the defaults are fastest")
+  if not used.get("checked") or not used.get("blocks"):
+    return _decision(MOSAIC_SETTING, cur, cur, evidence + "; it failed the kernels' checks, kept")
+  if gain < min_gain:
+    return _decision(MOSAIC_SETTING, cur, cur, evidence + f"; below the {min_gain:.0%} margin, "
+                                                          "kept")
+  return _decision(MOSAIC_SETTING, cur, {ph: tuple(v) for ph, v in used["blocks"].items()},
+                   evidence)
 
 
 def decide_guard(result, root, min_gain) -> dict:
@@ -405,6 +451,7 @@ def decide(result, root=ROOT, min_gain=0.03) -> list:
   if not 0 <= min_gain < 1:
     raise ApplyError(f"min_gain={min_gain} is invalid: must be in [0, 1)")
   return ([decide_tiling(result, root, min_gain, rope) for rope in (False, True)]
+          + [decide_mosaic_blocks(result, root, min_gain)]
           + [decide_switch(result, root, n, min_gain) for n in SWITCH_VARIANTS]
           + [decide_guard(result, root, min_gain)]
           + [decide_cost(result, root)] + report_only(result, min_gain))
@@ -422,10 +469,16 @@ def edited_sources(decisions, root=ROOT) -> dict:
       continue
     setting = dcs["setting"]
     rel = (ATTENTION if ".MEASURED_TUNING[" in setting else SUITE if setting == "gpu_suite.COST"
+           else MOSAIC if setting == MOSAIC_SETTING
            else SWITCH_FILES.get(setting.rsplit(".", 1)[1], LAYERS))
     if rel not in texts:
       texts[rel] = [_read(root, rel)] * 2
-    if rel == SUITE:
+    if rel == MOSAIC:
+      text = texts[rel][1]
+      a, b = _block(text, Path(root) / MOSAIC, MOSAIC_BEGIN, MOSAIC_END)
+      body = "DEFAULT_BLOCKS = " + pprint.pformat(dcs["proposed"], width=100, sort_dicts=True)
+      texts[rel][1] = text[:a] + body.replace("\n", "\n" + " " * 17) + "\n" + text[b:]
+    elif rel == SUITE:
       text = texts[rel][1]
       a, b = _block(text, Path(root) / SUITE, COST_BEGIN, COST_END)
       body = "COST = " + pprint.pformat(dcs["proposed"], width=80, sort_dicts=True)
@@ -459,6 +512,8 @@ def _show(value) -> str:
   """A setting's value for the table: a MEASURED_TUNING path as its tilings' names."""
   if isinstance(value, dict) and all(isinstance(v, (int, float)) for v in value.values()):
     return f"{len(value)} estimates"  # COST: which moved is in the evidence
+  if isinstance(value, dict) and all(isinstance(v, (tuple, list)) for v in value.values()):
+    return ", ".join(f"{ph} {tuple(v)}" for ph, v in sorted(value.items()))  # Mosaic blocks
   if isinstance(value, dict):
     return ", ".join(f"head_dim {hd}: {e.get('variant', 'measured')}"
                      for hd, e in sorted(value.items())) or "{} (the code's defaults)"

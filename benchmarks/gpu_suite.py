@@ -202,6 +202,7 @@ class Suite:
                        cost=dict(COST))  # the estimates this run's guard used
     self.lock = threading.Lock()
     self.estimated = 0.0  # the estimates of the items the current section ran (fits() True)
+    self.mosaic_blocks_saved = None  # flash_mgpu.DEFAULT_BLOCKS before this run changed them
 
   def elapsed(self) -> float:
     return time.perf_counter() - self.t0
@@ -472,9 +473,11 @@ def section_attention(suite, backend, cfg):
 # within an SM's 227 KiB of shared memory.
 MOSAIC_VARIANTS = (
     ("default", None),
+    ("2 warpgroups", {"fwd": (64, 64, 2, 2), "dq": (64, 64, 2, 2), "dkdv": (64, 64, 2, 2)}),
+    ("2 warpgroups, fwd keys 128", {"fwd": (64, 128, 2, 2), "dq": (64, 64, 2, 2),
+                                    "dkdv": (64, 64, 2, 2)}),
     ("fwd keys 128", {"fwd": (64, 128, 2)}),
     ("3 stages", {"fwd": (64, 64, 3), "dq": (64, 64, 3), "dkdv": (64, 64, 3)}),
-    ("dK/dV queries 128", {"dkdv": (128, 64, 2)}),
 )
 MOSAIC_CHECK = "flash mosaic (Hopper kernels: fwd, dQ, dK/dV; causal, GQA)"
 MOSAIC_CHECK_PACKED = "flash mosaic packed (segments, positions, ALiBi; causal, GQA)"
@@ -485,41 +488,30 @@ MOSAIC_CHECK_PACKED = "flash mosaic packed (segments, positions, ALiBi; causal, 
 # compute warpgroups and a TMA warpgroup, float16), to see how far the forward is from the
 # warp-specialised design (the `attention` section times fwd+bwd only).
 MOSAIC_FWD_IMPLS = ("mosaic", "ours", "cudnn", "jax_mgpu")
+MOSAIC_STAGES = ("main", "blocks", "extra")
 
 
-def mosaic_plan(cfg) -> list:
-  """[(mode, seq, impl, variant name, blocks)]: the default blocks fwd+bwd at every seq, the
-  other variants (the first `cfg["variants"]` of them with --small) at `variant_seq`, then the
-  forward alone there by each of `MOSAIC_FWD_IMPLS` (those of `cfg["fwd_impls"]` if given)."""
+def mosaic_plan(cfg, stage=None) -> list:
+  """[(mode, seq, impl, variant name, blocks)] of one stage of the Mosaic sections (None: all):
+  "main", the default blocks fwd+bwd at every seq; "blocks", the other variants (the first
+  `cfg["variants"]` of them with --small) at `variant_seq`; "extra", the forward alone there by
+  each of `MOSAIC_FWD_IMPLS` (those of `cfg["fwd_impls"]` if given)."""
   others = MOSAIC_VARIANTS[1:][:cfg.get("variants", len(MOSAIC_VARIANTS))]
-  return ([("fwdbwd", s, "mosaic", "default", None) for s in cfg["seqs"]]
-          + [("fwdbwd", cfg["variant_seq"], "mosaic", name, blocks) for name, blocks in others]
-          + [("fwd", cfg["variant_seq"], impl, "default", None)
+  plans = dict(
+      main=[("fwdbwd", s, "mosaic", "default", None) for s in cfg["seqs"]],
+      blocks=[("fwdbwd", cfg["variant_seq"], "mosaic", name, blocks) for name, blocks in others],
+      extra=[("fwd", cfg["variant_seq"], impl, "default", None)
              for impl in cfg.get("fwd_impls", MOSAIC_FWD_IMPLS)])
+  return plans[stage] if stage else [item for st in MOSAIC_STAGES for item in plans[st]]
 
 
-def section_attention_mosaic(suite, backend, cfg, extra=False):
-  """The Mosaic GPU flash attention: checked against the fp32 reference (out, dQ, dK, dV), then
-  timed fwd+bwd as the `attention` section times ours and cuDNN (rows `impl` "mosaic"). Last in
-  the run: a new kernel that no GPU has run yet, so a fault or a hang here (the watchdog ends
-  the process at the hard limit) costs no other section's figures. `extra`: the rest of
-  `mosaic_plan` (the other blocks, the forward alone), once its check passed: run after the
-  ~1B step on these kernels, which bears on the MFU aim."""
-  import attention as attn_bench  # benchmarks/attention.py
+def _mosaic_checks(suite, backend, cfg, blocks=None, variant="default") -> bool:
+  """The Mosaic kernels (with `blocks`) against the fp32 reference, out / dQ / dK / dV: plain
+  causal GQA, and packed (two documents per row, positions restarting, ALiBi). Rows of kind
+  "check" for the default blocks (what `mosaic_check_passed` reads), "variant check" for
+  others. True if both pass."""
+  from baichuan_jax.model.positions import alibi_slopes
   from kernels_pallas.flash_mgpu import flash_attention_mgpu
-  attn_bench.BACKEND = backend
-  rows = suite.result["attention_mosaic"]
-  plan = mosaic_plan(cfg)
-  first = len(cfg["seqs"])  # the default blocks' fwd+bwd at every seq: the section proper
-  if extra:
-    if not mosaic_check_passed(suite.result):
-      suite.result["skipped"].append("attention mosaic extra: the Mosaic kernels' check did "
-                                     "not run or did not pass")
-      return
-    _time_mosaic(suite, attn_bench, cfg, plan[first:])
-    return
-  if not suite.fits("attention mosaic check", COST["attention mosaic check"]):
-    return
   c = cfg["check"]
   keys = jax.random.split(jax.random.PRNGKey(int(time.time()) % 10000), 4)
   q = jax.random.normal(keys[0], (c["b"], c["s"], c["h"], c["d"]), jnp.float32)
@@ -531,30 +523,79 @@ def section_attention_mosaic(suite, backend, cfg, extra=False):
     o, vjp = jax.vjp(fn, q, k, v)
     return (o,) + vjp(ct.astype(o.dtype))
 
-  from baichuan_jax.model.positions import alibi_slopes
-  # two documents per row (the second from a third of the way), positions restarting there
   cut = c["s"] // 3
   seg = jnp.where(jnp.arange(c["s"])[None] < cut, 1, 2) * jnp.ones((c["b"], 1), jnp.int32)
   pos = jnp.where(seg == 1, jnp.arange(c["s"])[None], jnp.arange(c["s"])[None] - cut)
   packed = dict(alibi_slopes=jnp.asarray(alibi_slopes(c["h"])), segment_ids=seg, positions=pos)
   bf = lambda x: x.astype(jnp.bfloat16)
-  limit = 1.5e-2  # as the Triton kernels' checks
+  limit, ok = 1.5e-2, True  # as the Triton kernels' checks
   for name, kw in ((MOSAIC_CHECK, {}), (MOSAIC_CHECK_PACKED, packed)):
     with jax.default_matmul_precision("highest"):
       want = jax.jit(functools.partial(both, functools.partial(attention_reference, **kw)))(
           q, k, v)
-    ours = functools.partial(flash_attention_mgpu, interpret=backend == "interpret", **kw)
+    ours = functools.partial(flash_attention_mgpu, interpret=backend == "interpret",
+                             blocks=blocks, **kw)
     got = jax.jit(functools.partial(both, ours))(bf(q), bf(k), bf(v))
     errs = {n: _rel_l2(g, w) for n, g, w in zip(("out", "dq", "dk", "dv"), got, want)}
-    check = dict(kind="check", kernel=name, shape=[c["b"], c["s"], c["h"], c["hkv"], c["d"]],
-                 rel_l2=errs, limit=limit, ok=all(e <= limit for e in errs.values()))
-    rows.append(check)
-    print(f"check {name}: " + ", ".join(f"{n} {e:.2e}" for n, e in errs.items()), flush=True)
+    row = dict(kind="check" if blocks is None else "variant check", kernel=name,
+               variant=variant, shape=[c["b"], c["s"], c["h"], c["hkv"], c["d"]], rel_l2=errs,
+               limit=limit, ok=all(e <= limit for e in errs.values()))
+    ok &= row["ok"]
+    suite.result["attention_mosaic"].append(row)
+    print(f"check {name} ({variant}): " + ", ".join(f"{n} {e:.2e}" for n, e in errs.items()),
+          flush=True)
     suite.write()
-  if not mosaic_check_passed(suite.result):
-    suite.result["skipped"].append("attention mosaic timing: its check failed")
+  return ok
+
+
+def section_attention_mosaic(suite, backend, cfg, stage="main"):
+  """The Mosaic GPU flash attention (kernels_pallas.flash_mgpu) in three stages, each its own
+  section (`mosaic_plan`), last in the run: new kernels that no GPU has run yet, so a fault or
+  a hang here (the watchdog ends the process at the hard limit) costs no other section's
+  figures. "main": the checks (`_mosaic_checks`), then, only if they pass, fwd+bwd at the
+  `attention` section's seqs (rows `impl` "mosaic" beside its cuDNN and Triton ones). "blocks":
+  the other block settings at `variant_seq`; the fastest, if it also passes the checks, becomes
+  this process's `flash_mgpu.DEFAULT_BLOCKS` (`mosaic_blocks_used`), which the ~1B step on these
+  kernels then runs. "extra": the forward alone by them and by the other kernels."""
+  import attention as attn_bench  # benchmarks/attention.py
+  attn_bench.BACKEND = backend
+  if stage != "main" and not mosaic_check_passed(suite.result):
+    suite.result["skipped"].append(f"attention mosaic {stage}: the Mosaic kernels' checks did "
+                                   "not run or did not pass")
     return
-  _time_mosaic(suite, attn_bench, cfg, plan[:first])
+  if stage == "main":
+    if not suite.fits("attention mosaic check", COST["attention mosaic check"]):
+      return
+    if not _mosaic_checks(suite, backend, cfg):
+      suite.result["skipped"].append("attention mosaic timing: its check failed")
+      return
+  _time_mosaic(suite, attn_bench, cfg, mosaic_plan(cfg, stage))
+  if stage == "blocks":
+    _pick_mosaic_blocks(suite, backend, cfg)
+
+
+def _pick_mosaic_blocks(suite, backend, cfg):
+  """The fastest block setting at `variant_seq` (the default's row there from the "main"
+  stage), checked, set as this process's `flash_mgpu.DEFAULT_BLOCKS`."""
+  from kernels_pallas import flash_mgpu
+  rows = [r for r in suite.result["attention_mosaic"] if r.get("kind") == "time"
+          and r["mode"] == "fwdbwd" and r["seq"] == cfg["variant_seq"] and "ms" in r]
+  default = next((r for r in rows if r["variant"] == "default"), None)
+  if default is None or len(rows) < 2:
+    return
+  best = min(rows, key=lambda r: r["ms"])
+  used = dict(variant=best["variant"], ms=best["ms"], default_ms=default["ms"],
+              seq=best["seq"], blocks=None)
+  if best["variant"] != "default":
+    blocks = dict(MOSAIC_VARIANTS)[best["variant"]]
+    used["checked"] = _mosaic_checks(suite, backend, cfg, blocks, best["variant"])
+    if used["checked"]:
+      resolved = flash_mgpu.resolve_blocks(blocks)
+      used["blocks"] = {ph: list(v) for ph, v in resolved.items()}
+      suite.mosaic_blocks_saved = dict(flash_mgpu.DEFAULT_BLOCKS)  # main restores it
+      flash_mgpu.DEFAULT_BLOCKS.update(resolved)
+  suite.result["mosaic_blocks_used"] = used
+  print(f"mosaic blocks used: {used}", flush=True)
 
 
 def _time_mosaic(suite, attn_bench, cfg, plan):
@@ -1502,6 +1543,7 @@ def summarise(result):
       for r in result["decode_kernel"]}
   if result.get("attention_mosaic"):
     s["attention_mosaic"] = mosaic_summary(result)
+    s["attention_mosaic"]["blocks_used"] = result.get("mosaic_blocks_used")
   s["checks_ok"] = all(r.get("ok") for r in result["check"]) if result["check"] else None
   s["tuning_used"] = result.get("tuning_used")
   s["tuning_used_rope"] = result.get("tuning_used_rope")
@@ -1555,11 +1597,18 @@ def mosaic_markdown(result) -> list:
   out = ["## Attention on the Mosaic GPU kernels (kernels_pallas.flash_mgpu; causal, bf16, "
          "no bias)", ""]
   for r in rows:
-    if r.get("kind") == "check":
+    if r.get("kind") in ("check", "variant check"):
       errs = ", ".join(f"{k} {v:.2e}" for k, v in r["rel_l2"].items())
-      out += [f"Check {r['kernel']} against the fp32 reference, shape {r['shape']} (b, s, h, "
-              f"kv heads, d): {errs} (limit {r['limit']}): {'ok' if r['ok'] else 'FAILED'}.",
-              ""]
+      out += [f"Check {r['kernel']} (blocks: {r.get('variant', 'default')}) against the fp32 "
+              f"reference, shape {r['shape']} (b, s, h, kv heads, d): {errs} (limit "
+              f"{r['limit']}): {'ok' if r['ok'] else 'FAILED'}.", ""]
+  used = result.get("mosaic_blocks_used")
+  if used:
+    out += [f"Blocks the rest of the run used: {used['variant']} ({used['ms']:.3f} ms fwd+bwd at "
+            f"seq {used['seq']} against the default's {used['default_ms']:.3f} ms"
+            + ("" if used["variant"] == "default" else
+               f"; {'checked' if used.get('checked') else 'its check FAILED: default kept'}")
+            + ").", ""]
   times = [r for r in rows if r.get("kind") == "time"]
   if times:
     out += ["| mode | seq | batch | kernels | blocks | TFLOP/s | ms | Mosaic over cuDNN | "
@@ -1826,15 +1875,16 @@ def main(argv=None):
                                                            span_check_ab=True),
                  COST["decode_step"]))
   if "attention_mosaic" in sections:  # last: new kernels no GPU has run yet
-    plan.append(("attention mosaic",
-                 lambda: section_attention_mosaic(suite, backend, shapes["mosaic"]),
-                 COST["attention mosaic check"]))
-    if "train" in sections:  # the step on them, once they passed their check
+    mosaic = lambda stage: (  # noqa: E731
+        "attention mosaic" + ("" if stage == "main" else f" {stage}"),
+        lambda: section_attention_mosaic(suite, backend, shapes["mosaic"], stage),
+        COST["attention mosaic check" if stage == "main" else "attention mosaic item"])
+    plan += [mosaic("main"), mosaic("blocks")]
+    if "train" in sections:  # the step on them (the fastest blocks), once they passed the checks
       plan += [variant(name) for name in MOSAIC_TRAIN_VARIANTS if not redundant_variant(name)]
-    plan.append(("attention mosaic extra",
-                 lambda: section_attention_mosaic(suite, backend, shapes["mosaic"], extra=True),
-                 COST["attention mosaic item"]))
-  # the `tiles` sections set this run's fastest tilings in MEASURED_TUNING (this process only)
+    plan.append(mosaic("extra"))
+  # the `tiles` sections set this run's fastest tilings in MEASURED_TUNING, the Mosaic "blocks"
+  # stage its fastest blocks in flash_mgpu.DEFAULT_BLOCKS (this process only)
   measured = copy.deepcopy(kernels_pallas.attention.MEASURED_TUNING)
   finished = start_watchdog(suite, args.budget_s + WATCHDOG_GRACE_S)  # stood down in finally
   try:
@@ -1861,6 +1911,9 @@ def main(argv=None):
     finished.set()  # the watchdog must not end a caller that goes on (a test, a notebook)
     kernels_pallas.attention.MEASURED_TUNING.clear()
     kernels_pallas.attention.MEASURED_TUNING.update(measured)
+    if suite.mosaic_blocks_saved is not None:  # what `_pick_mosaic_blocks` replaced
+      from kernels_pallas import flash_mgpu
+      flash_mgpu.DEFAULT_BLOCKS.update(suite.mosaic_blocks_saved)
   suite.write(summary=True)  # also when every section was skipped: the file says so
   print(suite.markdown_text, flush=True)
   return suite.result

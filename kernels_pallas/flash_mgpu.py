@@ -104,7 +104,7 @@ def check_shapes(q_shape, k_shape, dtype, blocks: dict) -> Optional[str]:
   return None
 
 
-def _resolve_blocks(blocks: Optional[dict]) -> dict:
+def resolve_blocks(blocks: Optional[dict]) -> dict:
   """Every phase's (block_q, block_k, stages, compute warpgroups), from `blocks` (triples or
   quadruples; the warpgroups default to 1) and `DEFAULT_BLOCKS`."""
   blocks = dict(blocks or {})
@@ -517,7 +517,7 @@ def flash_attention_mgpu(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bo
   Raises:
     ValueError naming what does not fit (`check_shapes`).
   """
-  resolved = _resolve_blocks(blocks)
+  resolved = resolve_blocks(blocks)
   b, s, h = q.shape[:3] if q.ndim == 4 else (None, None, None)
   reason = check_shapes(q.shape, k.shape, q.dtype, resolved)
   if reason is None and (v.shape != k.shape or q.dtype != k.dtype or q.dtype != v.dtype):

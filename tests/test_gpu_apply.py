@@ -70,12 +70,17 @@ BASE_COST = {"attention item": 6, "ceilings": 15, "check": 45, "decode first ste
              "train rope in kernel": 30, "train whole-logit loss": 30, "train xla RMSNorm": 30}
 
 
+# flash_mgpu.DEFAULT_BLOCKS before any device run: one compute warpgroup, 64 x 64, 2 stages.
+BASE_MOSAIC_BLOCKS = {"fwd": (64, 64, 2, 1), "dq": (64, 64, 2, 1), "dkdv": (64, 64, 2, 1)}
+
+
 def _checkout(tmp_path):
   """A copy of the files gpu_apply edits, laid out as in the repository, with the settings a
   device run decides reset to the pre-measurement state the tests start from (both switches
   True, no measured tiling), whatever a device run has since written into the sources."""
   root = tmp_path / "root"
-  for rel in (gpu_apply.ATTENTION, gpu_apply.LAYERS, gpu_apply.SUITE, gpu_apply.STEP):
+  for rel in (gpu_apply.ATTENTION, gpu_apply.LAYERS, gpu_apply.SUITE, gpu_apply.STEP,
+              gpu_apply.MOSAIC):
     (root / rel).parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(ROOT / rel, root / rel)
   step = root / gpu_apply.STEP
@@ -98,6 +103,12 @@ def _checkout(tmp_path):
   suite.write_text(text[:a] + gpu_apply.COST_BEGIN + "\n" + body.replace("\n", "\n" + " " * 7)
                    + "\n" + text[b:])
   assert gpu_apply.current_cost(root) == BASE_COST
+  mosaic = root / gpu_apply.MOSAIC
+  text = mosaic.read_text()
+  a, b = text.index(gpu_apply.MOSAIC_BEGIN), text.index(gpu_apply.MOSAIC_END)
+  mosaic.write_text(text[:a] + gpu_apply.MOSAIC_BEGIN + " (benchmarks/gpu_apply.py rewrites this "
+                    "block)\nDEFAULT_BLOCKS = " + repr(BASE_MOSAIC_BLOCKS) + "\n" + text[b:])
+  assert gpu_apply.current_mosaic_blocks(root) == BASE_MOSAIC_BLOCKS
   return root
 
 
@@ -261,6 +272,36 @@ def test_the_hopper_kernels_are_set_by_their_train_ab_only_once_checked(tmp_path
   assert gpu_apply.current_switch(root, "FLASH_MOSAIC") is check_ok
   if not check_ok:
     assert "check (attention mosaic section) did not pass" in row
+
+
+@pytest.mark.parametrize("ms, checked, written", [(8.0, True, True), (8.0, False, False),
+                                                  (9.9, True, False)])
+def test_the_mosaic_blocks_are_set_by_the_fastest_checked_setting(tmp_path, capsys, ms, checked,
+                                                                  written):
+  # the run's defaults 10.0 ms fwd+bwd at seq 4096; "2 warpgroups" 8.0 ms (25% faster: written
+  # when it passed the checks, else kept) or 9.9 ms (1%: under the margin)
+  two = {"fwd": [64, 64, 2, 2], "dq": [64, 64, 2, 2], "dkdv": [64, 64, 2, 2]}
+  result = _result()
+  result["mosaic_blocks_used"] = dict(variant="2 warpgroups", ms=ms, default_ms=10.0, seq=4096,
+                                      checked=checked, blocks=two if checked else None)
+  root = _checkout(tmp_path)
+  pristine = (root / gpu_apply.MOSAIC).read_text()
+  assert gpu_apply.main([str(_write(tmp_path, result)), "--write", "--root", str(root)]) == 0
+  row = next(ln for ln in capsys.readouterr().out.splitlines()
+             if ln.startswith("| kernels_pallas.flash_mgpu.DEFAULT_BLOCKS |"))
+  assert ("| change |" in row) is written
+  want = {ph: tuple(v) for ph, v in two.items()} if written else BASE_MOSAIC_BLOCKS
+  assert gpu_apply.current_mosaic_blocks(root) == want
+  new = (root / gpu_apply.MOSAIC).read_text()
+  # only the block's one line changes, and the edited module still parses with those blocks
+  changed = [(a, b) for a, b in zip(pristine.splitlines(), new.splitlines()) if a != b]
+  assert len(changed) == (1 if written else 0)
+  assert len(pristine.splitlines()) == len(new.splitlines())
+  if not checked:
+    assert "failed the kernels' checks" in row
+  if written:
+    module = _import_attention(root / gpu_apply.MOSAIC)
+    assert module.resolve_blocks(None) == want
 
 
 def test_below_margin_and_same_arms_change_nothing(tmp_path):

@@ -194,8 +194,12 @@ def test_gpu_suite_small_runs_every_section(tmp_path):
   assert times["train"]["estimate_s"] == gpu_suite.COST["train"]
   # the decode span check's A/B decides nothing: it runs before the Mosaic GPU kernels and the
   # step on them, last since no GPU has run them yet (a fault there costs no other figures)
-  assert list(times)[-4:] == ["decode no-check", "attention mosaic", "train mosaic attention",
-                              "attention mosaic extra"]
+  assert list(times)[-5:] == ["decode no-check", "attention mosaic", "attention mosaic blocks",
+                              "train mosaic attention", "attention mosaic extra"]
+  # the blocks stage picked the faster of the two it timed, and recorded it
+  used = result["mosaic_blocks_used"]
+  timed = {r["variant"]: r["ms"] for r in mosaic if r.get("mode") == "fwdbwd"}
+  assert used["variant"] == min(timed, key=timed.get) and used["ms"] == min(timed.values())
   assert [r["label"] for r in result["decode"]][-1] == "pallas_no_span_check"
   assert all(t["seconds"] >= 0 for t in times.values()) and "## Section times" in md
   assert {t["guard_scale"] for t in times.values()} == {0.0}  # --small: the guard stands aside
@@ -212,7 +216,8 @@ def test_gpu_suite_small_runs_every_section(tmp_path):
   import gpu_apply
   decisions = gpu_apply.decide(gpu_apply.load_results(tmp_path / "gpu_suite.json"))
   assert [d["setting"].rsplit(".", 1)[1] for d in decisions if d["writes"]] == [
-      "MEASURED_TUNING['plain']", "MEASURED_TUNING['rope']", "ROPE_IN_KERNEL", "FUSED_RMS_NORM",
+      "MEASURED_TUNING['plain']", "MEASURED_TUNING['rope']", "DEFAULT_BLOCKS", "ROPE_IN_KERNEL",
+      "FUSED_RMS_NORM",
       "SCAN_LAYERS", "SWIGLU_VJP", "FLASH_MOSAIC", "GUARD_RECOMPUTE", "COST"]
   # the guard's form is decided from this file's own optimizer rows (both forms timed)
   guard = next(d for d in decisions if d["setting"].endswith("GUARD_RECOMPUTE"))
@@ -243,16 +248,18 @@ def test_gpu_suite_preflight_lowers_every_device_program_for_cuda(tmp_path):
   # and the Mosaic GPU kernels: the default blocks fwd+bwd at 3 seqs, 3 other blocks at one,
   # the forward alone there (ours on Mosaic GPU and on Triton; cuDNN's and jax's Mosaic forward
   # ask the device when they lower), and the ~1B step on them
-  assert len(by) == 46 + 5 + 1 + 1 + 8 + 1
+  assert len(by) == 46 + 5 + 1 + 1 + 9 + 1
   mosaic_counts = {(r["section"], r["program"]): r["mosaic_kernels"] for r in result["programs"]}
   mosaic = {p: n for (s, p), n in mosaic_counts.items() if s == "attention mosaic"}
-  assert len(mosaic) == 8 and len(gpu_suite.mosaic_plan(gpu_suite.FULL["mosaic"])) == 10
-  # fwd+bwd: the fwd, dQ and dK/dV Mosaic GPU kernels, no Triton kernel; the forwards: one
-  assert [n for p, n in mosaic.items() if "fwd+bwd" in p] == [3] * 6
+  assert len(mosaic) == 9 and len(gpu_suite.mosaic_plan(gpu_suite.FULL["mosaic"])) == 11
+  # fwd+bwd (3 seqs, 4 other block settings, the two-warpgroup ones among them): the fwd, dQ
+  # and dK/dV Mosaic GPU kernels, no Triton kernel; the forwards: one
+  assert [n for p, n in mosaic.items() if "fwd+bwd" in p] == [3] * 7
+  assert "mosaic fwd+bwd seq 4096 2 warpgroups" in mosaic
   assert all(by[("attention mosaic", p)] == 0 for p in mosaic if "fwd+bwd" in p)
   assert (mosaic["mosaic fwd seq 4096"], by[("attention mosaic", "mosaic fwd seq 4096")]) == (1, 0)
   assert (mosaic["ours fwd seq 4096"], by[("attention mosaic", "ours fwd seq 4096")]) == (0, 1)
-  assert sum(mosaic_counts.values()) == 6 * 3 + 1 + 3  # none anywhere else
+  assert sum(mosaic_counts.values()) == 7 * 3 + 1 + 3  # none anywhere else
   # ~1B step (no remat), the layer scan's body once: attention 3 + two RMSNorms x (fwd, bwd) 4,
   # and the final norm's fwd + bwd 2.
   assert by[("train", "~1B step (pallas, 4x4096)")] == 9
@@ -290,6 +297,33 @@ def test_gpu_suite_preflight_lowers_every_device_program_for_cuda(tmp_path):
   assert sum(s == "decode_kernel" for s, _ in by) == 3 + 4 + 2 + 1
   assert "| train | ~1B step (pallas, 4x4096) | 9 | 0 | yes |" in (
       tmp_path / "gpu_suite_preflight.md").read_text()
+
+
+def test_a_faster_mosaic_block_setting_is_checked_then_used_for_the_run(tmp_path):
+  """The "blocks" stage: a variant faster than the defaults at variant_seq is checked (both
+  checks, as "variant check" rows) and becomes flash_mgpu.DEFAULT_BLOCKS for the rest of the
+  run (recorded as mosaic_blocks_used); main() puts the defaults back."""
+  from kernels_pallas import flash_mgpu
+  before = dict(flash_mgpu.DEFAULT_BLOCKS)
+  cfg = gpu_suite.SMALL["mosaic"]
+  name, blocks = gpu_suite.MOSAIC_VARIANTS[1]  # two compute warpgroups
+  suite = gpu_suite.Suite(type("Args", (), dict(out=str(tmp_path), small=True, budget_s=1e9))(),
+                          gpu_suite.SMALL)
+  row = lambda variant, ms: dict(kind="time", mode="fwdbwd", seq=cfg["variant_seq"],  # noqa
+                                 impl="mosaic", variant=variant, ms=ms)
+  suite.result["attention_mosaic"] += [row("default", 2.0), row(name, 1.5)]
+  try:
+    gpu_suite._pick_mosaic_blocks(suite, "interpret", cfg)  # pylint: disable=protected-access
+    used = suite.result["mosaic_blocks_used"]
+    assert (used["variant"], used["ms"], used["default_ms"], used["checked"]) == (
+        name, 1.5, 2.0, True)
+    assert flash_mgpu.DEFAULT_BLOCKS == flash_mgpu.resolve_blocks(blocks) != before
+    assert used["blocks"] == {ph: list(v) for ph, v in flash_mgpu.resolve_blocks(blocks).items()}
+    checks = [r for r in suite.result["attention_mosaic"] if r["kind"] == "variant check"]
+    assert [r["variant"] for r in checks] == [name, name] and all(r["ok"] for r in checks)
+    assert suite.mosaic_blocks_saved == before  # what main() restores
+  finally:
+    flash_mgpu.DEFAULT_BLOCKS.update(before)
 
 
 def _write_trace(folder, spans):
