@@ -73,18 +73,20 @@ a watchdog thread ends the process at the hard limit, budget + 30 s, after writi
    `train_fused_rms_norm_speedup` the xla-RMSNorm step time over the kernel step's and
    `train_swiglu_vjp_speedup` the autodiff-SwiGLU step time over the `swiglu` step's.
 
-10. `attention mosaic` (after `decode no-check`), `train mosaic attention`, `attention mosaic
-   extra` (last): the Hopper kernels of `kernels_pallas.flash_mgpu` (Mosaic GPU: TMA + wgmma),
-   which no GPU has run before, so they come last: checked against the fp32 reference (plain
-   causal GQA; packed segments, positions and ALiBi), then, only if both checks pass, fwd+bwd
-   at the `attention` section's seqs (`impl` "mosaic" rows beside its cuDNN and Triton ones),
-   the ~1B step with `layers.FLASH_MOSAIC = True`, and last three other block settings
-   (`MOSAIC_VARIANTS`) and the forward alone by each of `MOSAIC_FWD_IMPLS`.
+10. `attention mosaic` (after `decode no-check`), `attention mosaic blocks`, `train mosaic
+   attention`, `attention mosaic extra` (last): the Hopper kernels of `kernels_pallas.flash_mgpu`
+   (Mosaic GPU: TMA + wgmma), which no GPU has run before, so they come last: checked against
+   the fp32 reference (plain causal GQA; packed segments, positions and ALiBi), then, only if
+   both checks pass, fwd+bwd at the `attention` section's seqs (`impl` "mosaic" rows beside its
+   cuDNN and Triton ones); the other block settings (`MOSAIC_VARIANTS`, two compute
+   warpgroups among them) at 4k, the fastest checked and set as this process's
+   `flash_mgpu.DEFAULT_BLOCKS` (`mosaic_blocks_used`); the ~1B step with
+   `layers.FLASH_MOSAIC = True`; last the forward alone by each of `MOSAIC_FWD_IMPLS`.
 
 After a device run, `benchmarks/gpu_apply.py gpu_suite.json --write` turns the tiles and train
 A/Bs into the project's defaults by rule (each path's fastest tiling into
 `kernels_pallas.attention.MEASURED_TUNING`, `layers.ROPE_IN_KERNEL`, `layers.FUSED_RMS_NORM`,
-`layers.SCAN_LAYERS`, `layers.SWIGLU_VJP`, `layers.FLASH_MOSAIC`);
+`layers.SCAN_LAYERS`, `layers.SWIGLU_VJP`, `layers.FLASH_MOSAIC`, `flash_mgpu.DEFAULT_BLOCKS`);
 every train row records the `layers_switches` it ran with, which is what that tool compares.
 
 `--small` runs the same code on tiny shapes, with the kernels in Pallas interpret mode, on a CPU
