@@ -207,33 +207,37 @@ def _block(text, path, begin, end):
   return text.index("\n", start) + 1, stop
 
 
+def _block_literal(root, rel, begin, end, name, block):
+  """The literal `name = {...}` the `begin` ... `end` block of `rel` holds (`block`: the block's
+  name in the error)."""
+  text = _read(root, rel)
+  a, b = _block(text, Path(root) / rel, begin, end)
+  body, head = text[a:b].strip(), f"{name} = "
+  try:
+    if not body.startswith(head):
+      raise ValueError(f"no '{head}{{...}}'")
+    return ast.literal_eval(body[len(head):])
+  except (ValueError, SyntaxError) as e:
+    raise ApplyError(f"{Path(root) / rel}: the {block} block must hold one literal "
+                     f"'{head}{{...}}' ({e})") from None
+
+
+def _with_block_literal(text, path, begin, end, name, value, width):
+  """`text` with the `begin` ... `end` block rewritten to hold `name = <value>` (pprint, its
+  continuation lines aligned after the '=')."""
+  a, b = _block(text, path, begin, end)
+  body = f"{name} = " + pprint.pformat(value, width=width, sort_dicts=True)
+  return text[:a] + body.replace("\n", "\n" + " " * (len(name) + 3)) + "\n" + text[b:]
+
+
 def current_mosaic_blocks(root) -> dict:
   """flash_mgpu.DEFAULT_BLOCKS as the sources hold it."""
-  text = _read(root, MOSAIC)
-  a, b = _block(text, Path(root) / MOSAIC, MOSAIC_BEGIN, MOSAIC_END)
-  body = text[a:b].strip()
-  try:
-    if not body.startswith("DEFAULT_BLOCKS = "):
-      raise ValueError("no 'DEFAULT_BLOCKS = {...}'")
-    return ast.literal_eval(body[len("DEFAULT_BLOCKS = "):])
-  except (ValueError, SyntaxError) as e:
-    raise ApplyError(f"{Path(root) / MOSAIC}: the MOSAIC_BLOCKS block must hold one literal "
-                     f"'DEFAULT_BLOCKS = {{...}}' ({e})") from None
+  return _block_literal(root, MOSAIC, MOSAIC_BEGIN, MOSAIC_END, "DEFAULT_BLOCKS", "MOSAIC_BLOCKS")
 
 
 def current_cost(root) -> dict:
   """gpu_suite.COST as the sources hold it."""
-  text = _read(root, SUITE)
-  a, b = _block(text, Path(root) / SUITE, COST_BEGIN, COST_END)
-  body = text[a:b].strip()
-  try:
-    if not body.startswith("COST = "):
-      raise ValueError("no 'COST = {...}'")
-    cost = ast.literal_eval(body[len("COST = "):])
-  except (ValueError, SyntaxError) as e:
-    raise ApplyError(f"{Path(root) / SUITE}: the COST block must hold one literal "
-                     f"'COST = {{...}}' ({e})") from None
-  return cost
+  return _block_literal(root, SUITE, COST_BEGIN, COST_END, "COST", "COST")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -474,15 +478,11 @@ def edited_sources(decisions, root=ROOT) -> dict:
     if rel not in texts:
       texts[rel] = [_read(root, rel)] * 2
     if rel == MOSAIC:
-      text = texts[rel][1]
-      a, b = _block(text, Path(root) / MOSAIC, MOSAIC_BEGIN, MOSAIC_END)
-      body = "DEFAULT_BLOCKS = " + pprint.pformat(dcs["proposed"], width=100, sort_dicts=True)
-      texts[rel][1] = text[:a] + body.replace("\n", "\n" + " " * 17) + "\n" + text[b:]
+      texts[rel][1] = _with_block_literal(texts[rel][1], Path(root) / MOSAIC, MOSAIC_BEGIN,
+                                          MOSAIC_END, "DEFAULT_BLOCKS", dcs["proposed"], 100)
     elif rel == SUITE:
-      text = texts[rel][1]
-      a, b = _block(text, Path(root) / SUITE, COST_BEGIN, COST_END)
-      body = "COST = " + pprint.pformat(dcs["proposed"], width=80, sort_dicts=True)
-      texts[rel][1] = text[:a] + body.replace("\n", "\n" + " " * 7) + "\n" + text[b:]
+      texts[rel][1] = _with_block_literal(texts[rel][1], Path(root) / SUITE, COST_BEGIN,
+                                          COST_END, "COST", dcs["proposed"], 80)
     elif rel == ATTENTION:  # every path's decision goes into the one literal
       tuning = current_tuning(root) if tuning is None else tuning
       tuning[setting.split("[")[1].strip("]'\"")] = dcs["proposed"]
@@ -491,10 +491,9 @@ def edited_sources(decisions, root=ROOT) -> dict:
       texts[rel][1] = _switch_pattern(name).sub(f"{name} = {dcs['proposed']}", texts[rel][1],
                                                 count=1)
   if tuning is not None:
-    text = texts[ATTENTION][1]
-    a, b = _tuning_block(text, Path(root) / ATTENTION)
-    body = "MEASURED_TUNING = " + pprint.pformat(tuning, width=80, sort_dicts=True)
-    texts[ATTENTION][1] = text[:a] + body.replace("\n", "\n" + " " * 18) + "\n" + text[b:]
+    texts[ATTENTION][1] = _with_block_literal(texts[ATTENTION][1], Path(root) / ATTENTION,
+                                              TUNING_BEGIN, TUNING_END, "MEASURED_TUNING",
+                                              tuning, 80)
   return {rel: tuple(pair) for rel, pair in texts.items()}
 
 
