@@ -254,6 +254,18 @@ def _run_pipeline(step, *, wgs, steps, specs, views, stages, own):
       wg_axis="wg", num_compute_wgs=wgs, compute_context=own)(*views)
 
 
+def _stream_keys(step, own, k_ref, v_ref, names, side_refs, *, bi, hi, group, bk, d, dtype,
+                 steps, stages, wgs):
+  """`_run_pipeline` over this (batch, head)'s key blocks 0..steps-1: K and V tiles of `bk`
+  rows (the kv head of query head `hi`) and the keys' side vectors; the forward's and dQ's."""
+  tile = plgpu.BlockSpec((bk, d), lambda j: (j, 0), transforms=_transforms(dtype))
+  kvh = lax.div(hi, group)
+  vec_specs, vec_views = _streamed_sides(names, side_refs, bi, hi, bk, lambda j: j)
+  _run_pipeline(step, wgs=wgs, steps=steps, specs=[tile, tile] + vec_specs,
+                views=[k_ref.at[bi, :, kvh], v_ref.at[bi, :, kvh]] + vec_views, stages=stages,
+                own=own)
+
+
 def _kernel_call(kernel, *, out_type, scratch, grid, grid_names, wgs, interpret, args):
   threads = dict(num_threads=wgs + 1, thread_name="wg") if wgs > 1 else {}
   return plgpu.kernel(kernel, out_type=out_type, scratch_types=tuple(scratch), grid=grid,
@@ -274,7 +286,6 @@ def _flash_fwd(q, k, v, sides, *, causal: bool, scale: float, blocks: tuple, int
   group = h // k.shape[2]
   bq, bk, stages, wgs = blocks
   nq = s // (bq * wgs)  # programs along the queries: wgs blocks of bq rows each
-  tr = _transforms(q.dtype)
   c = scale * LOG2E
   names, ns = [n for n, _ in sides], len(sides)
 
@@ -319,12 +330,8 @@ def _flash_fwd(q, k, v, sides, *, causal: bool, scale: float, blocks: tuple, int
       plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[bi, hi, pl.ds(q0, bq)])
       plgpu.wait_smem_to_gmem(0)
 
-    tile = plgpu.BlockSpec((bk, d), lambda j: (j, 0), transforms=tr)
-    kvh = lax.div(hi, group)
-    vec_specs, vec_views = _streamed_sides(names, side_refs, bi, hi, bk, lambda j: j)
-    _run_pipeline(step, wgs=wgs, steps=steps, specs=[tile, tile] + vec_specs,
-                  views=[k_ref.at[bi, :, kvh], v_ref.at[bi, :, kvh]] + vec_views, stages=stages,
-                  own=prologue_epilogue)
+    _stream_keys(step, prologue_epilogue, k_ref, v_ref, names, side_refs, bi=bi, hi=hi,
+                 group=group, bk=bk, d=d, dtype=q.dtype, steps=steps, stages=stages, wgs=wgs)
 
   return _kernel_call(
       kernel,
@@ -350,7 +357,6 @@ def _flash_dq(q, k, v, sides, do, lse, delta, *, causal, scale, blocks, interpre
   group = h // k.shape[2]
   bq, bk, stages, wgs = blocks
   nq = s // (bq * wgs)
-  tr = _transforms(q.dtype)
   c = scale * LOG2E
   names, ns = [n for n, _ in sides], len(sides)
 
@@ -394,12 +400,8 @@ def _flash_dq(q, k, v, sides, do, lse, delta, *, causal, scale, blocks, interpre
       plgpu.copy_smem_to_gmem(q_smem, dq_ref.at[rows])
       plgpu.wait_smem_to_gmem(0)
 
-    tile = plgpu.BlockSpec((bk, d), lambda j: (j, 0), transforms=tr)
-    kvh = lax.div(hi, group)
-    vec_specs, vec_views = _streamed_sides(names, side_refs, bi, hi, bk, lambda j: j)
-    _run_pipeline(step, wgs=wgs, steps=steps, specs=[tile, tile] + vec_specs,
-                  views=[k_ref.at[bi, :, kvh], v_ref.at[bi, :, kvh]] + vec_views, stages=stages,
-                  own=prologue_epilogue)
+    _stream_keys(step, prologue_epilogue, k_ref, v_ref, names, side_refs, bi=bi, hi=hi,
+                 group=group, bk=bk, d=d, dtype=q.dtype, steps=steps, stages=stages, wgs=wgs)
 
   return _kernel_call(
       kernel,
