@@ -334,6 +334,20 @@ def _rel_l2(got, want):
   return float(np.linalg.norm(g - w) / max(np.linalg.norm(w), 1e-30))
 
 
+def fwd_bwd_errors(fn, ref, q, k, v, ct) -> dict:
+  """Relative L2 errors of out, dq, dk, dv: `fn` on bf16 q, k, v against `ref` on the fp32 ones
+  (highest matmul precision), both with cotangent `ct`."""
+  def both(f, q, k, v):
+    o, vjp = jax.vjp(f, q, k, v)
+    return (o,) + vjp(ct.astype(o.dtype))
+
+  with jax.default_matmul_precision("highest"):
+    want = jax.jit(functools.partial(both, ref))(q, k, v)
+  bf = lambda x: x.astype(jnp.bfloat16)
+  got = jax.jit(functools.partial(both, fn))(bf(q), bf(k), bf(v))
+  return {n: _rel_l2(g, w) for n, g, w in zip(("out", "dq", "dk", "dv"), got, want)}
+
+
 FUSED_CHECK = "flash fused backward (alibi, segments)"
 
 
@@ -358,11 +372,6 @@ def section_check(suite, backend):
   pos = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
   slopes = jnp.asarray(alibi_slopes(h))
   bf = lambda x: x.astype(jnp.bfloat16)
-
-  def both(fn, q, k, v):
-    o, vjp = jax.vjp(fn, q, k, v)
-    return (o,) + vjp(ct.astype(o.dtype))
-
   cases = {
       "flash alibi": (lambda q, k, v: flash_attention(q, k, v, alibi_slopes=slopes,
                                                       backend=backend),
@@ -388,10 +397,7 @@ def section_check(suite, backend):
                                             alibi_slopes=slopes, positions=pos)),
         FUSED_CHECK: fused}
   for name, (fn, ref) in cases.items():
-    with jax.default_matmul_precision("highest"):
-      want = jax.jit(functools.partial(both, ref))(q, k, v)
-    got = jax.jit(functools.partial(both, fn))(bf(q), bf(k), bf(v))
-    errs = {n: _rel_l2(g, w) for n, g, w in zip(("out", "dq", "dk", "dv"), got, want)}
+    errs = fwd_bwd_errors(fn, ref, q, k, v, ct)
     rows.append(dict(kernel=name, shape=[b, s, h, hkv, d], dtype="bfloat16", rel_l2=errs,
                      limit=limit, ok=all(e <= limit for e in errs.values())))
   # Decode attention: ragged lengths, left padding, NaN in every unfilled slot.
@@ -520,25 +526,15 @@ def _mosaic_checks(suite, backend, cfg, blocks=None, variant="default") -> bool:
   k, v = (jax.random.normal(key, (c["b"], c["s"], c["hkv"], c["d"]), jnp.float32)
           for key in keys[1:3])
   ct = jax.random.normal(keys[3], q.shape, jnp.float32)
-
-  def both(fn, q, k, v):
-    o, vjp = jax.vjp(fn, q, k, v)
-    return (o,) + vjp(ct.astype(o.dtype))
-
   cut = c["s"] // 3
   seg = jnp.where(jnp.arange(c["s"])[None] < cut, 1, 2) * jnp.ones((c["b"], 1), jnp.int32)
   pos = jnp.where(seg == 1, jnp.arange(c["s"])[None], jnp.arange(c["s"])[None] - cut)
   packed = dict(alibi_slopes=jnp.asarray(alibi_slopes(c["h"])), segment_ids=seg, positions=pos)
-  bf = lambda x: x.astype(jnp.bfloat16)
   limit, ok = 1.5e-2, True  # as the Triton kernels' checks
   for name, kw in ((MOSAIC_CHECK, {}), (MOSAIC_CHECK_PACKED, packed)):
-    with jax.default_matmul_precision("highest"):
-      want = jax.jit(functools.partial(both, functools.partial(attention_reference, **kw)))(
-          q, k, v)
     ours = functools.partial(flash_attention_mgpu, interpret=backend == "interpret",
                              blocks=blocks, **kw)
-    got = jax.jit(functools.partial(both, ours))(bf(q), bf(k), bf(v))
-    errs = {n: _rel_l2(g, w) for n, g, w in zip(("out", "dq", "dk", "dv"), got, want)}
+    errs = fwd_bwd_errors(ours, functools.partial(attention_reference, **kw), q, k, v, ct)
     row = dict(kind="check" if blocks is None else "variant check", kernel=name,
                variant=variant, shape=[c["b"], c["s"], c["h"], c["hkv"], c["d"]], rel_l2=errs,
                limit=limit, ok=all(e <= limit for e in errs.values()))
@@ -618,20 +614,19 @@ def _time_mosaic(suite, attn_bench, cfg, plan):
 
 
 def mosaic_summary(result) -> dict:
-  """The Mosaic kernels' fwd+bwd speed over cuDNN's and over ours (Triton) at each seq (default
-  blocks; the `attention` section's rows of the same shape), and the fastest variant."""
+  """The Mosaic kernels' speed (default blocks) over cuDNN's, over ours (Triton) and over jax's
+  Mosaic forward, per mode and seq (the `attention` section's rows and this section's own of
+  the same shape); the fastest block setting is `mosaic_blocks_used`, added by `summarise`."""
   rows = result.get("attention_mosaic", [])
   timed = [r for r in rows if r.get("kind") == "time" and "ms" in r]
-  times = [r for r in timed if r["impl"] == "mosaic" and r["mode"] == "fwdbwd"]
   checks = [r for r in rows if r.get("kind") == "check"]
   # the other kernels' rows of the same shape: the attention section's, and this section's own
   # forward-only rows
   by = {(r["mode"], r["seq"], r["impl"]): r for r in result["attention"]
         if not r["alibi"] and "ms" in r}
   by.update({(r["mode"], r["seq"], r["impl"]): r for r in timed if r["impl"] != "mosaic"})
-  out = dict(check_ok=all(r["ok"] for r in checks) if checks else None, over_cudnn={},
-             over_ours={},
-             over_jax_mgpu={})
+  out = dict(check_ok=mosaic_check_passed(result) if checks else None, over_cudnn={},
+             over_ours={}, over_jax_mgpu={})
   for r in timed:
     if r["variant"] != "default" or r["impl"] != "mosaic":
       continue
@@ -640,11 +635,6 @@ def mosaic_summary(result) -> dict:
       ref = by.get((r["mode"], r["seq"], other))
       if ref:
         out[key][f"{r['mode']} {r['seq']}"] = ref["ms"] / r["ms"]
-  if times:  # the variants run at one seq, the last fwd+bwd rows: the fastest row at that seq
-    at = [r for r in times if r["seq"] == times[-1]["seq"]]
-    best = max(at, key=lambda r: r["tflops"])
-    out["best_variant"] = dict(variant=best["variant"], seq=best["seq"], tflops=best["tflops"],
-                               blocks=best.get("tuning"))
   return out
 
 
