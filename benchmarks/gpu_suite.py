@@ -478,7 +478,10 @@ def section_attention(suite, backend, cfg):
 # The Mosaic GPU kernels' (kernels_pallas.flash_mgpu) blocks, per kernel (block_q, block_k,
 # stages), timed fwd+bwd at `variant_seq` after the default at every seq. Each keeps the wgmma
 # accumulators within a warpgroup's registers (dK/dV: two 64 x 128 fp32 tiles) and the tiles
-# within an SM's 227 KiB of shared memory.
+# within an SM's 227 KiB of shared memory. The fused backward ("fused" after dK/dV's blocks)
+# is one kernel: dQ by fp32 TMA reduce-adds, 5 tile matmuls instead of 7 (with two warpgroups
+# its shared memory is ~208 KiB at head_dim 128: each warpgroup's K, V, dS and fp32 dQ tiles,
+# and the streamed Q and dO in 2 stages).
 MOSAIC_VARIANTS = (
     ("default", None),
     ("2 warpgroups", {"fwd": (64, 64, 2, 2), "dq": (64, 64, 2, 2), "dkdv": (64, 64, 2, 2)}),
@@ -486,6 +489,8 @@ MOSAIC_VARIANTS = (
                                     "dkdv": (64, 64, 2, 2)}),
     ("fwd keys 128", {"fwd": (64, 128, 2)}),
     ("3 stages", {"fwd": (64, 64, 3), "dq": (64, 64, 3), "dkdv": (64, 64, 3)}),
+    ("fused backward", {"dkdv": (64, 64, 2, 1, "fused")}),
+    ("2 warpgroups, fused backward", {"fwd": (64, 64, 2, 2), "dkdv": (64, 64, 2, 2, "fused")}),
 )
 MOSAIC_CHECK = "flash mosaic (Hopper kernels: fwd, dQ, dK/dV; causal, GQA)"
 MOSAIC_CHECK_PACKED = "flash mosaic packed (segments, positions, ALiBi; causal, GQA)"

@@ -12,7 +12,8 @@ FlashAttention-3's split of roles).
 
 Layout is the model's [batch, seq, heads, head_dim]; GQA/MQA by kv head index. Causal or not,
 ALiBi by position (positions may restart per document), packed segment ids; no in-kernel RoPE
-(RoPE applied to q and k first, the training default). Three kernels, FlashAttention-2's split:
+(RoPE applied to q and k first, the training default). Three kernels, FlashAttention-2's split
+(or two, the backward fused):
 
 - forward, grid (heads, q blocks, batch): online softmax in base 2 over the key blocks up to the
   diagonal; writes the output and the log-sum-exp (base 2, fp32, [batch, heads, seq]).
@@ -21,6 +22,11 @@ ALiBi by position (positions may restart per document), packed segment ids; no i
 - dK/dV, grid (heads, k blocks, batch): the transposed products over the query blocks at or
   after the diagonal: dV += P^T dO, dK += dS^T Q. Gradients are per query head; GQA groups are
   summed after the kernel in fp32.
+- or, with "fused" after the dK/dV blocks, one backward kernel (FlashAttention-3's form): the
+  dK/dV kernel also writes each step's dS to shared memory and adds dS^T K (fp32, the scale
+  applied) into a zero-initialised fp32 dQ buffer by a TMA reduce-add, so the backward does 5
+  tile matmuls instead of 7 (no second pass to recompute S and dP for dQ), at the cost of the
+  fp32 adds: 4 x head_dim bytes per query row per key block into L2.
 
 Every sequence length must be a multiple of the blocks and head_dim 64 or 128 (`check_shapes`
 says why a call does not fit; `kernels_pallas.flash_attention` stays the general path: any length,
@@ -65,6 +71,9 @@ LOG2E = math.log2(math.e)
 DEFAULT_BLOCKS = {"fwd": (64, 64, 2, 1), "dq": (64, 64, 2, 1), "dkdv": (64, 64, 2, 1)}
 # END MOSAIC_BLOCKS
 _PHASES = ("fwd", "dq", "dkdv")
+# A fifth element of the dK/dV kernel's blocks, (block_q, block_k, stages, warpgroups, FUSED):
+# that kernel computes dQ too (one backward kernel; "dq"'s blocks are then unused).
+FUSED = "fused"
 
 
 def _transforms(dtype):
@@ -90,7 +99,9 @@ def check_shapes(q_shape, k_shape, dtype, blocks: dict) -> Optional[str]:
     return f"head_dim={d} is not 64 or 128"
   if jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
     return f"dtype {jnp.dtype(dtype).name} is not bfloat16 or float16"
-  for phase, (bq, bk, stages, wgs) in blocks.items():
+  for phase, (bq, bk, stages, wgs, *_) in blocks.items():
+    if phase == "dq" and blocks.get("dkdv", ())[4:] == (FUSED,):
+      continue  # dQ comes from the dK/dV kernel
     if bq % 64 or bk % 64 or bq > 128 or bk > 128:
       return f"{phase} blocks ({bq}, {bk}) must be 64 or 128"
     if stages < 1:
@@ -106,7 +117,8 @@ def check_shapes(q_shape, k_shape, dtype, blocks: dict) -> Optional[str]:
 
 def resolve_blocks(blocks: Optional[dict]) -> dict:
   """Every phase's (block_q, block_k, stages, compute warpgroups), from `blocks` (triples or
-  quadruples; the warpgroups default to 1) and `DEFAULT_BLOCKS`."""
+  quadruples; the warpgroups default to 1) and `DEFAULT_BLOCKS`; "dkdv" may end in `FUSED`
+  (a fifth element: that kernel computes dQ too), kept there."""
   blocks = dict(blocks or {})
   unknown = set(blocks) - set(_PHASES)
   if unknown:
@@ -114,10 +126,18 @@ def resolve_blocks(blocks: Optional[dict]) -> dict:
   out = {}
   for phase in _PHASES:
     value = tuple(blocks.get(phase, DEFAULT_BLOCKS[phase]))
-    if len(value) not in (3, 4) or not all(isinstance(x, int) for x in value):
-      raise ValueError(f"blocks[{phase!r}]={value!r} is invalid: must be (block_q, block_k, "
-                       "stages) or (block_q, block_k, stages, compute warpgroups), ints")
-    out[phase] = value + (1,) * (4 - len(value))
+    fused = phase == "dkdv" and FUSED in value
+    if fused and (len(value) != 5 or value[4] != FUSED):
+      raise ValueError(f"blocks['dkdv']={value!r}: {FUSED!r} comes fifth, after the "
+                       "compute warpgroups")
+    ints = value[:4] if fused else value
+    if len(ints) not in (3, 4) or not all(isinstance(x, int) for x in ints):
+      raise ValueError(
+          f"blocks[{phase!r}]={value!r} is invalid: must be (block_q, block_k, stages) or "
+          "(block_q, block_k, stages, compute warpgroups), ints"
+          + (f"; dkdv's may end in {FUSED!r} (dQ in that kernel too)" if phase == "dkdv"
+             else ""))
+    out[phase] = ints + (1,) * (4 - len(ints)) + ((FUSED,) if fused else ())
   return out
 
 
@@ -145,9 +165,9 @@ def _causal_keep(q0, k0, shape, interpret, queries_on_rows=True):
   return iota(q_axis) + q0 >= iota(k_axis) + k0
 
 
-def _matmul(a, b, shape, acc=None, interpret=False, transpose_b=False):
-  """acc + a @ b (or a @ b^T) on the tensor cores, fp32: a from shared memory or registers, b
-  from shared memory.
+def _matmul(a, b, shape, acc=None, interpret=False, transpose_b=False, transpose_a=False):
+  """acc + a @ b (a^T with `transpose_a`, b^T with `transpose_b`) on the tensor cores, fp32: a
+  from shared memory or registers (transposed: shared memory only), b from shared memory.
 
   On the GPU the product is one `wgmma` that accumulates into `acc` in place (`pl.run_state` on
   an initialised accumulator); b^T is a transposed view of the swizzled tile. Mosaic GPU's
@@ -158,9 +178,11 @@ def _matmul(a, b, shape, acc=None, interpret=False, transpose_b=False):
   if interpret:
     a_val = a if isinstance(a, jax.Array) else a[...]
     b_val = b[...]
-    dims = (((1,), (1 if transpose_b else 0,)), ((), ()))
+    dims = (((0 if transpose_a else 1,), (1 if transpose_b else 0,)), ((), ()))
     out = lax.dot_general(a_val, b_val, dims, preferred_element_type=jnp.float32)
     return out if acc is None else acc + out
+  if transpose_a:
+    a = plgpu.transpose_ref(a, (1, 0))
   if transpose_b:
     b = plgpu.transpose_ref(b, (1, 0))
 
@@ -266,10 +288,30 @@ def _stream_keys(step, own, k_ref, v_ref, names, side_refs, *, bi, hi, group, bk
                 own=own)
 
 
-def _kernel_call(kernel, *, out_type, scratch, grid, grid_names, wgs, interpret, args):
+def _kernel_call(kernel, *, out_type, scratch, grid, grid_names, wgs, interpret, args,
+                 accumulate=()):
+  """`kernel(*args refs, *output refs, *scratch refs)` over `grid`; `accumulate`: arrays the
+  programs add into (TMA reduce-add), passed after the outputs and returned after them. Those
+  need their initial values, so such a call is a stateful kernel (`pl.core_map` on a
+  `pl.run_state` of the zero-initialised outputs and the accumulators) instead of
+  `plgpu.kernel`, whose outputs start undefined."""
   threads = dict(num_threads=wgs + 1, thread_name="wg") if wgs > 1 else {}
-  return plgpu.kernel(kernel, out_type=out_type, scratch_types=tuple(scratch), grid=grid,
-                      grid_names=grid_names, **threads, **_params(interpret))(*args)
+  params = _params(interpret)
+  if not accumulate:
+    return plgpu.kernel(kernel, out_type=out_type, scratch_types=tuple(scratch), grid=grid,
+                        grid_names=grid_names, **threads, **params)(*args)
+  mesh = plgpu.Mesh(grid=grid, grid_names=grid_names, **threads)
+  n = len(args)
+
+  def stateful(refs):
+    @pl.core_map(mesh, compiler_params=params["compiler_params"],
+                 interpret=params["interpret"] or False)
+    def _():
+      pl.run_scoped(lambda *scratch_refs: kernel(*refs, *scratch_refs), *scratch,
+                    collective_axes=threads.get("thread_name", ()))
+
+  outs = [jnp.zeros(o.shape, o.dtype) for o in out_type] + list(accumulate)
+  return tuple(pl.run_state(stateful)((*args, *outs))[n:])
 
 
 def _tile_scratch(wgs, rows, d, dtype, n):
@@ -413,20 +455,41 @@ def _flash_dq(q, k, v, sides, do, lse, delta, *, causal, scale, blocks, interpre
       args=(q, k, v, *(a for _, a in sides), do, lse, delta))
 
 
+def _dq_transforms():
+  """Shared-memory layout of a fp32 [rows, head_dim] dQ tile for the TMA reduce-add: (8, 32)
+  tiles (128 bytes) with the 128-byte swizzle."""
+  return (plgpu.TilingTransform((8, 32)), plgpu.SwizzleTransform(128))
+
+
 def _flash_dkdv(q, k, v, sides, do, lse, delta, *, causal, scale, blocks, interpret):
-  """dK and dV per query head, [batch, seq, heads, head_dim] each."""
+  """dK and dV per query head, [batch, seq, heads, head_dim] each; with `blocks[4] == "fused"`
+  also dQ, (dk, dv, dq) with dq fp32: each program adds its keys' share dS K of every query
+  block it visits into a zero-initialised fp32 buffer (a TMA reduce-add, as FlashAttention-2
+  and -3's atomic adds), so the backward is one kernel of 5 tile matmuls instead of the dQ and
+  dK/dV kernels' 7."""
   b, s, h, d = q.shape
   group = h // k.shape[2]
-  bq, bk, stages, wgs = blocks
+  bq, bk, stages, wgs = blocks[:4]
+  fused = blocks[4:] == (FUSED,)
   nq = s // bq
   tr = _transforms(q.dtype)
   c = scale * LOG2E
   names, ns = [n for n, _ in sides], len(sides)
+  # the dQ buffer: one on the GPU (the reduce-adds are atomic); one per compute warpgroup in
+  # interpret mode, where the add is a read-modify-write (the grid runs one program at a time
+  # there, but a program's warpgroups run together), summed after the kernel
+  dq_parts = wgs if interpret else 1
 
   def kernel(q_ref, k_ref, v_ref, *refs):
     side_refs = refs[:ns]
-    do_ref, lse_ref, delta_ref, dk_ref, dv_ref, k_smems, v_smems = refs[ns:ns + 7]
-    side_smems, bars = refs[ns + 7:2 * ns + 7], refs[2 * ns + 7:]
+    n_out = 3 if fused else 2
+    do_ref, lse_ref, delta_ref, dk_ref, dv_ref = refs[ns:ns + 5]
+    dq_ref = refs[ns + 5] if fused else None
+    k_smems, v_smems = refs[ns + 3 + n_out:ns + 5 + n_out]
+    rest = refs[ns + 5 + n_out:]
+    ds_smems, dq_smems = rest[:2] if fused else (None, None)
+    rest = rest[2:] if fused else rest
+    side_smems, bars = rest[:ns], rest[ns:]
     hi, bi = lax.axis_index("heads"), lax.axis_index("batch")
     wg = lax.axis_index("wg") if wgs > 1 else 0
     base = lax.axis_index("k_blocks") * (bk * wgs)  # the first blocks have the most queries
@@ -436,6 +499,26 @@ def _flash_dkdv(q, k, v, sides, do, lse, delta, *, causal, scale, blocks, interp
     kvh = lax.div(hi, group)
     first = lax.div(base, bq) if causal else 0  # query blocks before it see none of its keys
     own = {}  # along the rows: keys here
+
+    def add_dq(i, ds):
+      """dQ[query block i] += scale * dS^T K for this warpgroup's keys."""
+      ds_smem, dq_smem = ds_smems.at[wg], dq_smems.at[wg]
+      ds_smem[...] = ds
+      plgpu.commit_smem()  # the registers' stores, visible to the wgmma below
+      part = _matmul(ds_smem, k_smem, (bq, d), interpret=interpret, transpose_a=True) * scale
+      rows = dq_ref.at[wg if interpret else 0, bi, pl.ds(i * bq, bq), hi]
+      if interpret:
+        _copy_in([(rows, dq_smem)], bars[-1:], wg)
+        part = part + dq_smem[...]
+      else:
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last step's add has read dq_smem
+      dq_smem[...] = part
+      plgpu.commit_smem()
+      if interpret:
+        plgpu.copy_smem_to_gmem(dq_smem, rows)
+        plgpu.wait_smem_to_gmem(0)
+      else:
+        plgpu.copy_smem_to_gmem(dq_smem, rows, reduction_op="add")
 
     def step(idx, q_smem, do_smem, lse_smem, delta_smem, *rest):
       *streamed_smem, (dk, dv) = rest
@@ -448,8 +531,10 @@ def _flash_dkdv(q, k, v, sides, do, lse, delta, *, causal, scale, blocks, interp
       dv = _matmul(p.astype(q.dtype), do_smem, (bk, d), dv, interpret)
       dp = _matmul(v_smem, do_smem, (bk, bq), interpret=interpret, transpose_b=True)
       delta_cols = _load_vector(delta_smem, 0, interpret)
-      ds = p * (dp - lax.broadcast_in_dim(delta_cols, t.shape, [1]))
-      dk = _matmul(ds.astype(q.dtype), q_smem, (bk, d), dk, interpret)
+      ds = (p * (dp - lax.broadcast_in_dim(delta_cols, t.shape, [1]))).astype(q.dtype)
+      dk = _matmul(ds, q_smem, (bk, d), dk, interpret)
+      if fused:
+        add_dq(i, ds)
       return dk, dv
 
     def prologue_epilogue(run):
@@ -475,14 +560,23 @@ def _flash_dkdv(q, k, v, sides, do, lse, delta, *, causal, scale, blocks, interp
                delta_ref.at[bi, hi]] + vec_views, stages=stages, own=prologue_epilogue)
 
   per_head = jax.ShapeDtypeStruct(q.shape, q.dtype)
-  return _kernel_call(
+  fused_scratch = ([plgpu.SMEM((wgs, bk, bq), q.dtype, transforms=tr),
+                    plgpu.SMEM((wgs, bq, d), jnp.float32, transforms=_dq_transforms())]
+                   if fused else [])
+  out = _kernel_call(
       kernel,
       out_type=(per_head, per_head),
-      scratch=(_tile_scratch(wgs, bk, d, q.dtype, 2)
+      scratch=(_tile_scratch(wgs, bk, d, q.dtype, 2) + fused_scratch
                + _vector_scratch(wgs, bk, [a.dtype for _, a in sides])
-               + [plgpu.Barrier(num_barriers=wgs) for _ in range(2 + ns)]),
+               + [plgpu.Barrier(num_barriers=wgs)
+                  for _ in range(2 + ns + (fused and interpret))]),
       grid=(h, s // (bk * wgs), b), grid_names=("heads", "k_blocks", "batch"), wgs=wgs,
-      interpret=interpret, args=(q, k, v, *(a for _, a in sides), do, lse, delta))
+      interpret=interpret, args=(q, k, v, *(a for _, a in sides), do, lse, delta),
+      accumulate=[jnp.zeros((dq_parts, b, s, h, d), jnp.float32)] if fused else [])
+  if fused:
+    dk, dv, dq = out
+    return dk, dv, dq.sum(0)
+  return out
 
 
 def flash_attention_mgpu(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = True,
@@ -491,7 +585,8 @@ def flash_attention_mgpu(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bo
                          positions: Optional[jax.Array] = None,
                          sm_scale: Optional[float] = None, blocks: Optional[dict] = None,
                          interpret: bool = False) -> jax.Array:
-  """Softmax attention by the Mosaic GPU kernels, differentiable (fwd + dQ + dK/dV kernels).
+  """Softmax attention by the Mosaic GPU kernels, differentiable (fwd + dQ + dK/dV kernels, or
+  fwd + one backward kernel when "dkdv"'s blocks end in `FUSED`).
 
   The arguments mean what they mean for `kernels_pallas.flash_attention` (the same reference:
   `kernels_pallas.attention_reference`); no in-kernel RoPE.
@@ -512,7 +607,9 @@ def flash_attention_mgpu(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bo
       each block 64 or 128 and dividing seq; stages, the prefetch depth; warpgroups 1 (one
       warpgroup prefetches and computes) or 2 (two compute warpgroups, each with its own block
       of rows, consume the tiles a third warpgroup loads; seq must then be a multiple of twice
-      the owned block). Default `DEFAULT_BLOCKS` (read at each call).
+      the owned block). "dkdv" may have a fifth element, `FUSED` ("fused"): its kernel then
+      computes dQ too, adding each key block's share into a fp32 buffer (TMA reduce-adds), and
+      "dq" is unused. Default `DEFAULT_BLOCKS` (read at each call).
     interpret: run in Mosaic GPU's interpret mode (CPU).
   Returns:
     [batch, seq, heads, head_dim] in q's dtype.
@@ -563,8 +660,12 @@ def _attention_bwd(causal, scale, blocks, interpret, res, do):
   delta = jnp.einsum("bshd,bshd->bhs", out.astype(jnp.float32), do.astype(jnp.float32))
   kw = dict(causal=causal, scale=scale, interpret=interpret)
   sides = _side_list(seg, bias)
-  dq = _flash_dq(q, k, v, sides, do, lse, delta, blocks=blocks[1], **kw)
-  dk, dv = _flash_dkdv(q, k, v, sides, do, lse, delta, blocks=blocks[2], **kw)
+  if blocks[2][4:] == (FUSED,):  # one kernel: dQ by reduce-adds into fp32
+    dk, dv, dq = _flash_dkdv(q, k, v, sides, do, lse, delta, blocks=blocks[2], **kw)
+    dq = dq.astype(q.dtype)
+  else:
+    dq = _flash_dq(q, k, v, sides, do, lse, delta, blocks=blocks[1], **kw)
+    dk, dv = _flash_dkdv(q, k, v, sides, do, lse, delta, blocks=blocks[2], **kw)
   group = q.shape[2] // k.shape[2]
   if group > 1:  # per query head -> per kv head, summed in fp32
     grouped = lambda x: x.reshape(*k.shape[:3], group, k.shape[3]).astype(jnp.float32).sum(3)

@@ -42,6 +42,10 @@ def _rel_l2(got, want):
     # causal and not, GQA
     (True, 2, 1, 64, {"fwd": (64, 64, 2, 2), "dq": (64, 64, 2, 2), "dkdv": (64, 64, 2, 2)}),
     (False, 2, 2, 64, {"fwd": (64, 128, 2, 2), "dq": (64, 64, 3, 2), "dkdv": (128, 64, 2, 2)}),
+    # the fused backward (dQ by reduce-adds in the dK/dV kernel): GQA 4:2 at head_dim 128 with
+    # 128-row query tiles; two compute warpgroups adding into the same query rows, causal
+    (False, 4, 2, 128, {"dkdv": (128, 64, 2, 1, "fused")}),
+    (True, 2, 1, 64, {"fwd": (64, 64, 2, 2), "dkdv": (64, 64, 2, 2, "fused")}),
 ])
 def test_matches_the_reference_in_interpret_mode(causal, h, hkv, d, blocks):
   q, k, v, ct = _inputs(1, 256, h, hkv, d, seed=h + d + causal)
@@ -115,6 +119,32 @@ def test_alibi_with_packed_positions_matches_the_reference(causal):
   assert _rel_l2(plain, want[0]) > 0.1
 
 
+def test_the_fused_backward_matches_the_split_one_on_packed_alibi_batches():
+  """The one-kernel backward against the three-kernel one and the reference on the model's
+  packed ALiBi batches (documents cut inside blocks, positions restarting), two compute
+  warpgroups: dQ, added into fp32 by every key block's programs, agrees with the dQ kernel's to
+  well within the bf16 rounding of either."""
+  from baichuan_jax.model.positions import alibi_slopes
+  b, s, h, hkv, d = 2, 256, 2, 1, 64
+  q, k, v, ct = _inputs(b, s, h, hkv, d, seed=23)
+  cuts = jnp.array([[70, 190], [128, 150]])
+  seg = (jnp.sum(jnp.arange(s)[None, :, None] >= cuts[:, None, :], -1) + 1).astype(jnp.int32)
+  starts = jnp.where(seg == 1, 0, jnp.where(seg == 2, cuts[:, :1], cuts[:, 1:]))
+  kw = dict(causal=True, alibi_slopes=jnp.asarray(alibi_slopes(h)), segment_ids=seg,
+            positions=(jnp.arange(s)[None] - starts).astype(jnp.int32))
+  with jax.default_matmul_precision("highest"):
+    want = _out_and_grads(functools.partial(attention_reference, **kw), q, k, v, ct)
+  bf16 = lambda x: x.astype(jnp.bfloat16)
+  fused, split = (
+      _out_and_grads(functools.partial(fm.flash_attention_mgpu, interpret=True, blocks=blocks,
+                                       **kw), bf16(q), bf16(k), bf16(v), ct)
+      for blocks in ({"dkdv": (64, 64, 2, 2, fm.FUSED)}, {"dkdv": (64, 64, 2, 2)}))
+  for name, f, sp, w in zip(("out", "dq", "dk", "dv"), fused, split, want):
+    assert f.dtype == jnp.bfloat16 and f.shape == w.shape, name
+    assert _rel_l2(f, w) < 1.5e-2, (name, _rel_l2(f, w))
+    assert _rel_l2(f, sp.astype(jnp.float32)) < 5e-3, (name, _rel_l2(f, sp.astype(jnp.float32)))
+
+
 def test_the_three_kernels_lower_for_cuda():
   """The GPU lowering (Mosaic GPU's MLIR: TMA descriptors, wgmma layouts, the pipeline's
   barriers) runs on the CPU: the gradient of a causal call lowers to three Mosaic GPU custom
@@ -136,6 +166,18 @@ def test_the_three_kernels_lower_for_cuda():
     text = (jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(x, x, x, seg)
             .lower(lowering_platforms=("cuda",)).as_text())
     assert text.count("stablehlo.custom_call @mosaic_gpu") == 3, (d, with_seg, alibi, blocks)
+  # the fused backward: the forward and one backward kernel (its dQ tile's fp32 TMA reduce-add
+  # and the transposed dS operand lower too), one warpgroup and two
+  x = jax.ShapeDtypeStruct((2, 1024, 4, 128), jnp.bfloat16)
+  for blocks in ({"dkdv": (64, 64, 2, 1, fm.FUSED)},
+                 {"fwd": (64, 64, 2, 2), "dkdv": (64, 64, 2, 2, fm.FUSED)}):
+    def loss(q, k, v, seg, blocks=blocks):
+      out = fm.flash_attention_mgpu(q, k, v, segment_ids=seg, alibi_slopes=slopes,
+                                    positions=seg, blocks=blocks)
+      return jnp.sum(out.astype(jnp.float32))
+    text = (jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(x, x, x, seg)
+            .lower(lowering_platforms=("cuda",)).as_text())
+    assert text.count("stablehlo.custom_call @mosaic_gpu") == 2, blocks
 
 
 @pytest.mark.parametrize("kwargs,shape,match", [
@@ -147,6 +189,10 @@ def test_the_three_kernels_lower_for_cuda():
     ({"blocks": {"dkdv": (64, 64, 2, 3)}}, (1, 256, 2, 64), "warpgroups=3 must be 1 or 2"),
     # two warpgroups own 2 x 128 rows: 384 is a multiple of the blocks but not of that
     ({"blocks": {"fwd": (128, 64, 2, 2)}}, (1, 384, 2, 64), "x 2 warpgroups"),
+    # "fused" belongs to the dK/dV kernel only, after its warpgroups
+    ({"blocks": {"fwd": (64, 64, 2, 1, "fused")}}, (1, 256, 2, 64), r"blocks\['fwd'\].*ints$"),
+    ({"blocks": {"dkdv": (64, 64, 2, "fused")}}, (1, 256, 2, 64), "comes fifth"),
+    ({"blocks": {"dkdv": (64, 64, 2, 1, "fuse")}}, (1, 256, 2, 64), "may end in 'fused'"),
 ])
 def test_bad_shapes_and_blocks_are_refused_by_name(kwargs, shape, match):
   x = jnp.zeros(shape, jnp.bfloat16)

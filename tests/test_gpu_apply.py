@@ -304,6 +304,36 @@ def test_the_mosaic_blocks_are_set_by_the_fastest_checked_setting(tmp_path, caps
     assert module.resolve_blocks(None) == want
 
 
+def test_a_mosaic_fused_backward_winner_is_written_and_runs(tmp_path, capsys):
+  """A fused-backward setting (the dK/dV blocks' fifth element "fused") that won by 20% and
+  passed the checks is written as it was recorded (JSON lists back to tuples, the string
+  kept), and the edited module's kernels then run the one-kernel backward by default: the
+  gradient of a small call (interpret mode) matches the reference."""
+  fused = {"fwd": [64, 64, 2, 1], "dq": [64, 64, 2, 1], "dkdv": [64, 64, 2, 1, "fused"]}
+  result = _result()
+  result["mosaic_blocks_used"] = dict(variant="fused backward", ms=8.0, default_ms=10.0,
+                                      seq=4096, checked=True, blocks=fused)
+  root = _checkout(tmp_path)
+  assert gpu_apply.main([str(_write(tmp_path, result)), "--write", "--root", str(root)]) == 0
+  row = next(ln for ln in capsys.readouterr().out.splitlines()
+             if ln.startswith("| kernels_pallas.flash_mgpu.DEFAULT_BLOCKS |"))
+  assert "| change |" in row
+  want = {ph: tuple(v) for ph, v in fused.items()}
+  assert gpu_apply.current_mosaic_blocks(root) == want
+  module = _import_attention(root / gpu_apply.MOSAIC)
+  assert module.resolve_blocks(None) == want
+  keys = jax.random.split(jax.random.PRNGKey(4), 4)
+  q, k, v, ct = (jax.random.normal(key, (1, 128, 2, 64), jnp.float32) for key in keys)
+  bf16 = lambda x: x.astype(jnp.bfloat16)
+  got = jax.vjp(lambda *a: module.flash_attention_mgpu(*a, interpret=True), bf16(q), bf16(k),
+                bf16(v))[1](bf16(ct))
+  with jax.default_matmul_precision("highest"):
+    ref = jax.vjp(attention_reference, q, k, v)[1](ct)
+  for g, r in zip(got, ref):
+    g, r = np.asarray(g, np.float64), np.asarray(r, np.float64)
+    assert np.linalg.norm(g - r) / np.linalg.norm(r) < 1.5e-2
+
+
 def test_below_margin_and_same_arms_change_nothing(tmp_path):
   root = _checkout(tmp_path)
   # tiling +2%, rope-first 2% faster: both under the 3% margin
