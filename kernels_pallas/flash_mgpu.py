@@ -165,33 +165,49 @@ def _causal_keep(q0, k0, shape, interpret, queries_on_rows=True):
   return iota(q_axis) + q0 >= iota(k_axis) + k0
 
 
-def _matmul(a, b, shape, acc=None, interpret=False, transpose_b=False, transpose_a=False):
-  """acc + a @ b (a^T with `transpose_a`, b^T with `transpose_b`) on the tensor cores, fp32: a
-  from shared memory or registers (transposed: shared memory only), b from shared memory.
+def _matmuls(products, interpret):
+  """[acc + a @ b for each (a, b, shape, acc, transpose_a, transpose_b) of `products`] on the
+  tensor cores, fp32: a from shared memory or registers (transposed: shared memory only), b from
+  shared memory; acc None for a fresh product of `shape`.
 
-  On the GPU the product is one `wgmma` that accumulates into `acc` in place (`pl.run_state` on
-  an initialised accumulator); b^T is a transposed view of the swizzled tile. Mosaic GPU's
-  interpret mode takes neither `run_state` nor transposed views, so there the same product is a
-  jnp dot of the loaded tiles (fp32 accumulation) added to `acc`; the pipeline, masks, softmax
-  and copies around it run as on the GPU.
+  On the GPU the products of one call are `wgmma`s issued back to back and waited for once (one
+  `pl.run_state` over their accumulators, each initialised from `acc` or zeros, updated in place),
+  so independent products (S and dP; dV and dK) queue on the tensor cores without a wait between
+  them; the transposes are views of the swizzled tiles. Mosaic GPU's interpret mode takes neither
+  `run_state` nor transposed views, so there each product is a jnp dot of the loaded tiles (fp32
+  accumulation) added to `acc`; the pipeline, masks, softmax and copies around it run as on the
+  GPU.
   """
   if interpret:
-    a_val = a if isinstance(a, jax.Array) else a[...]
-    b_val = b[...]
-    dims = (((0 if transpose_a else 1,), (1 if transpose_b else 0,)), ((), ()))
-    out = lax.dot_general(a_val, b_val, dims, preferred_element_type=jnp.float32)
-    return out if acc is None else acc + out
-  if transpose_a:
-    a = plgpu.transpose_ref(a, (1, 0))
-  if transpose_b:
-    b = plgpu.transpose_ref(b, (1, 0))
+    outs = []
+    for a, b, _, acc, transpose_a, transpose_b in products:
+      a_val = a if isinstance(a, jax.Array) else a[...]
+      dims = (((0 if transpose_a else 1,), (1 if transpose_b else 0,)), ((), ()))
+      out = lax.dot_general(a_val, b[...], dims, preferred_element_type=jnp.float32)
+      outs.append(out if acc is None else acc + out)
+    return outs
+  view = lambda x, t: plgpu.transpose_ref(x, (1, 0)) if t else x
+  operands = [(view(a, ta), view(b, tb)) for a, b, _, _, ta, tb in products]
+  if len(products) == 1 and products[0][3] is None:  # one fresh product: a scoped accumulator
+    (a, b), shape = operands[0], products[0][2]
 
-  def run(acc_ref):
-    plgpu.wgmma(acc_ref, a, b)
-    return acc_ref[...]
-  if acc is None:
-    return pl.run_scoped(run, plgpu.ACC(shape, jnp.float32))
-  return pl.run_state(lambda ref: plgpu.wgmma(ref, a, b))(plgpu.ACC.init(acc))
+    def run(acc_ref):
+      plgpu.wgmma(acc_ref, a, b)
+      return acc_ref[...]
+    return [pl.run_scoped(run, plgpu.ACC(shape, jnp.float32))]
+
+  def issue(acc_refs):
+    for ref, (a, b) in zip(acc_refs, operands):
+      plgpu.wgmma(ref, a, b)
+  init = tuple(plgpu.ACC.init(acc if acc is not None else
+                              _layout(jnp.zeros(shape, jnp.float32), plgpu.Layout.WGMMA, False))
+               for _, _, shape, acc, _, _ in products)
+  return list(pl.run_state(issue)(init))
+
+
+def _matmul(a, b, shape, acc=None, interpret=False, transpose_b=False, transpose_a=False):
+  """One product of `_matmuls`: acc + a @ b (a^T, b^T with the transposes)."""
+  return _matmuls([(a, b, shape, acc, transpose_a, transpose_b)], interpret)[0]
 
 
 # Per-position side inputs, each optional: "seg", the segment ids [batch, seq] int32 (packed
@@ -422,10 +438,11 @@ def _flash_dq(q, k, v, sides, do, lse, delta, *, causal, scale, blocks, interpre
       *streamed_smem, dq = rest
       (j,) = idx
       streamed = {n: _load_vector(sm, 0, interpret) for n, sm in zip(names, streamed_smem)}
-      t = _matmul(q_smem, k_smem, (bq, bk), interpret=interpret, transpose_b=True) * c
-      t = _scores(t, interpret, causal=causal, q0=q0, k0=j * bk, own=own, streamed=streamed)
+      t, dp = _matmuls([(q_smem, k_smem, (bq, bk), None, False, True),    # S = Q K^T
+                        (do_smem, v_smem, (bq, bk), None, False, True)],  # dP = dO V^T
+                       interpret)
+      t = _scores(t * c, interpret, causal=causal, q0=q0, k0=j * bk, own=own, streamed=streamed)
       p = jnp.exp2(t - lax.broadcast_in_dim(own["lse"], t.shape, [0]))
-      dp = _matmul(do_smem, v_smem, (bq, bk), interpret=interpret, transpose_b=True)
       ds = p * (dp - lax.broadcast_in_dim(own["delta"], t.shape, [0]))
       return _matmul(ds.astype(q.dtype), k_smem, (bq, d), dq, interpret)
 
@@ -500,12 +517,9 @@ def _flash_dkdv(q, k, v, sides, do, lse, delta, *, causal, scale, blocks, interp
     first = lax.div(base, bq) if causal else 0  # query blocks before it see none of its keys
     own = {}  # along the rows: keys here
 
-    def add_dq(i, ds):
-      """dQ[query block i] += scale * dS^T K for this warpgroup's keys."""
-      ds_smem, dq_smem = ds_smems.at[wg], dq_smems.at[wg]
-      ds_smem[...] = ds
-      plgpu.commit_smem()  # the registers' stores, visible to the wgmma below
-      part = _matmul(ds_smem, k_smem, (bq, d), interpret=interpret, transpose_a=True) * scale
+    def add_dq(i, part):
+      """dQ[query block i] += part (this warpgroup's keys' share, fp32)."""
+      dq_smem = dq_smems.at[wg]
       rows = dq_ref.at[wg if interpret else 0, bi, pl.ds(i * bq, bq), hi]
       if interpret:
         _copy_in([(rows, dq_smem)], bars[-1:], wg)
@@ -524,17 +538,25 @@ def _flash_dkdv(q, k, v, sides, do, lse, delta, *, causal, scale, blocks, interp
       *streamed_smem, (dk, dv) = rest
       i = idx[0] + first
       streamed = {n: _load_vector(sm, 0, interpret) for n, sm in zip(names, streamed_smem)}
-      t = _matmul(k_smem, q_smem, (bk, bq), interpret=interpret, transpose_b=True) * c
-      t = _scores(t, interpret, causal=causal, q0=i * bq, k0=k0, own=own, streamed=streamed,
+      t, dp = _matmuls([(k_smem, q_smem, (bk, bq), None, False, True),    # S^T = K Q^T
+                        (v_smem, do_smem, (bk, bq), None, False, True)],  # dP^T = V dO^T
+                       interpret)
+      t = _scores(t * c, interpret, causal=causal, q0=i * bq, k0=k0, own=own, streamed=streamed,
                   queries_on_rows=False)
       p = jnp.exp2(t - lax.broadcast_in_dim(_load_vector(lse_smem, 0, interpret), t.shape, [1]))
-      dv = _matmul(p.astype(q.dtype), do_smem, (bk, d), dv, interpret)
-      dp = _matmul(v_smem, do_smem, (bk, bq), interpret=interpret, transpose_b=True)
       delta_cols = _load_vector(delta_smem, 0, interpret)
       ds = (p * (dp - lax.broadcast_in_dim(delta_cols, t.shape, [1]))).astype(q.dtype)
-      dk = _matmul(ds, q_smem, (bk, d), dk, interpret)
-      if fused:
-        add_dq(i, ds)
+      products = [(p.astype(q.dtype), do_smem, (bk, d), dv, False, False),  # dV += P^T dO
+                  (ds, q_smem, (bk, d), dk, False, False)]                   # dK += dS^T Q
+      if not fused:
+        dv, dk = _matmuls(products, interpret)
+        return dk, dv
+      ds_smem = ds_smems.at[wg]
+      ds_smem[...] = ds
+      plgpu.commit_smem()  # the registers' stores, visible to the wgmma
+      dv, dk, part = _matmuls(products + [(ds_smem, k_smem, (bq, d), None, True, False)],
+                              interpret)  # + dS K for this warpgroup's keys
+      add_dq(i, part * scale)
       return dk, dv
 
     def prologue_epilogue(run):
