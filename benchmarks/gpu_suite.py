@@ -481,7 +481,8 @@ def section_attention(suite, backend, cfg):
 # within an SM's 227 KiB of shared memory. The fused backward ("fused" after dK/dV's blocks)
 # is one kernel: dQ by fp32 TMA reduce-adds, 5 tile matmuls instead of 7 (with two warpgroups
 # its shared memory is ~208 KiB at head_dim 128: each warpgroup's K, V, dS and fp32 dQ tiles,
-# and the streamed Q and dO in 2 stages).
+# and the streamed Q and dO in 2 stages). "pingpong" after the forward's blocks: its two compute
+# warpgroups take turns on the tensor cores (FlashAttention-3's schedule).
 MOSAIC_VARIANTS = (
     ("default", None),
     ("2 warpgroups", {"fwd": (64, 64, 2, 2), "dq": (64, 64, 2, 2), "dkdv": (64, 64, 2, 2)}),
@@ -491,6 +492,10 @@ MOSAIC_VARIANTS = (
     ("3 stages", {"fwd": (64, 64, 3), "dq": (64, 64, 3), "dkdv": (64, 64, 3)}),
     ("fused backward", {"dkdv": (64, 64, 2, 1, "fused")}),
     ("2 warpgroups, fused backward", {"fwd": (64, 64, 2, 2), "dkdv": (64, 64, 2, 2, "fused")}),
+    ("2 warpgroups, ping-pong", {"fwd": (64, 64, 2, 2, "pingpong"), "dq": (64, 64, 2, 2),
+                                 "dkdv": (64, 64, 2, 2)}),
+    ("ping-pong, fused backward", {"fwd": (64, 64, 2, 2, "pingpong"),
+                                   "dkdv": (64, 64, 2, 2, "fused")}),
 )
 MOSAIC_CHECK = "flash mosaic (Hopper kernels: fwd, dQ, dK/dV; causal, GQA)"
 MOSAIC_CHECK_PACKED = "flash mosaic packed (segments, positions, ALiBi; causal, GQA)"

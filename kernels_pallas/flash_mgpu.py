@@ -8,7 +8,8 @@ registers). Two forms per kernel (the `blocks` warpgroups): one warpgroup per pr
 prefetches and computes (`plgpu.emit_pipeline`; the GPU overlaps one program's softmax with
 another's matmuls when two share an SM), or two compute warpgroups, each with its own 64 rows,
 that consume one stream of tiles a third warpgroup loads (`plgpu.emit_pipeline_warp_specialized`,
-FlashAttention-3's split of roles).
+FlashAttention-3's split of roles), which in the forward may also take turns on the tensor cores
+("pingpong": one's softmax under the other's matmuls, FlashAttention-3's schedule).
 
 Layout is the model's [batch, seq, heads, head_dim]; GQA/MQA by kv head index. Causal or not,
 ALiBi by position (positions may restart per document), packed segment ids; no in-kernel RoPE
@@ -72,8 +73,13 @@ DEFAULT_BLOCKS = {"fwd": (64, 64, 2, 1), "dq": (64, 64, 2, 1), "dkdv": (64, 64, 
 # END MOSAIC_BLOCKS
 _PHASES = ("fwd", "dq", "dkdv")
 # A fifth element of the dK/dV kernel's blocks, (block_q, block_k, stages, warpgroups, FUSED):
-# that kernel computes dQ too (one backward kernel; "dq"'s blocks are then unused).
+# that kernel computes dQ too (one backward kernel; "dq"'s blocks are then unused). Of the
+# forward's, PINGPONG (two compute warpgroups only): they take turns on the tensor cores, one's
+# softmax under the other's matmuls (FlashAttention-3's schedule).
 FUSED = "fused"
+PINGPONG = "pingpong"
+_OPTIONS = {"fwd": (PINGPONG, "two warpgroups taking turns on the tensor cores"),
+            "dkdv": (FUSED, "dQ in that kernel too")}
 
 
 def _transforms(dtype):
@@ -108,6 +114,8 @@ def check_shapes(q_shape, k_shape, dtype, blocks: dict) -> Optional[str]:
       return f"{phase} stages={stages} must be >= 1"
     if wgs not in (1, 2):
       return f"{phase} compute warpgroups={wgs} must be 1 or 2"
+    if phase == "fwd" and blocks[phase][4:] == (PINGPONG,) and wgs != 2:
+      return f"fwd {PINGPONG!r} needs 2 compute warpgroups (got {wgs})"
     own = bk if phase == "dkdv" else bq  # the rows a program owns: wgs blocks of them
     if s % (own * wgs) or s % bq or s % bk:
       return (f"seq={s} is not a multiple of the {phase} blocks ({bq}, {bk})"
@@ -117,8 +125,8 @@ def check_shapes(q_shape, k_shape, dtype, blocks: dict) -> Optional[str]:
 
 def resolve_blocks(blocks: Optional[dict]) -> dict:
   """Every phase's (block_q, block_k, stages, compute warpgroups), from `blocks` (triples or
-  quadruples; the warpgroups default to 1) and `DEFAULT_BLOCKS`; "dkdv" may end in `FUSED`
-  (a fifth element: that kernel computes dQ too), kept there."""
+  quadruples; the warpgroups default to 1) and `DEFAULT_BLOCKS`; "fwd" may end in `PINGPONG`
+  and "dkdv" in `FUSED` (a fifth element), kept there."""
   blocks = dict(blocks or {})
   unknown = set(blocks) - set(_PHASES)
   if unknown:
@@ -126,18 +134,18 @@ def resolve_blocks(blocks: Optional[dict]) -> dict:
   out = {}
   for phase in _PHASES:
     value = tuple(blocks.get(phase, DEFAULT_BLOCKS[phase]))
-    fused = phase == "dkdv" and FUSED in value
-    if fused and (len(value) != 5 or value[4] != FUSED):
-      raise ValueError(f"blocks['dkdv']={value!r}: {FUSED!r} comes fifth, after the "
+    option, meaning = _OPTIONS.get(phase, (None, None))
+    has = option is not None and option in value
+    if has and (len(value) != 5 or value[4] != option):
+      raise ValueError(f"blocks[{phase!r}]={value!r}: {option!r} comes fifth, after the "
                        "compute warpgroups")
-    ints = value[:4] if fused else value
+    ints = value[:4] if has else value
     if len(ints) not in (3, 4) or not all(isinstance(x, int) for x in ints):
       raise ValueError(
           f"blocks[{phase!r}]={value!r} is invalid: must be (block_q, block_k, stages) or "
           "(block_q, block_k, stages, compute warpgroups), ints"
-          + (f"; dkdv's may end in {FUSED!r} (dQ in that kernel too)" if phase == "dkdv"
-             else ""))
-    out[phase] = ints + (1,) * (4 - len(ints)) + ((FUSED,) if fused else ())
+          + (f"; {phase}'s may end in {option!r} ({meaning})" if option else ""))
+    out[phase] = ints + (1,) * (4 - len(ints)) + ((option,) if has else ())
   return out
 
 
@@ -165,7 +173,7 @@ def _causal_keep(q0, k0, shape, interpret, queries_on_rows=True):
   return iota(q_axis) + q0 >= iota(k_axis) + k0
 
 
-def _matmuls(products, interpret):
+def _matmuls(products, interpret, between=None):
   """[acc + a @ b for each (a, b, shape, acc, transpose_a, transpose_b) of `products`] on the
   tensor cores, fp32: a from shared memory or registers (transposed: shared memory only), b from
   shared memory; acc None for a fresh product of `shape`.
@@ -173,7 +181,8 @@ def _matmuls(products, interpret):
   On the GPU the products of one call are `wgmma`s issued back to back and waited for once (one
   `pl.run_state` over their accumulators, each initialised from `acc` or zeros, updated in place),
   so independent products (S and dP; dV and dK) queue on the tensor cores without a wait between
-  them; the transposes are views of the swizzled tiles. Mosaic GPU's interpret mode takes neither
+  them; the transposes are views of the swizzled tiles. `between()`, if given, runs after they
+  are issued and before the wait. Mosaic GPU's interpret mode takes neither
   `run_state` nor transposed views, so there each product is a jnp dot of the loaded tiles (fp32
   accumulation) added to `acc`; the pipeline, masks, softmax and copies around it run as on the
   GPU.
@@ -185,6 +194,8 @@ def _matmuls(products, interpret):
       dims = (((0 if transpose_a else 1,), (1 if transpose_b else 0,)), ((), ()))
       out = lax.dot_general(a_val, b[...], dims, preferred_element_type=jnp.float32)
       outs.append(out if acc is None else acc + out)
+    if between is not None:
+      between()
     return outs
   view = lambda x, t: plgpu.transpose_ref(x, (1, 0)) if t else x
   operands = [(view(a, ta), view(b, tb)) for a, b, _, _, ta, tb in products]
@@ -193,21 +204,26 @@ def _matmuls(products, interpret):
 
     def run(acc_ref):
       plgpu.wgmma(acc_ref, a, b)
+      if between is not None:
+        between()
       return acc_ref[...]
     return [pl.run_scoped(run, plgpu.ACC(shape, jnp.float32))]
 
   def issue(acc_refs):
     for ref, (a, b) in zip(acc_refs, operands):
       plgpu.wgmma(ref, a, b)
+    if between is not None:
+      between()
   init = tuple(plgpu.ACC.init(acc if acc is not None else
                               _layout(jnp.zeros(shape, jnp.float32), plgpu.Layout.WGMMA, False))
                for _, _, shape, acc, _, _ in products)
   return list(pl.run_state(issue)(init))
 
 
-def _matmul(a, b, shape, acc=None, interpret=False, transpose_b=False, transpose_a=False):
+def _matmul(a, b, shape, acc=None, interpret=False, transpose_b=False, transpose_a=False,
+            between=None):
   """One product of `_matmuls`: acc + a @ b (a^T, b^T with the transposes)."""
-  return _matmuls([(a, b, shape, acc, transpose_a, transpose_b)], interpret)[0]
+  return _matmuls([(a, b, shape, acc, transpose_a, transpose_b)], interpret, between)[0]
 
 
 # Per-position side inputs, each optional: "seg", the segment ids [batch, seq] int32 (packed
@@ -342,7 +358,8 @@ def _vector_scratch(wgs, rows, dtypes):
 def _flash_fwd(q, k, v, sides, *, causal: bool, scale: float, blocks: tuple, interpret: bool):
   b, s, h, d = q.shape
   group = h // k.shape[2]
-  bq, bk, stages, wgs = blocks
+  bq, bk, stages, wgs = blocks[:4]
+  pingpong = blocks[4:] == (PINGPONG,)
   nq = s // (bq * wgs)  # programs along the queries: wgs blocks of bq rows each
   c = scale * LOG2E
   names, ns = [n for n, _ in sides], len(sides)
@@ -350,6 +367,8 @@ def _flash_fwd(q, k, v, sides, *, causal: bool, scale: float, blocks: tuple, int
   def kernel(q_ref, k_ref, v_ref, *refs):
     side_refs, (o_ref, lse_ref, q_smems, lse_smems) = refs[:ns], refs[ns:ns + 4]
     side_smems, bars = refs[ns + 4:2 * ns + 4], refs[2 * ns + 4:]
+    turns = bars[-1] if pingpong else None  # both compute warpgroups arrive on it
+    bars = bars[:-1] if pingpong else bars
     hi, bi = lax.axis_index("heads"), lax.axis_index("batch")
     wg = lax.axis_index("wg") if wgs > 1 else 0
     base = (nq - 1 - lax.axis_index("q_blocks")) * (bq * wgs)  # the longest causal rows first
@@ -359,17 +378,27 @@ def _flash_fwd(q, k, v, sides, *, causal: bool, scale: float, blocks: tuple, int
     steps = lax.div(base + wgs * bq + bk - 1, bk) if causal else s // bk
     own = {}  # this warpgroup's side vectors, loaded in its prologue
 
+    def turn():
+      """Ping-pong: wait until the other compute warpgroup has arrived here too. Each one
+      arrives after issuing S and after its softmax, so while one does its softmax the
+      tensor cores run the other's P V and next S."""
+      plgpu.barrier_arrive(turns)
+      plgpu.barrier_wait(turns)
+
     def step(idx, k_smem, v_smem, *rest):
       *streamed_smem, (acc, m, l) = rest
       (j,) = idx
       streamed = {n: _load_vector(sm, 0, interpret) for n, sm in zip(names, streamed_smem)}
-      t = _matmul(q_smem, k_smem, (bq, bk), interpret=interpret, transpose_b=True) * c
+      t = _matmul(q_smem, k_smem, (bq, bk), interpret=interpret, transpose_b=True,
+                  between=turn if pingpong else None) * c
       t = _scores(t, interpret, causal=causal, q0=q0, k0=j * bk, own=own, streamed=streamed)
       m_new = jnp.maximum(m, t.max(axis=1))
       alpha = jnp.exp2(m - m_new)
       p = jnp.exp2(t - lax.broadcast_in_dim(m_new, t.shape, [0]))
       l = l * alpha + p.sum(axis=1)
       acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+      if pingpong:
+        turn()
       acc = _matmul(p.astype(q.dtype), v_smem, (bq, d), acc, interpret)
       return acc, m_new, l
 
@@ -378,9 +407,13 @@ def _flash_fwd(q, k, v, sides, *, causal: bool, scale: float, blocks: tuple, int
       _copy_in([(q_ref.at[bi, pl.ds(q0, bq), hi], q_smem)] + copies, bars, wg)
       own.update(load_own())
       rows = plgpu.Layout.WGMMA.reduce(1)
+      if pingpong:  # the second warpgroup starts half a step behind the first
+        pl.when(wg == 1)(turn)
       acc, m, l = run((_layout(jnp.zeros((bq, d), jnp.float32), plgpu.Layout.WGMMA, interpret),
                        _layout(jnp.full((bq,), _M_INIT, jnp.float32), rows, interpret),
                        _layout(jnp.zeros((bq,), jnp.float32), rows, interpret)))
+      if pingpong:  # and the first matches its extra arrival
+        pl.when(wg == 0)(turn)
       q_smem[...] = (acc / lax.broadcast_in_dim(l, acc.shape, [0])).astype(q.dtype)
       lse_smem[...] = m + jnp.log2(l)
       plgpu.commit_smem()
@@ -397,7 +430,8 @@ def _flash_fwd(q, k, v, sides, *, causal: bool, scale: float, blocks: tuple, int
                 jax.ShapeDtypeStruct((b, h, s), jnp.float32)),
       scratch=(_tile_scratch(wgs, bq, d, q.dtype, 1)
                + _vector_scratch(wgs, bq, [jnp.float32] + [a.dtype for _, a in sides])
-               + [plgpu.Barrier(num_barriers=wgs) for _ in range(1 + ns)]),
+               + [plgpu.Barrier(num_barriers=wgs) for _ in range(1 + ns)]
+               + ([plgpu.Barrier(num_arrivals=2, num_barriers=1)] if pingpong else [])),
       grid=(h, nq, b), grid_names=("heads", "q_blocks", "batch"), wgs=wgs, interpret=interpret,
       args=(q, k, v, *(a for _, a in sides)))
 
@@ -629,7 +663,9 @@ def flash_attention_mgpu(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bo
       each block 64 or 128 and dividing seq; stages, the prefetch depth; warpgroups 1 (one
       warpgroup prefetches and computes) or 2 (two compute warpgroups, each with its own block
       of rows, consume the tiles a third warpgroup loads; seq must then be a multiple of twice
-      the owned block). "dkdv" may have a fifth element, `FUSED` ("fused"): its kernel then
+      the owned block). "fwd" with two warpgroups may have a fifth element, `PINGPONG`
+      ("pingpong"): they take turns on the tensor cores. "dkdv" may have one, `FUSED`
+      ("fused"): its kernel then
       computes dQ too, adding each key block's share into a fp32 buffer (TMA reduce-adds), and
       "dq" is unused. Default `DEFAULT_BLOCKS` (read at each call).
     interpret: run in Mosaic GPU's interpret mode (CPU).

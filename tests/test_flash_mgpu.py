@@ -43,9 +43,13 @@ def _rel_l2(got, want):
     (True, 2, 1, 64, {"fwd": (64, 64, 2, 2), "dq": (64, 64, 2, 2), "dkdv": (64, 64, 2, 2)}),
     (False, 2, 2, 64, {"fwd": (64, 128, 2, 2), "dq": (64, 64, 3, 2), "dkdv": (128, 64, 2, 2)}),
     # the fused backward (dQ by reduce-adds in the dK/dV kernel): GQA 4:2 at head_dim 128 with
-    # 3 stages; two compute warpgroups adding into the same query rows, causal
+    # 3 stages; two compute warpgroups adding into the same query rows, causal, after the
+    # ping-pong forward (the interpreter runs the warpgroups' turns on their shared barrier: a
+    # turn missed or extra deadlocks it)
     (False, 4, 2, 128, {"dkdv": (64, 64, 3, 1, "fused")}),
-    (True, 2, 1, 64, {"fwd": (64, 64, 2, 2), "dkdv": (64, 64, 2, 2, "fused")}),
+    (True, 2, 1, 64, {"fwd": (64, 64, 2, 2, "pingpong"), "dkdv": (64, 64, 2, 2, "fused")}),
+    # the ping-pong forward, non-causal, 128-key tiles, 3 stages, head_dim 128
+    (False, 2, 2, 128, {"fwd": (64, 128, 3, 2, "pingpong")}),
 ])
 def test_matches_the_reference_in_interpret_mode(causal, h, hkv, d, blocks):
   q, k, v, ct = _inputs(1, 256, h, hkv, d, seed=h + d + causal)
@@ -167,17 +171,22 @@ def test_the_three_kernels_lower_for_cuda():
             .lower(lowering_platforms=("cuda",)).as_text())
     assert text.count("stablehlo.custom_call @mosaic_gpu") == 3, (d, with_seg, alibi, blocks)
   # the fused backward: the forward and one backward kernel (its dQ tile's fp32 TMA reduce-add
-  # and the transposed dS operand lower too), one warpgroup and two
+  # and the transposed dS operand lower too), one warpgroup and two, after the split or the
+  # ping-pong forward; the ping-pong forward (the warpgroups' shared barrier) with the split
+  # backward: three
   x = jax.ShapeDtypeStruct((2, 1024, 4, 128), jnp.bfloat16)
-  for blocks in ({"dkdv": (64, 64, 2, 1, fm.FUSED)},
-                 {"fwd": (64, 64, 2, 2), "dkdv": (64, 64, 2, 2, fm.FUSED)}):
+  for blocks, kernels in (({"dkdv": (64, 64, 2, 1, fm.FUSED)}, 2),
+                          ({"fwd": (64, 64, 2, 2), "dkdv": (64, 64, 2, 2, fm.FUSED)}, 2),
+                          ({"fwd": (64, 64, 2, 2, fm.PINGPONG), "dkdv": (64, 64, 2, 2, fm.FUSED)},
+                           2),
+                          ({"fwd": (64, 128, 2, 2, fm.PINGPONG)}, 3)):
     def loss(q, k, v, seg, blocks=blocks):
       out = fm.flash_attention_mgpu(q, k, v, segment_ids=seg, alibi_slopes=slopes,
                                     positions=seg, blocks=blocks)
       return jnp.sum(out.astype(jnp.float32))
     text = (jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(x, x, x, seg)
             .lower(lowering_platforms=("cuda",)).as_text())
-    assert text.count("stablehlo.custom_call @mosaic_gpu") == 2, blocks
+    assert text.count("stablehlo.custom_call @mosaic_gpu") == kernels, blocks
 
 
 @pytest.mark.parametrize("kwargs,shape,match", [
@@ -189,8 +198,13 @@ def test_the_three_kernels_lower_for_cuda():
     ({"blocks": {"dkdv": (64, 64, 2, 3)}}, (1, 256, 2, 64), "warpgroups=3 must be 1 or 2"),
     # two warpgroups own 2 x 128 rows: 384 is a multiple of the blocks but not of that
     ({"blocks": {"fwd": (128, 64, 2, 2)}}, (1, 384, 2, 64), "x 2 warpgroups"),
-    # "fused" belongs to the dK/dV kernel only, after its warpgroups
-    ({"blocks": {"fwd": (64, 64, 2, 1, "fused")}}, (1, 256, 2, 64), r"blocks\['fwd'\].*ints$"),
+    # "fused" belongs to the dK/dV kernel only, after its warpgroups; "pingpong" to the
+    # forward, with two warpgroups
+    ({"blocks": {"fwd": (64, 64, 2, 1, "fused")}}, (1, 256, 2, 64),
+     r"blocks\['fwd'\].*ints; fwd's may end in 'pingpong'"),
+    ({"blocks": {"dq": (64, 64, 2, 1, "fused")}}, (1, 256, 2, 64), r"blocks\['dq'\].*ints$"),
+    ({"blocks": {"fwd": (64, 64, 2, 1, "pingpong")}}, (1, 256, 2, 64),
+     "'pingpong' needs 2 compute warpgroups"),
     ({"blocks": {"dkdv": (64, 64, 2, "fused")}}, (1, 256, 2, 64), "comes fifth"),
     ({"blocks": {"dkdv": (64, 64, 2, 1, "fuse")}}, (1, 256, 2, 64), "may end in 'fused'"),
 ])

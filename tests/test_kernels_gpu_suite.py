@@ -248,20 +248,22 @@ def test_gpu_suite_preflight_lowers_every_device_program_for_cuda(tmp_path):
   # and the Mosaic GPU kernels: the default blocks fwd+bwd at 3 seqs, 3 other blocks at one,
   # the forward alone there (ours on Mosaic GPU and on Triton; cuDNN's and jax's Mosaic forward
   # ask the device when they lower), and the ~1B step on them; then 2 fused-backward settings
-  assert len(by) == 46 + 5 + 1 + 1 + 9 + 1 + 2
+  # and 2 with the ping-pong forward
+  assert len(by) == 46 + 5 + 1 + 1 + 9 + 1 + 2 + 2
   mosaic_counts = {(r["section"], r["program"]): r["mosaic_kernels"] for r in result["programs"]}
   mosaic = {p: n for (s, p), n in mosaic_counts.items() if s == "attention mosaic"}
-  assert len(mosaic) == 11 and len(gpu_suite.mosaic_plan(gpu_suite.FULL["mosaic"])) == 13
+  assert len(mosaic) == 13 and len(gpu_suite.mosaic_plan(gpu_suite.FULL["mosaic"])) == 15
   # fwd+bwd (3 seqs, 4 other block settings, the two-warpgroup ones among them): the fwd, dQ
   # and dK/dV Mosaic GPU kernels, no Triton kernel; the two fused-backward settings: the fwd
-  # and the one backward kernel; the forwards: one
-  assert [n for p, n in mosaic.items() if "fwd+bwd" in p] == [3] * 7 + [2] * 2
+  # and the one backward kernel; the ping-pong forward with the split backward: 3, with the
+  # fused one: 2; the forwards: one
+  assert [n for p, n in mosaic.items() if "fwd+bwd" in p] == [3] * 7 + [2] * 2 + [3, 2]
   assert "mosaic fwd+bwd seq 4096 2 warpgroups, fused backward" in mosaic
   assert "mosaic fwd+bwd seq 4096 2 warpgroups" in mosaic
   assert all(by[("attention mosaic", p)] == 0 for p in mosaic if "fwd+bwd" in p)
   assert (mosaic["mosaic fwd seq 4096"], by[("attention mosaic", "mosaic fwd seq 4096")]) == (1, 0)
   assert (mosaic["ours fwd seq 4096"], by[("attention mosaic", "ours fwd seq 4096")]) == (0, 1)
-  assert sum(mosaic_counts.values()) == 7 * 3 + 2 * 2 + 1 + 3  # none anywhere else
+  assert sum(mosaic_counts.values()) == 8 * 3 + 3 * 2 + 1 + 3  # none anywhere else
   # ~1B step (no remat), the layer scan's body once: attention 3 + two RMSNorms x (fwd, bwd) 4,
   # and the final norm's fwd + bwd 2.
   assert by[("train", "~1B step (pallas, 4x4096)")] == 9
