@@ -324,9 +324,9 @@ def _kernel_call(kernel, *, out_type, scratch, grid, grid_names, wgs, interpret,
                  accumulate=()):
   """`kernel(*args refs, *output refs, *scratch refs)` over `grid`; `accumulate`: arrays the
   programs add into (TMA reduce-add), passed after the outputs and returned after them. Those
-  need their initial values, so such a call is a stateful kernel (`pl.core_map` on a
-  `pl.run_state` of the zero-initialised outputs and the accumulators) instead of
-  `plgpu.kernel`, whose outputs start undefined."""
+  need their initial values, so such a call is a stateful kernel (`pl.core_map`, or in a jax
+  without it `pl.kernel` on closed-over refs, in a `pl.run_state` of the zero-initialised
+  outputs and the accumulators) instead of `plgpu.kernel`, whose outputs start undefined."""
   threads = dict(num_threads=wgs + 1, thread_name="wg") if wgs > 1 else {}
   params = _params(interpret)
   if not accumulate:
@@ -334,13 +334,16 @@ def _kernel_call(kernel, *, out_type, scratch, grid, grid_names, wgs, interpret,
                         grid_names=grid_names, **threads, **params)(*args)
   mesh = plgpu.Mesh(grid=grid, grid_names=grid_names, **threads)
   n = len(args)
+  kw = dict(compiler_params=params["compiler_params"], interpret=params["interpret"] or False)
 
   def stateful(refs):
-    @pl.core_map(mesh, compiler_params=params["compiler_params"],
-                 interpret=params["interpret"] or False)
-    def _():
+    def body():
       pl.run_scoped(lambda *scratch_refs: kernel(*refs, *scratch_refs), *scratch,
                     collective_axes=threads.get("thread_name", ()))
+    if hasattr(pl, "core_map"):
+      pl.core_map(mesh, **kw)(body)
+    else:  # deprecated after jax 0.11.0: `pl.kernel` aliases the refs it writes instead
+      pl.kernel(body, out_type=(), mesh=mesh, **kw)()
 
   outs = [jnp.zeros(o.shape, o.dtype) for o in out_type] + list(accumulate)
   return tuple(pl.run_state(stateful)((*args, *outs))[n:])

@@ -189,6 +189,20 @@ def test_the_three_kernels_lower_for_cuda():
     assert text.count("stablehlo.custom_call @mosaic_gpu") == kernels, blocks
 
 
+def test_the_fused_backward_lowers_without_core_map(monkeypatch):
+  """`pl.core_map` is deprecated after jax 0.11.0; without it the fused backward's stateful
+  kernel is `pl.kernel` on the closed-over refs, and lowers for CUDA the same: the forward and
+  one backward kernel."""
+  from jax.experimental import pallas as pl
+  monkeypatch.delattr(pl, "core_map")
+  x = jax.ShapeDtypeStruct((1, 512, 2, 128), jnp.bfloat16)
+  loss = lambda q, k, v: jnp.sum(fm.flash_attention_mgpu(
+      q, k, v, blocks={"dkdv": (64, 64, 2, 2, fm.FUSED)}).astype(jnp.float32))
+  text = (jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(x, x, x)
+          .lower(lowering_platforms=("cuda",)).as_text())
+  assert text.count("stablehlo.custom_call @mosaic_gpu") == 2
+
+
 @pytest.mark.parametrize("kwargs,shape,match", [
     ({}, (1, 256, 2, 96), "head_dim=96 is not 64 or 128"),
     ({}, (1, 200, 2, 64), "seq=200 is not a multiple of the fwd blocks"),
