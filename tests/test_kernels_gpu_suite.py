@@ -245,7 +245,7 @@ def test_gpu_suite_preflight_lowers_every_device_program_for_cuda(tmp_path):
   assert len(fused) == 5
   # 46 before the fused backward's check and four tilings, the guard's other form, and the
   # SwiGLU A/B's autodiff arm
-  # and the Mosaic GPU kernels: the default blocks fwd+bwd at 3 seqs, 3 other blocks at one,
+  # and the Mosaic GPU kernels: the default blocks fwd+bwd at 3 seqs, 4 other blocks at one,
   # the forward alone there (ours on Mosaic GPU and on Triton; cuDNN's and jax's Mosaic forward
   # ask the device when they lower), and the ~1B step on them; then 2 fused-backward settings
   # and 2 with the ping-pong forward
@@ -253,7 +253,7 @@ def test_gpu_suite_preflight_lowers_every_device_program_for_cuda(tmp_path):
   mosaic_counts = {(r["section"], r["program"]): r["mosaic_kernels"] for r in result["programs"]}
   mosaic = {p: n for (s, p), n in mosaic_counts.items() if s == "attention mosaic"}
   assert len(mosaic) == 13 and len(gpu_suite.mosaic_plan(gpu_suite.FULL["mosaic"])) == 15
-  # fwd+bwd (3 seqs, 4 other block settings, the two-warpgroup ones among them): the fwd, dQ
+  # fwd+bwd (3 seqs, 4 other split settings, the two-warpgroup ones among them): the fwd, dQ
   # and dK/dV Mosaic GPU kernels, no Triton kernel; the two fused-backward settings: the fwd
   # and the one backward kernel; the ping-pong forward with the split backward: 3, with the
   # fused one: 2; the forwards: one
