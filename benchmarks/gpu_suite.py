@@ -79,8 +79,9 @@ a watchdog thread ends the process at the hard limit, budget + 30 s, after writi
    the fp32 reference (plain causal GQA; packed segments, positions and ALiBi), then, only if
    both checks pass, fwd+bwd at the `attention` section's seqs (`impl` "mosaic" rows beside its
    cuDNN and Triton ones); the other block settings (`MOSAIC_VARIANTS`: two compute
-   warpgroups, the fused backward, the ping-pong forward among them) at 4k, the fastest checked and set as this process's
-   `flash_mgpu.DEFAULT_BLOCKS` (`mosaic_blocks_used`); the ~1B step with
+   warpgroups, the fused backward, the ping-pong forward among them) at 4k, the fastest
+   checked and set as this process's `flash_mgpu.DEFAULT_BLOCKS` (`mosaic_blocks_used`); the
+   ~1B step with
    `layers.FLASH_MOSAIC = True`; last the forward alone by each of `MOSAIC_FWD_IMPLS`.
 
 After a device run, `benchmarks/gpu_apply.py gpu_suite.json --write` turns the tiles and train

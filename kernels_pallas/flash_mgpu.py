@@ -83,8 +83,8 @@ _OPTIONS = {"fwd": (PINGPONG, "two warpgroups taking turns on the tensor cores")
 
 
 def _transforms(dtype):
-  """Shared-memory layout of a [rows, head_dim] tile for TMA and wgmma: (8, 128-byte) tiles with
-  the 128-byte swizzle."""
+  """Shared-memory layout of a [rows, cols] tile for TMA and wgmma (and, fp32, the fused
+  backward's dQ tile for the TMA reduce-add): (8, 128-byte) tiles with the 128-byte swizzle."""
   swizzle = 128
   return (plgpu.TilingTransform((8, swizzle // jnp.dtype(dtype).itemsize)),
           plgpu.SwizzleTransform(swizzle))
@@ -509,12 +509,6 @@ def _flash_dq(q, k, v, sides, do, lse, delta, *, causal, scale, blocks, interpre
       args=(q, k, v, *(a for _, a in sides), do, lse, delta))
 
 
-def _dq_transforms():
-  """Shared-memory layout of a fp32 [rows, head_dim] dQ tile for the TMA reduce-add: (8, 32)
-  tiles (128 bytes) with the 128-byte swizzle."""
-  return (plgpu.TilingTransform((8, 32)), plgpu.SwizzleTransform(128))
-
-
 def _flash_dkdv(q, k, v, sides, do, lse, delta, *, causal, scale, blocks, interpret):
   """dK and dV per query head, [batch, seq, heads, head_dim] each; with `blocks[4] == "fused"`
   also dQ, (dk, dv, dq) with dq fp32: each program adds its keys' share dS K of every query
@@ -535,15 +529,15 @@ def _flash_dkdv(q, k, v, sides, do, lse, delta, *, causal, scale, blocks, interp
   dq_parts = wgs if interpret else 1
 
   def kernel(q_ref, k_ref, v_ref, *refs):
-    side_refs = refs[:ns]
-    n_out = 3 if fused else 2
-    do_ref, lse_ref, delta_ref, dk_ref, dv_ref = refs[ns:ns + 5]
-    dq_ref = refs[ns + 5] if fused else None
-    k_smems, v_smems = refs[ns + 3 + n_out:ns + 5 + n_out]
-    rest = refs[ns + 5 + n_out:]
-    ds_smems, dq_smems = rest[:2] if fused else (None, None)
-    rest = rest[2:] if fused else rest
-    side_smems, bars = rest[:ns], rest[ns:]
+    # in the order `_kernel_call` passes them: inputs, outputs, then the scratch below
+    refs = iter(refs)
+    take = lambda n: [next(refs) for _ in range(n)]  # noqa: E731
+    side_refs = take(ns)
+    do_ref, lse_ref, delta_ref, dk_ref, dv_ref = take(5)
+    dq_ref = next(refs) if fused else None
+    k_smems, v_smems = take(2)
+    ds_smems, dq_smems = take(2) if fused else (None, None)
+    side_smems, bars = take(ns), list(refs)
     hi, bi = lax.axis_index("heads"), lax.axis_index("batch")
     wg = lax.axis_index("wg") if wgs > 1 else 0
     base = lax.axis_index("k_blocks") * (bk * wgs)  # the first blocks have the most queries
@@ -558,17 +552,16 @@ def _flash_dkdv(q, k, v, sides, do, lse, delta, *, causal, scale, blocks, interp
       """dQ[query block i] += part (this warpgroup's keys' share, fp32)."""
       dq_smem = dq_smems.at[wg]
       rows = dq_ref.at[wg if interpret else 0, bi, pl.ds(i * bq, bq), hi]
-      if interpret:
+      if interpret:  # read, add, write back (no reduce-add there)
         _copy_in([(rows, dq_smem)], bars[-1:], wg)
-        part = part + dq_smem[...]
-      else:
-        plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last step's add has read dq_smem
-      dq_smem[...] = part
-      plgpu.commit_smem()
-      if interpret:
+        dq_smem[...] = part + dq_smem[...]
+        plgpu.commit_smem()
         plgpu.copy_smem_to_gmem(dq_smem, rows)
         plgpu.wait_smem_to_gmem(0)
       else:
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last step's add has read dq_smem
+        dq_smem[...] = part
+        plgpu.commit_smem()
         plgpu.copy_smem_to_gmem(dq_smem, rows, reduction_op="add")
 
     def step(idx, q_smem, do_smem, lse_smem, delta_smem, *rest):
@@ -620,7 +613,7 @@ def _flash_dkdv(q, k, v, sides, do, lse, delta, *, causal, scale, blocks, interp
 
   per_head = jax.ShapeDtypeStruct(q.shape, q.dtype)
   fused_scratch = ([plgpu.SMEM((wgs, bk, bq), q.dtype, transforms=tr),
-                    plgpu.SMEM((wgs, bq, d), jnp.float32, transforms=_dq_transforms())]
+                    plgpu.SMEM((wgs, bq, d), jnp.float32, transforms=_transforms(jnp.float32))]
                    if fused else [])
   out = _kernel_call(
       kernel,
