@@ -189,6 +189,20 @@ def test_the_three_kernels_lower_for_cuda():
     assert text.count("stablehlo.custom_call @mosaic_gpu") == kernels, blocks
 
 
+def test_the_fused_backward_with_128_row_query_tiles_is_refused_for_its_shared_memory():
+  """At head_dim 128 the fused dK/dV kernel with 128-row query tiles needs 247,840 bytes of
+  shared memory (2 stages of Q and dO tiles, K, V, dS and the fp32 dQ tile), over an SM's
+  232,448: the CUDA lowering refuses it by name rather than building a kernel that cannot
+  launch."""
+  x = jax.ShapeDtypeStruct((1, 512, 2, 128), jnp.bfloat16)
+  loss = lambda q, k, v: jnp.sum(fm.flash_attention_mgpu(
+      q, k, v, blocks={"dkdv": (128, 64, 2, 1, fm.FUSED)}).astype(jnp.float32))
+  with pytest.raises(Exception, match=r"exceeds available shared memory: smem_bytes=247840 > "
+                                      r"max_smem_bytes=232448"):
+    jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(x, x, x).lower(
+        lowering_platforms=("cuda",))
+
+
 def test_the_fused_backward_lowers_without_core_map(monkeypatch):
   """`pl.core_map` is deprecated after jax 0.11.0; without it the fused backward's stateful
   kernel is `pl.kernel` on the closed-over refs, and lowers for CUDA the same: the forward and
