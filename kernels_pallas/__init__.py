@@ -17,7 +17,8 @@ Each kernel has a plain-jnp reference in `kernels_pallas.reference` (top-k: `jax
 """
 
 from kernels_pallas.attention import (BACKENDS, DEFAULT_BLOCKS, default_blocks, default_tuning,
-                                      flash_attention, lowering_platform, resolve_backend)
+                                      flash_attention, lowering_platform, resolve_backend,
+                                      triton_target)
 from kernels_pallas.decode import decode_attention
 from kernels_pallas.reference import (attention_reference, decode_attention_reference,
                                       rms_norm_reference, rope_reference)
@@ -28,4 +29,4 @@ from kernels_pallas.topk import top_k
 __all__ = ["BACKENDS", "DEFAULT_BLOCKS", "attention_reference", "decode_attention",
            "decode_attention_reference", "default_blocks", "default_tuning", "flash_attention",
            "lowering_platform", "resolve_backend", "rms_norm", "rms_norm_reference",
-           "rms_norm_kernel_fits", "rope_reference", "top_k", "topk_argmax"]
+           "rms_norm_kernel_fits", "rope_reference", "top_k", "topk_argmax", "triton_target"]

@@ -16,6 +16,7 @@ import functools
 import math
 import os
 from typing import Optional
+from unittest import mock
 
 import jax
 import jax.numpy as jnp
@@ -128,15 +129,40 @@ def lowering_platform(platform: str):
   """Within this context "auto" resolves to the kernels of `platform` ("cuda" or "tpu") whatever
   the default JAX platform is: for tracing a program on a CPU machine and exporting it for that
   platform (`jax.export.export(..., platforms=[platform])`), e.g. benchmarks/gpu_suite.py
-  --preflight, which lowers every device program of the suite before a GPU is used.
+  --preflight, which lowers every device program of the suite before a GPU is used. For "cuda"
+  on a machine without a GPU the Triton kernels are lowered for an H100 / H200
+  (`triton_target`).
   """
   if platform not in ("cuda", "tpu"):
     raise ValueError(f"platform={platform!r} is invalid: must be 'cuda' or 'tpu'")
   token = _LOWERING_PLATFORM.set(platform)
   try:
-    yield
+    with triton_target() if platform == "cuda" else contextlib.nullcontext():
+      yield
   finally:
     _LOWERING_PLATFORM.reset(token)
+
+
+@contextlib.contextmanager
+def triton_target(gpu: str = "NVIDIA H200"):
+  """Within this context, on a machine without a GPU, Pallas lowers its Triton kernels for `gpu`
+  (a device kind jax knows; compute capability 9.0 for the H100 and H200). Since jax 0.11 that
+  lowering asks the local GPU for its compute capability and raises "No supported GPU devices
+  found" where there is none (jax 0.10 took 9.0). jax's own answer, an `AbstractDevice` in
+  `jax.sharding.use_abstract_mesh`, is replaced by the concrete mesh of a program lowered under
+  one (the training step), so here jax's lookup itself answers for `gpu`. A no-op on a machine
+  with a GPU and on a jax without the lookup. Not thread-safe (it patches a module attribute).
+  """
+  try:
+    from jax._src.pallas.triton import gpu_info  # jax >= 0.11; private: no public hook yet
+  except ImportError:
+    gpu_info = None
+  if gpu_info is None or jax.default_backend() == "gpu":
+    yield
+    return
+  target = gpu_info.get_gpu_info_from_version(gpu_info.GpuVersion(gpu))
+  with mock.patch.object(gpu_info, "get_gpu_info", lambda: target):
+    yield
 
 
 _DEFAULT_TUNING = contextvars.ContextVar("kernels_pallas_default_tuning", default=None)

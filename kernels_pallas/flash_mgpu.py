@@ -349,13 +349,28 @@ def _kernel_call(kernel, *, out_type, scratch, grid, grid_names, wgs, interpret,
   return tuple(pl.run_state(stateful)((*args, *outs))[n:])
 
 
+def _per_warpgroup(wgs, shape, dtype, **kw):
+  """Shared memory with one `shape` part per compute warpgroup: [wgs, *shape], or `shape` with
+  one warpgroup (no warpgroup axis: see `_mine`)."""
+  return plgpu.SMEM(((wgs,) if wgs > 1 else ()) + tuple(shape), dtype, **kw)
+
+
+def _mine(ref, wg, wgs):
+  """Warpgroup `wg`'s part of a `_per_warpgroup` ref. With one warpgroup there is no axis to
+  index: a constant index (`ref.at[0]`) on a tile that a wgmma's `pl.run_state` closes over
+  becomes a literal input of the run_state, which jax 0.11's lowering hands back as a Python
+  int and then refuses ("Shaped arrays must be represented by ir.Values"): the one-warpgroup
+  backward would not compile on the GPU."""
+  return ref.at[wg] if wgs > 1 else ref
+
+
 def _tile_scratch(wgs, rows, d, dtype, n):
   tr = _transforms(dtype)
-  return [plgpu.SMEM((wgs, rows, d), dtype, transforms=tr) for _ in range(n)]
+  return [_per_warpgroup(wgs, (rows, d), dtype, transforms=tr) for _ in range(n)]
 
 
 def _vector_scratch(wgs, rows, dtypes):
-  return [plgpu.SMEM((wgs, rows), dt) for dt in dtypes]
+  return [_per_warpgroup(wgs, (rows,), dt) for dt in dtypes]
 
 
 def _flash_fwd(q, k, v, sides, *, causal: bool, scale: float, blocks: tuple, interpret: bool):
@@ -376,8 +391,8 @@ def _flash_fwd(q, k, v, sides, *, causal: bool, scale: float, blocks: tuple, int
     wg = lax.axis_index("wg") if wgs > 1 else 0
     base = (nq - 1 - lax.axis_index("q_blocks")) * (bq * wgs)  # the longest causal rows first
     q0 = base + wg * bq
-    q_smem, lse_smem = q_smems.at[wg], lse_smems.at[wg]
-    side_smem = [sm.at[wg] for sm in side_smems]
+    q_smem, lse_smem = _mine(q_smems, wg, wgs), _mine(lse_smems, wg, wgs)
+    side_smem = [_mine(sm, wg, wgs) for sm in side_smems]
     steps = lax.div(base + wgs * bq + bk - 1, bk) if causal else s // bk
     own = {}  # this warpgroup's side vectors, loaded in its prologue
 
@@ -464,9 +479,9 @@ def _flash_dq(q, k, v, sides, do, lse, delta, *, causal, scale, blocks, interpre
     wg = lax.axis_index("wg") if wgs > 1 else 0
     base = (nq - 1 - lax.axis_index("q_blocks")) * (bq * wgs)
     q0 = base + wg * bq
-    q_smem, do_smem = q_smems.at[wg], do_smems.at[wg]
-    lse_smem, delta_smem = lse_smems.at[wg], delta_smems.at[wg]
-    side_smem = [sm.at[wg] for sm in side_smems]
+    q_smem, do_smem, lse_smem, delta_smem = (
+        _mine(sm, wg, wgs) for sm in (q_smems, do_smems, lse_smems, delta_smems))
+    side_smem = [_mine(sm, wg, wgs) for sm in side_smems]
     rows = (bi, pl.ds(q0, bq), hi)
     steps = lax.div(base + wgs * bq + bk - 1, bk) if causal else s // bk
     own = {}
@@ -542,15 +557,15 @@ def _flash_dkdv(q, k, v, sides, do, lse, delta, *, causal, scale, blocks, interp
     wg = lax.axis_index("wg") if wgs > 1 else 0
     base = lax.axis_index("k_blocks") * (bk * wgs)  # the first blocks have the most queries
     k0 = base + wg * bk
-    k_smem, v_smem = k_smems.at[wg], v_smems.at[wg]
-    side_smem = [sm.at[wg] for sm in side_smems]
+    k_smem, v_smem = _mine(k_smems, wg, wgs), _mine(v_smems, wg, wgs)
+    side_smem = [_mine(sm, wg, wgs) for sm in side_smems]
     kvh = lax.div(hi, group)
     first = lax.div(base, bq) if causal else 0  # query blocks before it see none of its keys
     own = {}  # along the rows: keys here
 
     def add_dq(i, part):
       """dQ[query block i] += part (this warpgroup's keys' share, fp32)."""
-      dq_smem = dq_smems.at[wg]
+      dq_smem = _mine(dq_smems, wg, wgs)
       rows = dq_ref.at[wg if interpret else 0, bi, pl.ds(i * bq, bq), hi]
       if interpret:  # read, add, write back (no reduce-add there)
         _copy_in([(rows, dq_smem)], bars[-1:], wg)
@@ -581,7 +596,7 @@ def _flash_dkdv(q, k, v, sides, do, lse, delta, *, causal, scale, blocks, interp
       if not fused:
         dv, dk = _matmuls(products, interpret)
         return dk, dv
-      ds_smem = ds_smems.at[wg]
+      ds_smem = _mine(ds_smems, wg, wgs)
       ds_smem[...] = ds
       plgpu.commit_smem()  # the registers' stores, visible to the wgmma
       dv, dk, part = _matmuls(products + [(ds_smem, k_smem, (bq, d), None, True, False)],
@@ -612,8 +627,8 @@ def _flash_dkdv(q, k, v, sides, do, lse, delta, *, causal, scale, blocks, interp
                delta_ref.at[bi, hi]] + vec_views, stages=stages, own=prologue_epilogue)
 
   per_head = jax.ShapeDtypeStruct(q.shape, q.dtype)
-  fused_scratch = ([plgpu.SMEM((wgs, bk, bq), q.dtype, transforms=tr),
-                    plgpu.SMEM((wgs, bq, d), jnp.float32, transforms=_transforms(jnp.float32))]
+  fused_scratch = ([_per_warpgroup(wgs, (bk, bq), q.dtype, transforms=tr),
+                    _per_warpgroup(wgs, (bq, d), jnp.float32, transforms=_transforms(jnp.float32))]
                    if fused else [])
   out = _kernel_call(
       kernel,

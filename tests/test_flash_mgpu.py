@@ -208,7 +208,17 @@ def test_the_fused_backward_lowers_without_core_map(monkeypatch):
   kernel is `pl.kernel` on the closed-over refs, and lowers for CUDA the same: the forward and
   one backward kernel."""
   from jax.experimental import pallas as pl
-  monkeypatch.delattr(pl, "core_map")
+  if "core_map" in vars(pl):
+    monkeypatch.delattr(pl, "core_map")
+  else:  # jax 0.11.2: only a deprecation shim, in the module's __getattr__
+    shim = vars(pl)["__getattr__"]
+
+    def without_core_map(name):
+      if name == "core_map":
+        raise AttributeError(name)
+      return shim(name)
+    monkeypatch.setattr(pl, "__getattr__", without_core_map)
+  assert not hasattr(pl, "core_map")
   x = jax.ShapeDtypeStruct((1, 512, 2, 128), jnp.bfloat16)
   loss = lambda q, k, v: jnp.sum(fm.flash_attention_mgpu(
       q, k, v, blocks={"dkdv": (64, 64, 2, 2, fm.FUSED)}).astype(jnp.float32))
@@ -216,6 +226,34 @@ def test_the_fused_backward_lowers_without_core_map(monkeypatch):
           .lower(lowering_platforms=("cuda",)).as_text())
   assert text.count("stablehlo.custom_call @mosaic_gpu") == 2
 
+
+
+def test_the_wgmmas_close_over_no_constant_index(monkeypatch):
+  """Every input that a wgmma group's `pl.run_state` closes over reaches its lowering as an MLIR
+  value, never as a Python int. jax 0.11's lowering hands such an input back as it came and
+  refuses a Python int there ("Shaped arrays must be represented by ir.Values"): the
+  one-warpgroup backward (the default blocks) did not lower under jax 0.11.2, the device's jax,
+  while it did here, because its tiles were `smem.at[0]` for warpgroup 0. The rule is watched
+  under this machine's jax; each kernel form's run_state inputs are checked."""
+  from jax._src.pallas.mosaic_gpu import lowering
+  from jax._src.state import discharge
+  literals, calls = [], []
+  for rules in lowering.mosaic_lowering_rules.values():
+    if discharge.run_state_p in rules:
+      def watched(ctx, *args, _rule=rules[discharge.run_state_p], **params):
+        calls.append(len(args))
+        literals.extend(type(a).__name__ for a in args if isinstance(a, int))
+        return _rule(ctx, *args, **params)
+      monkeypatch.setitem(rules, discharge.run_state_p, watched)
+  x = jax.ShapeDtypeStruct((1, 512, 2, 128), jnp.bfloat16)
+  for blocks in (None, {"dkdv": (64, 64, 2, 1, fm.FUSED)},
+                 {"fwd": (64, 64, 2, 2, fm.PINGPONG), "dkdv": (64, 64, 2, 2, fm.FUSED)}):
+    loss = lambda q, k, v, blocks=blocks: jnp.sum(
+        fm.flash_attention_mgpu(q, k, v, blocks=blocks).astype(jnp.float32))
+    jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(x, x, x).lower(
+        lowering_platforms=("cuda",))
+    assert calls and not literals, (blocks, literals)
+    calls.clear()
 
 @pytest.mark.parametrize("kwargs,shape,match", [
     ({}, (1, 256, 2, 96), "head_dim=96 is not 64 or 128"),

@@ -22,6 +22,14 @@ from kernels_pallas import attention_reference, flash_attention
 TOL = {jnp.float32: 2e-5, jnp.bfloat16: 6e-2}
 
 
+@pytest.fixture(autouse=True)
+def _lower_triton_for_an_h200():
+  """The CUDA lowerings below run on a CPU machine under any jax (`kernels_pallas.triton_target`:
+  jax >= 0.11 asks the local GPU for a compute capability)."""
+  with kernels_pallas.triton_target():
+    yield
+
+
 def _inputs(b, s, h, hkv, d, dtype, seed=0):
   kq, kk, kv = jax.random.split(jax.random.PRNGKey(seed), 3)
   q = jax.random.normal(kq, (b, s, h, d), jnp.float32).astype(dtype)
@@ -227,6 +235,18 @@ def test_auto_backend_on_cpu(monkeypatch):
   monkeypatch.setenv(kernels_pallas.attention.CPU_BACKEND_ENV, "gpu")
   with pytest.raises(ValueError, match="KERNELS_PALLAS_CPU_BACKEND"):
     kernels_pallas.resolve_backend("auto")
+
+
+def test_triton_target_answers_for_an_h200_on_a_machine_without_a_gpu():
+  # jax >= 0.11 only (0.10 takes compute capability 9.0 without asking): outside the context the
+  # lookup finds no GPU here; inside, an H200's 9.0; after it, no GPU again
+  gpu_info = pytest.importorskip("jax._src.pallas.triton.gpu_info")
+  if jax.default_backend() == "gpu":
+    pytest.skip("this machine has a GPU: the lookup answers for it")
+  with kernels_pallas.triton_target("NVIDIA H100"):  # inside the module's autouse H200 context
+    assert gpu_info.get_gpu_info().compute_capability == 90
+    assert gpu_info.get_gpu_info().gpu_version.value == "NVIDIA H100"
+  assert gpu_info.get_gpu_info().gpu_version.value == "NVIDIA H200"
 
 
 def test_lowering_platform_sets_what_auto_resolves_to(monkeypatch):
