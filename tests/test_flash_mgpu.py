@@ -227,7 +227,6 @@ def test_the_fused_backward_lowers_without_core_map(monkeypatch):
   assert text.count("stablehlo.custom_call @mosaic_gpu") == 2
 
 
-
 def test_the_wgmmas_close_over_no_constant_index(monkeypatch):
   """Every input that a wgmma group's `pl.run_state` closes over reaches its lowering as an MLIR
   value, never as a Python int. jax 0.11's lowering hands such an input back as it came and
@@ -254,6 +253,7 @@ def test_the_wgmmas_close_over_no_constant_index(monkeypatch):
         lowering_platforms=("cuda",))
     assert calls and not literals, (blocks, literals)
     calls.clear()
+
 
 @pytest.mark.parametrize("kwargs,shape,match", [
     ({}, (1, 256, 2, 96), "head_dim=96 is not 64 or 128"),
