@@ -22,12 +22,7 @@ from kernels_pallas import attention_reference, flash_attention
 TOL = {jnp.float32: 2e-5, jnp.bfloat16: 6e-2}
 
 
-@pytest.fixture(autouse=True)
-def _lower_triton_for_an_h200():
-  """The CUDA lowerings below run on a CPU machine under any jax (`kernels_pallas.triton_target`:
-  jax >= 0.11 asks the local GPU for a compute capability)."""
-  with kernels_pallas.triton_target():
-    yield
+pytestmark = pytest.mark.usefixtures("lower_triton_for_an_h200")  # tests/conftest.py
 
 
 def _inputs(b, s, h, hkv, d, dtype, seed=0):
@@ -238,12 +233,12 @@ def test_auto_backend_on_cpu(monkeypatch):
 
 
 def test_triton_target_answers_for_an_h200_on_a_machine_without_a_gpu():
-  # jax >= 0.11 only (0.10 takes compute capability 9.0 without asking): outside the context the
-  # lookup finds no GPU here; inside, an H200's 9.0; after it, no GPU again
+  # jax >= 0.11 only (0.10 takes compute capability 9.0 without asking). This module's tests run
+  # inside an H200 target; a nested H100 target answers inside, and the H200 comes back after
   gpu_info = pytest.importorskip("jax._src.pallas.triton.gpu_info")
   if jax.default_backend() == "gpu":
     pytest.skip("this machine has a GPU: the lookup answers for it")
-  with kernels_pallas.triton_target("NVIDIA H100"):  # inside the module's autouse H200 context
+  with kernels_pallas.triton_target("NVIDIA H100"):
     assert gpu_info.get_gpu_info().compute_capability == 90
     assert gpu_info.get_gpu_info().gpu_version.value == "NVIDIA H100"
   assert gpu_info.get_gpu_info().gpu_version.value == "NVIDIA H200"

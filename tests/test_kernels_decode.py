@@ -16,7 +16,6 @@ import numpy as np
 import pytest
 from jax import export
 
-import kernels_pallas
 from baichuan_jax.infer.sampling import apply_repetition_penalty
 from baichuan_jax.model.positions import alibi_slopes, apply_rope
 from kernels_pallas import (decode_attention, decode_attention_reference, flash_attention,
@@ -25,12 +24,7 @@ from kernels_pallas import (decode_attention, decode_attention_reference, flash_
 TOL = {jnp.float32: 2e-5, jnp.bfloat16: 2e-2}
 
 
-@pytest.fixture(autouse=True)
-def _lower_triton_for_an_h200():
-  """The CUDA lowerings below run on a CPU machine under any jax (`kernels_pallas.triton_target`:
-  jax >= 0.11 asks the local GPU for a compute capability)."""
-  with kernels_pallas.triton_target():
-    yield
+pytestmark = pytest.mark.usefixtures("lower_triton_for_an_h200")  # tests/conftest.py
 
 
 def _cache(b, h, kvh, max_len, d, dtype, seed=0):
