@@ -327,13 +327,37 @@ def _kernel_call(kernel, *, out_type, scratch, grid, grid_names, wgs, interpret,
   need their initial values, so such a call is a stateful kernel (`pl.core_map`, or in a jax
   without it `pl.kernel` on closed-over refs, in a `pl.run_state` of the zero-initialised
   outputs and the accumulators) instead of `plgpu.kernel`, whose outputs start undefined."""
+  call = functools.partial(_kernel_call_now, kernel, out_type=out_type, scratch=scratch,
+                           grid=grid, grid_names=grid_names, wgs=wgs, interpret=interpret,
+                           n_args=len(args))
+  if not interpret:
+    return call(*args, *accumulate)
+  return _effect_free(call, *args, *accumulate)
+
+
+def _effect_free(call, *args):
+  """`call(*args)` as an effect-free op. Mosaic GPU's interpreter in jax >= 0.11 threads ordered
+  IO callbacks through every interpreted kernel, and a scan refuses a body with such effects
+  (flax's layer `nn.scan`: "broadcasted variable has a data dependency on the scan body"). A
+  kernel is a pure function of its inputs, so where the interpreted call has effects it runs,
+  compiled on its own, inside a `jax.pure_callback`; where it has none (jax 0.10) it is inlined
+  as before. Compiled (GPU) kernels have no effects and never come here."""
+  jaxpr, shapes = jax.make_jaxpr(call, return_shape=True)(*args)
+  if not jaxpr.effects:
+    return call(*args)
+  return jax.pure_callback(jax.jit(call), shapes, *args)
+
+
+def _kernel_call_now(kernel, *args, out_type, scratch, grid, grid_names, wgs, interpret,
+                     n_args):
+  accumulate, args = args[n_args:], args[:n_args]
   threads = dict(num_threads=wgs + 1, thread_name="wg") if wgs > 1 else {}
   params = _params(interpret)
   if not accumulate:
     return plgpu.kernel(kernel, out_type=out_type, scratch_types=tuple(scratch), grid=grid,
                         grid_names=grid_names, **threads, **params)(*args)
   mesh = plgpu.Mesh(grid=grid, grid_names=grid_names, **threads)
-  n = len(args)
+  n = n_args
   kw = dict(compiler_params=params["compiler_params"], interpret=params["interpret"] or False)
 
   def stateful(refs):

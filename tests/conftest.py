@@ -12,7 +12,7 @@ import pytest  # noqa: E402
 def lower_triton_for_an_h200():
   """CUDA lowerings of Triton kernels on this CPU machine under any jax
   (`kernels_pallas.triton_target`: jax >= 0.11 asks the local GPU for a compute capability).
-  The kernel test modules that lower for CUDA use it for every test."""
+  The test modules that lower Triton kernels for CUDA use it for every test."""
   import kernels_pallas  # here, not at the top: the environment above comes before jax
   with kernels_pallas.triton_target():
     yield

@@ -284,3 +284,56 @@ def test_float32_is_refused():
   x = jnp.zeros((1, 256, 2, 64), jnp.float32)
   with pytest.raises(ValueError, match="dtype float32 is not bfloat16 or float16"):
     fm.flash_attention_mgpu(x, x, x, interpret=True)
+
+
+def test_an_interpreted_kernel_with_ordered_effects_runs_inside_a_layer_scan():
+  """jax >= 0.11's Mosaic GPU interpreter threads ordered IO callbacks through each kernel, and
+  flax's layer `nn.scan` then refuses the body ("broadcasted variable has a data dependency on
+  the scan body"): a FLASH_MOSAIC training step failed on the CPU. `_effect_free` runs such a
+  call through a `pure_callback`; one without effects (jax 0.10's interpreter) is inlined. The
+  ordered callback below stands in for 0.11's. Under jax 0.10.2 / flax 0.12.8 the scan lets an
+  effectful body through, so there the assertion on the program's effects is what fails without
+  `_effect_free`; under jax 0.11.2 / flax 0.12.12 the scan itself raises."""
+  import flax.linen as nn  # pylint: disable=import-outside-toplevel
+  from jax.experimental import io_callback  # pylint: disable=import-outside-toplevel
+
+  def effectful(x, w):  # a "kernel" whose interpretation is ordered IO, as in jax 0.11
+    y = io_callback(lambda a: np.tanh(a), jax.ShapeDtypeStruct(x.shape, x.dtype), x @ w,
+                    ordered=True)
+    return y, y.sum()
+
+  def pure(x, w):
+    return jnp.tanh(x @ w), jnp.tanh(x @ w).sum()
+
+  class Layer(nn.Module):
+    kernel: object
+
+    @nn.compact
+    def __call__(self, x, bias):
+      w = self.param("w", nn.initializers.normal(0.5), (4, 4))
+      y, total = fm._effect_free(self.kernel, x, w)  # pylint: disable=protected-access
+      return y + bias, total
+
+  def run(kernel):
+    stack = nn.scan(Layer, variable_axes={"params": 0}, split_rngs={"params": True},
+                    in_axes=nn.broadcast, length=3)(kernel)
+    x, bias = jnp.ones((2, 4)), jnp.full((2, 4), 0.1)
+    params = stack.init(jax.random.PRNGKey(0), x, bias)
+    return jax.jit(stack.apply)(params, x, bias), params
+
+  (y, totals), params = run(effectful)
+  (want_y, want_totals), _ = run(pure)
+  np.testing.assert_allclose(y, want_y, rtol=1e-6)
+  np.testing.assert_allclose(totals, want_totals, rtol=1e-6)
+  w = params["params"]["w"]  # the same numbers by hand: three tanh layers, bias added after each
+  x = np.ones((2, 4))
+  for i in range(3):
+    x = np.tanh(x @ np.asarray(w[i], np.float64)) + 0.1
+  np.testing.assert_allclose(y, x, rtol=1e-5)
+  # without effects the call is inlined: no callback in the program
+  x1, w1 = jnp.ones((2, 4)), jnp.eye(4)
+  assert "pure_callback" not in str(jax.make_jaxpr(
+      lambda a, b: fm._effect_free(pure, a, b))(x1, w1))  # pylint: disable=protected-access
+  wrapped = jax.make_jaxpr(lambda a, b: fm._effect_free(effectful, a, b))(x1, w1)  # pylint: disable=protected-access
+  assert jax.make_jaxpr(effectful)(x1, w1).effects and not wrapped.effects
+  assert "pure_callback" in str(wrapped)

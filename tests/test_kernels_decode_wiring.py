@@ -116,17 +116,26 @@ def test_decode_step_logits_match_xla(model):
 
 def test_holes_in_a_row_keep_the_xla_path(model):
   """A row whose segment has a gap (a packed / hand-built cache) is not one span: the step falls
-  back to the XLA path for the batch, and the logits equal it exactly."""
+  back to the XLA path for the batch, and the logits equal it to within float rounding.
+
+  Not bit for bit: the fallback runs inside a `lax.cond` branch, which XLA compiles as its own
+  computation, and under jax 0.11.2 its fusions round one logit 1 ulp apart (2.4e-7) from the
+  plain XLA step's. The hole itself moves row 1's logits by orders of magnitude more (asserted),
+  so the tolerance still tells a step that skips slot 20 from one that reads it."""
   xla, pallas, params = model
   state = _prefilled(xla, params)
   seg = state.cache.segment_ids.at[1, 20].set(2)  # slot 20 of row 1 leaves its segment
   cache = state.cache.replace(segment_ids=seg)
   _, _, ok = _span_of(cache, state.pos, jnp.ones(3, jnp.int32), False)
   assert not bool(ok)
-  args = (params, state.last[:, None], state.pos[:, None], jnp.ones((3, 1), jnp.int32), cache)
-  want, _ = jax.jit(functools.partial(gen_lib._forward_last, xla, unroll=True))(*args)  # pylint: disable=protected-access
-  got, _ = jax.jit(functools.partial(gen_lib._forward_last, pallas, unroll=True))(*args)  # pylint: disable=protected-access
-  np.testing.assert_array_equal(got, want)
+  rest = (state.last[:, None], state.pos[:, None], jnp.ones((3, 1), jnp.int32))
+  step_x = jax.jit(functools.partial(gen_lib._forward_last, xla, unroll=True))  # pylint: disable=protected-access
+  step_p = jax.jit(functools.partial(gen_lib._forward_last, pallas, unroll=True))  # pylint: disable=protected-access
+  want, _ = step_x(params, *rest, cache)
+  got, _ = step_p(params, *rest, cache)
+  np.testing.assert_allclose(got, want, rtol=0, atol=2e-6)
+  no_hole, _ = step_x(params, *rest, state.cache)
+  assert np.abs(np.asarray(no_hole[1]) - np.asarray(want[1])).max() > 1e-3  # the hole matters
 
 
 def _count_conds(jaxpr) -> int:

@@ -22,6 +22,7 @@ from kernels_pallas import flash_attention
 
 B, S, H, HKV, D = 2, 1000, 40, 8, 128  # GQA (5 query heads per kv head), S not a power of two
 TRITON, MOSAIC = "__gpu$xla.gpu.triton", "tpu_custom_call"
+pytestmark = pytest.mark.usefixtures("lower_triton_for_an_h200")  # tests/conftest.py
 
 
 def _module(platform, backend):
