@@ -279,7 +279,7 @@ def test_bad_inputs_raise_clear_errors():
     flash_attention(q, k, v, backend="interpret", tuning={"launch": {"fwd": {"warps": 4}}})
   with pytest.raises(ValueError, match=r"tuning\['fused_backward'\]=1 is invalid: must be True"):
     flash_attention(q, k, v, backend="interpret", tuning={"fused_backward": 1})
-  with pytest.raises(ValueError, match="fused_backward'\]=True is invalid with in-kernel RoPE"):
+  with pytest.raises(ValueError, match=r"fused_backward'\]=True is invalid with in-kernel RoPE"):
     flash_attention(q, k, v, backend="interpret", rope_theta=1e4,
                     tuning={"fused_backward": True})
 
