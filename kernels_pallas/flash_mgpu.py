@@ -357,7 +357,6 @@ def _kernel_call_now(kernel, *args, out_type, scratch, grid, grid_names, wgs, in
     return plgpu.kernel(kernel, out_type=out_type, scratch_types=tuple(scratch), grid=grid,
                         grid_names=grid_names, **threads, **params)(*args)
   mesh = plgpu.Mesh(grid=grid, grid_names=grid_names, **threads)
-  n = n_args
   kw = dict(compiler_params=params["compiler_params"], interpret=params["interpret"] or False)
 
   def stateful(refs):
@@ -370,7 +369,7 @@ def _kernel_call_now(kernel, *args, out_type, scratch, grid, grid_names, wgs, in
       pl.kernel(body, out_type=(), mesh=mesh, **kw)()
 
   outs = [jnp.zeros(o.shape, o.dtype) for o in out_type] + list(accumulate)
-  return tuple(pl.run_state(stateful)((*args, *outs))[n:])
+  return tuple(pl.run_state(stateful)((*args, *outs))[n_args:])
 
 
 def _per_warpgroup(wgs, shape, dtype, **kw):
