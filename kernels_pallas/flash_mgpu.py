@@ -41,6 +41,7 @@ shared memory, the TMA copies and the barriers; tests/test_flash_mgpu.py checks 
 from __future__ import annotations
 
 import functools
+import inspect
 import math
 from typing import Optional
 
@@ -482,7 +483,12 @@ def _load_vector(ref, axis, interpret):
   (axis 1: one value per row; axis 0: one per column)."""
   if interpret:
     return ref[...]
-  return plgpu.load(ref, (), layout=plgpu.Layout.WGMMA.reduce(axis))
+  return plgpu.load(ref, *_LOAD_INDEX, layout=plgpu.Layout.WGMMA.reduce(axis))
+
+
+# `plgpu.load`'s index: jax 0.10 requires it (`load(ref, idx, *, layout)`), 0.11 takes it or
+# not, 0.12 refuses it (`load(ref, *, layout)`: index the ref first). The whole ref is loaded.
+_LOAD_INDEX = ((),) if "idx" in inspect.signature(plgpu.load).parameters else ()
 
 
 def _flash_dq(q, k, v, sides, do, lse, delta, *, causal, scale, blocks, interpret):
