@@ -148,15 +148,19 @@ def triton_target(gpu: str = "NVIDIA H200"):
   """Within this context, on a machine without a GPU, Pallas lowers its Triton kernels for `gpu`
   (a device kind jax knows; compute capability 9.0 for the H100 and H200). Since jax 0.11 that
   lowering asks the local GPU for its compute capability and raises "No supported GPU devices
-  found" where there is none (jax 0.10 took 9.0). jax's own answer, an `AbstractDevice` in
+  found" where there is none (jax 0.10 took 9.0); jax 0.12.1 moved the lookup from
+  `jax._src.pallas.triton.gpu_info` to `jax._src.gpu_info`. jax's own answer, an `AbstractDevice` in
   `jax.sharding.use_abstract_mesh`, is replaced by the concrete mesh of a program lowered under
   one (the training step), so here jax's lookup itself answers for `gpu`. A no-op on a machine
   with a GPU and on a jax without the lookup. Not thread-safe (it patches a module attribute).
   """
-  try:
-    from jax._src.pallas.triton import gpu_info  # jax >= 0.11; private: no public hook yet
+  try:  # private: no public hook yet
+    from jax._src import gpu_info  # jax >= 0.12.1 (the same functions, moved out of Pallas)
   except ImportError:
-    gpu_info = None
+    try:
+      from jax._src.pallas.triton import gpu_info  # jax 0.11 to 0.12.0
+    except ImportError:
+      gpu_info = None
   if gpu_info is None or jax.default_backend() == "gpu":
     yield
     return

@@ -198,7 +198,8 @@ def _matmuls(products, interpret, between=None):
     if between is not None:
       between()
     return outs
-  view = lambda x, t: plgpu.transpose_ref(x, (1, 0)) if t else x
+  # `ref.transpose` is what `plgpu.transpose_ref` called up to jax 0.12.0 (removed in 0.12.1)
+  view = lambda x, t: x.transpose((1, 0)) if t else x
   operands = [(view(a, ta), view(b, tb)) for a, b, _, _, ta, tb in products]
   if len(products) == 1 and products[0][3] is None:  # one fresh product: a scoped accumulator
     (a, b), shape = operands[0], products[0][2]
@@ -325,9 +326,9 @@ def _kernel_call(kernel, *, out_type, scratch, grid, grid_names, wgs, interpret,
                  accumulate=()):
   """`kernel(*args refs, *output refs, *scratch refs)` over `grid`; `accumulate`: arrays the
   programs add into (TMA reduce-add), passed after the outputs and returned after them. Those
-  need their initial values, so such a call is a stateful kernel (`pl.core_map`, or in a jax
-  without it `pl.kernel` on closed-over refs, in a `pl.run_state` of the zero-initialised
-  outputs and the accumulators) instead of `plgpu.kernel`, whose outputs start undefined."""
+  need their initial values, so such a call is a stateful kernel (`pl.kernel` on closed-over
+  refs, or `pl.core_map` under jax 0.10, in a `pl.run_state` of the zero-initialised outputs
+  and the accumulators) instead of `plgpu.kernel`, whose outputs start undefined."""
   call = functools.partial(_kernel_call_now, kernel, out_type=out_type, scratch=scratch,
                            grid=grid, grid_names=grid_names, wgs=wgs, interpret=interpret,
                            n_args=len(args))
@@ -364,9 +365,11 @@ def _kernel_call_now(kernel, *args, out_type, scratch, grid, grid_names, wgs, in
     def body():
       pl.run_scoped(lambda *scratch_refs: kernel(*refs, *scratch_refs), *scratch,
                     collective_axes=threads.get("thread_name", ()))
-    if hasattr(pl, "core_map"):
+    # Since jax 0.11.0 `pl.kernel` aliases the closed-over refs it writes, and `pl.core_map`
+    # (jax 0.10's way; its `pl.kernel` does not alias them) is a deprecated shim.
+    if jax.__version_info__ < (0, 11, 0) and hasattr(pl, "core_map"):
       pl.core_map(mesh, **kw)(body)
-    else:  # deprecated after jax 0.11.0: `pl.kernel` aliases the refs it writes instead
+    else:
       pl.kernel(body, out_type=(), mesh=mesh, **kw)()
 
   outs = [jnp.zeros(o.shape, o.dtype) for o in out_type] + list(accumulate)
@@ -486,9 +489,11 @@ def _load_vector(ref, axis, interpret):
   return plgpu.load(ref, *_LOAD_INDEX, layout=plgpu.Layout.WGMMA.reduce(axis))
 
 
-# `plgpu.load`'s index: jax 0.10 requires it (`load(ref, idx, *, layout)`), 0.11 takes it or
-# not, 0.12 refuses it (`load(ref, *, layout)`: index the ref first). The whole ref is loaded.
-_LOAD_INDEX = ((),) if "idx" in inspect.signature(plgpu.load).parameters else ()
+# `plgpu.load`'s index: jax 0.10 requires it (`load(ref, idx, *, layout)`), 0.11 takes it but
+# warns that it is deprecated, 0.12 refuses it (`load(ref, *, layout)`: index the ref first).
+# So it is passed only where it is required. The whole ref is loaded either way.
+_LOAD_IDX = inspect.signature(plgpu.load).parameters.get("idx")
+_LOAD_INDEX = ((),) if _LOAD_IDX is not None and _LOAD_IDX.default is _LOAD_IDX.empty else ()
 
 
 def _flash_dq(q, k, v, sides, do, lse, delta, *, causal, scale, blocks, interpret):

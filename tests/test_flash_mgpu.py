@@ -227,6 +227,26 @@ def test_the_fused_backward_lowers_without_core_map(monkeypatch):
   assert text.count("stablehlo.custom_call @mosaic_gpu") == 2
 
 
+def test_the_stateful_kernel_takes_pl_kernel_from_jax_0_11(monkeypatch):
+  """The fused backward's stateful kernel goes through `pl.kernel` where that aliases the refs
+  it writes (jax >= 0.11.0, where `pl.core_map` is a deprecated shim that warns on every
+  lookup), and through `pl.core_map` under jax 0.10, whose `pl.kernel` does not alias them."""
+  from jax.experimental import pallas as pl
+  used, new_jax = [], jax.__version_info__ >= (0, 11)
+  for name in ("kernel",) if new_jax else ("kernel", "core_map"):  # the shim: not even looked up
+    def recorded(*a, _name=name, _real=getattr(pl, name), **kw):
+      used.append(_name)
+      return _real(*a, **kw)
+    monkeypatch.setattr(pl, name, recorded)
+  x = jax.ShapeDtypeStruct((1, 512, 2, 128), jnp.bfloat16)
+  loss = lambda q, k, v: jnp.sum(fm.flash_attention_mgpu(
+      q, k, v, blocks={"dkdv": (64, 64, 2, 2, fm.FUSED)}).astype(jnp.float32))
+  text = (jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(x, x, x)
+          .lower(lowering_platforms=("cuda",)).as_text())
+  assert text.count("stablehlo.custom_call @mosaic_gpu") == 2
+  assert used == (["kernel"] if new_jax else ["core_map"]), used
+
+
 def test_the_wgmmas_close_over_no_constant_index(monkeypatch):
   """Every input that a wgmma group's `pl.run_state` closes over reaches its lowering as an MLIR
   value, never as a Python int. jax 0.11's lowering hands such an input back as it came and
