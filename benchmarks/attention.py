@@ -7,7 +7,7 @@ ALiBi, for sequence lengths 1k..16k at a fixed number of tokens per batch, again
 - `cudnn`: `jax.nn.dot_product_attention(..., implementation="cudnn")` (ALiBi as a dense
   [batch, heads, S, S] bias, the only way to give it one),
 - `jax_mha`: JAX's bundled Triton-lowered Pallas kernel (`jax.experimental.pallas.ops.gpu.attention
-  .mha`; no bias, so no ALiBi row),
+  .mha`; no bias, so no ALiBi row; jax 0.12.1 removed it, and its rows then say n/a),
 - `jax_mgpu`: JAX's bundled Hopper (Mosaic GPU) kernel (float16 only: inputs are cast),
 - `ours`: `kernels_pallas.flash_attention` (ALiBi computed in the kernel).
 
@@ -101,7 +101,11 @@ def make_fn(impl, *, causal, alibi, s, h, d, dtype, tuning=None, rope=False, seg
                                                 blocks=tuning,
                                                 interpret=BACKEND == "interpret")
   if impl == "jax_mha":
-    from jax.experimental.pallas.ops.gpu import attention as mha_lib
+    try:
+      from jax.experimental.pallas.ops.gpu import attention as mha_lib
+    except ImportError:  # jax 0.12.1 removed the bundled Pallas Triton ops
+      raise NotImplementedError(f"jax {jax.__version__} has no jax.experimental.pallas.ops."
+                                "gpu.attention (removed in 0.12.1)") from None
     bs = mha_lib.BlockSizes(block_q=128, block_k=64, block_q_dkv=64, block_kv_dkv=64,
                             block_q_dq=64, block_kv_dq=64)
     return lambda q, k, v: mha_lib.mha(q, k, v, None, sm_scale=scale, causal=causal,

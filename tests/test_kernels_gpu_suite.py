@@ -486,3 +486,17 @@ def test_a_report_that_fails_does_not_end_the_run(tmp_path, monkeypatch):
   assert written["train"] == [dict(variant="default", step_s=None)] and written["errors"] == errors
   md = (tmp_path / "gpu_suite.md").read_text()
   assert "The markdown report failed (markdown: TypeError" in md and "gpu_suite.json" in md
+
+
+def test_jax_mha_rows_say_n_a_under_a_jax_without_the_bundled_triton_attention(monkeypatch):
+  """jax 0.12.1 removed `jax.experimental.pallas.ops.gpu.attention` (the Pallas Triton ops):
+  benchmarks/attention.py's `jax_mha` rows then say so instead of ending the run."""
+  import jax.numpy as jnp
+  from jax.experimental.pallas.ops import gpu as ops_gpu
+  import attention as attn_bench  # benchmarks/attention.py
+  monkeypatch.delattr(ops_gpu, "attention", raising=False)
+  monkeypatch.setitem(sys.modules, "jax.experimental.pallas.ops.gpu.attention", None)
+  row = attn_bench.bench_one("jax_mha", "fwd", b=1, s=128, h=2, d=64, dtype=jnp.bfloat16,
+                             causal=True, alibi=False, iters=1)
+  assert "tflops" not in row and row["impl"] == "jax_mha", row
+  assert row["error"].startswith("n/a (jax ") and "removed in 0.12.1" in row["error"], row
