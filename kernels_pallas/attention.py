@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import functools
+import importlib
 import math
 import os
 from typing import Optional
@@ -148,25 +149,31 @@ def triton_target(gpu: str = "NVIDIA H200"):
   """Within this context, on a machine without a GPU, Pallas lowers its Triton kernels for `gpu`
   (a device kind jax knows; compute capability 9.0 for the H100 and H200). Since jax 0.11 that
   lowering asks the local GPU for its compute capability and raises "No supported GPU devices
-  found" where there is none (jax 0.10 took 9.0); jax 0.12.1 moved the lookup from
-  `jax._src.pallas.triton.gpu_info` to `jax._src.gpu_info`. jax's own answer, an `AbstractDevice` in
+  found" where there is none (jax 0.10 took 9.0; `triton_gpu_info` finds the lookup, which
+  jax 0.12.1 moved). jax's own answer, an `AbstractDevice` in
   `jax.sharding.use_abstract_mesh`, is replaced by the concrete mesh of a program lowered under
   one (the training step), so here jax's lookup itself answers for `gpu`. A no-op on a machine
   with a GPU and on a jax without the lookup. Not thread-safe (it patches a module attribute).
   """
-  try:  # private: no public hook yet
-    from jax._src import gpu_info  # jax >= 0.12.1 (the same functions, moved out of Pallas)
-  except ImportError:
-    try:
-      from jax._src.pallas.triton import gpu_info  # jax 0.11 to 0.12.0
-    except ImportError:
-      gpu_info = None
+  gpu_info = triton_gpu_info()
   if gpu_info is None or jax.default_backend() == "gpu":
     yield
     return
   target = gpu_info.get_gpu_info_from_version(gpu_info.GpuVersion(gpu))
   with mock.patch.object(gpu_info, "get_gpu_info", lambda: target):
     yield
+
+
+def triton_gpu_info():
+  """The module whose `get_gpu_info()` the Pallas Triton lowering asks for the GPU's compute
+  capability (private: no public hook yet), or None where it asks nothing (jax 0.10). jax 0.11
+  to 0.12.0 have it as `jax._src.pallas.triton.gpu_info`, 0.12.1 as `jax._src.gpu_info`."""
+  for name in ("jax._src.gpu_info", "jax._src.pallas.triton.gpu_info"):
+    try:
+      return importlib.import_module(name)
+    except ImportError:
+      continue
+  return None
 
 
 _DEFAULT_TUNING = contextvars.ContextVar("kernels_pallas_default_tuning", default=None)
