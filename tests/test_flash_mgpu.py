@@ -203,6 +203,17 @@ def test_the_fused_backward_with_128_row_query_tiles_is_refused_for_its_shared_m
         lowering_platforms=("cuda",))
 
 
+def _fused_backward_mosaic_kernels():
+  """How many Mosaic GPU kernels the CUDA lowering of the fused backward's gradient has (two
+  warpgroups; 2: the forward and the one backward kernel)."""
+  x = jax.ShapeDtypeStruct((1, 512, 2, 128), jnp.bfloat16)
+  loss = lambda q, k, v: jnp.sum(fm.flash_attention_mgpu(
+      q, k, v, blocks={"dkdv": (64, 64, 2, 2, fm.FUSED)}).astype(jnp.float32))
+  text = (jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(x, x, x)
+          .lower(lowering_platforms=("cuda",)).as_text())
+  return text.count("stablehlo.custom_call @mosaic_gpu")
+
+
 def test_the_fused_backward_lowers_without_core_map(monkeypatch):
   """`pl.core_map` is deprecated after jax 0.11.0; without it the fused backward's stateful
   kernel is `pl.kernel` on the closed-over refs, and lowers for CUDA the same: the forward and
@@ -219,12 +230,7 @@ def test_the_fused_backward_lowers_without_core_map(monkeypatch):
       return shim(name)
     monkeypatch.setattr(pl, "__getattr__", without_core_map)
   assert not hasattr(pl, "core_map")
-  x = jax.ShapeDtypeStruct((1, 512, 2, 128), jnp.bfloat16)
-  loss = lambda q, k, v: jnp.sum(fm.flash_attention_mgpu(
-      q, k, v, blocks={"dkdv": (64, 64, 2, 2, fm.FUSED)}).astype(jnp.float32))
-  text = (jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(x, x, x)
-          .lower(lowering_platforms=("cuda",)).as_text())
-  assert text.count("stablehlo.custom_call @mosaic_gpu") == 2
+  assert _fused_backward_mosaic_kernels() == 2
 
 
 def test_the_stateful_kernel_takes_pl_kernel_from_jax_0_11(monkeypatch):
@@ -238,12 +244,7 @@ def test_the_stateful_kernel_takes_pl_kernel_from_jax_0_11(monkeypatch):
       used.append(_name)
       return _real(*a, **kw)
     monkeypatch.setattr(pl, name, recorded)
-  x = jax.ShapeDtypeStruct((1, 512, 2, 128), jnp.bfloat16)
-  loss = lambda q, k, v: jnp.sum(fm.flash_attention_mgpu(
-      q, k, v, blocks={"dkdv": (64, 64, 2, 2, fm.FUSED)}).astype(jnp.float32))
-  text = (jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(x, x, x)
-          .lower(lowering_platforms=("cuda",)).as_text())
-  assert text.count("stablehlo.custom_call @mosaic_gpu") == 2
+  assert _fused_backward_mosaic_kernels() == 2
   assert used == (["kernel"] if new_jax else ["core_map"]), used
 
 
