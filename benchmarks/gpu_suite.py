@@ -95,6 +95,8 @@ every train row records the `layers_switches` it ran with, which is what that to
 device run has no surprises. `--preflight` (also on a CPU, ~20 s) exports every program of the
 full run at the device shapes for CUDA (`jax.export`, platforms=["cuda"]): each kernel's Pallas ->
 Triton lowering, the ~1B step and the 7B decode steps, so a lowering error cannot cost GPU time.
+`benchmarks/gpu_aot.py` then compiles those same programs for the H200 (sm_90a) with XLA's
+deviceless compiler, Triton's and Mosaic GPU's compilation to cubin and ptxas included.
 """
 
 from __future__ import annotations
@@ -1428,19 +1430,34 @@ def preflight_programs(shapes) -> list:
   return progs
 
 
+TRITON_CALL, MOSAIC_CALL = "__gpu$xla.gpu.triton", "mosaic_gpu_v2"  # the kernels' custom calls
+
+
+def export_program(fn, args, flags: dict):
+  """`jax.export` of one preflight program for CUDA, with its train-variant `flags` set while it
+  is traced (a `train.MeshJit` step lowered under its own mesh and axis rules). Call it inside
+  `kernels_pallas.lowering_platform("cuda")`."""
+  from jax import export
+  import flax.linen as nn
+  checks = [export.DisabledSafetyCheck.custom_call(TRITON_CALL),
+            export.DisabledSafetyCheck.custom_call(MOSAIC_CALL)]
+  with layers_flags(flags), contextlib.ExitStack() as ctx:
+    if hasattr(fn, "jitted"):  # train.MeshJit: lowered with its mesh and axis rules
+      ctx.enter_context(jax.set_mesh(fn.mesh))
+      ctx.enter_context(nn.logical_axis_rules(fn.rules))
+      fn = fn.jitted
+    return export.export(fn, platforms=["cuda"], disabled_checks=checks)(*args)
+
+
 def preflight(out: Path, shapes=None) -> dict:
   """Lowers every device program of the full run for CUDA (jax.export, platforms=["cuda"]) on a
   machine without a GPU: the Pallas -> Triton lowering of every kernel at the device shapes, the
-  ~1B training step and the 7B decode steps. What it cannot see: Triton's own compilation (shared
-  memory, registers), which happens when XLA compiles on the GPU, and cuDNN attention, whose
-  lowering asks the installed cuDNN. Writes gpu_suite_preflight.json / .md; ok only if all lower.
+  ~1B training step and the 7B decode steps. What it cannot see: Triton's and Mosaic GPU's own
+  compilation (shared memory, registers, spills), which happens when XLA compiles, and cuDNN
+  attention, whose lowering asks the installed cuDNN. `benchmarks/gpu_aot.py` goes on from here
+  with XLA's deviceless compiler for the H200. Writes gpu_suite_preflight.json / .md; ok only if
+  all lower.
   """
-  from jax import export
-  from baichuan_jax import train  # noqa: F401  (the train step's mesh context below)
-  import flax.linen as nn
-  triton, mosaic = "__gpu$xla.gpu.triton", "mosaic_gpu_v2"
-  checks = [export.DisabledSafetyCheck.custom_call(triton),
-            export.DisabledSafetyCheck.custom_call(mosaic)]
   rows = []
   with kernels_pallas.lowering_platform("cuda"):
     progs = preflight_programs(shapes or FULL)
@@ -1448,15 +1465,10 @@ def preflight(out: Path, shapes=None) -> dict:
       t0 = time.perf_counter()
       row = dict(section=section, program=name)
       try:
-        with layers_flags(flags[0] if flags else {}), contextlib.ExitStack() as ctx:
-          if hasattr(fn, "jitted"):  # train.MeshJit: lowered with its mesh and axis rules
-            ctx.enter_context(jax.set_mesh(fn.mesh))
-            ctx.enter_context(nn.logical_axis_rules(fn.rules))
-            fn = fn.jitted
-          exp = export.export(fn, platforms=["cuda"], disabled_checks=checks)(*args)
+        exp = export_program(fn, args, flags[0] if flags else {})
         text = exp.mlir_module()
-        row.update(ok=True, triton_kernels=text.count(f"stablehlo.custom_call @{triton}("),
-                   mosaic_kernels=text.count(f"stablehlo.custom_call @{mosaic}("))
+        row.update(ok=True, triton_kernels=text.count(f"stablehlo.custom_call @{TRITON_CALL}("),
+                   mosaic_kernels=text.count(f"stablehlo.custom_call @{MOSAIC_CALL}("))
       except Exception as e:  # pylint: disable=broad-except
         row.update(ok=False, error=f"{type(e).__name__}: {str(e)[:2000]}")
       row["seconds"] = time.perf_counter() - t0
@@ -1468,8 +1480,10 @@ def preflight(out: Path, shapes=None) -> dict:
             + ("" if row["ok"] else "\n  " + row["error"][:600]), flush=True)
   result = dict(ok=all(r["ok"] for r in rows), programs=rows, jax=jax.__version__,
                 not_checked=["cuDNN attention (its lowering asks the installed cuDNN)",
-                             "Mosaic GPU's compilation of its MLIR to PTX (in XLA's custom call)",
-                             "Triton compilation (shared memory, registers) on the device"])
+                             "Mosaic GPU's compilation of its MLIR to PTX (in XLA's custom call; "
+                             "benchmarks/gpu_aot.py reaches it)",
+                             "Triton compilation (shared memory, registers; "
+                             "benchmarks/gpu_aot.py reaches it)"])
   out.mkdir(parents=True, exist_ok=True)
   (out / "gpu_suite_preflight.json").write_text(json.dumps(result, indent=1))
   md = ["# gpu_suite preflight (lowered for CUDA on a CPU machine)", "",

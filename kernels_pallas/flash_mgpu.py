@@ -322,16 +322,16 @@ def _stream_keys(step, own, k_ref, v_ref, names, side_refs, *, bi, hi, group, bk
                 own=own)
 
 
-def _kernel_call(kernel, *, out_type, scratch, grid, grid_names, wgs, interpret, args,
+def _kernel_call(kernel, *, name, out_type, scratch, grid, grid_names, wgs, interpret, args,
                  accumulate=()):
   """`kernel(*args refs, *output refs, *scratch refs)` over `grid`; `accumulate`: arrays the
   programs add into (TMA reduce-add), passed after the outputs and returned after them. Those
   need their initial values, so such a call is a stateful kernel (`pl.kernel` on closed-over
   refs, or `pl.core_map` under jax 0.10, in a `pl.run_state` of the zero-initialised outputs
   and the accumulators) instead of `plgpu.kernel`, whose outputs start undefined."""
-  call = functools.partial(_kernel_call_now, kernel, out_type=out_type, scratch=scratch,
-                           grid=grid, grid_names=grid_names, wgs=wgs, interpret=interpret,
-                           n_args=len(args))
+  call = functools.partial(_kernel_call_now, kernel, name=name, out_type=out_type,
+                           scratch=scratch, grid=grid, grid_names=grid_names, wgs=wgs,
+                           interpret=interpret, n_args=len(args))
   if not interpret:
     return call(*args, *accumulate)
   return _effect_free(call, *args, *accumulate)
@@ -350,27 +350,30 @@ def _effect_free(call, *args):
   return jax.pure_callback(jax.jit(call), shapes, *args)
 
 
-def _kernel_call_now(kernel, *args, out_type, scratch, grid, grid_names, wgs, interpret,
+def _kernel_call_now(kernel, *args, name, out_type, scratch, grid, grid_names, wgs, interpret,
                      n_args):
+  """`name` (the mesh's `kernel_name`) names the compiled kernel: its PTX entry is
+  `<name>_mosaic_gpu_kernel`, which is what a device profile and ptxas's report show."""
   accumulate, args = args[n_args:], args[:n_args]
   threads = dict(num_threads=wgs + 1, thread_name="wg") if wgs > 1 else {}
   params = _params(interpret)
   if not accumulate:
     return plgpu.kernel(kernel, out_type=out_type, scratch_types=tuple(scratch), grid=grid,
-                        grid_names=grid_names, **threads, **params)(*args)
-  mesh = plgpu.Mesh(grid=grid, grid_names=grid_names, **threads)
+                        grid_names=grid_names, kernel_name=name, **threads, **params)(*args)
+  mesh = plgpu.Mesh(grid=grid, grid_names=grid_names, kernel_name=name, **threads)
   kw = dict(compiler_params=params["compiler_params"], interpret=params["interpret"] or False)
 
   def stateful(refs):
     def body():
       pl.run_scoped(lambda *scratch_refs: kernel(*refs, *scratch_refs), *scratch,
                     collective_axes=threads.get("thread_name", ()))
+    body.__name__ = name  # what `pl.core_map` names the kernel by
     # Since jax 0.11.0 `pl.kernel` aliases the closed-over refs it writes, and `pl.core_map`
     # (jax 0.10's way; its `pl.kernel` does not alias them) is a deprecated shim.
     if jax.__version_info__ < (0, 11, 0) and hasattr(pl, "core_map"):
       pl.core_map(mesh, **kw)(body)
     else:
-      pl.kernel(body, out_type=(), mesh=mesh, **kw)()
+      pl.kernel(body, out_type=(), mesh=mesh, name=name, **kw)()
 
   outs = [jnp.zeros(o.shape, o.dtype) for o in out_type] + list(accumulate)
   return tuple(pl.run_state(stateful)((*args, *outs))[n_args:])
@@ -470,7 +473,7 @@ def _flash_fwd(q, k, v, sides, *, causal: bool, scale: float, blocks: tuple, int
                  group=group, bk=bk, d=d, dtype=q.dtype, steps=steps, stages=stages, wgs=wgs)
 
   return _kernel_call(
-      kernel,
+      kernel, name="baichuan_flash_mgpu_fwd",
       out_type=(jax.ShapeDtypeStruct(q.shape, q.dtype),
                 jax.ShapeDtypeStruct((b, h, s), jnp.float32)),
       scratch=(_tile_scratch(wgs, bq, d, q.dtype, 1)
@@ -549,7 +552,7 @@ def _flash_dq(q, k, v, sides, do, lse, delta, *, causal, scale, blocks, interpre
                  group=group, bk=bk, d=d, dtype=q.dtype, steps=steps, stages=stages, wgs=wgs)
 
   return _kernel_call(
-      kernel,
+      kernel, name="baichuan_flash_mgpu_dq",
       out_type=jax.ShapeDtypeStruct(q.shape, q.dtype),
       scratch=(_tile_scratch(wgs, bq, d, q.dtype, 2)
                + _vector_scratch(wgs, bq, [jnp.float32] * 2 + [a.dtype for _, a in sides])
@@ -665,7 +668,7 @@ def _flash_dkdv(q, k, v, sides, do, lse, delta, *, causal, scale, blocks, interp
                     _per_warpgroup(wgs, (bq, d), jnp.float32, transforms=_transforms(jnp.float32))]
                    if fused else [])
   out = _kernel_call(
-      kernel,
+      kernel, name="baichuan_flash_mgpu_bwd_fused" if fused else "baichuan_flash_mgpu_dkdv",
       out_type=(per_head, per_head),
       scratch=(_tile_scratch(wgs, bk, d, q.dtype, 2) + fused_scratch
                + _vector_scratch(wgs, bk, [a.dtype for _, a in sides])

@@ -139,8 +139,10 @@ def test_gpu_suite_small_runs_every_section(tmp_path):
   assert (train["whole-logit loss"]["loss_chunk_size"], train["default"]["loss_chunk_size"]) == (
       0, 1024)
   # Same data, init and steps: the whole-logit loss is the split loss up to rounding (at seq 64
-  # the split path still runs: one 64-position chunk through its custom VJP).
-  assert train["whole-logit loss"]["loss"] == pytest.approx(train["default"]["loss"], rel=1e-5)
+  # the split path still runs: one 64-position chunk through its custom VJP). The rounding
+  # differences go through the training steps' updates, as in the other arms below (1e-4); on
+  # one CPU the two came out 1.04e-5 apart (11.0641298 against 11.0640144).
+  assert train["whole-logit loss"]["loss"] == pytest.approx(train["default"]["loss"], rel=1e-4)
   assert train["whole-logit loss"]["loss"] != train["batch x2"]["loss"]
   summary = result["summary"]
   assert summary["train_rope_in_kernel_speedup"] == pytest.approx(
