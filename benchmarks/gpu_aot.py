@@ -302,10 +302,12 @@ def progress_line(row: dict) -> str:
 
 
 def plugin_version() -> str | None:
+  """The installed CUDA PJRT plugin's version, from its dist-info (its module's own version
+  string takes the git commit of the working directory)."""
+  import importlib.metadata
   try:
-    from jax_plugins.xla_cuda13 import version
-    return version.__version__
-  except Exception:  # pylint: disable=broad-except
+    return importlib.metadata.version("jax-cuda13-pjrt")
+  except importlib.metadata.PackageNotFoundError:
     return None
 
 
@@ -343,6 +345,16 @@ def markdown(result: dict) -> list:
 # command line
 
 
+def cuda_ptxas() -> str | None:
+  """The CUDA toolkit's ptxas that XLA and Mosaic GPU compile with ($CUDA_ROOT/bin, then PATH,
+  then /usr/local/cuda/bin), or None."""
+  for candidate in (Path(os.environ.get("CUDA_ROOT", "/nonexistent"), "bin", "ptxas"),
+                    shutil.which("ptxas"), Path("/usr/local/cuda/bin/ptxas")):
+    if candidate and Path(candidate).is_file():
+      return str(candidate)
+  return None
+
+
 def install(site: Path) -> None:
   """pip-installs the CUDA plugin of the installed jaxlib's version into `site`."""
   import jaxlib
@@ -376,6 +388,10 @@ def main(argv=None):
   if not (site / "jax_plugins" / "xla_cuda13").is_dir():
     p.error(f"--site {site}: no CUDA plugin there (jax_plugins/xla_cuda13); run "
             f"`python benchmarks/gpu_aot.py --install --site {site}` first")
+  if cuda_ptxas() is None:
+    p.error("no CUDA ptxas ($CUDA_ROOT/bin, PATH or /usr/local/cuda/bin): XLA and Mosaic GPU "
+            "compile their PTX with it (the CUDA toolkit, or pip's nvidia-cuda-nvcc with "
+            "CUDA_ROOT set to its folder)")
   if "jax" in sys.modules:
     p.error("gpu_aot.main must run before jax is imported (it sets XLA_FLAGS and the plugin "
             "path): run it as a script")

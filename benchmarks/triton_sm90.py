@@ -194,10 +194,10 @@ def compile_ttir(path: str, num_warps: int, num_stages: int) -> dict:
   log = proc.stderr + proc.stdout
   if proc.returncode:
     raise RuntimeError(f"ptxas failed: {log[-500:]}")
-  regs = re.search(r"Used (\d+) registers", log)
-  spills = re.search(r"(\d+) bytes spill stores", log)
-  return dict(shared_bytes=int(metadata["shared"]), registers=int(regs.group(1)),
-              spill_store_bytes=int(spills.group(1)) if spills else 0,
+  from gpu_aot import parse_ptxas  # benchmarks/gpu_aot.py (imports no jax at module level)
+  entry = parse_ptxas(log)[0]  # one Triton kernel, one entry function
+  return dict(shared_bytes=int(metadata["shared"]), registers=entry["registers"],
+              spill_store_bytes=entry.get("spill_store_bytes", 0),
               triton=triton.__version__, **({"atomics": atomics} if atomics else {}))
 
 

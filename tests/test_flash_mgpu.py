@@ -358,3 +358,23 @@ def test_an_interpreted_kernel_with_ordered_effects_runs_inside_a_layer_scan():
   wrapped = jax.make_jaxpr(lambda a, b: fm._effect_free(effectful, a, b))(x1, w1)  # pylint: disable=protected-access
   assert jax.make_jaxpr(effectful)(x1, w1).effects and not wrapped.effects
   assert "pure_callback" in str(wrapped)
+
+
+def test_the_kernels_are_named_by_phase_in_the_cuda_lowering():
+  """Each Mosaic GPU kernel carries its phase's name (the mesh's `kernel_name`): its PTX entry,
+  a device profile's kernel line (the suite's "flash attention (Pallas)" bucket matches
+  `baichuan_flash`) and ptxas's report (`benchmarks/gpu_aot.py`) say which kernel it is, where
+  they said `kernel_mosaic_gpu_kernel` / `body_mosaic_gpu_kernel` for all three before."""
+  import re
+  x = jax.ShapeDtypeStruct((1, 512, 2, 128), jnp.bfloat16)
+  names = []
+  for blocks in ({}, {"blocks": {"dkdv": (64, 64, 2, 2, fm.FUSED)}}):
+    loss = lambda q, k, v, blocks=blocks: jnp.sum(fm.flash_attention_mgpu(
+        q, k, v, **blocks).astype(jnp.float32))
+    text = (jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(x, x, x)
+            .lower(lowering_platforms=("cuda",)).as_text())
+    names.append(sorted(set(re.findall(r"baichuan_flash_mgpu_[a-z_]+?_mosaic_gpu", text))))
+  assert names == [
+      ["baichuan_flash_mgpu_dkdv_mosaic_gpu", "baichuan_flash_mgpu_dq_mosaic_gpu",
+       "baichuan_flash_mgpu_fwd_mosaic_gpu"],
+      ["baichuan_flash_mgpu_bwd_fused_mosaic_gpu", "baichuan_flash_mgpu_fwd_mosaic_gpu"]]
