@@ -23,13 +23,15 @@ Triton kernels' by running ptxas (the `triton` wheel's) on the PTX that XLA wrot
 which variants the device run should expect to be slow before it starts.
 
 What it cannot see: cuDNN (its graphs are built by the installed cuDNN on the device, so the
-cuDNN programs are left out), timings, and the autotuned choices XLA makes on the device.
+cuDNN programs are left out), timings, and the autotuned choices XLA makes on the device. XLA
+and Mosaic GPU compile their PTX with the CUDA toolkit's ptxas, which must be on the machine
+($CUDA_ROOT/bin, PATH or /usr/local/cuda/bin).
 
 The plugin must be the same version as jaxlib and must not be importable by the process that
 runs the tests (it would make jax look for a GPU); `--install` puts it in a folder of its own:
 
-  python benchmarks/gpu_aot.py --install                 # pip into .aot-site/ (~130 MB)
-  python benchmarks/gpu_aot.py --out /tmp/aot            # all programs, ~3 min on 2 cores
+  python benchmarks/gpu_aot.py --install      # pip into .aot-site/ (130 MB down, 400 MB there)
+  python benchmarks/gpu_aot.py --out /tmp/aot # all 67 programs: 5 min on 2 cores (7.5 on jax 0.11)
   python benchmarks/gpu_aot.py --out /tmp/aot --programs "mosaic fwd+bwd" "flash alibi"
 
 Writes `gpu_aot.json` and `gpu_aot.md`; exit status 1 if a program does not compile.
