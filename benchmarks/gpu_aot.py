@@ -40,7 +40,6 @@ Writes `gpu_aot.json` and `gpu_aot.md`; exit status 1 if a program does not comp
 from __future__ import annotations
 
 import argparse
-import collections
 import json
 import os
 import re
@@ -137,13 +136,14 @@ def ptxas_path() -> str:
 
 
 def ptxas_ptx(path: Path, ptxas: str) -> list:
-  """ptxas -v for sm_90a on one PTX file XLA wrote -> parse_ptxas rows, or one {error} row."""
+  """ptxas -v for sm_90a on one PTX file -> parse_ptxas rows, or one {function, error} row
+  (benchmarks/triton_sm90.py runs its PTX through this too)."""
   with tempfile.TemporaryDirectory() as d:
     proc = subprocess.run([ptxas, "-v", "--gpu-name=sm_90a", str(path), "-o",
                            str(Path(d, "k.cubin"))], capture_output=True, text=True, check=False)
   log = proc.stderr + proc.stdout
   if proc.returncode:
-    return [dict(function=path.name, error=f"ptxas exit {proc.returncode}: {log[-400:]}")]
+    return [dict(function=path.name, error=f"ptxas exit {proc.returncode}: {log[-500:]}")]
   return parse_ptxas(log)
 
 
@@ -249,7 +249,7 @@ def worst(rows: list) -> dict:
                               for r in rows))
 
 
-def run(out: Path, target="h200", programs=(), ptxas=True, shapes=None) -> dict:
+def run(out: Path, target="h200", programs=(), ptxas=True) -> dict:
   """Compiles the preflight programs (those whose name holds one of `programs`, all if empty)
   for `target`; writes gpu_aot.json / .md under `out`."""
   import jax
@@ -264,7 +264,7 @@ def run(out: Path, target="h200", programs=(), ptxas=True, shapes=None) -> dict:
   mosaic_dir.mkdir(parents=True, exist_ok=True)  # else Mosaic prints its dumps to stdout
   rows, seen, t_start = [], set(), time.perf_counter()
   with kernels_pallas.lowering_platform("cuda"):
-    progs = gpu_suite.preflight_programs(shapes or gpu_suite.FULL)
+    progs = gpu_suite.preflight_programs(gpu_suite.FULL)
     for section, name, fn, args, *flags in progs:
       if programs and not any(p in f"{section}: {name}" for p in programs):
         continue
@@ -350,11 +350,10 @@ def markdown(result: dict) -> list:
 def cuda_ptxas() -> str | None:
   """The CUDA toolkit's ptxas that XLA and Mosaic GPU compile with ($CUDA_ROOT/bin, then PATH,
   then /usr/local/cuda/bin), or None."""
-  for candidate in (Path(os.environ.get("CUDA_ROOT", "/nonexistent"), "bin", "ptxas"),
-                    shutil.which("ptxas"), Path("/usr/local/cuda/bin/ptxas")):
-    if candidate and Path(candidate).is_file():
-      return str(candidate)
-  return None
+  root = os.environ.get("CUDA_ROOT")
+  candidates = ([Path(root, "bin", "ptxas")] if root else []) + [shutil.which("ptxas"),
+                                                                   "/usr/local/cuda/bin/ptxas"]
+  return next((str(c) for c in candidates if c and Path(c).is_file()), None)
 
 
 def install(site: Path) -> None:
@@ -369,7 +368,7 @@ def install(site: Path) -> None:
 
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-  p.add_argument("--out", help="folder for gpu_aot.json / gpu_aot.md (and the Mosaic dumps)")
+  p.add_argument("--out", help="folder for gpu_aot.json / gpu_aot.md")
   p.add_argument("--target", default="h200", choices=sorted(TARGETS),
                  help="the GPU described to the compiler (default h200)")
   p.add_argument("--programs", nargs="*", default=[],

@@ -186,16 +186,12 @@ def compile_ttir(path: str, num_warps: int, num_stages: int) -> dict:
   # atomic instructions in the PTX, by form (e.g. the fused backward's dQ adds): {op: count}
   atomics = dict(sorted(collections.Counter(
       re.findall(r"\b((?:atom|red)\.[\w.]+)", module)).items()))
+  from gpu_aot import ptxas_ptx  # benchmarks/gpu_aot.py (imports no jax at module level)
   with tempfile.TemporaryDirectory() as d:
     Path(d, "k.ptx").write_text(module)
-    proc = subprocess.run([get_ptxas(target.arch).path, "-v", "--gpu-name=sm_90a",
-                           str(Path(d, "k.ptx")), "-o", str(Path(d, "k.cubin"))],
-                          capture_output=True, text=True, check=False)
-  log = proc.stderr + proc.stdout
-  if proc.returncode:
-    raise RuntimeError(f"ptxas failed: {log[-500:]}")
-  from gpu_aot import parse_ptxas  # benchmarks/gpu_aot.py (imports no jax at module level)
-  entry = parse_ptxas(log)[0]  # one Triton kernel, one entry function
+    entry = ptxas_ptx(Path(d, "k.ptx"), get_ptxas(target.arch).path)[0]  # one entry function
+  if "error" in entry:
+    raise RuntimeError(f"ptxas failed: {entry['error']}")
   return dict(shared_bytes=int(metadata["shared"]), registers=entry["registers"],
               spill_store_bytes=entry.get("spill_store_bytes", 0),
               triton=triton.__version__, **({"atomics": atomics} if atomics else {}))
