@@ -109,15 +109,24 @@ device_description_str: "{t['description']}"
 _ENTRY = re.compile(r"Compiling entry function '([^']+)'")
 _FRAME = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
 _USED = re.compile(r"Used (\d+) registers(?:, used (\d+) barriers)?")
+# ptxas's "(C75xx) Potential Performance Loss" warnings: it could not keep a kernel's wgmma
+# instructions in flight together and waits for each one before the next (a Hopper kernel's
+# matmuls then lose their overlap: the register-file form, C7512, is what a kernel holding more
+# accumulators than the registers allow gets).
+_SERIAL = re.compile(r"\((C75\d\d)\) Potential Performance Loss: wgmma\.mma_async instructions are "
+                     r"serialized due to (.+?),? (?:for|in) the function '([^']+)'")
 
 
 def parse_ptxas(log: str) -> list:
   """`ptxas -v` output -> one dict per entry function, in order: {function, registers,
   barriers, stack_bytes, spill_store_bytes, spill_load_bytes} (a figure ptxas did not print is
-  left out)."""
-  out = []
+  left out), and `wgmma_serialized` ("C7512: insufficient register resources") where ptxas
+  warned that it serialized the function's wgmma instructions."""
+  out, serial = [], {}
   for line in log.splitlines():
-    if m := _ENTRY.search(line):
+    if m := _SERIAL.search(line):
+      serial[m.group(3)] = f"{m.group(1)}: {m.group(2)}"
+    elif m := _ENTRY.search(line):
       out.append(dict(function=m.group(1)))
     elif out and (m := _FRAME.search(line)):
       out[-1].update(stack_bytes=int(m.group(1)), spill_store_bytes=int(m.group(2)),
@@ -126,6 +135,9 @@ def parse_ptxas(log: str) -> list:
       out[-1]["registers"] = int(m.group(1))
       if m.group(2) is not None:
         out[-1]["barriers"] = int(m.group(2))
+  for row in out:
+    if row["function"] in serial:
+      row["wgmma_serialized"] = serial[row["function"]]
   return out
 
 
@@ -240,13 +252,21 @@ def _counter(stem: str) -> int:
 
 
 def worst(rows: list) -> dict:
-  """The most registers and spill bytes over a program's kernels."""
+  """The most registers and spill bytes over a program's kernels, and how many of them had
+  their wgmma instructions serialized."""
   rows = [r for r in rows if "registers" in r]
   if not rows:
     return {}
   return dict(registers=max(r["registers"] for r in rows),
               spill_bytes=max(r.get("spill_store_bytes", 0) + r.get("spill_load_bytes", 0)
-                              for r in rows))
+                              for r in rows),
+              wgmma_serialized=sum("wgmma_serialized" in r for r in rows))
+
+
+def flagged(row: dict) -> bool:
+  """A kernel ptxas flagged: it spills, serializes its wgmma instructions, or failed."""
+  return bool(row.get("spill_store_bytes") or row.get("spill_load_bytes") or row.get("error")
+              or row.get("wgmma_serialized"))
 
 
 def run(out: Path, target="h200", programs=(), ptxas=True) -> dict:
@@ -298,7 +318,9 @@ def progress_line(row: dict) -> str:
     return f"aot FAIL {row['section']}: {row['program']} ({row['seconds']:.1f} s)\n  " \
            + row["error"][:600]
   m, w = row["memory"], worst(row.get("mosaic_ptxas", []) + row.get("triton_ptxas", []))
-  extra = f", max {w['registers']} registers, {w['spill_bytes']} spill bytes" if w else ""
+  extra = (f", max {w['registers']} registers, {w['spill_bytes']} spill bytes"
+           + (f", {w['wgmma_serialized']} with wgmma serialized" if w["wgmma_serialized"] else "")
+           if w else "")
   return (f"aot ok   {row['section']}: {row['program']} ({row['seconds']:.1f} s, peak "
           f"{m['peak_bytes'] / 2**30:.2f} GiB, kernels {row['kernels']}{extra})")
 
@@ -320,26 +342,30 @@ def markdown(result: dict) -> list:
         f"jax {result['jax']}, jaxlib {result['jaxlib']}, CUDA plugin {result['plugin']}; "
         f"{sum(r['ok'] for r in rows)} of {len(rows)} programs compile "
         f"({result['seconds']:.0f} s). Not checked: {'; '.join(result['not_checked'])}.", "",
-        "| section | program | compiles | peak GiB | kernels | max registers | spill bytes |",
-        "|---|---|---|---|---|---|---|"]
+        "| section | program | compiles | peak GiB | kernels | max registers | spill bytes | "
+        "wgmma serialized |",
+        "|---|---|---|---|---|---|---|---|"]
   for r in rows:
     if not r["ok"]:
-      md.append(f"| {r['section']} | {r['program']} | NO: {r['error'][:160]} | | | | |")
+      md.append(f"| {r['section']} | {r['program']} | NO: {r['error'][:160]} | | | | | |")
       continue
     w = worst(r.get("mosaic_ptxas", []) + r.get("triton_ptxas", []))
     kernels = ", ".join(f"{k} {v}" for k, v in r["kernels"].items())
     md.append(f"| {r['section']} | {r['program']} | yes | {r['memory']['peak_bytes'] / 2**30:.2f}"
-              f" | {kernels} | {w.get('registers', '-')} | {w.get('spill_bytes', '-')} |")
+              f" | {kernels} | {w.get('registers', '-')} | {w.get('spill_bytes', '-')} | "
+              f"{w.get('wgmma_serialized', '-')} |")
   spilled = [(r["program"], k) for r in rows for k in
-             r.get("mosaic_ptxas", []) + r.get("triton_ptxas", [])
-             if k.get("spill_store_bytes") or k.get("spill_load_bytes") or k.get("error")]
+             r.get("mosaic_ptxas", []) + r.get("triton_ptxas", []) if flagged(k)]
   if spilled:
-    md += ["", "Kernels that spill registers (ptxas -v, sm_90a):", "",
-           "| program | kernel | registers | spill stores | spill loads | stack |",
-           "|---|---|---|---|---|---|"]
+    md += ["", "Kernels that spill registers or serialize their wgmma instructions (ptxas -v, "
+           "sm_90a):", "",
+           "| program | kernel | registers | spill stores | spill loads | stack | wgmma |",
+           "|---|---|---|---|---|---|---|"]
     md += [f"| {p} | {k.get('kernel', k['function'])} | {k.get('registers', '-')} | "
            f"{k.get('spill_store_bytes', '-')} | {k.get('spill_load_bytes', '-')} | "
-           f"{k.get('stack_bytes', k.get('error', '-'))} |" for p, k in spilled]
+           f"{k.get('stack_bytes', k.get('error', '-'))} | "
+           f"{'serialized (' + k['wgmma_serialized'] + ')' if k.get('wgmma_serialized') else '-'}"
+           " |" for p, k in spilled]
   return md
 
 

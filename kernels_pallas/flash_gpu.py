@@ -137,10 +137,19 @@ def _fwd_kernel(*refs, st: AttnStatic):
   num_k = st.seq_pad // bk
   if st.causal:
     # Key blocks [0, n_full) lie wholly at or below the diagonal; [n_full, n_end) straddle it.
+    # The straddling blocks go first: that loop always runs (n_end > n_full), so the output
+    # accumulator reaching the unmasked loop, which runs no step for the first query blocks, is
+    # always a wgmma's result. With the unmasked loop first, its zero-trip path fed the
+    # accumulator's zeros straight to the masked loop's pending wgmma, and ptxas serialized every
+    # wgmma of the kernel ("C7515: non wgmma instructions defining accumulator registers of a
+    # wgmma between start and end of the pipeline stage"; benchmarks/gpu_aot.py). The online
+    # softmax gives the same result in any block order (up to rounding); each row meets its own
+    # key in the straddling blocks, and masked scores are finite (MASK_VALUE), so no row's
+    # running max is ever -inf.
     n_full = jax.lax.div(q_start + 1, bk)
     n_end = jax.lax.div(q_start + bq + bk - 1, bk)
-    carry = jax.lax.fori_loop(0, n_full, functools.partial(body, causal_mask=False), carry)
     carry = jax.lax.fori_loop(n_full, n_end, functools.partial(body, causal_mask=True), carry)
+    carry = jax.lax.fori_loop(0, n_full, functools.partial(body, causal_mask=False), carry)
   else:
     carry = jax.lax.fori_loop(0, num_k, functools.partial(body, causal_mask=True), carry)
   acc, m, l = carry
@@ -323,7 +332,10 @@ def _dkdv_kernel(*refs, st: AttnStatic):
         dk = (dk[0] + dot_nn(ds_t.astype(q1.dtype), q1), dk[1] + dot_nn(ds_t.astype(q2.dtype), q2))
       return dk, dv
 
-    return jax.lax.fori_loop(first_q, st.seq_pad // bq, q_body, carry)
+    # The upper bound is at least first_q + 1 (so it is, as seq_pad // bq always is: the loop
+    # always runs), written so that the compiler knows the loop runs at least once.
+    end = jnp.maximum(st.seq_pad // bq, first_q + 1)
+    return jax.lax.fori_loop(first_q, end, q_body, carry)
 
   zeros = jnp.zeros((bk, d), jnp.float32)
   dk0 = zeros if rope is None else (jnp.zeros((bk, d // 2), jnp.float32),) * 2

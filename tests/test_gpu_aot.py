@@ -22,8 +22,12 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import gpu_aot  # noqa: E402
 
 # ptxas -v for sm_90a, as Mosaic's dump and the triton wheel's ptxas print it (two entries, the
-# first with a spill warning before its entry line)
-PTXAS_LOG = """\
+# first with a wgmma warning and a spill warning before its entry line, the wgmma one again at
+# the end, as ptxas 13.0 printed them for the two-warpgroup fused backward)
+_C7512 = ("ptxas info    : (C7512) Potential Performance Loss: wgmma.mma_async instructions are "
+          "serialized due to insufficient register resources for the function "
+          "'body_mosaic_gpu_kernel'\n")
+PTXAS_LOG = _C7512 + """\
 ptxas info    : 0 bytes gmem
 ptxas warning : Registers are spilled to local memory in function 'body_mosaic_gpu_kernel', \
 84 bytes spill stores, 88 bytes spill loads
@@ -36,21 +40,30 @@ ptxas info    : Function properties for baichuan_flash_dq
     0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads
 ptxas info    : Used 231 registers
 ptxas info    : Compile time = 135.626 ms
-"""
+""" + _C7512
 
 
 def test_parse_ptxas_reads_each_entry_function():
   assert gpu_aot.parse_ptxas(PTXAS_LOG) == [
       dict(function="body_mosaic_gpu_kernel", stack_bytes=88, spill_store_bytes=84,
-           spill_load_bytes=88, registers=168, barriers=16),
+           spill_load_bytes=88, registers=168, barriers=16,
+           wgmma_serialized="C7512: insufficient register resources"),
       dict(function="baichuan_flash_dq", stack_bytes=0, spill_store_bytes=0,
            spill_load_bytes=0, registers=231)]
   assert gpu_aot.parse_ptxas("ptxas info    : 0 bytes gmem\n") == []
 
 
+def test_a_kernel_is_flagged_for_spills_serialized_wgmma_or_an_error():
+  rows = gpu_aot.parse_ptxas(PTXAS_LOG)
+  assert gpu_aot.flagged(rows[0]) and not gpu_aot.flagged(rows[1])
+  assert gpu_aot.flagged(dict(function="k", registers=90, wgmma_serialized="C7512: x"))
+  assert gpu_aot.flagged(dict(function="k", spill_load_bytes=4))
+  assert gpu_aot.flagged(dict(function="k", error="ptxas exit 1"))
+
+
 def test_worst_takes_the_most_registers_and_spill_bytes_over_kernels():
   rows = gpu_aot.parse_ptxas(PTXAS_LOG) + [dict(function="x", error="ptxas exit 1")]
-  assert gpu_aot.worst(rows) == dict(registers=231, spill_bytes=84 + 88)
+  assert gpu_aot.worst(rows) == dict(registers=231, spill_bytes=84 + 88, wgmma_serialized=1)
   assert gpu_aot.worst([]) == {}
 
 
@@ -89,6 +102,8 @@ def test_markdown_lists_failures_and_the_kernels_that_spill():
   assert "| check | flash alibi | yes | 3.00 | triton 3, fusions 8 | 231 | 172 |" in md
   assert "| tiles | fused bwd 128x128 | NO: JaxRuntimeError: RESOURCE_EXHAUSTED" in md
   assert "| flash alibi | body_mosaic_gpu_kernel | 168 | 84 | 88 | 88 |" in md
+  assert "| 231 | 172 | 1 |" in md  # one kernel of the program with its wgmma serialized
+  assert "| 88 | serialized (C7512: insufficient register resources) |" in md
 
 
 def test_main_explains_a_missing_plugin(tmp_path, capsys):
@@ -134,6 +149,9 @@ def test_suite_programs_compile_for_sm90a_with_their_buffer_sizes(tmp_path):
   names = sorted(r["function"] for r in flash["triton_ptxas"])
   assert names == ["baichuan_flash_dkdv", "baichuan_flash_dq", "baichuan_flash_fwd"], names
   assert all(0 < r["registers"] <= 255 for r in flash["triton_ptxas"])
+  # ptxas keeps each kernel's wgmma instructions in flight: before the forward ran its
+  # straddling key blocks first, ptxas serialized all of its wgmmas (C7515)
+  assert [r["function"] for r in flash["triton_ptxas"] if "wgmma_serialized" in r] == []
   # the Mosaic forward: (4, 4096, 32, 128) bf16 in (q, k, v) and out, compiled to sm_90a by ptxas
   x = 4 * 4096 * 32 * 128 * 2
   mosaic = rows["mosaic fwd seq 4096"]
