@@ -636,8 +636,9 @@ def _flash_dkdv(q, k, v, sides, do, lse, delta, *, causal, scale, blocks, interp
       ds_smem = _mine(ds_smems, wg, wgs)
       ds_smem[...] = ds
       plgpu.commit_smem()  # the registers' stores, visible to the wgmma
-      dv, dk, part = _matmuls(products + [(ds_smem, k_smem, (bq, d), None, True, False)],
-                              interpret)  # + dS K for this warpgroup's keys
+      dv, dk = _matmuls(products, interpret)
+      [part] = _matmuls([(ds_smem, k_smem, (bq, d), None, True, False)],
+                        interpret)  # dS K for this warpgroup's keys
       add_dq(i, part * scale)
       return dk, dv
 
