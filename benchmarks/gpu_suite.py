@@ -1242,13 +1242,16 @@ TILE_VARIANTS = [
         "launch": {"dq": {"num_warps": 8, "num_stages": 1},
                    "dkdv": {"num_warps": 8, "num_stages": 2}}}),
     # The fused backward (one kernel: dK/dV plus dQ by fp32 atomic adds, FlashAttention-2/3's
-    # form; 5 matmuls per tile instead of 7), at the tilings that compile for sm_90a without a
-    # spill (benchmarks/triton_sm90.py --sweep, "fused" rows; its 4-warp tilings all spill).
-    # Larger key blocks mean fewer atomic adds per dQ row.
+    # form; 5 matmuls per tile instead of 7), at tilings that compile for sm_90a without a spill
+    # under the triton wheel (benchmarks/triton_sm90.py --sweep, "fused" rows; its 4-warp
+    # tilings spill). Under XLA's own Triton, which the device runs (benchmarks/gpu_aot.py,
+    # jax 0.11.2), none is clean: the 64 x 64 ones keep their wgmmas in flight but spill (128 /
+    # 84 bytes at 2 / 3 stages), the 32-row ones spill nothing but ptxas serializes their
+    # wgmmas (C7515); 64 x 128, timed here before, does both (356-372 bytes).
     *[(f"fused bwd {bq}x{bk} {w}w{st}s", {
         "fused_backward": True, "blocks": {"dkdv": (bq, bk)},
         "launch": {"dkdv": {"num_warps": w, "num_stages": st}}})
-      for bq, bk, w, st in ((64, 128, 8, 2), (64, 64, 8, 2), (32, 128, 8, 2), (64, 128, 8, 3))],
+      for bq, bk, w, st in ((64, 64, 8, 2), (64, 64, 8, 3), (32, 128, 8, 2), (32, 64, 8, 2))],
 ]
 
 
