@@ -141,6 +141,15 @@ def parse_ptxas(log: str) -> list:
   return out
 
 
+def mma_counts(ptx: str) -> dict:
+  """The tensor-core instructions in a kernel's PTX, by form: {"wgmma": Hopper's asynchronous
+  warpgroup matmuls, "mma.sync": the synchronous warp-level form of earlier GPUs, which sm_90
+  runs at a fraction of wgmma's rate}. Triton picks per dot: a dot whose tile the wgmma shapes
+  do not fit (fewer than 64 rows per warpgroup, say) falls back to mma.sync."""
+  return {"wgmma": len(re.findall(r"\bwgmma\.mma_async\.", ptx)),
+          "mma.sync": len(re.findall(r"\bmma\.sync\.aligned\.", ptx))}
+
+
 def ptxas_path() -> str:
   """The ptxas of the `triton` wheel (the one benchmarks/triton_sm90.py uses)."""
   from triton.backends.nvidia.compiler import get_ptxas
@@ -156,7 +165,10 @@ def ptxas_ptx(path: Path, ptxas: str) -> list:
   log = proc.stderr + proc.stdout
   if proc.returncode:
     return [dict(function=path.name, error=f"ptxas exit {proc.returncode}: {log[-500:]}")]
-  return parse_ptxas(log)
+  rows = parse_ptxas(log)
+  if len(rows) == 1:  # one kernel per file (XLA's Triton, Mosaic): its tensor-core instructions
+    rows[0]["mma"] = mma_counts(path.read_text())
+  return rows
 
 
 # ----------------------------------------------------------------------------------------------
@@ -231,7 +243,10 @@ def compile_program(exp, devices, device_bytes, dumps, ptxas) -> dict:
              kernels=kernel_counts(compiled.as_text()))
   mosaic = []  # Mosaic's dumps are <kernel name>_<n>.ptxas, n counting up in compile order
   for f in sorted(_new_files(mosaic_dir, seen, ".ptxas"), key=lambda f: _counter(f.stem)):
-    mosaic += [dict(r, kernel=f.stem) for r in parse_ptxas(f.read_text())]
+    rows = [dict(r, kernel=f.stem) for r in parse_ptxas(f.read_text())]
+    if len(rows) == 1 and f.with_suffix(".ptx").is_file():
+      rows[0]["mma"] = mma_counts(f.with_suffix(".ptx").read_text())
+    mosaic += rows
   triton = []
   if ptxas:
     for f in _new_files(xla_dir, seen, ".ptx"):
@@ -264,9 +279,16 @@ def worst(rows: list) -> dict:
 
 
 def flagged(row: dict) -> bool:
-  """A kernel ptxas flagged: it spills, serializes its wgmma instructions, or failed."""
+  """A kernel to look at: it spills, ptxas serialized its wgmma instructions, it has mma.sync
+  matmuls (the pre-Hopper form), or ptxas failed."""
   return bool(row.get("spill_store_bytes") or row.get("spill_load_bytes") or row.get("error")
-              or row.get("wgmma_serialized"))
+              or row.get("wgmma_serialized") or row.get("mma", {}).get("mma.sync"))
+
+
+def _mma_text(row: dict) -> str:
+  if "mma" not in row:
+    return "-"
+  return ", ".join(f"{k} {v}" for k, v in row["mma"].items() if v) or "none"
 
 
 def run(out: Path, target="h200", programs=(), ptxas=True) -> dict:
@@ -357,15 +379,16 @@ def markdown(result: dict) -> list:
   spilled = [(r["program"], k) for r in rows for k in
              r.get("mosaic_ptxas", []) + r.get("triton_ptxas", []) if flagged(k)]
   if spilled:
-    md += ["", "Kernels that spill registers or serialize their wgmma instructions (ptxas -v, "
-           "sm_90a):", "",
-           "| program | kernel | registers | spill stores | spill loads | stack | wgmma |",
-           "|---|---|---|---|---|---|---|"]
+    md += ["", "Kernels that spill registers, have their wgmma instructions serialized (ptxas -v, "
+           "sm_90a) or use mma.sync (their PTX):", "",
+           "| program | kernel | registers | spill stores | spill loads | stack | wgmma | "
+           "matmul instructions in the PTX |",
+           "|---|---|---|---|---|---|---|---|"]
     md += [f"| {p} | {k.get('kernel', k['function'])} | {k.get('registers', '-')} | "
            f"{k.get('spill_store_bytes', '-')} | {k.get('spill_load_bytes', '-')} | "
            f"{k.get('stack_bytes', k.get('error', '-'))} | "
            f"{'serialized (' + k['wgmma_serialized'] + ')' if k.get('wgmma_serialized') else '-'}"
-           " |" for p, k in spilled]
+           f" | {_mma_text(k)} |" for p, k in spilled]
   return md
 
 

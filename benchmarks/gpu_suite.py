@@ -1245,13 +1245,14 @@ TILE_VARIANTS = [
     # form; 5 matmuls per tile instead of 7), at tilings that compile for sm_90a without a spill
     # under the triton wheel (benchmarks/triton_sm90.py --sweep, "fused" rows; its 4-warp
     # tilings spill). Under XLA's own Triton, which the device runs (benchmarks/gpu_aot.py,
-    # jax 0.11.2), none is clean: the 64 x 64 ones keep their wgmmas in flight but spill (128 /
-    # 84 bytes at 2 / 3 stages), the 32-row ones spill nothing but ptxas serializes their
-    # wgmmas (C7515); 64 x 128, timed here before, does both (356-372 bytes).
+    # jax 0.11.2), none is clean: the 64 x 64 ones keep their wgmmas in flight but spill (64 /
+    # 42 bytes stored at 2 / 3 stages); 64 x 128 spills 184 and ptxas serializes its wgmmas
+    # (C7515); the 32-row ones spill nothing, but their dQ share, 32 rows, is mma.sync, not
+    # wgmma, and their wgmmas are serialized too. The device is to say which costs least.
     *[(f"fused bwd {bq}x{bk} {w}w{st}s", {
         "fused_backward": True, "blocks": {"dkdv": (bq, bk)},
         "launch": {"dkdv": {"num_warps": w, "num_stages": st}}})
-      for bq, bk, w, st in ((64, 64, 8, 2), (64, 64, 8, 3), (32, 128, 8, 2), (32, 64, 8, 2))],
+      for bq, bk, w, st in ((64, 64, 8, 2), (64, 64, 8, 3), (64, 128, 8, 2), (32, 128, 8, 2))],
 ]
 
 

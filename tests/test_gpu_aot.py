@@ -61,6 +61,24 @@ def test_a_kernel_is_flagged_for_spills_serialized_wgmma_or_an_error():
   assert gpu_aot.flagged(dict(function="k", error="ptxas exit 1"))
 
 
+def test_mma_counts_tells_hoppers_matmuls_from_the_older_form():
+  # two k-steps of a wgmma and one warp-level mma, as XLA's Triton writes them for sm_90a
+  ptx = textwrap.dedent("""\
+      .visible .entry baichuan_flash_bwd_fused(
+      \twgmma.fence.sync.aligned;
+      \twgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {%r1,%r2}, %rd1, %rd2, %p1, 1, 1, 0, 1;
+      \twgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {%r1,%r2}, %rd3, %rd4, %p2, 1, 1, 0, 1;
+      \twgmma.commit_group.sync.aligned;
+      \twgmma.wait_group.sync.aligned 0;
+      \tmma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%f1,%f2,%f3,%f4}, {%r5,%r6}, {%r7}, {%f1};
+      """)
+  assert gpu_aot.mma_counts(ptx) == {"wgmma": 2, "mma.sync": 1}
+  assert gpu_aot.mma_counts(".visible .entry baichuan_rms_norm_fwd(\n") == {"wgmma": 0,
+                                                                           "mma.sync": 0}
+  assert gpu_aot.flagged(dict(function="k", registers=90, mma={"wgmma": 2, "mma.sync": 1}))
+  assert not gpu_aot.flagged(dict(function="k", registers=90, mma={"wgmma": 2, "mma.sync": 0}))
+
+
 def test_worst_takes_the_most_registers_and_spill_bytes_over_kernels():
   rows = gpu_aot.parse_ptxas(PTXAS_LOG) + [dict(function="x", error="ptxas exit 1")]
   assert gpu_aot.worst(rows) == dict(registers=231, spill_bytes=84 + 88, wgmma_serialized=1)
@@ -103,7 +121,7 @@ def test_markdown_lists_failures_and_the_kernels_that_spill():
   assert "| tiles | fused bwd 128x128 | NO: JaxRuntimeError: RESOURCE_EXHAUSTED" in md
   assert "| flash alibi | body_mosaic_gpu_kernel | 168 | 84 | 88 | 88 |" in md
   assert "| 231 | 172 | 1 |" in md  # one kernel of the program with its wgmma serialized
-  assert "| 88 | serialized (C7512: insufficient register resources) |" in md
+  assert "| 88 | serialized (C7512: insufficient register resources) | - |" in md
 
 
 def test_main_explains_a_missing_plugin(tmp_path, capsys):
@@ -152,6 +170,8 @@ def test_suite_programs_compile_for_sm90a_with_their_buffer_sizes(tmp_path):
   # ptxas keeps each kernel's wgmma instructions in flight: before the forward ran its
   # straddling key blocks first, ptxas serialized all of its wgmmas (C7515)
   assert [r["function"] for r in flash["triton_ptxas"] if "wgmma_serialized" in r] == []
+  # ... and every matmul of the three is a wgmma (each kernel's PTX has some, none mma.sync)
+  assert all(r["mma"]["wgmma"] > 0 and r["mma"]["mma.sync"] == 0 for r in flash["triton_ptxas"])
   # the Mosaic forward: (4, 4096, 32, 128) bf16 in (q, k, v) and out, compiled to sm_90a by ptxas
   x = 4 * 4096 * 32 * 128 * 2
   mosaic = rows["mosaic fwd seq 4096"]
@@ -160,6 +180,7 @@ def test_suite_programs_compile_for_sm90a_with_their_buffer_sizes(tmp_path):
   [kernel] = mosaic["mosaic_ptxas"]
   assert kernel["function"] == "baichuan_flash_mgpu_fwd_mosaic_gpu_kernel"
   assert 0 < kernel["registers"] <= 255 and "spill_store_bytes" in kernel
+  assert kernel["mma"]["wgmma"] > 0 and kernel["mma"]["mma.sync"] == 0
   assert "| attention mosaic | mosaic fwd seq 4096 | yes |" in (tmp_path / "gpu_aot.md").read_text()
 
 
