@@ -77,6 +77,8 @@ def test_mma_counts_tells_hoppers_matmuls_from_the_older_form():
                                                                            "mma.sync": 0}
   assert gpu_aot.flagged(dict(function="k", registers=90, mma={"wgmma": 2, "mma.sync": 1}))
   assert not gpu_aot.flagged(dict(function="k", registers=90, mma={"wgmma": 2, "mma.sync": 0}))
+  # decode attention: a few query rows per program, mma.sync only, by design
+  assert not gpu_aot.flagged(dict(function="k", registers=90, mma={"wgmma": 0, "mma.sync": 64}))
 
 
 def test_worst_takes_the_most_registers_and_spill_bytes_over_kernels():
