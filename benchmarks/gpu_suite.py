@@ -52,8 +52,9 @@ a watchdog thread ends the process at the hard limit, budget + 30 s, after writi
    tilings at seq 4096 (per-kernel dQ / dK/dV blocks, warps, stages; TILE_VARIANTS for the
    plain kernels, TILE_VARIANTS_ROPE for those with RoPE inside, the training step's; chosen
    with benchmarks/triton_sm90.py: every one fits sm_90's shared memory and spills no
-   registers), among them the fused backward (`fused_backward`: one kernel, dQ by atomic
-   adds) at four tilings. Each path's fastest (fwd+bwd) is set in `kernels_pallas.attention.
+   registers under the triton wheel), among them the fused backward (`fused_backward`: one
+   kernel, dQ by atomic adds) at four tilings (under XLA's own Triton these spill or have
+   their wgmmas serialized: benchmarks/gpu_aot.py). Each path's fastest (fwd+bwd) is set in `kernels_pallas.attention.
    MEASURED_TUNING` for the rest of the run (this process only), so the `attention` section
    and the RoPE-first train steps run the plain winner, the in-kernel-RoPE ones the rope winner;
    recorded as `tuning_used` / `tuning_used_rope` with their gain over the defaults.
