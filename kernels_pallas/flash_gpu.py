@@ -6,7 +6,8 @@ a `fori_loop`, keeping the running max / sum / accumulator in registers (FlashAt
 
 - forward, grid (batch, heads, q_blocks): online softmax over key blocks; writes the output and the
   logsumexp `lse` [batch, heads, seq] (fp32) for the backward pass. Under causal masking the loop
-  stops at the diagonal, and blocks wholly below it skip the mask compare.
+  stops at the diagonal, and blocks wholly below it skip the mask compare (they are walked after
+  the blocks that straddle the diagonal: see `_fwd_kernel`).
 - dq, grid (batch, heads, q_blocks): recomputes P = exp(S - lse) per key block; dS = P * (dP - delta)
   with delta = rowsum(dO * O); dQ = scale * dS K.
 - dk/dv, grid (batch, kv_heads, k_blocks): loops over the query heads of its group and the query
@@ -332,8 +333,10 @@ def _dkdv_kernel(*refs, st: AttnStatic):
         dk = (dk[0] + dot_nn(ds_t.astype(q1.dtype), q1), dk[1] + dot_nn(ds_t.astype(q2.dtype), q2))
       return dk, dv
 
-    # The upper bound is at least first_q + 1 (so it is, as seq_pad // bq always is: the loop
-    # always runs), written so that the compiler knows the loop runs at least once.
+    # seq_pad // bq > first_q always (this key block's diagonal query block exists), so the
+    # loop always runs; the max tells the compiler so. Otherwise its zero-trip path hands the
+    # zero accumulators on past the loop's pending wgmmas, as in the forward above (here it
+    # cost register spills: the in-kernel-RoPE dK/dV spilled 4-24 bytes, and none with this).
     end = jnp.maximum(st.seq_pad // bq, first_q + 1)
     return jax.lax.fori_loop(first_q, end, q_body, carry)
 
