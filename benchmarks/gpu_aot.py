@@ -165,9 +165,14 @@ def ptxas_ptx(path: Path, ptxas: str) -> list:
   log = proc.stderr + proc.stdout
   if proc.returncode:
     return [dict(function=path.name, error=f"ptxas exit {proc.returncode}: {log[-500:]}")]
-  rows = parse_ptxas(log)
-  if len(rows) == 1:  # one kernel per file (XLA's Triton, Mosaic): its tensor-core instructions
-    rows[0]["mma"] = mma_counts(path.read_text())
+  return parse_ptxas(log)
+
+
+def with_mma(rows: list, ptx: str) -> list:
+  """`rows` of one PTX file's kernels, the one kernel's given its tensor-core instructions
+  (`mma_counts`) when the file holds one, as XLA's Triton and Mosaic write them."""
+  if len(rows) == 1 and "error" not in rows[0]:
+    rows[0]["mma"] = mma_counts(ptx)
   return rows
 
 
@@ -244,15 +249,14 @@ def compile_program(exp, devices, device_bytes, dumps, ptxas) -> dict:
   mosaic = []  # Mosaic's dumps are <kernel name>_<n>.ptxas, n counting up in compile order
   for f in sorted(_new_files(mosaic_dir, seen, ".ptxas"), key=lambda f: _counter(f.stem)):
     rows = [dict(r, kernel=f.stem) for r in parse_ptxas(f.read_text())]
-    if len(rows) == 1 and f.with_suffix(".ptx").is_file():
-      rows[0]["mma"] = mma_counts(f.with_suffix(".ptx").read_text())
-    mosaic += rows
+    ptx = f.with_suffix(".ptx")
+    mosaic += with_mma(rows, ptx.read_text()) if ptx.is_file() else rows
   triton = []
   if ptxas:
     for f in _new_files(xla_dir, seen, ".ptx"):
       # XLA's own fusions are not the project's: the Pallas kernels' entries carry their names
-      if re.search(r"\.entry (baichuan_|pallas_)", f.read_text()):
-        triton += [r for r in ptxas_ptx(f, ptxas)
+      if re.search(r"\.entry (baichuan_|pallas_)", text := f.read_text()):
+        triton += [r for r in with_mma(ptxas_ptx(f, ptxas), text)
                    if r.get("error") or r["function"].startswith(("baichuan_", "pallas_"))]
   if mosaic:
     row["mosaic_ptxas"] = mosaic
@@ -379,9 +383,9 @@ def markdown(result: dict) -> list:
     md.append(f"| {r['section']} | {r['program']} | yes | {r['memory']['peak_bytes'] / 2**30:.2f}"
               f" | {kernels} | {w.get('registers', '-')} | {w.get('spill_bytes', '-')} | "
               f"{w.get('wgmma_serialized', '-')} |")
-  spilled = [(r["program"], k) for r in rows for k in
-             r.get("mosaic_ptxas", []) + r.get("triton_ptxas", []) if flagged(k)]
-  if spilled:
+  to_look_at = [(r["program"], k) for r in rows for k in
+                r.get("mosaic_ptxas", []) + r.get("triton_ptxas", []) if flagged(k)]
+  if to_look_at:
     md += ["", "Kernels that spill registers, have their wgmma instructions serialized (ptxas -v, "
            "sm_90a) or mix mma.sync with wgmma (their PTX):", "",
            "| program | kernel | registers | spill stores | spill loads | stack | wgmma | "
@@ -391,7 +395,7 @@ def markdown(result: dict) -> list:
            f"{k.get('spill_store_bytes', '-')} | {k.get('spill_load_bytes', '-')} | "
            f"{k.get('stack_bytes', k.get('error', '-'))} | "
            f"{'serialized (' + k['wgmma_serialized'] + ')' if k.get('wgmma_serialized') else '-'}"
-           f" | {_mma_text(k)} |" for p, k in spilled]
+           f" | {_mma_text(k)} |" for p, k in to_look_at]
   return md
 
 

@@ -54,8 +54,8 @@ a watchdog thread ends the process at the hard limit, budget + 30 s, after writi
    with benchmarks/triton_sm90.py: every one fits sm_90's shared memory and spills no
    registers under the triton wheel), among them the fused backward (`fused_backward`: one
    kernel, dQ by atomic adds) at four tilings (under XLA's own Triton these spill or have
-   their wgmmas serialized: benchmarks/gpu_aot.py). Each path's fastest (fwd+bwd) is set in `kernels_pallas.attention.
-   MEASURED_TUNING` for the rest of the run (this process only), so the `attention` section
+   their wgmmas serialized: benchmarks/gpu_aot.py). Each path's fastest (fwd+bwd) is set in
+   `kernels_pallas.attention.MEASURED_TUNING` for the rest of the run (this process only), so the `attention` section
    and the RoPE-first train steps run the plain winner, the in-kernel-RoPE ones the rope winner;
    recorded as `tuning_used` / `tuning_used_rope` with their gain over the defaults.
 9. `train` variants (`TRAIN_VARIANTS`), each the `train` step with one change and only if the
@@ -1247,9 +1247,9 @@ TILE_VARIANTS = [
     # under the triton wheel (benchmarks/triton_sm90.py --sweep, "fused" rows; its 4-warp
     # tilings spill). Under XLA's own Triton, which the device runs (benchmarks/gpu_aot.py,
     # jax 0.11.2), none is clean: the 64 x 64 ones keep their wgmmas in flight but spill (64 /
-    # 42 bytes stored at 2 / 3 stages); 64 x 128 spills 184 and ptxas serializes its wgmmas
-    # (C7515); the 32-row ones spill nothing, but their dQ share, 32 rows, is mma.sync, not
-    # wgmma, and their wgmmas are serialized too. The device is to say which costs least.
+    # 84 bytes stored at 2 / 3 stages); 64 x 128 spills 184 and ptxas serializes its wgmmas
+    # (C7515); 32 x 128 spills nothing, but its dQ share, 32 rows, is mma.sync, not wgmma, and
+    # its wgmmas are serialized too. The device is to say which costs least.
     *[(f"fused bwd {bq}x{bk} {w}w{st}s", {
         "fused_backward": True, "blocks": {"dkdv": (bq, bk)},
         "launch": {"dkdv": {"num_warps": w, "num_stages": st}}})
